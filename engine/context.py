@@ -1,0 +1,80 @@
+"""What a running node may ask of the engine: progress, cancellation, paths and services."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.paths import Paths
+
+
+class ExecutionInterrupted(Exception):
+    """Raised when the user interrupted the prompt; `node_id` is where it was noticed."""
+
+    def __init__(self, node_id: str | None = None) -> None:
+        super().__init__(f"interrupted at node {node_id}" if node_id else "interrupted")
+        self.node_id = node_id
+
+
+class InterruptFlag:
+    """A thread-safe interrupt request, optionally aimed at one prompt id."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class Services:
+    """Long-lived objects shared by every node of a process (created in main.py)."""
+
+    paths: Paths
+    args: Any = None
+    model_manager: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# progress sink: (node_id, value, total, preview image or None)
+ProgressSink = Callable[[str, float, float, Any], None]
+
+
+class NodeContext:
+    """Handed to every node call. Nodes read nothing global: everything comes from here."""
+
+    def __init__(self, *, node_id: str, class_type: str, prompt_id: str, services: Services,
+                 interrupt: InterruptFlag, progress_sink: ProgressSink | None = None) -> None:
+        self.node_id = node_id
+        self.class_type = class_type
+        self.prompt_id = prompt_id
+        self.services = services
+        self._interrupt = interrupt
+        self._progress_sink = progress_sink
+
+    @property
+    def paths(self) -> Paths:
+        return self.services.paths
+
+    @property
+    def models(self) -> Any:
+        return self.services.model_manager
+
+    def check_interrupted(self) -> None:
+        """Raise ExecutionInterrupted if the user asked to stop."""
+        if self._interrupt.is_set():
+            raise ExecutionInterrupted(self.node_id)
+
+    def progress(self, value: float, total: float, preview: Any = None) -> None:
+        """Report `value` of `total` steps (and optionally a preview image); checks interrupt."""
+        if self._progress_sink is not None:
+            self._progress_sink(self.node_id, value, total, preview)
+        self.check_interrupted()

@@ -1,0 +1,53 @@
+"""The interface through which the executor reports a run; the server and the CLI implement it.
+
+Event names and payloads are ComfyUI's WebSocket messages (see shared/compat/API.md):
+execution_start, execution_cached, executing, progress, executed, execution_success,
+execution_error, execution_interrupted."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def timestamp_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ExecutionListener:
+    """Receives a prompt's events. The default implementation ignores them."""
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        """A protocol message: `name` is the ComfyUI message type, `data` its payload."""
+
+    def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
+        """A live preview image (PIL image) from a node that reports progress."""
+
+    def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
+        """Per-node wall time (0 for cached nodes), for timing displays and history."""
+
+
+class RecordingListener(ExecutionListener):
+    """Keeps every event in order; used by tests and by history."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.previews: list[tuple[str, Any]] = []
+        self.timings: dict[str, tuple[float, bool]] = {}
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        self.events.append((name, data))
+
+    def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
+        self.previews.append((node_id, image))
+
+    def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
+        self.timings[node_id] = (seconds, cached)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+    def executed_nodes(self) -> list[str]:
+        """Node ids that actually ran (got an `executing` event), in order."""
+        return [data["node"] for name, data in self.events
+                if name == "executing" and data.get("node") is not None]

@@ -1,0 +1,242 @@
+"""Typed node declarations: a node states its inputs and outputs once, and everything else
+(the ComfyUI `/object_info` schema, validation, widget order) is derived from that."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from engine.context import NodeContext
+
+
+class _Missing:
+    """Marker for 'no default declared' (None is a legitimate default)."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+# Hidden inputs the engine fills in itself; value = keyword the node receives by default.
+HIDDEN_KINDS = ("PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID", "DYNPROMPT", "AUTH_TOKEN_COMFY_ORG",
+                "API_KEY_COMFY_ORG")
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+ANY_TYPE = "*"
+
+
+class ChoiceSource:
+    """Combo choices computed when asked (e.g. the files in a model folder)."""
+
+    def resolve(self, env: Any) -> list[str]:
+        raise NotImplementedError
+
+    def placeholder(self) -> str:
+        """How the choices are described where they cannot be listed (docs, tests)."""
+        return f"<{type(self).__name__}>"
+
+
+@dataclass(frozen=True)
+class FilesIn(ChoiceSource):
+    """The files found in a model/input folder kind, as names relative to that folder."""
+
+    folder: str
+
+    def resolve(self, env: Any) -> list[str]:
+        if env is None or getattr(env, "paths", None) is None:
+            return []
+        return env.paths.list_files(self.folder)
+
+    def placeholder(self) -> str:
+        return f"<files in {self.folder}>"
+
+
+@dataclass(frozen=True)
+class Input:
+    """One declared input. `type` is the IO type name ("INT", "MODEL", "COMBO", "*", ...)."""
+
+    name: str
+    type: str
+    default: Any = MISSING
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    round: float | bool | None = None
+    choices: tuple[str, ...] | ChoiceSource | None = None
+    optional: bool = False
+    hidden: bool = False
+    tooltip: str | None = None
+    lazy: bool = False
+    # Editor hints passed through to the schema verbatim (multiline, dynamicPrompts,
+    # control_after_generate, image_upload, display, advanced, forceInput, ...).
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # "legacy" combos serialise as [[choices], {...}]; "v3" as ["COMBO", {"options": [...]}].
+    combo_style: str = "legacy"
+
+    @property
+    def is_widget(self) -> bool:
+        return self.type in WIDGET_TYPES and not self.options.get("forceInput", False)
+
+    @property
+    def is_seed(self) -> bool:
+        """Seed widgets carry an extra control value (fixed/randomize...) in editor files."""
+        return bool(self.options.get("control_after_generate"))
+
+    def resolved_choices(self, env: Any = None) -> list[str] | None:
+        if self.choices is None:
+            return None
+        if isinstance(self.choices, ChoiceSource):
+            return self.choices.resolve(env)
+        return list(self.choices)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One declared output; `name` defaults to the type name."""
+
+    type: str
+    name: str | None = None
+    is_list: bool = False
+    tooltip: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name if self.name is not None else self.type
+
+
+def Int(name: str, default: int = 0, min: int | None = None, max: int | None = None,
+        step: int | None = None, **kw: Any) -> Input:
+    """An INT widget."""
+    return Input(name, "INT", default=default, min=min, max=max, step=step, **kw)
+
+
+def Float(name: str, default: float = 0.0, min: float | None = None, max: float | None = None,
+          step: float | None = None, round: float | bool | None = None, **kw: Any) -> Input:
+    """A FLOAT widget."""
+    return Input(name, "FLOAT", default=default, min=min, max=max, step=step, round=round, **kw)
+
+
+def String(name: str, default: Any = MISSING, multiline: bool = False, **kw: Any) -> Input:
+    """A STRING widget (`multiline` gives the editor's text box)."""
+    options = dict(kw.pop("options", {}))
+    if multiline:
+        options["multiline"] = True
+    return Input(name, "STRING", default=default, options=options, **kw)
+
+
+def Boolean(name: str, default: bool = False, **kw: Any) -> Input:
+    """A BOOLEAN toggle."""
+    return Input(name, "BOOLEAN", default=default, **kw)
+
+
+def Combo(name: str, choices: Sequence[str] | ChoiceSource, default: Any = MISSING,
+          **kw: Any) -> Input:
+    """A combo (drop-down) over fixed or computed choices."""
+    fixed = choices if isinstance(choices, ChoiceSource) else tuple(choices)
+    return Input(name, "COMBO", default=default, choices=fixed, **kw)
+
+
+def Link(name: str, type: str, **kw: Any) -> Input:
+    """An input fed only by another node's output (MODEL, LATENT, IMAGE, ...)."""
+    return Input(name, type, **kw)
+
+
+def Hidden(name: str, kind: str) -> Input:
+    """A value the engine supplies (PROMPT, EXTRA_PNGINFO, UNIQUE_ID, ...)."""
+    if kind not in HIDDEN_KINDS:
+        raise ValueError(f"hidden input {name!r}: unknown kind {kind!r}; use one of {HIDDEN_KINDS}")
+    return Input(name, kind, hidden=True)
+
+
+@dataclass(frozen=True)
+class NodeSchema:
+    """Everything a node type declares about itself."""
+
+    name: str
+    inputs: tuple[Input, ...] = ()
+    outputs: tuple[Output, ...] = ()
+    category: str = ""
+    display_name: str | None = None
+    description: str = ""
+    output_node: bool = False
+    version: str = "1"
+    idempotent: bool = True
+    input_is_list: bool = False
+    deprecated: bool = False
+    experimental: bool = False
+    python_module: str = "nodes"
+
+    def __post_init__(self) -> None:
+        names = [i.name for i in self.inputs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"node {self.name!r} declares input(s) {dupes} more than once")
+
+    def input(self, name: str) -> Input | None:
+        for declared in self.inputs:
+            if declared.name == name:
+                return declared
+        return None
+
+    @property
+    def visible_inputs(self) -> tuple[Input, ...]:
+        return tuple(i for i in self.inputs if not i.hidden)
+
+    @property
+    def lazy_inputs(self) -> frozenset[str]:
+        return frozenset(i.name for i in self.inputs if i.lazy)
+
+
+@dataclass
+class NodeResult:
+    """What `execute` returns: output values (one per declared output) and the editor UI dict."""
+
+    outputs: tuple[Any, ...] = ()
+    ui: dict[str, Any] | None = None
+
+
+class Node:
+    """Base of every node type. Subclasses set `schema` and implement `execute`.
+
+    Instances are created per prompt node; they must not keep results between calls
+    (the engine's cache does that)."""
+
+    schema: ClassVar[NodeSchema]
+
+    def execute(self, ctx: NodeContext, **inputs: Any) -> NodeResult | tuple[Any, ...]:
+        raise NotImplementedError
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        """A value that changes when the node's external state does (file hash, mtime).
+
+        Mixed into the cache key; return ALWAYS_CHANGED to run on every prompt."""
+        return None
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> str | tuple[str, str] | None:
+        """Extra checks on the literal inputs; an error message, (input name, message) or None.
+
+        Runs at validation time, before anything executes (ComfyUI's VALIDATE_INPUTS)."""
+        return None
+
+    @classmethod
+    def self_validated_inputs(cls) -> frozenset[str]:
+        """Inputs whose type/range checks `validate` does itself (built-in checks skipped)."""
+        return frozenset()
+
+    def check_lazy(self, ctx: NodeContext, **inputs: Any) -> list[str]:
+        """Names of lazy inputs still needed, given those evaluated so far (others None)."""
+        return []
+
+
+class _AlwaysChanged:
+    """Fingerprint meaning 'never reuse a cached result' (ComfyUI's IS_CHANGED -> NaN)."""
+
+    def __repr__(self) -> str:
+        return "ALWAYS_CHANGED"
+
+
+ALWAYS_CHANGED: Any = _AlwaysChanged()
+
+NodeFactory = Callable[[], Node]

@@ -1,0 +1,18 @@
+"""Built-in nodes, one module per family. Each module exports NODE_TYPES, a tuple of Node
+classes; `builtin_node_types` gathers them for the registry that main.py builds."""
+
+from __future__ import annotations
+
+import importlib
+
+from engine.node import Node
+
+# Modules listed here are imported in this order; each must define NODE_TYPES.
+BUILTIN_MODULES = ("nodes.utility",)
+
+
+def builtin_node_types() -> list[type[Node]]:
+    types: list[type[Node]] = []
+    for module_name in BUILTIN_MODULES:
+        types.extend(importlib.import_module(module_name).NODE_TYPES)
+    return types
