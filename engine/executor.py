@@ -219,7 +219,7 @@ class _PromptRun:
         schema = node_type.schema
         lazy = schema.lazy_inputs
         upstream = []
-        for name, (src, slot) in node.links.items():
+        for name, (src, slot) in sorted(node.links.items()):
             if name in lazy:
                 upstream.append((name, "s", self._structural_key(src), slot))
                 continue
@@ -250,7 +250,7 @@ class _PromptRun:
                 continue
             node = self.prompt.nodes[current]
             links = tuple((name, self.structural[src], slot)
-                          for name, (src, slot) in node.links.items())
+                          for name, (src, slot) in sorted(node.links.items()))
             version = self.ex.registry.get(node.class_type).schema.version
             self.structural[current] = stable_key((node.class_type, version, node.literals,
                                                    links))

@@ -47,7 +47,7 @@ def error_entry(kind: str, message: str, details: str = "", **extra: Any) -> dic
 
 
 def closest(value: Any, choices: list[str], count: int = 3) -> list[str]:
-    return difflib.get_close_matches(str(value), [str(c) for c in choices], n=count, cutoff=0.3)
+    return difflib.get_close_matches(str(value), [str(c) for c in choices], n=count, cutoff=0.6)
 
 
 class _Collector:

@@ -29,7 +29,8 @@ class Latent(dict):
         if isinstance(value, Latent):
             return value
         if not isinstance(value, Mapping) or "samples" not in value:
-            raise TypeError(f"expected a LATENT (a dict with 'samples'), got {type(value).__name__}")
+            raise TypeError(f"expected a LATENT (a dict with 'samples'), "
+                            f"got {type(value).__name__}")
         return cls(**dict(value))
 
     @property

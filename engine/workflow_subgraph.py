@@ -228,7 +228,7 @@ def _links(body: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
         if link is None:  # old editors leave holes where a link was deleted
             continue
         if isinstance(link, (list, tuple)) and len(link) >= 5:
-            link = dict(zip(_LINK_FIELDS, link))
+            link = dict(zip(_LINK_FIELDS, link, strict=False))  # the type may be left out
         if not isinstance(link, Mapping) or not all(key in link for key in _LINK_FIELDS[1:5]):
             raise WorkflowFormatError(
                 f"{where}: links[{index}] must be [id, from_node, from_slot, to_node, to_slot, "
@@ -325,8 +325,10 @@ def _proxy_values(graph: FlatGraph, proxies: list[Any], saved: list[Any],
     if len(proxies) != len(saved):
         return {}
     values: dict[int, Any] = {}
-    for proxy, value in zip(proxies, saved):
-        if not isinstance(proxy, (list, tuple)) or len(proxy) != 2 or proxy[1] == "control_after_generate":
+    for proxy, value in zip(proxies, saved, strict=True):
+        if not isinstance(proxy, (list, tuple)) or len(proxy) != 2:
+            continue
+        if proxy[1] == "control_after_generate":
             continue
         owner, name = str(proxy[0]), proxy[1]
         inner = graph.nodes.get(prefix + owner)
