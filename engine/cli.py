@@ -13,7 +13,7 @@ from tqdm import tqdm
 from engine.context import Services
 from engine.events import ExecutionListener
 from engine.executor import Executor
-from engine.graph import Prompt, execution_order
+from engine.graph import Prompt
 from engine.registry import NodeRegistry
 from engine.report import describe_node, format_execution_error, format_validation
 from engine.validation import validate_prompt
@@ -151,7 +151,7 @@ def run_workflow(path: Path, registry: NodeRegistry, services: Services, executo
 
 
 def _print_plan(prompt: Prompt, outputs: list[str], out: TextIO) -> int:
-    order = execution_order(prompt.digraph(), prompt.required_nodes(outputs))
+    order = prompt.order_for(outputs)
     print(f"valid: {len(order)} node(s) would run, in this order:", file=out)
     for position, node_id in enumerate(order, 1):
         print(f"  {position:3d}. {describe_node(prompt, node_id)}", file=out)

@@ -13,12 +13,32 @@ from typing import Any
 # consumers); their identity falls back to the structural key of the node that made them.
 MAX_DIGEST_BYTES = 256 * 2**20
 _SCALARS = (str, int, float, bool, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 def stable_key(obj: Any) -> str:
     """A 128-bit hex digest of a key tuple built from scalars, tuples, lists and dicts."""
     return hashlib.blake2b(canonical(obj).encode("utf-8", "surrogatepass"),
                            digest_size=16).hexdigest()
+
+
+def literal_items(literals: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | str:
+    """Literal inputs in a key-ready, order-independent form: sorted (name, value) pairs when
+    every value is a scalar (their repr is stable across processes), else canonical text."""
+    if all(type(value) in _SCALAR_TYPES for value in literals.values()):
+        return tuple(sorted(literals.items()))
+    return canonical(literals)
+
+
+def small_scalars(values: list[Any]) -> tuple[Any, ...] | None:
+    """The values themselves when they are few short scalars (an identity needing no hash)."""
+    if len(values) > 16:
+        return None
+    for value in values:
+        kind = type(value)
+        if kind not in _SCALAR_TYPES or (kind is str and len(value) > 256):
+            return None
+    return tuple(values)
 
 
 def canonical(obj: Any) -> str:

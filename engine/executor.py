@@ -3,6 +3,7 @@ cached result whose structural key is unchanged, and reporting each step to a li
 
 from __future__ import annotations
 
+import hashlib
 import time
 import traceback
 import uuid
@@ -11,9 +12,9 @@ from typing import Any
 
 from engine.cache import CacheEntry, OutputCache
 from engine.context import ExecutionInterrupted, InterruptFlag, NodeContext, Services
-from engine.digest import content_digest, stable_key
+from engine.digest import content_digest, literal_items, small_scalars, stable_key
 from engine.events import ExecutionListener, timestamp_ms
-from engine.graph import Prompt, execution_order
+from engine.graph import Prompt
 from engine.node import ALWAYS_CHANGED, Node, NodeResult, NodeSchema
 from engine.registry import NodeRegistry
 
@@ -60,6 +61,7 @@ class Executor:
         self.interrupt = interrupt if interrupt is not None else InterruptFlag()
         self._instances: dict[tuple[str, str], Node] = {}
         self._key_memo: dict[str, tuple[Any, ...]] = {}
+        self._fingerprinted: dict[type[Node], bool] = {}
 
     def execute(self, prompt: Prompt, outputs: list[str], *, prompt_id: str | None = None,
                 extra_data: dict[str, Any] | None = None,
@@ -76,15 +78,18 @@ class Executor:
             node = self._instances[key] = self.registry.get(class_type)()
         return node
 
+    def has_fingerprint(self, node_type: type[Node]) -> bool:
+        """Whether the type overrides Node.fingerprint (memoised per type)."""
+        known = self._fingerprinted.get(node_type)
+        if known is None:
+            known = self._fingerprinted[node_type] = node_type.fingerprint is not Node.fingerprint
+        return known
+
     def forget_instances(self, keep: set[str]) -> None:
         for key in [k for k in self._instances if k[0] not in keep]:
             del self._instances[key]
         for node_id in [n for n in self._key_memo if n not in keep]:
             del self._key_memo[node_id]
-
-
-def _overrides(instance: Node, method: str) -> bool:
-    return getattr(type(instance), method) is not getattr(Node, method)
 
 
 def format_input_values(values: list[Any]) -> list[Any]:
@@ -118,11 +123,15 @@ class _PromptRun:
         self.result = ExecutionResult(prompt_id, "success")
         self.nonce = uuid.uuid4().hex
         self.rank: dict[str, int] = {}
+        self.keys: dict[str, str] = {}
+        # A listener that ignores events needs none built (saves time on huge graphs).
+        self.silent = type(listener).event is ExecutionListener.event
 
     # -- events -----------------------------------------------------------------------------
     def emit(self, name: str, **data: Any) -> None:
-        data["prompt_id"] = self.prompt_id
-        self.listener.event(name, data)
+        if not self.silent:
+            data["prompt_id"] = self.prompt_id
+            self.listener.event(name, data)
 
     def schema(self, node_id: str) -> NodeSchema:
         return self.ex.registry.get(self.prompt.nodes[node_id].class_type).schema
@@ -133,7 +142,7 @@ class _PromptRun:
         self.emit("execution_start", timestamp=timestamp_ms())
         reachable = self.prompt.required_nodes(self.outputs)
         try:
-            order = execution_order(self.prompt.digraph(), reachable)
+            order = self.prompt.order_for(self.outputs)
             self.rank = {node_id: i for i, node_id in enumerate(order)}
             self._precache(order)
             self._run_nodes(self._plan(self.outputs))
@@ -152,12 +161,21 @@ class _PromptRun:
     def _precache(self, order: list[str]) -> None:
         """Resolve from the cache every node whose inputs are all known and whose key hits."""
         hits = []
+        resolved = self.resolved
         for node_id in order:
+            node = self.prompt.nodes[node_id]
+            lazy = self.schema(node_id).lazy_inputs
+            if any(src not in resolved for name, (src, _) in node.links.items()
+                   if name not in lazy):
+                continue  # an input must be computed first, so this node cannot be a hit yet
             try:
                 key = self._key(node_id)
             except Exception:  # noqa: BLE001 - a failing fingerprint is re-raised when it runs
                 key = None
-            entry = self.ex.cache.get(key) if key is not None else None
+            if key is None:
+                continue
+            self.keys[node_id] = key
+            entry = self.ex.cache.get(key)
             if entry is not None:
                 self._accept(node_id, key, entry)
                 hits.append(node_id)
@@ -193,7 +211,7 @@ class _PromptRun:
                 continue
             if self.ex.interrupt.is_set():
                 raise ExecutionInterrupted(node_id)
-            key = self._key(node_id)
+            key = self.keys.get(node_id) or self._key(node_id)
             if key is None:
                 raise RuntimeError(f"node {node_id} was scheduled before its inputs resolved")
             entry = self.ex.cache.get(key)
@@ -210,6 +228,7 @@ class _PromptRun:
     def _accept(self, node_id: str, key: str, entry: CacheEntry) -> None:
         self.resolved[node_id] = entry
         self.used_keys.add(key)
+        self.keys[node_id] = key
 
     # -- keys -------------------------------------------------------------------------------
     def _key(self, node_id: str) -> str | None:
@@ -228,17 +247,19 @@ class _PromptRun:
                 return None
             upstream.append((name, entry.identities[slot]))
         upstream_t = tuple(upstream)
-        instance = self.ex.instance(node_id, node.class_type)
-        fingerprint = (instance.fingerprint(self._context(node_id), **node.literals)
-                       if _overrides(instance, "fingerprint") else None)
+        fingerprint = None
+        if self.ex.has_fingerprint(node_type):
+            instance = self.ex.instance(node_id, node.class_type)
+            fingerprint = instance.fingerprint(self._context(node_id), **node.literals)
         if fingerprint is ALWAYS_CHANGED or not schema.idempotent:
             fingerprint = ("nonce", self.nonce, repr(fingerprint))
         memo = self.ex._key_memo.get(node_id)
         if (memo is not None and memo[0] == node.class_type and memo[1] == node.literals
                 and memo[2] == upstream_t and memo[3] == fingerprint):
             return memo[4]
-        key = stable_key((node.class_type, schema.version, fingerprint, node.literals,
-                          upstream_t))
+        key = hashlib.blake2b(repr((node.class_type, schema.version, fingerprint,
+                                    literal_items(node.literals), upstream_t)).encode(),
+                              digest_size=16).hexdigest()
         self.ex._key_memo[node_id] = (node.class_type, dict(node.literals), upstream_t,
                                       fingerprint, key)
         return key
@@ -296,6 +317,11 @@ class _PromptRun:
 
     @staticmethod
     def _identity(values: list[Any], key: str, slot: int) -> Any:
+        """What downstream keys see of an output: its content when it can be told cheaply
+        (that is what makes early cutoff work), else the producing node's key."""
+        scalars = small_scalars(values)
+        if scalars is not None:
+            return ("s", scalars)
         digest = content_digest(values)
         return ("v", digest) if digest is not None else ("k", key, slot)
 
@@ -346,6 +372,8 @@ class _PromptRun:
         """Call the node once (INPUT_IS_LIST) or once per list index, and merge the results."""
         if schema.input_is_list:
             calls = [inputs]
+        elif all(len(values) == 1 for values in inputs.values()):
+            calls = [{name: values[0] for name, values in inputs.items()}]
         else:
             count = max((len(v) for v in inputs.values()), default=1)
             if any(len(v) == 0 for v in inputs.values()):

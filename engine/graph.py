@@ -16,7 +16,7 @@ def is_link(value: Any) -> bool:
             and isinstance(value[1], int) and not isinstance(value[1], bool))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PromptNode:
     """One node of a prompt: literal inputs and links kept apart."""
 
@@ -27,12 +27,38 @@ class PromptNode:
     title: str | None = None
 
 
+class CycleError(ValueError):
+    """The nodes to run depend on each other in a loop; `cycle` is the path."""
+
+    def __init__(self, cycle: list[str]) -> None:
+        super().__init__("dependency cycle: " + " -> ".join(cycle))
+        self.cycle = cycle
+
+
 @dataclass
 class Prompt:
     """A parsed API-format prompt."""
 
     nodes: dict[str, PromptNode]
     raw: dict[str, Any] = field(default_factory=dict)
+    _orders: dict[tuple[str, ...], list[str]] = field(default_factory=dict, repr=False)
+    _required: dict[tuple[str, ...], set[str]] = field(default_factory=dict, repr=False)
+
+    def order_for(self, outputs: Iterable[str]) -> list[str]:
+        """Topological order of everything `outputs` read from (memoised per output set).
+
+        Raises CycleError naming the loop."""
+        key = tuple(outputs)
+        order = self._orders.get(key)
+        if order is None:
+            needed = self.required_nodes(key)
+            graph = self.digraph(needed)
+            try:
+                order = list(nx.topological_sort(graph))
+            except nx.NetworkXUnfeasible:
+                raise CycleError(find_cycle(graph) or []) from None
+            self._orders[key] = order
+        return order
 
     @classmethod
     def parse(cls, api: Mapping[str, Any]) -> Prompt:
@@ -52,19 +78,25 @@ class Prompt:
             nodes[node_id] = PromptNode(node_id, class_type, literals, links, title)
         return cls(nodes=nodes, raw=dict(api))
 
-    def digraph(self, *, skip_inputs: Mapping[str, Iterable[str]] | None = None) -> nx.DiGraph:
-        """Edges upstream -> downstream for every link to an existing node."""
+    def digraph(self, among: Iterable[str] | None = None) -> nx.DiGraph:
+        """Edges upstream -> downstream for every link between existing nodes (of `among`)."""
+        members = self.nodes.keys() if among is None else set(among)
         graph = nx.DiGraph()
-        graph.add_nodes_from(self.nodes)
-        for node in self.nodes.values():
-            skipped = set(skip_inputs.get(node.node_id, ())) if skip_inputs else set()
-            for name, (source, _) in node.links.items():
-                if source in self.nodes and name not in skipped:
-                    graph.add_edge(source, node.node_id)
+        graph.add_nodes_from(node_id for node_id in self.nodes if node_id in members)
+        graph.add_edges_from((source, node.node_id)
+                             for node in self.nodes.values() if node.node_id in members
+                             for source, _ in node.links.values() if source in members)
         return graph
 
     def required_nodes(self, outputs: Iterable[str]) -> set[str]:
-        """The outputs and every node they transitively read from."""
+        """The outputs and every node they transitively read from (memoised; do not modify)."""
+        key = tuple(outputs)
+        needed = self._required.get(key)
+        if needed is None:
+            needed = self._required[key] = self._collect_required(key)
+        return needed
+
+    def _collect_required(self, outputs: tuple[str, ...]) -> set[str]:
         needed: set[str] = set()
         stack = [node_id for node_id in outputs if node_id in self.nodes]
         while stack:
@@ -87,11 +119,3 @@ def find_cycle(graph: nx.DiGraph) -> list[str] | None:
     return [str(node) for node in path]
 
 
-def execution_order(graph: nx.DiGraph, nodes: Iterable[str]) -> list[str]:
-    """Topological order of `nodes`, ties broken by node id so runs are reproducible."""
-    sub = graph.subgraph(nodes)
-    return list(nx.lexicographical_topological_sort(sub, key=_id_sort_key))
-
-
-def _id_sort_key(node_id: str) -> tuple[int, Any]:
-    return (0, int(node_id)) if node_id.isdigit() else (1, node_id)

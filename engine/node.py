@@ -139,7 +139,11 @@ def Combo(name: str, choices: Sequence[str] | ChoiceSource, default: Any = MISSI
 
 
 def Link(name: str, type: str, **kw: Any) -> Input:
-    """An input fed only by another node's output (MODEL, LATENT, IMAGE, ...)."""
+    """An input fed only by another node's output (MODEL, LATENT, IMAGE, ...).
+
+    For INT/FLOAT/STRING/BOOLEAN this sets forceInput: a socket in the editor, not a widget."""
+    if type in WIDGET_TYPES:
+        kw["options"] = {"forceInput": True, **kw.get("options", {})}
     return Input(name, type, **kw)
 
 
@@ -167,26 +171,24 @@ class NodeSchema:
     deprecated: bool = False
     experimental: bool = False
     python_module: str = "nodes"
+    lazy_inputs: frozenset[str] = field(init=False, repr=False, compare=False)
+    _by_name: dict[str, Input] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = [i.name for i in self.inputs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"node {self.name!r} declares input(s) {dupes} more than once")
+        # Derived lookups, computed once: the executor consults them for every node it runs.
+        object.__setattr__(self, "_by_name", {i.name: i for i in self.inputs})
+        object.__setattr__(self, "lazy_inputs", frozenset(i.name for i in self.inputs if i.lazy))
 
     def input(self, name: str) -> Input | None:
-        for declared in self.inputs:
-            if declared.name == name:
-                return declared
-        return None
+        return self._by_name.get(name)
 
     @property
     def visible_inputs(self) -> tuple[Input, ...]:
         return tuple(i for i in self.inputs if not i.hidden)
-
-    @property
-    def lazy_inputs(self) -> frozenset[str]:
-        return frozenset(i.name for i in self.inputs if i.lazy)
 
 
 @dataclass
