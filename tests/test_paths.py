@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.paths import Paths, PathError, confine
+from engine.paths import PathError, Paths, confine
 
 
 def touch(path: Path) -> Path:
