@@ -211,7 +211,7 @@ class _PromptRun:
                 continue
             if self.ex.interrupt.is_set():
                 raise ExecutionInterrupted(node_id)
-            key = self.keys.get(node_id) or self._key(node_id)
+            key = self.keys.get(node_id) or self._key_or_fail(node_id)
             if key is None:
                 raise RuntimeError(f"node {node_id} was scheduled before its inputs resolved")
             entry = self.ex.cache.get(key)
@@ -231,6 +231,14 @@ class _PromptRun:
         self.keys[node_id] = key
 
     # -- keys -------------------------------------------------------------------------------
+    def _key_or_fail(self, node_id: str) -> str | None:
+        """The key, with a failing fingerprint reported as that node's failure."""
+        try:
+            return self._key(node_id)
+        except Exception as exc:  # noqa: BLE001 - a node hook failed: fail the prompt, not us
+            raise NodeExecutionError(node_id, self.prompt.nodes[node_id].class_type, exc,
+                                     {}) from exc
+
     def _key(self, node_id: str) -> str | None:
         """The node's cache key, or None while a (non-lazy) upstream is unresolved."""
         node = self.prompt.nodes[node_id]
@@ -252,7 +260,8 @@ class _PromptRun:
             instance = self.ex.instance(node_id, node.class_type)
             fingerprint = instance.fingerprint(self._context(node_id), **node.literals)
         if fingerprint is ALWAYS_CHANGED or not schema.idempotent:
-            fingerprint = ("nonce", self.nonce, repr(fingerprint))
+            # Never reused by a later prompt, nor shared with another node of this one.
+            fingerprint = ("nonce", self.nonce, node_id, repr(fingerprint))
         memo = self.ex._key_memo.get(node_id)
         if (memo is not None and memo[0] == node.class_type and memo[1] == node.literals
                 and memo[2] == upstream_t and memo[3] == fingerprint):

@@ -206,6 +206,9 @@ class Node:
     (the engine's cache does that)."""
 
     schema: ClassVar[NodeSchema]
+    # True when `validate` checks the types of linked inputs itself (ComfyUI: VALIDATE_INPUTS
+    # taking `input_types`); validation then accepts any link type for this node.
+    validates_link_types: ClassVar[bool] = False
 
     def execute(self, ctx: NodeContext, **inputs: Any) -> NodeResult | tuple[Any, ...]:
         raise NotImplementedError

@@ -95,9 +95,10 @@ def find_output_nodes(prompt: Prompt, registry: NodeRegistry,
     return outputs
 
 
-def validate_links(node: PromptNode, schema: NodeSchema, prompt: Prompt, registry: NodeRegistry,
-                   out: _Collector) -> None:
+def validate_links(node: PromptNode, node_type: type[Node], prompt: Prompt,
+                   registry: NodeRegistry, out: _Collector) -> None:
     """Each link names an existing node and output slot of a type the input accepts."""
+    schema = node_type.schema
     for name, (source_id, slot) in node.links.items():
         spec = schema.input(name)
         source = prompt.nodes.get(source_id)
@@ -114,7 +115,7 @@ def validate_links(node: PromptNode, schema: NodeSchema, prompt: Prompt, registr
                       f"({source.class_type}), which has {len(outputs)} output(s)")
             out.add(node.node_id, _exception_entry(name, IndexError(reason)))
             continue
-        if spec is None or spec.hidden:
+        if spec is None or spec.hidden or node_type.validates_link_types:
             continue
         received = outputs[slot].type
         expected = "COMBO" if spec.type == "COMBO" else spec.type
@@ -152,6 +153,14 @@ def coerce_literal(spec: Input, value: Any) -> Any:
             raise ValueError(f"{value!r} is not true or false")
         return bool(value)
     return value
+
+
+def _try_coerce(spec: Input, value: Any) -> Any:
+    """Convert when possible; the node's own validation judges values that do not convert."""
+    try:
+        return coerce_literal(spec, value)
+    except (TypeError, ValueError, OverflowError):
+        return value
 
 
 def validate_literal(node: PromptNode, spec: Input, value: Any, env: Any,
@@ -208,7 +217,10 @@ def validate_node_inputs(node: PromptNode, schema: NodeSchema, env: Any, out: _C
                     input_name=spec.name))
             continue
         value = node.literals[spec.name]
-        if spec.name in custom_validated or not spec.is_widget and spec.type != "COMBO":
+        if spec.name in custom_validated:
+            converted[spec.name] = _try_coerce(spec, value)
+            continue
+        if not spec.is_widget and spec.type != "COMBO":
             converted[spec.name] = value
             continue
         result = validate_literal(node, spec, value, env, out)
@@ -275,7 +287,7 @@ def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Servi
         if node_type is None:
             continue
         schema = node_type.schema
-        validate_links(node, schema, prompt, registry, out)
+        validate_links(node, node_type, prompt, registry, out)
         errors_before = len(out.errors.get(node_id, ()))
         literals = validate_node_inputs(node, schema, services, out,
                                         node_type.self_validated_inputs())

@@ -168,7 +168,19 @@ class Even(Node):
         return (value,)
 
 
-STUB_TYPES = (Const, Add, Parity, Scale, Text, Show, Fail, Steps, Range, Total, Switch, Random,
+class BadFingerprint(Node):
+    """Its fingerprint raises, like a file-reading node whose file vanished."""
+
+    schema = NodeSchema("BadFingerprint", (Int("value", 0, min=0, max=10),), (Output("INT"),))
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        raise OSError("file vanished")
+
+    def execute(self, ctx: NodeContext, value: int) -> tuple[int]:
+        return (value,)
+
+
+STUB_TYPES = (BadFingerprint, Const, Add, Parity, Scale, Text, Show, Fail, Steps, Range, Total, Switch, Random,
               Volatile, Even)
 
 

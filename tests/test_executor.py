@@ -267,3 +267,18 @@ def test_classic_cache_forgets_results_the_latest_prompt_did_not_use(engine: Eng
     engine.run(diamond(a=2))
     _, events = engine.run(diamond(a=1))
     assert events.executed_nodes() == ["1", "3", "4", "5"]
+
+
+def test_failing_fingerprint_fails_the_prompt_not_the_executor(engine: Engine) -> None:
+    result, events = engine.run({"1": node("BadFingerprint", value=1),
+                                 "2": node("Show", x=["1", 0])})
+    assert result.status == "error"
+    assert result.error["node_id"] == "1" and result.error["exception_type"] == "OSError"
+    assert "execution_error" in events.names()
+
+
+def test_identical_non_idempotent_nodes_both_run_in_one_prompt(engine: Engine) -> None:
+    api = {"1": node("Random", seed=1), "2": node("Random", seed=1),
+           "3": node("Add", a=["1", 0], b=["2", 0]), "4": node("Show", x=["3", 0])}
+    _, events = engine.run(api)
+    assert sorted(events.executed_nodes()) == ["1", "2", "3", "4"]

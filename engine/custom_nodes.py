@@ -1,0 +1,193 @@
+"""Loads custom-node packs (ComfyUI's classic protocol) from the custom_nodes folders, keeping
+each pack's failure to itself: a broken pack is reported, the others still load."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import re
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from engine.classic import adapt_classic
+from engine.registry import NodeRegistry, PackError
+
+logger = logging.getLogger("loom.custom_nodes")
+
+DISABLED_SUFFIX = ".disabled"
+
+
+class PackLoadError(ImportError):
+    """A pack imported but does not follow the protocol (e.g. NODE_CLASS_MAPPINGS not a dict)."""
+
+
+@dataclass(frozen=True)
+class PackSource:
+    """One pack found in a custom_nodes folder: a `.py` file or a package directory."""
+
+    name: str  # folder name, or file name without .py
+    entry: str  # the folder entry itself ("pack" or "pack.py"), as --whitelist-custom-nodes names
+    path: Path
+    is_package: bool
+
+    @property
+    def init_file(self) -> Path:
+        return self.path / "__init__.py" if self.is_package else self.path
+
+    @property
+    def directory(self) -> Path:
+        """Where WEB_DIRECTORY is resolved from."""
+        return self.path if self.is_package else self.path.parent
+
+
+def discover_packs(folder: Path) -> list[PackSource]:
+    """The packs in one folder, by name; skips hidden, `__pycache__` and `.disabled` entries."""
+    if not folder.is_dir():
+        logger.debug("custom node folder %s does not exist; nothing to load", folder)
+        return []
+    packs = []
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name.startswith(".") or name == "__pycache__" or name.endswith(DISABLED_SUFFIX):
+            continue
+        if path.is_file() and path.suffix == ".py":
+            packs.append(PackSource(path.stem, name, path, is_package=False))
+        elif path.is_dir() and (path / "__init__.py").is_file():
+            packs.append(PackSource(name, name, path, is_package=True))
+        elif path.is_dir():
+            logger.warning("skipping %s: a pack directory needs an __init__.py", path)
+    return packs
+
+
+def load_custom_nodes(registry: NodeRegistry, folders: list[Path], *, disable_all: bool = False,
+                      whitelist: Iterable[str] = ()) -> None:
+    """Import every pack of `folders` and register its nodes. With `disable_all` only the
+    `whitelist` packs load (ComfyUI's --disable-all-custom-nodes, --whitelist-custom-nodes)."""
+    allowed = frozenset(whitelist)
+    timings: list[tuple[float, Path, bool]] = []
+    for folder in folders:
+        for pack in discover_packs(folder):
+            if disable_all and not allowed & {pack.name, pack.entry}:
+                logger.info("skipping %s: custom nodes are disabled and it is not whitelisted",
+                            pack.path)
+                continue
+            started = time.perf_counter()
+            loaded = load_pack(registry, pack)
+            timings.append((time.perf_counter() - started, pack.path, loaded))
+    _log_import_times(timings)
+
+
+def load_pack(registry: NodeRegistry, pack: PackSource) -> bool:
+    """Import one pack and register its nodes; a failure goes to registry.pack_errors."""
+    try:
+        module = import_pack(pack)
+        mappings, display_names = _mappings(module)
+    except Exception:  # noqa: BLE001 - a broken pack is reported, never fatal to the others
+        _record_error(registry, pack, traceback.format_exc())
+        return False
+    _record_web_directory(registry, pack, module)
+    taken = [name for name in mappings if name in registry]
+    for class_type, cls in mappings.items():
+        if class_type not in taken:
+            _register_node(registry, pack, class_type, cls, display_names.get(class_type))
+    if taken:
+        logger.warning("custom node pack %s: skipped %s, already registered (the first "
+                       "registration wins)", pack.name, ", ".join(map(str, taken)))
+    registry.loaded_packs.append(pack.name)
+    return True
+
+
+def import_pack(pack: PackSource) -> ModuleType:
+    """Execute a pack's module under a name unique to its path, so relative imports work and
+    same-named packs in two folders do not clash."""
+    module_name = _module_name(pack)
+    search = [str(pack.path)] if pack.is_package else None
+    spec = importlib.util.spec_from_file_location(module_name, pack.init_file,
+                                                  submodule_search_locations=search)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"Python found no loader for {pack.init_file}; a pack must be a .py "
+                          f"file or a directory with __init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before exec: relative imports look the package up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def _module_name(pack: PackSource) -> str:
+    digest = hashlib.blake2b(str(pack.path.resolve()).encode("utf-8", "surrogatepass"),
+                             digest_size=4).hexdigest()
+    safe = re.sub(r"\W", "_", pack.name)
+    return f"loom_custom_nodes_{digest}_{safe}"
+
+
+def _mappings(module: ModuleType) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS, checked to be dicts."""
+    classes = getattr(module, "NODE_CLASS_MAPPINGS", None)
+    names = getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None)
+    if classes is None:
+        if getattr(module, "WEB_DIRECTORY", None) is None:
+            logger.warning("%s defines no NODE_CLASS_MAPPINGS; it adds no nodes", module.__file__)
+        classes = {}
+    for label, value in (("NODE_CLASS_MAPPINGS", classes), ("NODE_DISPLAY_NAME_MAPPINGS", names)):
+        if value is not None and not isinstance(value, Mapping):
+            raise PackLoadError(f"{module.__file__}: {label} is {type(value).__name__}; it must "
+                                f"be a dict of class_type: value")
+    return classes, names or {}
+
+
+def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cls: Any,
+                   display_name: Any) -> None:
+    """Adapt and register one node; a bad declaration is a pack error, the others still load."""
+    try:
+        if not isinstance(class_type, str) or not class_type:
+            raise PackLoadError(f"NODE_CLASS_MAPPINGS key {class_type!r} is not a node name; "
+                                f"use a non-empty string")
+        shown = str(display_name) if display_name is not None else None
+        node_type = adapt_classic(class_type, cls, shown, f"custom_nodes.{pack.name}")
+        registry.register(node_type)
+    except Exception:  # noqa: BLE001 - one bad node class must not sink its whole pack
+        _record_error(registry, pack, traceback.format_exc())
+
+
+def _record_error(registry: NodeRegistry, pack: PackSource, trace: str) -> None:
+    registry.pack_errors.append(PackError(pack.name, pack.path, trace))
+    logger.error("Cannot import custom node pack %s:\n%s", pack.path, trace)
+
+
+def _record_web_directory(registry: NodeRegistry, pack: PackSource, module: ModuleType) -> None:
+    """WEB_DIRECTORY, relative to the pack, becomes the pack's served extension folder."""
+    relative = getattr(module, "WEB_DIRECTORY", None)
+    if relative is None:
+        return
+    directory = (pack.directory / str(relative)).resolve()
+    if not directory.is_dir():
+        logger.warning("custom node pack %s: WEB_DIRECTORY %r is not a folder (%s); its web "
+                       "extensions are not served", pack.name, relative, directory)
+        return
+    if pack.name in registry.web_directories:
+        logger.warning("custom node pack %s: a pack of that name already serves %s; %s is not "
+                       "served", pack.name, registry.web_directories[pack.name], directory)
+        return
+    registry.web_directories[pack.name] = directory
+
+
+def _log_import_times(timings: list[tuple[float, Path, bool]]) -> None:
+    """ComfyUI's start-up summary, slowest pack first."""
+    if not timings:
+        return
+    lines = ["Import times for custom nodes:"]
+    for seconds, path, loaded in sorted(timings, key=lambda item: item[0], reverse=True):
+        status = "" if loaded else " (IMPORT FAILED)"
+        lines.append(f"{seconds:6.1f} seconds{status}: {path}")
+    logger.info("\n".join(lines))

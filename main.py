@@ -1,0 +1,156 @@
+"""Loom's command line: `python main.py [flags]` serves; `python main.py run WORKFLOW` runs one
+workflow headless. Both take ComfyUI's flags for paths, custom nodes, caching and devices."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.custom_nodes import load_custom_nodes
+
+from engine.cache import OutputCache
+from engine.cli import EXIT_INVALID, run_workflow
+from engine.context import Services
+from engine.executor import Executor
+from engine.paths import PathError, Paths
+from engine.registry import NodeRegistry
+from nodes import builtin_node_types
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLE_WORKFLOW = ROOT / "examples" / "invert_image_api.json"
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by serving and `run` (names and meanings as ComfyUI's)."""
+    paths = parser.add_argument_group("paths")
+    paths.add_argument("--base-directory", type=Path, default=ROOT,
+                       help="root for models/, input/, output/, temp/, user/, custom_nodes/")
+    for name in ("output", "input", "temp", "user"):
+        paths.add_argument(f"--{name}-directory", type=Path, default=None,
+                           help=f"the {name} folder (default: BASE/{name})")
+    paths.add_argument("--extra-model-paths-config", type=Path, action="append", default=[],
+                       metavar="YAML", help="extra_model_paths.yaml to add (repeatable)")
+    custom = parser.add_argument_group("custom nodes")
+    custom.add_argument("--disable-all-custom-nodes", action="store_true",
+                        help="load no custom-node pack (except --whitelist-custom-nodes)")
+    custom.add_argument("--whitelist-custom-nodes", nargs="+", default=[], metavar="PACK",
+                        help="packs that still load with --disable-all-custom-nodes")
+    cache = parser.add_argument_group("cache").add_mutually_exclusive_group()
+    cache.add_argument("--cache-classic", action="store_true",
+                       help="keep the outputs the latest prompt used (default)")
+    cache.add_argument("--cache-lru", type=int, default=0, metavar="N",
+                       help="keep up to N node results, least recently used dropped first")
+    cache.add_argument("--cache-none", action="store_true",
+                       help="keep nothing between prompts (least RAM)")
+    cache.add_argument("--cache-ram", type=float, nargs="?", const=4.0, default=None,
+                       metavar="GB", help="keep up to GB of tensor data (default 4)")
+    device = parser.add_argument_group("device and precision")
+    device.add_argument("--cpu", action="store_true", help="run everything on the CPU")
+    for flag, text in (("--force-fp32", "compute in fp32 everywhere"),
+                       ("--force-fp16", "compute in fp16 everywhere"),
+                       ("--bf16-unet", "run the UNet in bf16"),
+                       ("--fp32-vae", "run the VAE in fp32"),
+                       ("--bf16-vae", "run the VAE in bf16")):
+        device.add_argument(flag, action="store_true", help=text)
+    parser.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    server = parser.add_argument_group("server")
+    server.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1",
+                        metavar="IP", help="address to bind (no value: all interfaces)")
+    server.add_argument("--port", type=int, default=8188)
+    server.add_argument("--enable-cors-header", nargs="?", const="*", default=None,
+                        metavar="ORIGIN")
+    server.add_argument("--max-upload-size", type=float, default=100, metavar="MB")
+    server.add_argument("--front-end-root", type=Path, default=None)
+    server.add_argument("--preview-method", default="auto",
+                        choices=["auto", "latent2rgb", "taesd", "none"])
+    server.add_argument("--auth-token", default=None)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    serve = argparse.ArgumentParser(prog="main.py", description=__doc__)
+    add_common_flags(serve)
+    add_server_flags(serve)
+    run = argparse.ArgumentParser(prog="main.py run",
+                                  description="Run a saved workflow (API JSON, editor JSON or a "
+                                              "PNG with workflow chunks) without a server.")
+    run.add_argument("workflow", type=Path)
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="NODE_ID.INPUT=VALUE", help="override a widget value (repeatable)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate and print the execution order; run nothing")
+    run.add_argument("--quiet", action="store_true", help="print only errors")
+    add_common_flags(run)
+    return serve, run
+
+
+@dataclass
+class App:
+    """The long-lived objects one Loom process is made of."""
+
+    services: Services
+    registry: NodeRegistry
+    executor: Executor
+
+
+def make_cache(args: argparse.Namespace) -> OutputCache:
+    if args.cache_none:
+        return OutputCache("none")
+    if args.cache_lru:
+        return OutputCache("lru", max_entries=args.cache_lru)
+    if args.cache_ram is not None:
+        return OutputCache("ram", max_bytes=int(args.cache_ram * 2**30))
+    return OutputCache("classic")
+
+
+def build_app(args: argparse.Namespace) -> App:
+    paths = Paths.from_base(args.base_directory, output=args.output_directory,
+                            input=args.input_directory, temp=args.temp_directory,
+                            user=args.user_directory)
+    for config in args.extra_model_paths_config:
+        paths.load_extra_config(config)
+    default_extra = args.base_directory / "extra_model_paths.yaml"
+    if default_extra.is_file() and default_extra not in args.extra_model_paths_config:
+        paths.load_extra_config(default_extra)
+    services = Services(paths=paths, args=args)
+    registry = NodeRegistry()
+    registry.register_all(builtin_node_types())
+    load_custom_nodes(registry, paths.custom_nodes, disable_all=args.disable_all_custom_nodes,
+                      whitelist=args.whitelist_custom_nodes)
+    return App(services, registry, Executor(registry, services, make_cache(args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_parser, run_parser = build_parser()
+    command = argv.pop(0) if argv and argv[0] in ("run", "serve") else "serve"
+    args = (run_parser if command == "run" else serve_parser).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app = build_app(args)
+    except (PathError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if command == "run":
+        return run_workflow(args.workflow, app.registry, app.services, app.executor,
+                            overrides=args.overrides, dry_run=args.dry_run,
+                            verbose=args.verbose, quiet=args.quiet)
+    return serve(args, app)
+
+
+def serve(args: argparse.Namespace, app: App) -> int:
+    """Until the server lands (issue 7), serving runs the bundled example workflow."""
+    print("The HTTP server and editor are not built yet; running the example workflow "
+          f"{EXAMPLE_WORKFLOW.relative_to(ROOT)} headless instead.", file=sys.stderr)
+    return run_workflow(EXAMPLE_WORKFLOW, app.registry, app.services, app.executor,
+                        overrides=[], dry_run=False, verbose=args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
