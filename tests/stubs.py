@@ -180,8 +180,8 @@ class BadFingerprint(Node):
         return (value,)
 
 
-STUB_TYPES = (BadFingerprint, Const, Add, Parity, Scale, Text, Show, Fail, Steps, Range, Total, Switch, Random,
-              Volatile, Even)
+STUB_TYPES = (BadFingerprint, Const, Add, Parity, Scale, Text, Show, Fail, Steps, Range, Total,
+              Switch, Random, Volatile, Even)
 
 
 class Engine:
