@@ -337,10 +337,13 @@ class _PromptRun:
     def _gather_inputs(self, node_id: str, schema: NodeSchema) -> dict[str, list[Any]]:
         """Every input as a list of values (ComfyUI list semantics); lazy ones left out."""
         node = self.prompt.nodes[node_id]
-        inputs: dict[str, list[Any]] = {name: [value] for name, value in node.literals.items()}
+        declared = schema.declares
+        # Only declared inputs reach the node (editor files can carry extras, e.g. "upload").
+        inputs: dict[str, list[Any]] = {name: [value] for name, value in node.literals.items()
+                                        if declared(name)}
         lazy = schema.lazy_inputs
         for name, (src, slot) in node.links.items():
-            if name not in lazy or src in self.resolved:
+            if declared(name) and (name not in lazy or src in self.resolved):
                 inputs[name] = self.resolved[src].outputs[slot]
         for spec in schema.inputs:
             if spec.hidden:

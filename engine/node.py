@@ -186,6 +186,9 @@ class NodeSchema:
     def input(self, name: str) -> Input | None:
         return self._by_name.get(name)
 
+    def declares(self, name: str) -> bool:
+        return name in self._by_name
+
     @property
     def visible_inputs(self) -> tuple[Input, ...]:
         return tuple(i for i in self.inputs if not i.hidden)

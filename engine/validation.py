@@ -246,7 +246,7 @@ def validate_acyclic(prompt: Prompt, outputs: list[str], out: _Collector) -> Non
 
 
 def validate_custom(node: PromptNode, node_type: type[Node], literals: dict[str, Any],
-                    services: Services | None, out: _Collector) -> None:
+                    services: Services, out: _Collector) -> None:
     """The node's own checks (Node.validate, ComfyUI's VALIDATE_INPUTS)."""
     if node_type.validate is Node.validate:
         return
@@ -266,7 +266,7 @@ def validate_custom(node: PromptNode, node_type: type[Node], literals: dict[str,
                                       input_name=name))
 
 
-def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Services | None = None,
+def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Services,
                     targets: Iterable[str] | None = None) -> ValidationResult:
     """Validate an API-format prompt against the registry; `targets` limits the outputs run."""
     if not isinstance(api, dict) or not all(isinstance(v, dict) for v in api.values()):

@@ -1,0 +1,215 @@
+"""Image files in and out: LoadImage, LoadImageMask, SaveImage and PreviewImage, with
+ComfyUI's file naming and the `prompt`/`workflow` PNG text chunks."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence
+from PIL.PngImagePlugin import PngInfo
+
+from engine.context import NodeContext
+from engine.node import (
+    Combo,
+    FilesIn,
+    Hidden,
+    Input,
+    Link,
+    Node,
+    NodeResult,
+    NodeSchema,
+    Output,
+    String,
+)
+from nodes.filenames import file_fingerprint, find_annotated, invalid_file, prepare_save
+from nodes.imaging import image_to_pil
+
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
+# Formats whose extra frames are not a sequence of images (MPO: a stereo pair's second view).
+_FIRST_FRAME_ONLY = frozenset({"MPO"})
+_EMPTY_MASK_SIZE = 64  # ComfyUI's placeholder mask for images without alpha
+
+
+def _image_choice() -> Input:
+    return Combo("image", FilesIn("input"), options={"image_upload": True})
+
+
+def _eight_bit_view(frame: Image.Image) -> Image.Image:
+    """32-bit integer ("I") frames scaled by 1/255, as ComfyUI reads them, other modes as is."""
+    return frame.point(lambda value: value * (1 / 255)) if frame.mode == "I" else frame
+
+
+def frame_pixels(frame: Image.Image) -> torch.Tensor:
+    """One frame as RGB floats [H, W, 3] in 0..1 (16-bit grey keeps its precision)."""
+    if frame.mode.startswith("I;16"):
+        grey = np.asarray(frame).astype(np.float32) / 65535.0
+        return torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
+    rgb = _eight_bit_view(frame).convert("RGB")
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)
+
+
+def frame_mask(frame: Image.Image) -> torch.Tensor:
+    """1 - alpha [H, W] of a frame with transparency, else zeros 64x64 (ComfyUI's rule)."""
+    if "A" in frame.getbands():
+        alpha = frame.getchannel("A")
+    elif frame.mode == "P" and "transparency" in frame.info:
+        alpha = frame.convert("RGBA").getchannel("A")
+    else:
+        return torch.zeros((_EMPTY_MASK_SIZE, _EMPTY_MASK_SIZE), dtype=torch.float32)
+    return 1.0 - torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+
+
+def _stack_masks(masks: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """Masks as one batch; placeholder masks grow to the frame size when frames differ."""
+    if len({tuple(m.shape) for m in masks}) > 1:
+        masks = [m if m.shape == (height, width) else torch.zeros((height, width)) for m in masks]
+    return torch.stack(masks)
+
+
+def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE [B, H, W, 3] and MASK [B, H, W]: every frame the size of the first, EXIF-rotated."""
+    images: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    with Image.open(path) as source:
+        for raw in ImageSequence.Iterator(source):
+            frame = ImageOps.exif_transpose(raw)
+            pixels = frame_pixels(frame)
+            if images and pixels.shape != images[0].shape:
+                continue  # ComfyUI skips frames whose size differs from the first
+            images.append(pixels)
+            masks.append(frame_mask(frame))
+            if source.format in _FIRST_FRAME_ONLY:
+                break
+    height, width = images[0].shape[:2]
+    return torch.stack(images), _stack_masks(masks, height, width)
+
+
+def load_mask_file(path: Path, channel: str) -> torch.Tensor:
+    """MASK [1, H, W] from one channel of the first frame; alpha gives 1 - alpha."""
+    if channel not in MASK_CHANNELS:
+        raise ValueError(f"LoadImageMask: unknown channel {channel!r}; use one of {MASK_CHANNELS}")
+    with Image.open(path) as source:
+        frame = ImageOps.exif_transpose(source)
+        if frame.mode.startswith("I;16"):  # 16-bit grey: opaque, every colour channel = grey
+            grey = frame_pixels(frame)[..., 0]
+            return (torch.zeros_like(grey) if channel == "alpha" else grey).unsqueeze(0)
+        if frame.getbands() != ("R", "G", "B", "A"):
+            frame = _eight_bit_view(frame).convert("RGBA")
+        band = frame.getchannel(channel[0].upper())
+    values = torch.from_numpy(np.asarray(band, dtype=np.float32) / 255.0)
+    return (1.0 - values if channel == "alpha" else values).unsqueeze(0)
+
+
+class LoadImage(Node):
+    """An image from the input folder, and its transparency as a mask (1 = transparent)."""
+
+    schema = NodeSchema(
+        name="LoadImage", display_name="Load Image", category="image",
+        inputs=(_image_choice(),), outputs=(Output("IMAGE"), Output("MASK")))
+
+    def execute(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_image_file(find_annotated(ctx.paths, image))
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx.paths, inputs.get("image"))
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        paths = getattr(ctx.services, "paths", None)
+        return invalid_file(paths, inputs.get("image"), "image", "Invalid image file")
+
+    @classmethod
+    def self_validated_inputs(cls) -> frozenset[str]:
+        return frozenset({"image"})
+
+
+class LoadImageMask(Node):
+    """One channel of an input-folder image as a mask."""
+
+    schema = NodeSchema(
+        name="LoadImageMask", display_name="Load Image (as Mask)", category="mask",
+        inputs=(_image_choice(), Combo("channel", MASK_CHANNELS)),
+        outputs=(Output("MASK"),))
+
+    def execute(self, ctx: NodeContext, image: str, channel: str) -> tuple[torch.Tensor]:
+        return (load_mask_file(find_annotated(ctx.paths, image), channel),)
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx.paths, inputs.get("image"))
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        paths = getattr(ctx.services, "paths", None)
+        return invalid_file(paths, inputs.get("image"), "image", "Invalid image file")
+
+    @classmethod
+    def self_validated_inputs(cls) -> frozenset[str]:
+        return frozenset({"image"})
+
+
+def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:
+    """Text chunks: "prompt" (the API graph) and one per extra_pnginfo key, as JSON."""
+    info = PngInfo()
+    if prompt is not None:
+        info.add_text("prompt", json.dumps(prompt))
+    for key, value in (extra_pnginfo or {}).items():
+        info.add_text(key, json.dumps(value))
+    return info
+
+
+def save_png_batch(images: torch.Tensor, root: Path, prefix: str, kind: str, compress_level: int,
+                   prompt: Any = None, extra_pnginfo: Any = None) -> list[dict[str, str]]:
+    """Write each image of a batch as <prefix>_<counter:05>_.png; the UI's image entries."""
+    height, width = images.shape[1], images.shape[2]
+    target = prepare_save(root, prefix, width=width, height=height)
+    metadata = png_metadata(prompt, extra_pnginfo)
+    entries = []
+    for index, image in enumerate(images):
+        name = target.file_name(index, ".png", batch_number=index)
+        image_to_pil(image).save(target.folder / name, pnginfo=metadata,
+                                 compress_level=compress_level)
+        entries.append({"filename": name, "subfolder": target.subfolder, "type": kind})
+    return entries
+
+
+class SaveImage(Node):
+    """Write images as PNGs to the output folder, with the workflow embedded."""
+
+    schema = NodeSchema(
+        name="SaveImage", display_name="Save Image", category="image", output_node=True,
+        inputs=(Link("images", "IMAGE"), String("filename_prefix", default="ComfyUI"),
+                Hidden("prompt", "PROMPT"), Hidden("extra_pnginfo", "EXTRA_PNGINFO")))
+
+    def execute(self, ctx: NodeContext, images: torch.Tensor, filename_prefix: str = "ComfyUI",
+                prompt: Any = None, extra_pnginfo: Any = None) -> NodeResult:
+        entries = save_png_batch(images, ctx.paths.output, filename_prefix, "output", 4,
+                                 prompt, extra_pnginfo)
+        return NodeResult(ui={"images": entries})
+
+
+def preview_prefix() -> str:
+    """"ComfyUI_temp_" plus 5 random lowercase letters, so previews of prompts do not collide."""
+    letters = "".join(secrets.choice(string.ascii_lowercase) for _ in range(5))
+    return f"ComfyUI_temp_{letters}"
+
+
+class PreviewImage(Node):
+    """Write images to the temp folder for the editor to show (fast, low compression)."""
+
+    schema = NodeSchema(
+        name="PreviewImage", display_name="Preview Image", category="image", output_node=True,
+        inputs=(Link("images", "IMAGE"), Hidden("prompt", "PROMPT"),
+                Hidden("extra_pnginfo", "EXTRA_PNGINFO")))
+
+    def execute(self, ctx: NodeContext, images: torch.Tensor, prompt: Any = None,
+                extra_pnginfo: Any = None) -> NodeResult:
+        entries = save_png_batch(images, ctx.paths.temp, preview_prefix(), "temp", 1,
+                                 prompt, extra_pnginfo)
+        return NodeResult(ui={"images": entries})
+
+
+NODE_TYPES = (LoadImage, LoadImageMask, SaveImage, PreviewImage)

@@ -1,0 +1,53 @@
+"""main.py as a user runs it: a subprocess on the bundled example workflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "invert_image_api.json"
+
+
+def main_py(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_run_writes_the_example_image_with_its_prompt(tmp_path: Path) -> None:
+    done = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path),
+                   "--set", "4.scale_by=0.5")
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "output" / "loom_example_00001_.png"
+    assert "wrote output/loom_example_00001_.png" in done.stdout
+    with Image.open(written) as image:
+        assert image.size == (160, 96)  # (256 + 64) * 0.5, (128 + 64) * 0.5
+        assert json.loads(image.text["prompt"])["4"]["inputs"]["scale_by"] == 0.5
+    again = main_py("run", str(written), "--base-directory", str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "output" / "loom_example_00002_.png").is_file()
+
+
+def test_dry_run_and_bad_value_exit_codes(tmp_path: Path) -> None:
+    dry = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path), "--dry-run")
+    assert dry.returncode == 0 and "5 node(s) would run" in dry.stdout
+    assert not (tmp_path / "output").exists()
+    bad = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path),
+                  "--set", "4.upscale_method=cubic")
+    assert bad.returncode == 2
+    assert "node 4 (ImageScaleBy), input 'upscale_method' = 'cubic'" in bad.stderr
+
+
+def test_broken_custom_pack_does_not_stop_the_run(tmp_path: Path) -> None:
+    (tmp_path / "custom_nodes").mkdir()
+    (tmp_path / "custom_nodes" / "broken.py").write_text("raise ImportError('no such lib')\n")
+    done = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "no such lib" in done.stderr and "IMPORT FAILED" in done.stderr
+    disabled = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path),
+                       "--disable-all-custom-nodes")
+    assert disabled.returncode == 0 and "no such lib" not in disabled.stderr
