@@ -63,6 +63,7 @@ class ClassicNode(Node):
     validate_hook: ClassVar[HookSignature | None] = None
     lazy_hook: ClassVar[HookSignature | None] = None
     validated_names: ClassVar[frozenset[str]] = frozenset()
+    per_node_instance: ClassVar[bool] = True  # classic objects may keep state, as in ComfyUI
 
     def __init__(self) -> None:
         self._classic_instance: Any = None

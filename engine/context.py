@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.graph import GraphPlanner
 from engine.paths import Paths
 
 
@@ -41,6 +42,7 @@ class Services:
     paths: Paths
     args: Any = None
     model_manager: Any = None
+    graph_planner: GraphPlanner = field(default_factory=GraphPlanner)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,6 +52,9 @@ ProgressSink = Callable[[str, float, float, Any], None]
 
 class NodeContext:
     """Handed to every node call. Nodes read nothing global: everything comes from here."""
+
+    __slots__ = ("node_id", "class_type", "prompt_id", "services", "_interrupt",
+                 "_progress_sink")
 
     def __init__(self, *, node_id: str, class_type: str, prompt_id: str, services: Services,
                  interrupt: InterruptFlag, progress_sink: ProgressSink | None = None) -> None:

@@ -60,6 +60,7 @@ class Executor:
         self.cache = cache if cache is not None else OutputCache("classic")
         self.interrupt = interrupt if interrupt is not None else InterruptFlag()
         self._instances: dict[tuple[str, str], Node] = {}
+        self._shared: dict[str, Node] = {}
         self._key_memo: dict[str, tuple[Any, ...]] = {}
         self._fingerprinted: dict[type[Node], bool] = {}
 
@@ -72,10 +73,19 @@ class Executor:
         return run.run()
 
     def instance(self, node_id: str, class_type: str) -> Node:
+        """The object whose methods run a prompt node (shared per type when stateless)."""
+        node = self._shared.get(class_type)
+        if node is not None:
+            return node
         key = (node_id, class_type)
         node = self._instances.get(key)
         if node is None:
-            node = self._instances[key] = self.registry.get(class_type)()
+            node_type = self.registry.get(class_type)
+            node = node_type()
+            if node_type.per_node_instance:
+                self._instances[key] = node
+            else:
+                self._shared[class_type] = node
         return node
 
     def has_fingerprint(self, node_type: type[Node]) -> bool:
@@ -142,7 +152,7 @@ class _PromptRun:
         self.emit("execution_start", timestamp=timestamp_ms())
         reachable = self.prompt.required_nodes(self.outputs)
         try:
-            order = self.prompt.order_for(self.outputs)
+            order = self.prompt.order_for(self.outputs, self.ex.services.graph_planner)
             self.rank = {node_id: i for i, node_id in enumerate(order)}
             self._precache(order)
             self._run_nodes(self._plan(self.outputs))

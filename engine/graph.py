@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,21 +45,21 @@ class Prompt:
     _orders: dict[tuple[str, ...], list[str]] = field(default_factory=dict, repr=False)
     _required: dict[tuple[str, ...], set[str]] = field(default_factory=dict, repr=False)
 
-    def order_for(self, outputs: Iterable[str]) -> list[str]:
-        """Topological order of everything `outputs` read from (memoised per output set).
-
-        Raises CycleError naming the loop."""
+    def order_for(self, outputs: Iterable[str], planner: GraphPlanner | None = None) -> list[str]:
+        """Topological order of everything `outputs` read from (memoised per output set, and
+        across prompts of the same structure by `planner`). Raises CycleError naming the loop."""
         key = tuple(outputs)
         order = self._orders.get(key)
         if order is None:
             needed = self.required_nodes(key)
-            graph = self.digraph(needed)
-            try:
-                order = list(nx.topological_sort(graph))
-            except nx.NetworkXUnfeasible:
-                raise CycleError(find_cycle(graph) or []) from None
-            self._orders[key] = order
+            order = self._orders[key] = (planner.order(self, needed) if planner is not None
+                                         else topological_order(self, needed))
         return order
+
+    def structure(self, needed: set[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Which node reads from which, for the nodes in `needed` (literal values left out)."""
+        return tuple((node.node_id, tuple(src for src, _ in node.links.values()))
+                     for node in self.nodes.values() if node.node_id in needed)
 
     @classmethod
     def parse(cls, api: Mapping[str, Any]) -> Prompt:
@@ -107,6 +108,36 @@ class Prompt:
             stack.extend(src for src, _ in self.nodes[node_id].links.values()
                          if src in self.nodes and src not in needed)
         return needed
+
+
+def topological_order(prompt: Prompt, needed: set[str]) -> list[str]:
+    """Dependency order of `needed` (networkx); CycleError with the loop's path if none."""
+    graph = prompt.digraph(needed)
+    try:
+        return list(nx.topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        raise CycleError(find_cycle(graph) or []) from None
+
+
+class GraphPlanner:
+    """Remembers the order of recently seen graph structures: a workflow queued again with
+    other widget values (the common case) skips the graph algorithms."""
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self._orders: OrderedDict[tuple[Any, ...], list[str]] = OrderedDict()
+
+    def order(self, prompt: Prompt, needed: set[str]) -> list[str]:
+        signature = prompt.structure(needed)
+        order = self._orders.get(signature)
+        if order is None:
+            order = topological_order(prompt, needed)
+            self._orders[signature] = order
+            if len(self._orders) > self.capacity:
+                self._orders.popitem(last=False)
+        else:
+            self._orders.move_to_end(signature)
+        return order
 
 
 def find_cycle(graph: nx.DiGraph) -> list[str] | None:

@@ -205,13 +205,15 @@ class NodeResult:
 class Node:
     """Base of every node type. Subclasses set `schema` and implement `execute`.
 
-    Instances are created per prompt node; they must not keep results between calls
-    (the engine's cache does that)."""
+    Instances must not keep results between calls (the engine's cache does that)."""
 
     schema: ClassVar[NodeSchema]
     # True when `validate` checks the types of linked inputs itself (ComfyUI: VALIDATE_INPUTS
     # taking `input_types`); validation then accepts any link type for this node.
     validates_link_types: ClassVar[bool] = False
+    # Stateless nodes share one instance per type; a type that keeps state between calls of
+    # the same prompt node (classic custom nodes do) gets one instance per node id.
+    per_node_instance: ClassVar[bool] = False
 
     def execute(self, ctx: NodeContext, **inputs: Any) -> NodeResult | tuple[Any, ...]:
         raise NotImplementedError

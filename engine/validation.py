@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.context import InterruptFlag, NodeContext, Services
-from engine.graph import CycleError, Prompt, PromptNode
+from engine.graph import CycleError, GraphPlanner, Prompt, PromptNode
 from engine.node import MISSING, Input, Node, NodeSchema
 from engine.registry import NodeRegistry
 from engine.schema import input_spec
@@ -231,10 +231,11 @@ def validate_node_inputs(node: PromptNode, schema: NodeSchema, env: Any, out: _C
     return converted
 
 
-def validate_acyclic(prompt: Prompt, outputs: list[str], out: _Collector) -> None:
+def validate_acyclic(prompt: Prompt, outputs: list[str], out: _Collector,
+                     planner: GraphPlanner | None) -> None:
     """No dependency cycles among the nodes that would run (the order is kept for the run)."""
     try:
-        prompt.order_for(outputs)
+        prompt.order_for(outputs, planner)
         return
     except CycleError as error:
         cycle = error.cycle
@@ -279,7 +280,7 @@ def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Servi
     unknown = validate_class_types(prompt, registry, out)
     outputs = find_output_nodes(prompt, registry, targets)
     needed = prompt.required_nodes(outputs)
-    validate_acyclic(prompt, outputs, out)
+    validate_acyclic(prompt, outputs, out, services.graph_planner)
     converted = {}
     for node_id in needed:
         node = prompt.nodes[node_id]

@@ -196,17 +196,19 @@ class Engine:
     def validate(self, api: dict[str, Any]) -> ValidationResult:
         return validate_prompt(api, self.registry, self.services)
 
-    def run(self, api: dict[str, Any]) -> tuple[ExecutionResult, RecordingListener]:
+    def run(self, api: dict[str, Any], listener: RecordingListener | None = None,
+            ) -> tuple[ExecutionResult, RecordingListener]:
         checked = self.validate(api)
         assert checked.error is None and not checked.node_errors, checked.to_json()
-        listener = RecordingListener()
+        listener = listener if listener is not None else RecordingListener()
         return self.executor.execute(checked.prompt, checked.outputs, listener=listener), listener
 
     def run_in_thread(self, api: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
-        box: dict[str, Any] = {}
+        """Run in a thread; box["listener"] records events live, box["result"] at the end."""
+        box: dict[str, Any] = {"listener": RecordingListener()}
 
         def target() -> None:
-            box["result"], box["listener"] = self.run(api)
+            box["result"], _ = self.run(api, box["listener"])
 
         thread = threading.Thread(target=target)
         thread.start()

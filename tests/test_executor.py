@@ -205,9 +205,8 @@ def test_interrupt_stops_at_the_next_progress_check(engine: Engine) -> None:
            "3": node("Show", x=["2", 0])}
     thread, box = engine.run_in_thread(api)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not engine.executor._instances:
+    while time.monotonic() < deadline and "progress" not in box["listener"].names():
         time.sleep(0.005)
-    time.sleep(0.05)
     engine.executor.interrupt.set()
     thread.join(timeout=10)
     result, events = box["result"], box["listener"]
