@@ -9,11 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.custom_nodes import load_custom_nodes
-
 from engine.cache import OutputCache
 from engine.cli import EXIT_INVALID, run_workflow
 from engine.context import Services
+from engine.custom_nodes import load_custom_nodes
 from engine.executor import Executor
 from engine.paths import PathError, Paths
 from engine.registry import NodeRegistry

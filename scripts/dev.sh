@@ -33,7 +33,7 @@ case "$cmd" in
     serve) exec "$py" main.py "$@" ;;
     run) exec "$py" main.py run "$@" ;;
     test)
-        "$venv/bin/ruff" check .
+        "$venv/bin/ruff" check --no-cache .
         exec "$py" -m pytest "$@"
         ;;
     *) echo "usage: bash scripts/dev.sh serve|test|run [args...]" >&2; exit 2 ;;
