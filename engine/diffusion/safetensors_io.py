@@ -1,0 +1,114 @@
+"""Zero-copy reading of .safetensors files: the file is memory-mapped once and each tensor is a
+view into the mapping, created when first asked for. Nothing is copied before use; a dtype
+cast (e.g. fp16 file -> bf16 compute) copies one tensor at a time.
+
+Format facts: 8 bytes little-endian header length N, then N bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the
+raw little-endian tensor data, offsets relative to the end of the header."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """(tensor infos, metadata, offset of the data section) without reading any tensor data."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) != 8:
+                raise SafetensorsError(f"{path}: too short to be a safetensors file")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES:
+                raise SafetensorsError(f"{path}: header of {length} bytes is not plausible; "
+                                       f"the file is not safetensors or is damaged")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise SafetensorsError(f"cannot read {path}: {exc}") from exc
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SafetensorsError(f"{path}: header is not JSON ({exc}); the file is damaged or "
+                               f"not safetensors") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    infos = {name: _tensor_info(path, name, entry) for name, entry in header.items()}
+    return infos, metadata, 8 + length
+
+
+def _tensor_info(path: Path, name: str, entry: dict) -> TensorInfo:
+    dtype = entry.get("dtype")
+    if dtype not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    begin, end = entry["data_offsets"]
+    return TensorInfo(dtype, tuple(int(d) for d in entry["shape"]), int(begin), int(end))
+
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A read-only name -> tensor mapping over a memory-mapped safetensors file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.infos, self.metadata, self._data_start = read_header(self.path)
+        size = self.path.stat().st_size
+        self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+        for name, info in self.infos.items():
+            if self._data_start + info.end > size or info.begin > info.end:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} lies outside the file "
+                                       f"(truncated download?)")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        dtype = DTYPES[info.dtype]
+        flat = torch.empty(0, dtype=torch.uint8).set_(
+            self._storage, self._data_start + info.begin, (info.end - info.begin,))
+        try:
+            return flat.view(dtype).reshape(info.shape)
+        except RuntimeError:  # offset not aligned to the element size: copy this one tensor
+            return flat.clone().view(dtype).reshape(info.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.infos[name].shape
+
+    def nbytes(self) -> int:
+        return sum(info.end - info.begin for info in self.infos.values())
+
+
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape, without touching tensor data when `state` is a SafetensorsFile."""
+    if isinstance(state, SafetensorsFile):
+        return {name: info.shape for name, info in state.infos.items()}
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
