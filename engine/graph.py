@@ -69,8 +69,10 @@ class Prompt:
             inputs = body.get("inputs", {}) if isinstance(body, Mapping) else {}
             literals, links = {}, {}
             for name, value in (inputs.items() if isinstance(inputs, Mapping) else ()):
-                if is_link(value):
-                    links[name] = (str(value[0]), int(value[1]))
+                # is_link, inlined: this loop runs for every input of every node
+                if (type(value) is list and len(value) == 2 and type(value[1]) is int
+                        and type(value[0]) in (str, int)) or is_link(value):
+                    links[name] = (str(value[0]), value[1])
                 else:
                     literals[name] = value
             meta = body.get("_meta") if isinstance(body, Mapping) else None

@@ -281,7 +281,6 @@ def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Servi
     outputs = find_output_nodes(prompt, registry, targets)
     needed = prompt.required_nodes(outputs)
     validate_acyclic(prompt, outputs, out, services.graph_planner)
-    converted = {}
     for node_id in needed:
         node = prompt.nodes[node_id]
         node_type = registry.get(node.class_type) if node_id not in unknown else None
@@ -294,8 +293,7 @@ def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Servi
                                         node_type.self_validated_inputs())
         if len(out.errors.get(node_id, ())) == errors_before:
             validate_custom(node, node_type, literals, services, out)
-        converted[node_id] = PromptNode(node_id, node.class_type, literals, node.links, node.title)
-    prompt.nodes.update(converted)
+        node.literals = literals  # the converted values ("5" -> 5) are what will run
     return _summarise(prompt, outputs, unknown, out)
 
 
@@ -303,7 +301,7 @@ def _summarise(prompt: Prompt, outputs: list[str], unknown: list[str],
                out: _Collector) -> ValidationResult:
     node_errors = {}
     bad_outputs = set()
-    for output in outputs:
+    for output in outputs if out.errors else ():
         failed = [n for n in prompt.required_nodes([output]) if n in out.errors]
         bad_outputs.update([output] if failed else [])
         for node_id in failed:
