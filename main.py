@@ -13,13 +13,15 @@ from engine.cache import OutputCache
 from engine.cli import EXIT_INVALID, run_workflow
 from engine.context import Services
 from engine.custom_nodes import load_custom_nodes
+from engine.diffusion.devices import DevicePolicy
+from engine.diffusion.model_manager import ModelManager
+from engine.diffusion.tokenizer import BpeCache
 from engine.executor import Executor
 from engine.paths import PathError, Paths
 from engine.registry import NodeRegistry
 from nodes import builtin_node_types
 
 ROOT = Path(__file__).resolve().parent
-EXAMPLE_WORKFLOW = ROOT / "examples" / "invert_image_api.json"
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +50,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="GB", help="keep up to GB of tensor data (default 4)")
     device = parser.add_argument_group("device and precision")
     device.add_argument("--cpu", action="store_true", help="run everything on the CPU")
+    device.add_argument("--allow-pickle-checkpoints", action="store_true",
+                        help="also load .ckpt/.pt files (torch.load with weights_only=True); "
+                             "off by default because pickle files can carry code")
     for flag, text in (("--force-fp32", "compute in fp32 everywhere"),
                        ("--force-fp16", "compute in fp16 everywhere"),
                        ("--bf16-unet", "run the UNet in bf16"),
@@ -69,6 +74,8 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--preview-method", default="auto",
                         choices=["auto", "latent2rgb", "taesd", "none"])
     server.add_argument("--auth-token", default=None)
+    server.add_argument("--max-history-items", type=int, default=10000, metavar="N",
+                        help="finished prompts kept in the history (oldest dropped first)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -116,7 +123,11 @@ def build_app(args: argparse.Namespace) -> App:
     default_extra = args.base_directory / "extra_model_paths.yaml"
     if default_extra.is_file() and default_extra not in args.extra_model_paths_config:
         paths.load_extra_config(default_extra)
-    services = Services(paths=paths, args=args)
+    policy = DevicePolicy.from_args(args)
+    logging.getLogger("loom").info("models: %s (%s)", policy.describe(), policy.reason)
+    services = Services(paths=paths, args=args,
+                        model_manager=ModelManager(policy, BpeCache(),
+                                                   allow_pickle=args.allow_pickle_checkpoints))
     registry = NodeRegistry()
     registry.register_all(builtin_node_types())
     load_custom_nodes(registry, paths.custom_nodes, disable_all=args.disable_all_custom_nodes,
@@ -144,11 +155,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace, app: App) -> int:
-    """Until the server lands (issue 7), serving runs the bundled example workflow."""
-    print("The HTTP server and editor are not built yet; running the example workflow "
-          f"{EXAMPLE_WORKFLOW.relative_to(ROOT)} headless instead.", file=sys.stderr)
-    return run_workflow(EXAMPLE_WORKFLOW, app.registry, app.services, app.executor,
-                        overrides=[], dry_run=False, verbose=args.verbose)
+    """Serve the HTTP/WebSocket API and the editor until Ctrl-C."""
+    from web.server import LoomServer, run_server  # aiohttp is needed only to serve
+    from web.store import StoreError
+
+    try:
+        server = LoomServer(app.registry, app.services, app.executor, args)
+    except (StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return run_server(server)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 IMAGE: torch float tensor [batch, height, width, channels] in 0..1.
 MASK:  torch float tensor [batch, height, width] in 0..1 (1 = selected).
-LATENT: a `Latent`, a dict subclass, so classic custom nodes that read latent["samples"] work."""
+LATENT: a `Latent`, a dict subclass, so classic custom nodes that read latent["samples"] work.
+        Its samples are the VAE's raw (unscaled) latents, as in ComfyUI; sampling applies the
+        model family's scale (0.18215 SD1/SD2, 0.13025 SDXL) on the way in and out."""
 
 from __future__ import annotations
 

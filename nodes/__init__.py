@@ -8,7 +8,8 @@ import importlib
 from engine.node import Node
 
 # Modules listed here are imported in this order; each must define NODE_TYPES.
-BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent")
+BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent",
+                   "nodes.loaders", "nodes.vae_nodes", "nodes.text")
 
 
 def builtin_node_types() -> list[type[Node]]:

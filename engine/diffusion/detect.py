@@ -78,8 +78,10 @@ def family_from_text_prefixes(shapes: Mapping[str, tuple[int, ...]]) -> str | No
     return matches[0] if matches else None
 
 
-def detect_unet(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, object]:
-    """Family and sizes of the UNet whose keys start with `prefix`."""
+def detect_unet(shapes: Mapping[str, tuple[int, ...]], prefix: str,
+                family_hint: str | None = None) -> dict[str, object]:
+    """Family and sizes of the UNet whose keys start with `prefix` (`family_hint`: what the
+    file's metadata says, used when the shapes alone cannot tell)."""
     first = shapes.get(prefix + "input_blocks.0.0.weight")
     if first is None or len(first) != 4:
         raise UnknownLayoutError(f"no UNet found: expected {prefix}input_blocks.0.0.weight; "
@@ -88,7 +90,7 @@ def detect_unet(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str,
                 if name.startswith(prefix) and name.endswith("attn2.to_k.weight")}
     model_channels, in_channels = first[0], first[1]
     family = (FAMILY_BY_CONTEXT.get(next(iter(contexts))) if len(contexts) == 1 else None
-              ) or family_from_text_prefixes(shapes)
+              ) or family_from_text_prefixes(shapes) or family_hint
     if len(contexts) != 1 or family is None:
         raise UnknownLayoutError(
             f"unknown UNet: {in_channels} input channels, {model_channels} model channels, "
@@ -136,7 +138,8 @@ def detect_checkpoint(state: Mapping[str, torch.Tensor]) -> CheckpointLayout:
                             text_prefixes=find_text_prefixes(shapes, family))
 
 
-def detect_unet_file(state: Mapping[str, torch.Tensor]) -> CheckpointLayout:
+def detect_unet_file(state: Mapping[str, torch.Tensor],
+                     family_hint: str | None = None) -> CheckpointLayout:
     """Detect a standalone UNet file (LDM names, with or without model.diffusion_model.)."""
     shapes = shapes_of(state)
     prefix = UNET_PREFIX if UNET_PREFIX + "input_blocks.0.0.weight" in shapes else ""
@@ -145,7 +148,7 @@ def detect_unet_file(state: Mapping[str, torch.Tensor]) -> CheckpointLayout:
         raise UnknownLayoutError("this UNet is in the diffusers layout (down_blocks.*), which "
                                  "Loom does not load yet; use the original single-file "
                                  "checkpoint or an LDM-layout UNet file")
-    unet = detect_unet(shapes, prefix)
+    unet = detect_unet(shapes, prefix, family_hint)
     prediction, zsnr = detect_prediction(state, str(unet["family"]), int(unet["in_channels"]),
                                          prefix)
     return CheckpointLayout(**unet, prediction=prediction, zsnr=zsnr, unet_prefix=prefix)

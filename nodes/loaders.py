@@ -1,0 +1,211 @@
+"""Model loaders: checkpoints, diffusion models, VAEs and text encoders, from the model folders.
+
+Every loader goes through the process's model manager (ctx.models), so a file loaded by two
+nodes or two prompts is one copy in memory. Fingerprints use size + mtime: an edited or
+replaced file is noticed without hashing gigabytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.context import NodeContext
+from engine.diffusion.checkpoint import (
+    load_checkpoint,
+    load_unet_file,
+    load_vae_file,
+    open_state_file,
+)
+from engine.diffusion.clip import TextEncoderStack, load_text_encoder_files
+from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.model_manager import ModelKey, ModelManager
+from engine.diffusion.prompt_weights import EmbeddingFolders
+from engine.diffusion.vae_model import VAE
+from engine.node import Combo, FilesIn, Node, NodeSchema, Output
+
+UNET_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+CLIP_TYPES = ("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv",
+              "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2",
+              "qwen_image", "hunyuan_image", "flux2", "ovis")
+DUAL_CLIP_TYPES = ("sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image",
+                   "hunyuan_video_15", "kandinsky5", "kandinsky5_image", "ltxv", "newbie")
+SUPPORTED_CLIP_TYPES = {"stable_diffusion": ("sd1", "sd2"), "sdxl": ("sdxl",)}
+
+
+def file_fingerprint(ctx: NodeContext, folder: str, name: str) -> Any:
+    """(size, mtime) of a model file; a missing file fingerprints as such (run reports it)."""
+    try:
+        stat = ctx.paths.find_file(folder, name).stat()
+    except (OSError, ValueError):
+        return ("missing", name)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def manager(ctx: NodeContext) -> ModelManager:
+    models = ctx.models
+    if not isinstance(models, ModelManager):
+        raise RuntimeError("no model manager was configured for this process; model nodes "
+                           "need one (main.py creates it)")
+    return models
+
+
+def embedding_finder(ctx: NodeContext) -> EmbeddingFolders:
+    return EmbeddingFolders(tuple(ctx.paths.folder_dirs("embeddings")))
+
+
+def load_checkpoint_file(ctx: NodeContext, ckpt_name: str) -> tuple[ModelHandle, Any, Any]:
+    """(MODEL, CLIP, VAE) of a checkpoint in the checkpoints folder, shared via the manager."""
+    models = manager(ctx)
+    path = ctx.paths.find_file("checkpoints", ckpt_name)
+    key = ModelKey.for_file(path, "checkpoint", models.policy)
+
+    def load() -> tuple[ModelHandle, Any, Any]:
+        opened = open_state_file(path, allow_pickle=models.allow_pickle)
+        loaded = load_checkpoint(opened, models.policy, models.bpe.get(),
+                                 find_embedding=embedding_finder(ctx))
+        return loaded.model, loaded.clip, loaded.vae
+
+    return models.load(key, load)
+
+
+class CheckpointLoaderSimple(Node):
+    schema = NodeSchema(
+        "CheckpointLoaderSimple", (Combo("ckpt_name", FilesIn("checkpoints")),),
+        (Output("MODEL"), Output("CLIP"), Output("VAE")), category="loaders",
+        display_name="Load Checkpoint",
+        description="Loads a single-file checkpoint (SD1.x, SD2.x, SDXL base or refiner); "
+                    "the layout is detected from the file.")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "checkpoints", inputs["ckpt_name"])
+
+    def execute(self, ctx: NodeContext, ckpt_name: str) -> tuple[Any, Any, Any]:
+        return load_checkpoint_file(ctx, ckpt_name)
+
+
+class CheckpointLoader(Node):
+    """The deprecated variant with a YAML config: the config is not needed (the layout is
+    detected from the weights), so it is accepted and ignored."""
+
+    schema = NodeSchema(
+        "CheckpointLoader",
+        (Combo("config_name", FilesIn("configs")), Combo("ckpt_name", FilesIn("checkpoints"))),
+        (Output("MODEL"), Output("CLIP"), Output("VAE")), category="advanced/loaders",
+        display_name="Load Checkpoint With Config (DEPRECATED)", deprecated=True)
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "checkpoints", inputs["ckpt_name"])
+
+    def execute(self, ctx: NodeContext, config_name: str, ckpt_name: str) -> tuple[Any, Any, Any]:
+        return load_checkpoint_file(ctx, ckpt_name)
+
+
+class UNETLoader(Node):
+    schema = NodeSchema(
+        "UNETLoader", (Combo("unet_name", FilesIn("diffusion_models")),
+                       Combo("weight_dtype", UNET_DTYPES)),
+        (Output("MODEL"),), category="advanced/loaders", display_name="Load Diffusion Model")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "diffusion_models", inputs["unet_name"])
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        if inputs.get("weight_dtype", "default") != "default":
+            return ("weight_dtype", f"{inputs['weight_dtype']} weights are not supported by "
+                                    f"Loom yet; choose 'default'")
+        return None
+
+    def execute(self, ctx: NodeContext, unet_name: str, weight_dtype: str) -> tuple[ModelHandle]:
+        models = manager(ctx)
+        path = ctx.paths.find_file("diffusion_models", unet_name)
+        key = ModelKey.for_file(path, "unet", models.policy, weight_dtype)
+        return (models.load(key, lambda: load_unet_file(
+            open_state_file(path, allow_pickle=models.allow_pickle), models.policy)),)
+
+
+class VAELoader(Node):
+    schema = NodeSchema("VAELoader", (Combo("vae_name", FilesIn("vae")),), (Output("VAE"),),
+                        category="loaders", display_name="Load VAE")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "vae", inputs["vae_name"])
+
+    def execute(self, ctx: NodeContext, vae_name: str) -> tuple[VAE]:
+        models = manager(ctx)
+        path = ctx.paths.find_file("vae", vae_name)
+        key = ModelKey.for_file(path, "vae", models.policy)
+        return (models.load(key, lambda: load_vae_file(
+            open_state_file(path, allow_pickle=models.allow_pickle), models.policy)),)
+
+
+def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str) -> TextEncoderStack:
+    """CLIPLoader/DualCLIPLoader: text encoder files -> a CLIP handle of a supported family."""
+    models = manager(ctx)
+    paths = [ctx.paths.find_file("text_encoders", name) for name in names]
+    key = ModelKey(";".join(str(p) for p in paths), sum(p.stat().st_size for p in paths),
+                   max(p.stat().st_mtime_ns for p in paths), "text_encoders",
+                   (models.policy, clip_type))
+
+    def load() -> TextEncoderStack:
+        opened = [open_state_file(p, allow_pickle=models.allow_pickle).tensors for p in paths]
+        clip = load_text_encoder_files(opened, models.bpe.get(),
+                                       find_embedding=embedding_finder(ctx),
+                                       dtype=models.policy.text_dtype,
+                                       device=models.policy.device)
+        if clip.family not in SUPPORTED_CLIP_TYPES[clip_type]:
+            raise ValueError(f"the file(s) {names} hold a {clip.family} text encoder, which "
+                             f"does not fit type {clip_type!r}")
+        return clip
+
+    return models.load(key, load)
+
+
+def _clip_type_error(clip_type: str) -> tuple[str, str] | None:
+    if clip_type in SUPPORTED_CLIP_TYPES:
+        return None
+    return ("type", f"text encoder type {clip_type!r} is not supported by Loom yet; use one of "
+                    f"{sorted(SUPPORTED_CLIP_TYPES)}")
+
+
+def _text_fingerprint(ctx: NodeContext, names: list[str]) -> Any:
+    return tuple(file_fingerprint(ctx, "text_encoders", name) for name in names)
+
+
+class CLIPLoader(Node):
+    schema = NodeSchema(
+        "CLIPLoader", (Combo("clip_name", FilesIn("text_encoders")), Combo("type", CLIP_TYPES),
+                       Combo("device", ("default", "cpu"), optional=True,
+                             options={"advanced": True})),
+        (Output("CLIP"),), category="advanced/loaders", display_name="Load CLIP")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return _text_fingerprint(ctx, [inputs["clip_name"]])
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        return _clip_type_error(inputs.get("type", ""))
+
+    def execute(self, ctx: NodeContext, clip_name: str, type: str,
+                device: str = "default") -> tuple[TextEncoderStack]:
+        return (load_text_encoders(ctx, [clip_name], type),)
+
+
+class DualCLIPLoader(Node):
+    schema = NodeSchema(
+        "DualCLIPLoader",
+        (Combo("clip_name1", FilesIn("text_encoders")),
+         Combo("clip_name2", FilesIn("text_encoders")), Combo("type", DUAL_CLIP_TYPES),
+         Combo("device", ("default", "cpu"), optional=True, options={"advanced": True})),
+        (Output("CLIP"),), category="advanced/loaders", display_name="DualCLIPLoader")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return _text_fingerprint(ctx, [inputs["clip_name1"], inputs["clip_name2"]])
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        return _clip_type_error(inputs.get("type", ""))
+
+    def execute(self, ctx: NodeContext, clip_name1: str, clip_name2: str, type: str,
+                device: str = "default") -> tuple[TextEncoderStack]:
+        return (load_text_encoders(ctx, [clip_name1, clip_name2], type),)
+
+
+NODE_TYPES = (CheckpointLoaderSimple, CheckpointLoader, UNETLoader, VAELoader, CLIPLoader,
+              DualCLIPLoader)

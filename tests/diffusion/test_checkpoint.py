@@ -1,0 +1,125 @@
+"""The random-checkpoint writer reproduces the real layouts; checkpoints load into working
+handles; pickle files are refused unless allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.diffusion.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_unet_file,
+    load_vae_file,
+    open_state_file,
+)
+from engine.diffusion.checkpoint_writer import KINDS, random_checkpoint, write_random_checkpoint
+from engine.diffusion.detect import detect_checkpoint
+from engine.diffusion.devices import DevicePolicy
+from engine.diffusion.safetensors_io import DTYPES
+from engine.diffusion.tokenizer import BpeCache
+from tests.diffusion.manifests import manifest
+
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FP32 = DevicePolicy.decide(cpu=True, force_fp32=True)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BpeCache().get()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_size_writer_matches_the_reference_layout_exactly(kind: str) -> None:
+    tensors, _ = random_checkpoint(kind, tiny=False, meta=True)
+    ours = {name: (NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
+    reference = manifest(kind)
+    assert set(ours) == set(reference), (sorted(set(ours) - set(reference))[:5],
+                                         sorted(set(reference) - set(ours))[:5])
+    mismatched = {name: (ours[name], reference[name]) for name in ours
+                  if ours[name] != reference[name]}
+    assert not mismatched, list(mismatched.items())[:5]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_checkpoint_is_detected_and_loads(kind: str, tmp_path: Path, bpe) -> None:
+    path = write_random_checkpoint(tmp_path / f"{kind}.safetensors", kind)
+    opened = open_state_file(path)
+    loaded = load_checkpoint(opened, FP32, bpe)
+    expected_family = {"sd15": "sd1", "sd15_inpaint": "sd1", "sd21v": "sd2",
+                       "sdxl_base": "sdxl", "sdxl_refiner": "sdxl_refiner"}[kind]
+    assert loaded.layout.family == expected_family
+    assert loaded.layout.prediction == ("v" if kind == "sd21v" else "eps")
+    assert loaded.model.in_channels == (9 if kind == "sd15_inpaint" else 4)
+    encoded = loaded.clip.encode("a photo of a cat")
+    assert encoded.cond.shape[-1] == loaded.model.config.context_dim
+    latent = torch.randn(1, 4, 8, 8)
+    image = loaded.vae.decode(latent)
+    assert image.shape == (1, 64, 64, 3) and 0 <= image.min() and image.max() <= 1
+    x = torch.randn(1, loaded.model.in_channels, 8, 8)
+    y = None
+    if loaded.model.config.adm_in_channels:
+        y = torch.zeros(1, loaded.model.config.adm_in_channels)
+    out = loaded.model.unet(x, torch.tensor([500.0]), encoded.cond, y)
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_weights_are_not_copied_when_dtypes_match(tmp_path: Path, bpe) -> None:
+    path = write_random_checkpoint(tmp_path / "sd15.safetensors", "sd15")
+    opened = open_state_file(path)
+    loaded = load_checkpoint(opened, FP32, bpe, with_clip=False, with_vae=False)
+    weight = loaded.model.unet.input_blocks[0][0].weight
+    source = opened.tensors["model.diffusion_model.input_blocks.0.0.weight"]
+    assert weight.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+
+
+def test_writer_is_deterministic(tmp_path: Path) -> None:
+    first, _ = random_checkpoint("sd15", seed=3)
+    second, _ = random_checkpoint("sd15", seed=3)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_standalone_unet_and_vae_files(tmp_path: Path) -> None:
+    tensors, metadata = random_checkpoint("sd15")
+    unet_only = {k[len("model.diffusion_model."):]: v for k, v in tensors.items()
+                 if k.startswith("model.diffusion_model.")}
+    vae_only = {k: v for k, v in tensors.items() if k.startswith("first_stage_model.")}
+    from safetensors.torch import save_file
+
+    save_file(unet_only, str(tmp_path / "unet.safetensors"), metadata=metadata)
+    save_file(vae_only, str(tmp_path / "vae.safetensors"))
+    model = load_unet_file(open_state_file(tmp_path / "unet.safetensors"), FP32)
+    assert model.family == "sd1"
+    vae = load_vae_file(open_state_file(tmp_path / "vae.safetensors"), FP32)
+    assert vae.decode(torch.zeros(1, 4, 4, 4)).shape == (1, 32, 32, 3)
+
+
+def test_pickle_checkpoint_is_refused_without_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    tensors, _ = random_checkpoint("sd15")
+    torch.save({"state_dict": tensors}, path)
+    with pytest.raises(CheckpointError, match="pickle"):
+        open_state_file(path)
+    opened = open_state_file(path, allow_pickle=True)
+    assert detect_checkpoint(opened.tensors).family == "sd1"
+
+
+def test_pickle_with_code_is_refused_even_when_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "evil.ckpt"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": Payload()}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        open_state_file(path, allow_pickle=True)
+
+
+def test_unknown_file_type_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unknown model file type"):
+        open_state_file(path)
