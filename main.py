@@ -4,6 +4,7 @@ workflow headless. Both take ComfyUI's flags for paths, custom nodes, caching an
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from dataclasses import dataclass
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PathError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    # Everything built so far (torch, the registry, custom nodes) lives as long as the
+    # process: keep it out of the cyclic GC's full collections, which otherwise re-scan
+    # these hundreds of thousands of objects for every large prompt.
+    gc.freeze()
     if command == "run":
         return run_workflow(args.workflow, app.registry, app.services, app.executor,
                             overrides=args.overrides, dry_run=args.dry_run,

@@ -6,6 +6,7 @@ Last line: `us_per_node_cold_10k=<float> ms_cached_rerun_1k=<float>`."""
 
 from __future__ import annotations
 
+import gc
 import random
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def main() -> None:
     registry.register_all([BenchConst, BenchMix, BenchOut])
     with tempfile.TemporaryDirectory() as tmp:
         services = Services(Paths.from_base(Path(tmp)))
+        gc.freeze()  # as main.py does once startup is done
         measure(100, services, registry)  # warm-up: imports, allocator
         figures = {}
         print(f"{'nodes':>7} {'cold us/node':>13} {'cached ms':>10} {'cached us/node':>15} "
