@@ -135,7 +135,8 @@ class _PromptRun:
         self.rank: dict[str, int] = {}
         self.keys: dict[str, str] = {}
         # A listener that ignores events needs none built (saves time on huge graphs).
-        self.silent = type(listener).event is ExecutionListener.event
+        self.silent = (type(listener).event is ExecutionListener.event
+                       and type(listener).node_finished is ExecutionListener.node_finished)
 
     # -- events -----------------------------------------------------------------------------
     def emit(self, name: str, **data: Any) -> None:
@@ -316,7 +317,8 @@ class _PromptRun:
         inputs = self._gather_inputs(node_id, schema)
         started = time.perf_counter()
         try:
-            self._resolve_lazy(node_id, schema, instance, ctx, inputs)
+            if schema.lazy_inputs:
+                self._resolve_lazy(node_id, schema, instance, ctx, inputs)
             outputs, ui = self._call(instance, ctx, schema, inputs)
         except (ExecutionInterrupted, NodeExecutionError):
             raise
@@ -327,7 +329,8 @@ class _PromptRun:
         seconds = time.perf_counter() - started
         self.result.executed.append(node_id)
         self.result.timings[node_id] = seconds
-        self.listener.node_finished(self.prompt_id, node_id, seconds, False)
+        if not self.silent:
+            self.listener.node_finished(self.prompt_id, node_id, seconds, False)
         if ui is not None:
             self.result.outputs[node_id] = ui
             self.emit("executed", node=node_id, display_node=node_id, output=ui)
@@ -355,9 +358,8 @@ class _PromptRun:
         for name, (src, slot) in node.links.items():
             if declared(name) and (name not in lazy or src in self.resolved):
                 inputs[name] = self.resolved[src].outputs[slot]
-        for spec in schema.inputs:
-            if spec.hidden:
-                inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
+        for spec in schema.hidden_inputs:
+            inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
         return inputs
 
     def _hidden_value(self, kind: str, node_id: str) -> Any:

@@ -172,6 +172,7 @@ class NodeSchema:
     experimental: bool = False
     python_module: str = "nodes"
     lazy_inputs: frozenset[str] = field(init=False, repr=False, compare=False)
+    hidden_inputs: tuple[Input, ...] = field(init=False, repr=False, compare=False)
     _by_name: dict[str, Input] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -182,6 +183,7 @@ class NodeSchema:
         # Derived lookups, computed once: the executor consults them for every node it runs.
         object.__setattr__(self, "_by_name", {i.name: i for i in self.inputs})
         object.__setattr__(self, "lazy_inputs", frozenset(i.name for i in self.inputs if i.lazy))
+        object.__setattr__(self, "hidden_inputs", tuple(i for i in self.inputs if i.hidden))
 
     def input(self, name: str) -> Input | None:
         return self._by_name.get(name)
