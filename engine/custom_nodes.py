@@ -1,5 +1,6 @@
-"""Loads custom-node packs (ComfyUI's classic protocol) from the custom_nodes folders, keeping
-each pack's failure to itself: a broken pack is reported, the others still load."""
+"""Loads custom-node packs (ComfyUI's classic protocol, or Loom-native Node subclasses) from the
+custom_nodes folders, keeping each pack's failure to itself: a broken pack is reported, the others
+still load."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from engine.classic import adapt_classic
+from engine.node import Node
 from engine.registry import NodeRegistry, PackError
 
 logger = logging.getLogger("loom.custom_nodes")
@@ -153,11 +155,25 @@ def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cl
         if not isinstance(class_type, str) or not class_type:
             raise PackLoadError(f"NODE_CLASS_MAPPINGS key {class_type!r} is not a node name; "
                                 f"use a non-empty string")
+        if isinstance(cls, type) and issubclass(cls, Node):
+            registry.register(_native_node(class_type, cls))
+            return
         shown = str(display_name) if display_name is not None else None
         node_type = adapt_classic(class_type, cls, shown, f"custom_nodes.{pack.name}")
         registry.register(node_type)
     except Exception:  # noqa: BLE001 - one bad node class must not sink its whole pack
         _record_error(registry, pack, traceback.format_exc())
+
+
+def _native_node(class_type: str, cls: type[Node]) -> type[Node]:
+    """A Loom-native Node subclass, registered as declared once its name is checked."""
+    schema = getattr(cls, "schema", None)
+    name = getattr(schema, "name", None)
+    if name != class_type:
+        raise PackLoadError(f"NODE_CLASS_MAPPINGS maps {class_type!r} to the Loom node "
+                            f"{cls.__qualname__}, whose schema name is {name!r}; use the same "
+                            f"name for both")
+    return cls
 
 
 def _record_error(registry: NodeRegistry, pack: PackSource, trace: str) -> None:

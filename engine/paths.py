@@ -103,12 +103,16 @@ class Paths:
 
     def list_files(self, kind: str) -> list[str]:
         """File names (relative, '/'-separated, sorted) found in every folder of a kind."""
-        exts = IMAGE_EXTENSIONS if kind in ("input", "output", "temp") else \
-            self.extensions.get(canonical_folder(kind), MODEL_EXTENSIONS)
         found: set[str] = set()
         for directory in self.folder_dirs(kind):
-            found.update(_walk_files(directory, exts, recurse=kind not in ("input",)))
+            found.update(self.files_in(kind, directory))
         return sorted(found)
+
+    def files_in(self, kind: str, directory: Path) -> list[str]:
+        """The files of a kind in one of its directories (relative, '/'-separated, unsorted)."""
+        exts = IMAGE_EXTENSIONS if kind in ("input", "output", "temp") else \
+            self.extensions.get(canonical_folder(kind), MODEL_EXTENSIONS)
+        return _walk_files(directory, exts, recurse=kind not in ("input",))
 
     def find_file(self, kind: str, name: str) -> Path:
         """The first existing file `name` in the folders of a kind, confined to that folder."""

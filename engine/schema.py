@@ -61,6 +61,7 @@ def object_info_entry(schema: NodeSchema, env: Any = None) -> dict[str, Any]:
     }
     if not entry["input"]:
         entry["input"] = {"required": {}}
+        entry["input_order"] = {"required": []}
     tooltips = [out.tooltip or "" for out in schema.outputs]
     if any(tooltips):
         entry["output_tooltips"] = tooltips

@@ -1,0 +1,110 @@
+"""Finished prompts, persisted in SQLite and bounded by an item count (oldest dropped first).
+
+An entry is what GET /history returns per prompt id: `prompt` (the queue item), `outputs` (UI
+dict per output node), `status` {status_str, completed, messages}, `meta` per output node, plus
+Loom's `timings` (seconds and cached flag per node)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from web.jobs import history_job
+from web.store import Store, dumps
+
+DEFAULT_MAX_ITEMS = 10000
+
+
+@dataclass
+class HistoryRecord:
+    """One finished prompt, ready to store."""
+
+    prompt_id: str
+    entry: dict[str, Any]
+    job: dict[str, Any]
+
+    @classmethod
+    def build(cls, item: list[Any], outputs: dict[str, Any], status_str: str,
+              messages: list[list[Any]], timings: dict[str, dict[str, Any]]) -> HistoryRecord:
+        """The entry of queue item `item` that ended with `status_str` success|error."""
+        prompt_id = item[1]
+        entry = {
+            "prompt": item, "outputs": outputs,
+            "status": {"status_str": status_str, "completed": status_str == "success",
+                       "messages": messages},
+            "meta": {node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None,
+                               "real_node_id": node_id} for node_id in outputs},
+            "timings": timings,
+        }
+        return cls(prompt_id, entry, history_job(prompt_id, entry))
+
+
+class History:
+    """Read and write access to the history table; `max_items` bounds it."""
+
+    def __init__(self, store: Store, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        if max_items < 1:
+            raise ValueError(f"the history must keep at least 1 item, got {max_items}")
+        self.store = store
+        self.max_items = max_items
+
+    def insert(self, db: sqlite3.Connection, record: HistoryRecord) -> None:
+        """Add (or replace) an entry inside the caller's transaction, then trim the oldest."""
+        job = record.job
+        duration = (job.get("execution_end_time") or 0) - (job.get("execution_start_time") or 0)
+        db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, job, status, create_time, "
+                   "duration, workflow_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (record.prompt_id, dumps(record.entry), dumps(job), job["status"],
+                    job.get("create_time") or 0, max(duration, 0), job.get("workflow_id")))
+        db.execute("DELETE FROM history WHERE seq <= (SELECT seq FROM history ORDER BY seq DESC "
+                   "LIMIT 1 OFFSET ?)", (self.max_items,))
+
+    def add(self, record: HistoryRecord) -> None:
+        with self.store.transaction() as db:
+            self.insert(db, record)
+
+    def count(self) -> int:
+        return self.store.rows("SELECT COUNT(*) FROM history")[0][0]
+
+    def get(self, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:
+        """GET /history: oldest first; `max_items` alone gives the most recent ones, with
+        `offset` that many from position `offset` (counted from the oldest)."""
+        if offset < 0 and max_items is not None:
+            offset = self.count() - max_items
+        limit = -1 if max_items is None else max(max_items, 0)
+        rows = self.store.rows("SELECT prompt_id, entry FROM history ORDER BY seq "
+                               "LIMIT ? OFFSET ?", (limit, max(offset, 0)))
+        return {prompt_id: json.loads(entry) for prompt_id, entry in rows}
+
+    def entry(self, prompt_id: str) -> dict[str, Any] | None:
+        rows = self.store.rows("SELECT entry FROM history WHERE prompt_id = ?", (prompt_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def delete(self, prompt_ids: Iterable[str]) -> None:
+        with self.store.transaction() as db:
+            db.executemany("DELETE FROM history WHERE prompt_id = ?",
+                           [(p,) for p in prompt_ids if isinstance(p, str)])
+
+    def clear(self) -> None:
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM history")
+
+    def jobs(self, statuses: set[str], workflow_id: str | None, sort_by: str, descending: bool,
+             limit: int | None) -> tuple[list[dict[str, Any]], int]:
+        """Job list items of finished prompts with these statuses, sorted, at most `limit`
+        (all when None); also the total count before the limit."""
+        where = f"status IN ({', '.join('?' * len(statuses))})"
+        params: list[Any] = sorted(statuses)
+        if workflow_id:
+            where += " AND workflow_id = ?"
+            params.append(workflow_id)
+        column = "duration" if sort_by == "execution_duration" else "create_time"
+        direction = "DESC" if descending else "ASC"
+        total = self.store.rows(f"SELECT COUNT(*) FROM history WHERE {where}", tuple(params))[0][0]
+        rows = self.store.rows(f"SELECT job FROM history WHERE {where} "
+                               f"ORDER BY {column} {direction}, seq {direction} LIMIT ?",
+                               (*params, -1 if limit is None else limit))
+        return [json.loads(job) for (job,) in rows], total

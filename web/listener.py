@@ -1,0 +1,111 @@
+"""Turns one prompt's executor events into the WebSocket messages ComfyUI clients expect, and
+keeps what its history entry needs (status messages, per-node timings).
+
+Besides forwarding events, it derives `progress_state`: every node started so far in the run
+with its value, max and running/finished state, resent at each change. A node's `finished`
+state follows its `executed` message; cached nodes appear only when they have an output."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from engine.events import ExecutionListener
+from web.previews import PreviewError, encode_jpeg
+from web.websocket import SocketHub
+
+logger = logging.getLogger("loom.web.listener")
+
+# The messages a history entry's status keeps (as ComfyUI does).
+RECORDED = frozenset({"execution_start", "execution_cached", "execution_success",
+                      "execution_error", "execution_interrupted"})
+
+
+class SocketListener(ExecutionListener):
+    """Events of prompt `prompt_id`, sent to client `client_id` (nobody when None)."""
+
+    def __init__(self, hub: SocketHub, prompt_id: str, client_id: str | None, *,
+                 previews: bool = True) -> None:
+        self.hub = hub
+        self.prompt_id = prompt_id
+        self.client_id = client_id
+        self.previews = previews
+        self.messages: list[list[Any]] = []
+        self.timings: dict[str, dict[str, Any]] = {}
+        self.states: dict[str, dict[str, Any]] = {}
+        self.current: dict[str, Any] | None = None  # the latest `executing` payload
+        self._finishing: tuple[str, bool] | None = None  # (node id, cached) awaiting its state
+
+    # -- ExecutionListener ------------------------------------------------------------------
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "executing" and data.get("node") is None:
+            return  # the end marker: the worker sends it after the final queue status
+        finishing = self._finishing
+        ends_node = name == "executed" and finishing is not None and data["node"] == finishing[0]
+        if finishing is not None and not ends_node:
+            self._flush(shown=False)
+        if name in RECORDED:
+            self.messages.append([name, data])
+        if name == "executing":
+            self.current = data
+            self._set_state(data["node"], "running", 0, 1)
+        elif name == "progress":
+            self._set_state(data["node"], "running", data["value"], data["max"], send=False)
+        self.hub.send(name, data, self.client_id)
+        if name == "progress":
+            self._send_states()
+        if ends_node:
+            self._flush(shown=True)
+
+    def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
+        self.timings[node_id] = {"seconds": round(seconds, 6), "cached": cached}
+        if self._finishing is not None:
+            self._flush(shown=False)
+        self._finishing = (node_id, cached)
+
+    def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
+        if not self.previews or self.client_id is None:
+            return
+        try:
+            jpeg = encode_jpeg(image)
+        except (PreviewError, OSError, ValueError) as exc:
+            logger.warning("node %s: preview not sent: %s", node_id, exc)
+            return
+        self.hub.send_preview(jpeg, prompt_id, node_id, self.client_id)
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Send what is still held back (call once the executor returned)."""
+        if self._finishing is not None:
+            self._flush(shown=False)
+
+    def send_end_marker(self) -> None:
+        """`executing {node: null}`: the prompt is over (scripts wait for it)."""
+        self.current = None
+        self.hub.send("executing", {"node": None, "prompt_id": self.prompt_id}, self.client_id)
+
+    # -- progress_state ---------------------------------------------------------------------------
+    def _flush(self, shown: bool) -> None:
+        """Mark the node that just finished; a cached node counts only if it showed output."""
+        assert self._finishing is not None
+        node_id, cached = self._finishing
+        self._finishing = None
+        if cached and not shown:
+            return
+        top = self.states.get(node_id, {}).get("max", 1) if not cached else 1
+        self._set_state(node_id, "finished", top, top)
+
+    def _set_state(self, node_id: str, state: str, value: float, top: float,
+                   send: bool = True) -> None:
+        self.states[node_id] = {"value": value, "max": top, "state": state, "node_id": node_id,
+                                "prompt_id": self.prompt_id, "display_node_id": node_id,
+                                "parent_node_id": None, "real_node_id": node_id}
+        if send:
+            self._send_states()
+
+    def _send_states(self) -> None:
+        data = {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in self.states.items()}}
+        if self.client_id is None:
+            self.hub.broadcast("progress_state", data)  # ComfyUI's behaviour for anonymous prompts
+        else:
+            self.hub.send("progress_state", data, self.client_id)

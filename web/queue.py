@@ -1,0 +1,172 @@
+"""The prompt queue, persisted in SQLite: pending prompts survive a restart and run after it, and
+a prompt that was running when the process died runs first on the next start.
+
+Queue items are ComfyUI's tuple `[number, prompt_id, {API graph}, {extra_data}, [output ids]]`;
+pending ones run in `number` order (a `front` prompt has a negative number)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from web.history import History, HistoryRecord
+from web.store import Store, dumps
+
+logger = logging.getLogger("loom.web.queue")
+
+NUMBER_COUNTER = "number"
+
+
+@dataclass
+class QueueItem:
+    """One queued prompt, as GET /queue lists it."""
+
+    number: int | float
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs: list[str]
+
+    def to_json(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> QueueItem:
+        number, prompt_id, prompt, extra_data, outputs = data
+        return cls(number, prompt_id, prompt, extra_data, list(outputs))
+
+    @property
+    def client_id(self) -> str | None:
+        client_id = self.extra_data.get("client_id")
+        return client_id if isinstance(client_id, str) else None
+
+
+class PromptQueue:
+    """Pending and running prompts. Thread-safe; `on_change` runs after every change, under the
+    lock, so it must only queue work (the server queues a `status` broadcast from it)."""
+
+    def __init__(self, store: Store, history: History,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self.history = history
+        self.on_change = on_change
+        self._wakeup = threading.Condition(store.lock)
+        self._recover()
+
+    def _recover(self) -> None:
+        """A prompt still marked running was cut off by a crash: it goes to the front."""
+        with self.store.transaction() as db:
+            cut_off = db.execute("UPDATE queue SET running = 0, front = 1 WHERE running = 1")
+            pending = db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
+        if cut_off.rowcount:
+            logger.warning("%d prompt(s) were running when Loom stopped; they run again first",
+                           cut_off.rowcount)
+        if pending:
+            logger.info("%d prompt(s) restored from the queue database", pending)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    # -- numbers ------------------------------------------------------------------------------
+    def next_number(self) -> int:
+        """The next queue number; counts up per submitted prompt, across restarts."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT value FROM counters WHERE name = ?",
+                             (NUMBER_COUNTER,)).fetchone()
+            number = row[0] if row else 0
+            db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+                       (NUMBER_COUNTER, number + 1))
+        return number
+
+    # -- adding and taking ----------------------------------------------------------------------
+    def put(self, item: QueueItem) -> None:
+        """Queue a prompt; raises ValueError if its id is already queued."""
+        with self._wakeup:
+            if self.contains(item.prompt_id):
+                raise ValueError(f"prompt id {item.prompt_id!r} is already queued; send a new "
+                                 f"id or none (the server makes one)")
+            with self.store.transaction() as db:
+                db.execute("INSERT INTO queue (prompt_id, number, item) VALUES (?, ?, ?)",
+                           (item.prompt_id, item.number, dumps(item.to_json())))
+            self._changed()  # before the worker wakes: clients see the new size before its run
+            self._wakeup.notify_all()
+
+    def take(self, timeout: float | None = None) -> QueueItem | None:
+        """Mark the next pending prompt running and return it; None if none came in time."""
+        with self._wakeup:
+            row = self._next_pending()
+            if row is None:
+                self._wakeup.wait(timeout)
+                row = self._next_pending()
+            if row is None:
+                return None
+            with self.store.transaction() as db:
+                db.execute("UPDATE queue SET running = 1 WHERE seq = ?", (row[0],))
+            self._changed()
+        return QueueItem.from_json(json.loads(row[1]))
+
+    def _next_pending(self) -> tuple[int, str] | None:
+        rows = self.store.rows("SELECT seq, item FROM queue WHERE running = 0 "
+                               "ORDER BY front DESC, number, seq LIMIT 1")
+        return rows[0] if rows else None
+
+    def finish(self, prompt_id: str, record: HistoryRecord) -> None:
+        """The prompt ended: drop it from the queue and add its history entry, atomically."""
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM queue WHERE prompt_id = ?", (prompt_id,))
+            self.history.insert(db, record)
+        self._changed()
+
+    def wake(self) -> None:
+        """Wake a waiting `take` (used when stopping)."""
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+    # -- reading ----------------------------------------------------------------------------
+    def running(self) -> list[QueueItem]:
+        return self._items("running = 1")
+
+    def pending(self) -> list[QueueItem]:
+        """Pending prompts in the order they will run."""
+        return self._items("running = 0")
+
+    def _items(self, where: str) -> list[QueueItem]:
+        rows = self.store.rows(f"SELECT item FROM queue WHERE {where} "
+                               f"ORDER BY front DESC, number, seq")
+        return [QueueItem.from_json(json.loads(item)) for (item,) in rows]
+
+    def contains(self, prompt_id: str) -> bool:
+        return bool(self.store.rows("SELECT 1 FROM queue WHERE prompt_id = ?", (prompt_id,)))
+
+    def remaining(self) -> int:
+        """Running plus pending prompts (`exec_info.queue_remaining`)."""
+        return self.store.rows("SELECT COUNT(*) FROM queue")[0][0]
+
+    # -- removing ---------------------------------------------------------------------------
+    def delete(self, prompt_ids: Iterable[str]) -> list[str]:
+        """Remove these pending prompts (a running one is left alone); returns those removed."""
+        wanted = [p for p in prompt_ids if isinstance(p, str)]
+        removed = []
+        with self.store.transaction() as db:
+            for prompt_id in wanted:
+                done = db.execute("DELETE FROM queue WHERE prompt_id = ? AND running = 0",
+                                  (prompt_id,))
+                removed.extend([prompt_id] if done.rowcount else [])
+        if removed:
+            self._changed()
+        return removed
+
+    def clear(self) -> list[str]:
+        """Remove every pending prompt; returns their ids."""
+        with self.store.transaction() as db:
+            ids = [row[0] for row in db.execute(
+                "SELECT prompt_id FROM queue WHERE running = 0").fetchall()]
+            db.execute("DELETE FROM queue WHERE running = 0")
+        if ids:
+            self._changed()
+        return ids

@@ -1,0 +1,223 @@
+"""Submitting and managing prompts: /prompt, /queue, /interrupt and /history.
+
+POST /prompt accepts the API format and the editor format, validates (every problem at once, in
+ComfyUI's error shape) and queues; the reply is {prompt_id, number, node_errors}."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from engine.events import timestamp_ms
+from engine.validation import ValidationResult, error_entry, validate_prompt
+from engine.workflow import WorkflowFormatError, is_ui_format, to_api_prompt
+from web.queue import QueueItem
+from web.routing import ApiRoutes
+
+if TYPE_CHECKING:
+    from web.server import LoomServer
+
+logger = logging.getLogger("loom.web.routes")
+
+
+class BadRequest(ValueError):
+    """A request the client must fix; the message says how."""
+
+
+@dataclass
+class Submission:
+    """A POSTed prompt after conversion and validation."""
+
+    api: dict[str, Any]
+    extra_data: dict[str, Any]
+    validation: ValidationResult
+
+
+def rejection(kind: str, message: str, details: str = "",
+              node_errors: dict[str, Any] | None = None) -> web.Response:
+    """HTTP 400 in ComfyUI's {"error", "node_errors"} shape."""
+    return web.json_response({"error": error_entry(kind, message, details),
+                              "node_errors": node_errors or {}}, status=400)
+
+
+async def json_body(request: web.Request, default: Any = None) -> Any:
+    """The request's JSON body; `default` when it is empty. BadRequest when it is not JSON."""
+    raw = await request.read()
+    if not raw.strip():
+        return default
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not JSON ({exc}); send a JSON object") from exc
+
+
+def query_int(request: web.Request, name: str, default: int | None) -> int | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise BadRequest(f"query parameter {name}={text!r} is not an integer") from exc
+
+
+def prepare_submission(server: LoomServer, body: dict[str, Any]) -> Submission:
+    """Convert (editor format -> API) and validate; runs on the validation thread."""
+    prompt = body["prompt"]
+    extra_data = body.get("extra_data", {})
+    if not isinstance(extra_data, dict):
+        raise BadRequest(f"extra_data must be an object, got {type(extra_data).__name__}")
+    extra_data = dict(extra_data)
+    if is_ui_format(prompt):
+        api = to_api_prompt(prompt, server.registry.object_info(server.validation_services))
+        pnginfo = extra_data.get("extra_pnginfo")
+        pnginfo = dict(pnginfo) if isinstance(pnginfo, dict) else {}
+        pnginfo.setdefault("workflow", prompt)  # so saved PNGs carry the editor graph
+        extra_data["extra_pnginfo"] = pnginfo
+    else:
+        api = {str(node_id): node for node_id, node in prompt.items()}
+    targets = body.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list)
+                                or not all(isinstance(t, (str, int)) for t in targets)):
+        raise BadRequest("partial_execution_targets must be a list of output node ids")
+    validation = validate_prompt(api, server.registry, server.validation_services,
+                                 targets=[str(t) for t in targets] if targets else None)
+    return Submission(api, extra_data, validation)
+
+
+def queue_number(server: LoomServer, body: dict[str, Any]) -> int | float:
+    """An explicit `number` as given (a float, as ComfyUI echoes it); else the next counter
+    value, negative with `front` so it runs before everything pending."""
+    if "number" in body:
+        try:
+            return float(body["number"])
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"number {body['number']!r} is not a number") from exc
+    number = server.queue.next_number()
+    return -number if body.get("front") else number
+
+
+def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
+    """Register the prompt, queue, interrupt and history routes."""
+
+    @routes.get("/prompt")
+    async def get_prompt(request: web.Request) -> web.Response:
+        return web.json_response({"exec_info": {"queue_remaining": server.queue_remaining()}})
+
+    @routes.post("/prompt")
+    async def post_prompt(request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            logger.warning("POST /prompt with a body that is not JSON: %s", exc)
+            return web.Response(status=500, text="500 Internal Server Error")
+        if not isinstance(body, dict):
+            return rejection("invalid_prompt", "The request body must be a JSON object",
+                             f"got {type(body).__name__}")
+        try:
+            return await submit(server, body)
+        except BadRequest as exc:
+            return rejection("invalid_prompt", "Invalid request", str(exc))
+        except WorkflowFormatError as exc:
+            return rejection("invalid_prompt", "The prompt is in neither the API nor the "
+                             "editor format", str(exc))
+
+    @routes.get("/queue")
+    async def get_queue(request: web.Request) -> web.Response:
+        return web.json_response({
+            "queue_running": [item.to_json() for item in server.queue.running()],
+            "queue_pending": [item.to_json() for item in server.queue.pending()]})
+
+    @routes.post("/queue")
+    async def post_queue(request: web.Request) -> web.Response:
+        body = await request_object(request)
+        removed = []
+        if body.get("clear"):
+            removed += server.queue.clear()
+        if isinstance(body.get("delete"), list):
+            removed += server.queue.delete(body["delete"])
+        server.worker.forget(removed)
+        return web.Response(status=200)
+
+    @routes.post("/interrupt")
+    async def post_interrupt(request: web.Request) -> web.Response:
+        body = await request_object(request)
+        prompt_id = body.get("prompt_id")
+        server.worker.interrupt(prompt_id if isinstance(prompt_id, str) else None)
+        return web.Response(status=200)
+
+    add_history_routes(routes, server)
+
+
+async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
+    """Number, validate and queue one POSTed prompt."""
+    number = queue_number(server, body)  # a rejected prompt uses up its number too
+    if "prompt" not in body:
+        return rejection("no_prompt", "No prompt provided", "No prompt provided")
+    if not isinstance(body["prompt"], dict):
+        return rejection("invalid_prompt", "The prompt must be a JSON object",
+                         f"got {type(body['prompt']).__name__}")
+    prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+    if server.queue.contains(prompt_id):
+        raise BadRequest(f"prompt id {prompt_id!r} is already queued; send a new id or none")
+    submission = await server.run_in_validation_thread(prepare_submission, server, body)
+    validation = submission.validation
+    if validation.error is not None:
+        logger.info("prompt rejected: %s %s", validation.error["message"],
+                    validation.error["details"])
+        return web.json_response(validation.to_json(), status=400)
+    extra_data = submission.extra_data
+    if "client_id" in body:
+        extra_data["client_id"] = body["client_id"]
+    extra_data["create_time"] = timestamp_ms()
+    item = QueueItem(number, prompt_id, submission.api, extra_data, validation.outputs)
+    server.worker.remember(prompt_id, validation.prompt, validation.outputs)
+    try:
+        server.queue.put(item)
+    except ValueError as exc:
+        server.worker.forget([prompt_id])
+        raise BadRequest(str(exc)) from exc
+    return web.json_response({"prompt_id": prompt_id, "number": number,
+                              "node_errors": validation.node_errors})
+
+
+async def request_object(request: web.Request) -> dict[str, Any]:
+    """A body that should be a JSON object; an empty or unreadable body counts as {}."""
+    try:
+        body = await json_body(request, {})
+    except BadRequest as exc:
+        logger.info("%s %s: %s; treated as {}", request.method, request.path, exc)
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def add_history_routes(routes: ApiRoutes, server: LoomServer) -> None:
+    @routes.get("/history")
+    async def get_history(request: web.Request) -> web.Response:
+        try:
+            max_items = query_int(request, "max_items", None)
+            offset = query_int(request, "offset", -1)
+        except BadRequest as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        assert offset is not None
+        return web.json_response(server.history.get(max_items, offset))
+
+    @routes.get("/history/{prompt_id}")
+    async def get_history_entry(request: web.Request) -> web.Response:
+        prompt_id = request.match_info["prompt_id"]
+        entry = server.history.entry(prompt_id)
+        return web.json_response({prompt_id: entry} if entry is not None else {})
+
+    @routes.post("/history")
+    async def post_history(request: web.Request) -> web.Response:
+        body = await request_object(request)
+        if body.get("clear"):
+            server.history.clear()
+        if isinstance(body.get("delete"), list):
+            server.history.delete(body["delete"])
+        return web.Response(status=200)

@@ -1,0 +1,189 @@
+"""Routes about the server itself and what it offers: node definitions, extensions, system
+stats, feature flags, freeing memory, logs, folder paths, and the empty answers the editor
+expects from features Loom does not have (translations, global subgraphs, templates)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from web import routes_models, static
+from web.logs import LogBuffer
+from web.routing import ApiRoutes
+
+logger = logging.getLogger("loom.web.system")
+
+# The ComfyUI server release whose wire protocol Loom speaks (../shared/compat/API.md).
+COMFYUI_COMPAT_VERSION = "0.8.0"
+FILE_LIST_TYPES = ("input", "output", "temp")
+
+
+def loom_version() -> str:
+    """The installed package's version, else the one pyproject.toml declares (a source tree)."""
+    try:
+        return version("loom")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
+        except OSError:
+            found = None
+        return found.group(1) if found else "unknown"
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(total, available) RAM in bytes, from /proc/meminfo where there is one."""
+    try:
+        fields = dict(line.split(":", 1) for line in
+                      Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(fields["MemTotal"].split()[0]) * 1024
+        free = int(fields.get("MemAvailable", fields["MemFree"]).split()[0]) * 1024
+        return total, free
+    except (OSError, KeyError, ValueError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return (os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page)
+
+
+def torch_devices(use_cpu: bool, ram: tuple[int, int]) -> tuple[str, list[dict[str, Any]]]:
+    """(torch version, the device list of /system_stats)."""
+    import torch
+
+    cpu = {"name": "cpu", "type": "cpu", "index": None, "vram_total": ram[0],
+           "vram_free": ram[1], "torch_vram_total": ram[0], "torch_vram_free": ram[1]}
+    if use_cpu or not torch.cuda.is_available():
+        return torch.__version__, [cpu]
+    index = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    reserved = torch.cuda.memory_reserved(index)
+    return torch.__version__, [{
+        "name": f"cuda:{index} {torch.cuda.get_device_name(index)}", "type": "cuda",
+        "index": index, "vram_total": total, "vram_free": free, "torch_vram_total": reserved,
+        "torch_vram_free": reserved - torch.cuda.memory_allocated(index)}]
+
+
+def system_stats(args: Any) -> dict[str, Any]:
+    """`GET /system_stats` in ComfyUI's shape, plus `loom_version`."""
+    ram = memory_bytes()
+    torch_version, devices = torch_devices(bool(getattr(args, "cpu", False)), ram)
+    return {"system": {
+        "os": sys.platform, "ram_total": ram[0], "ram_free": ram[1],
+        "comfyui_version": COMFYUI_COMPAT_VERSION, "loom_version": loom_version(),
+        "required_frontend_version": static.FRONTEND_VERSION,
+        "python_version": sys.version, "pytorch_version": torch_version,
+        "embedded_python": False, "argv": list(sys.argv),
+        "platform": platform.platform()}, "devices": devices}
+
+
+def newest_first(directory: Path) -> list[str]:
+    """`GET /internal/files/{type}`: the file names directly in `directory`, newest first."""
+    if not directory.is_dir():
+        return []
+    files = [entry for entry in os.scandir(directory) if entry.is_file()]
+    files.sort(key=lambda entry: entry.stat().st_mtime, reverse=True)
+    return [entry.name for entry in files]
+
+
+def server_log_buffer(server: Any) -> LogBuffer:
+    """The server's log buffer, or a new one attached to the root logger."""
+    existing = getattr(server, "log_buffer", None)
+    return existing if isinstance(existing, LogBuffer) else LogBuffer().install()
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise web.HTTPBadRequest(text=f"the body is not JSON: {exc}") from exc
+
+
+def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
+    @routes.get("/object_info")
+    async def object_info(request: web.Request) -> web.StreamResponse:
+        return web.json_response(server.object_info())
+
+    @routes.get("/object_info/{node_class}")
+    async def object_info_one(request: web.Request) -> web.StreamResponse:
+        node_class = request.match_info["node_class"]
+        entry = server.object_info().get(node_class)
+        return web.json_response({} if entry is None else {node_class: entry})
+
+    @routes.get("/extensions")
+    async def extensions(request: web.Request) -> web.StreamResponse:
+        folders = static.extension_folders(static.frontend_root(server.args), server.registry)
+        return web.json_response(static.extension_urls(folders))
+
+    @routes.get("/system_stats")
+    async def stats(request: web.Request) -> web.StreamResponse:
+        return web.json_response(system_stats(server.args))
+
+    @routes.get("/features")
+    async def features(request: web.Request) -> web.StreamResponse:
+        return web.json_response(server.feature_flags())
+
+    @routes.post("/free")
+    async def free(request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text='expected {"unload_models": bool, "free_memory": bool}')
+        server.free(unload_models=bool(body.get("unload_models", False)),
+                    free_memory=bool(body.get("free_memory", False)))
+        return web.Response()
+
+    async def empty_object(request: web.Request) -> web.StreamResponse:
+        return web.json_response({})
+
+    for path in ("/i18n", "/global_subgraphs", "/workflow_templates"):
+        routes.get(path)(empty_object)
+
+
+def _add_internal_routes(routes: ApiRoutes, server: Any) -> None:
+    paths = server.services.paths
+    logs = server_log_buffer(server)
+
+    @routes.get("/internal/folder_paths", api_twin=False)
+    async def folder_paths(request: web.Request) -> web.StreamResponse:
+        return web.json_response({kind: [str(directory) for directory in dirs]
+                                  for kind, dirs in sorted(paths.models.items())})
+
+    @routes.get("/internal/files/{directory_type}", api_twin=False)
+    async def files(request: web.Request) -> web.StreamResponse:
+        kind = request.match_info["directory_type"]
+        if kind not in FILE_LIST_TYPES:
+            raise web.HTTPBadRequest(text=f"unknown type {kind!r}; use one of {FILE_LIST_TYPES}")
+        return web.json_response(newest_first(paths.folder_dirs(kind)[0]))
+
+    @routes.get("/internal/logs", api_twin=False)
+    async def log_text(request: web.Request) -> web.StreamResponse:
+        return web.json_response(logs.text())
+
+    @routes.get("/internal/logs/raw", api_twin=False)
+    async def log_raw(request: web.Request) -> web.StreamResponse:
+        return web.json_response(logs.raw())
+
+    @routes.route("PATCH", "/internal/logs/subscribe", api_twin=False)
+    async def log_subscribe(request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        client_id = body.get("clientId") if isinstance(body, dict) else None
+        if not isinstance(client_id, str) or not client_id:
+            raise web.HTTPBadRequest(text='expected {"enabled": bool, "clientId": "<id>"}')
+        logs.subscribe(client_id, bool(body.get("enabled", False)))
+        return web.Response()
+
+
+def add_routes(routes: ApiRoutes, server: Any) -> None:
+    """Register the system, model-folder and internal routes."""
+    _add_info_routes(routes, server)
+    routes_models.add_routes(routes, server)
+    _add_internal_routes(routes, server)

@@ -1,0 +1,136 @@
+"""The SQLite file (<user dir>/loom.db) that keeps the prompt queue and the history across
+restarts. One connection, used by one process; every access holds `lock`, so the HTTP thread and
+the execution worker can share it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("loom.web.store")
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    number REAL NOT NULL,
+    front INTEGER NOT NULL DEFAULT 0,      -- 1: was running when the process died; runs first
+    running INTEGER NOT NULL DEFAULT 0,
+    item TEXT NOT NULL                     -- the queue item as JSON (see web/queue.py)
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    entry TEXT NOT NULL,                   -- the GET /history entry as JSON
+    job TEXT NOT NULL,                     -- the GET /jobs list item as JSON
+    status TEXT NOT NULL,                  -- completed | failed | cancelled
+    create_time INTEGER NOT NULL,
+    duration INTEGER NOT NULL,             -- execution end - start, ms
+    workflow_id TEXT
+);
+CREATE INDEX IF NOT EXISTS history_create_time ON history (create_time);
+"""
+
+
+def dumps(value: Any) -> str:
+    """JSON text; a value JSON cannot express (say a tensor in a node's UI dict) is written as
+    its repr, so one odd output never stops a prompt from being recorded or reported."""
+    return json.dumps(value, default=_unserialisable)
+
+
+def _unserialisable(value: Any) -> str:
+    text = repr(value)
+    logger.warning("%s is not JSON; sent and stored as its repr %.80s", type(value).__name__,
+                   text)
+    return text
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or used (locked by another process, closed, corrupt)."""
+
+
+class Store:
+    """A thread-safe SQLite connection in WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db: sqlite3.Connection | None = self._open_or_set_aside(path)
+
+    @classmethod
+    def _open_or_set_aside(cls, path: Path) -> sqlite3.Connection:
+        """Open the database; a file that is not one is renamed (kept) and a new one started."""
+        try:
+            return cls._open(path)
+        except sqlite3.OperationalError as exc:  # locked, read-only, disk full...
+            raise StoreError(f"cannot open the queue database {path}: {exc}; check the user "
+                             f"directory is writable and no other Loom uses it") from exc
+        except sqlite3.DatabaseError as exc:
+            kept = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                source = path.with_name(path.name + suffix)
+                if source.exists():
+                    source.rename(kept.with_name(kept.name + suffix))
+            logger.error("%s is damaged (%s); it was renamed to %s and a new, empty queue and "
+                         "history were started", path, exc, kept)
+            return cls._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        try:
+            # WAL + NORMAL survives a killed process without losing committed rows (only a
+            # power cut can drop the last transactions) and keeps each commit cheap.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{path} was written by a newer Loom (schema {version}; this "
+                                 f"one knows {SCHEMA_VERSION}); upgrade Loom or move the file")
+            db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"the queue database {self.path} is closed (the server is stopping)")
+        return self._db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run the block's statements as one atomic write."""
+        with self.lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return self.db.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+                logger.info("closed %s", self.path)
