@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="GB", help="keep up to GB of tensor data (default 4)")
     device = parser.add_argument_group("device and precision")
     device.add_argument("--cpu", action="store_true", help="run everything on the CPU")
+    device.add_argument("--model-ram-budget", type=float, default=None, metavar="GB",
+                        help="bytes of model weights kept loaded; the least recently used "
+                             "model is evicted and reloaded when needed (default: 75%% of RAM)")
     device.add_argument("--allow-pickle-checkpoints", action="store_true",
                         help="also load .ckpt/.pt files (torch.load with weights_only=True); "
                              "off by default because pickle files can carry code")
@@ -115,6 +119,14 @@ def make_cache(args: argparse.Namespace) -> OutputCache:
     return OutputCache("classic")
 
 
+def model_ram_budget(args: argparse.Namespace) -> int:
+    """--model-ram-budget in bytes; by default three quarters of physical memory."""
+    if args.model_ram_budget is not None:
+        return int(args.model_ram_budget * 2**30)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * 0.75)
+
+
 def build_app(args: argparse.Namespace) -> App:
     paths = Paths.from_base(args.base_directory, output=args.output_directory,
                             input=args.input_directory, temp=args.temp_directory,
@@ -128,7 +140,8 @@ def build_app(args: argparse.Namespace) -> App:
     logging.getLogger("loom").info("models: %s (%s)", policy.describe(), policy.reason)
     services = Services(paths=paths, args=args,
                         model_manager=ModelManager(policy, BpeCache(),
-                                                   allow_pickle=args.allow_pickle_checkpoints))
+                                                   allow_pickle=args.allow_pickle_checkpoints,
+                                                   ram_budget=model_ram_budget(args)))
     registry = NodeRegistry()
     registry.register_all(builtin_node_types())
     load_custom_nodes(registry, paths.custom_nodes, disable_all=args.disable_all_custom_nodes,

@@ -15,6 +15,8 @@ from typing import Protocol
 from torch import nn
 
 Undo = Callable[[], None]
+# Attribute the model manager sets on modules it may evict: calling it reloads the weights.
+RESIDENT_HOOK = "_loom_ensure_resident"
 
 
 class Patch(Protocol):
@@ -26,6 +28,9 @@ class Patch(Protocol):
 @contextmanager
 def patched(module: nn.Module, patches: Sequence[Patch]) -> Iterator[nn.Module]:
     """`module` with `patches` applied for the duration of the block."""
+    ensure_resident = getattr(module, RESIDENT_HOOK, None)
+    if ensure_resident is not None:
+        ensure_resident()  # patches write into the weights: they must be loaded
     undos: list[Undo] = []
     try:
         for patch in patches:
