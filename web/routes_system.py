@@ -70,8 +70,9 @@ def torch_devices(use_cpu: bool, ram: tuple[int, int]) -> tuple[str, list[dict[s
         "torch_vram_free": reserved - torch.cuda.memory_allocated(index)}]
 
 
-def system_stats(args: Any) -> dict[str, Any]:
-    """`GET /system_stats` in ComfyUI's shape, plus `loom_version`."""
+def system_stats(args: Any, model_manager: Any = None) -> dict[str, Any]:
+    """`GET /system_stats` in ComfyUI's shape, plus `loom_version` and `loom_models` (the model
+    manager's figures: loaded/evicted models, weight bytes per device, the RAM budget)."""
     ram = memory_bytes()
     torch_version, devices = torch_devices(bool(getattr(args, "cpu", False)), ram)
     return {"system": {
@@ -80,7 +81,8 @@ def system_stats(args: Any) -> dict[str, Any]:
         "required_frontend_version": static.FRONTEND_VERSION,
         "python_version": sys.version, "pytorch_version": torch_version,
         "embedded_python": False, "argv": list(sys.argv),
-        "platform": platform.platform()}, "devices": devices}
+        "platform": platform.platform()}, "devices": devices,
+        "loom_models": model_manager.stats() if hasattr(model_manager, "stats") else None}
 
 
 def newest_first(directory: Path) -> list[str]:
@@ -126,7 +128,7 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
 
     @routes.get("/system_stats")
     async def stats(request: web.Request) -> web.StreamResponse:
-        return web.json_response(system_stats(server.args))
+        return web.json_response(system_stats(server.args, server.services.model_manager))
 
     @routes.get("/features")
     async def features(request: web.Request) -> web.StreamResponse:
