@@ -9,7 +9,9 @@ from engine.node import Node
 
 # Modules listed here are imported in this order; each must define NODE_TYPES.
 BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent",
-                   "nodes.loaders", "nodes.vae_nodes", "nodes.text")
+                   "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
+                   "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
+                   "nodes.lora", "nodes.model_merge", "nodes.controlnet")
 
 
 def builtin_node_types() -> list[type[Node]]:

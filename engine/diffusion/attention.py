@@ -3,6 +3,8 @@ pixels of a feature map, with attribute names that mirror the checkpoint keys.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,13 +25,18 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         # checkpoint key `to_out.0`; LDM's index 1 is a weightless Dropout
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])
+        # (key context, value context) -> new pair, applied to cross-attention's text context;
+        # set and unset by a patch (hypernetworks, engine/diffusion/hypernetwork.py)
+        self.context_hook: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        source = x if context is None else context
+        key_source = value_source = x if context is None else context
+        if context is not None and self.context_hook is not None:
+            key_source, value_source = self.context_hook(context, context)
         batch, tokens, _ = x.shape
         q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(source))
-        v = self._split_heads(self.to_v(source))
+        k = self._split_heads(self.to_k(key_source))
+        v = self._split_heads(self.to_v(value_source))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, dim_head)
         out = out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, T, heads * dim_head)
         return self.to_out[0](out)
@@ -49,7 +56,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)
 
 
 class FeedForward(nn.Module):
@@ -77,9 +84,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # `out.add_(x)`: x + out into the sublayer's fresh output (x itself is kept for backward)
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -119,7 +127,7 @@ class SpatialTransformer(nn.Module):
         h = _tokens_to_map(h, batch, height, width)  # (B, C, H, W)
         if not self.use_linear:
             h = self.proj_out(h)
-        return x + h
+        return h.add_(x)
 
 
 def _tokens_to_map(tokens: Tensor, batch: int, height: int, width: int) -> Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from engine.diffusion.clip_text import END_TOKEN, ClipTextModel, TextEncoderConfig
 from engine.diffusion.openclip_text import INITIAL_LOGIT_SCALE, OpenClipTextModel
+from engine.diffusion.patching import Patch, patched
 from engine.diffusion.prompt_weights import EmbeddingFinder
 from engine.diffusion.tokenizer import ClipBpe, ClipTokenizer, TokenizedText, Window, WindowSpec
 
@@ -105,7 +106,8 @@ class TextEncoderStack:
 
     def __init__(self, family: str, encoders: Mapping[str, nn.Module], bpe: ClipBpe, *,
                  find_embedding: EmbeddingFinder | None = None,
-                 layer_idx: int | None = None) -> None:
+                 layer_idx: int | None = None,
+                 patches: Mapping[str, Sequence[Patch]] | None = None) -> None:
         self.spec = family_spec(family)
         self.family = family
         expected = [encoder.name for encoder in self.spec.encoders]
@@ -116,11 +118,26 @@ class TextEncoderStack:
             spec.name: ClipTokenizer(bpe, _window_spec(spec, encoders[spec.name]), find_embedding)
             for spec in self.spec.encoders})
         self.layer_idx = layer_idx
+        # per encoder, applied around every use (LoRA, merges); see engine/diffusion/patching.py
+        self.patches: Mapping[str, tuple[Patch, ...]] = MappingProxyType(
+            {name: tuple(found) for name, found in (patches or {}).items()})
 
     def clone_with_layer(self, layer_idx: int | None) -> TextEncoderStack:
         """The same encoders with another clip skip (CLIPSetLastLayer's stop_at_clip_layer)."""
         clone = copy.copy(self)
         clone.layer_idx = layer_idx
+        return clone
+
+    def clone_with_patches(self, patches: Mapping[str, Patch]) -> TextEncoderStack:
+        """The same encoders with one more patch for each named encoder (after earlier ones)."""
+        unknown = sorted(set(patches) - set(self.encoders))
+        if unknown:
+            raise ValueError(f"patches for text encoders {unknown}, but this {self.family} CLIP "
+                             f"has {sorted(self.encoders)}")
+        clone = copy.copy(self)
+        clone.patches = MappingProxyType({
+            name: self.patches.get(name, ()) + ((patches[name],) if name in patches else ())
+            for name in self.encoders})
         return clone
 
     def tokenize(self, text: str) -> PromptTokens:
@@ -178,7 +195,7 @@ class TextEncoderStack:
         if weighted:
             batch.append(self.tokenizers[spec.name].empty().windows[0])
         layer_idx, normalize_hidden = self.layer_choice(spec)
-        with torch.no_grad():
+        with torch.no_grad(), patched(model, self.patches.get(spec.name, ())):
             ids, token_embeds = window_inputs(model, batch)
             out = model(ids, token_embeds=token_embeds, layer_idx=layer_idx,
                         normalize_hidden=normalize_hidden)

@@ -2,9 +2,11 @@
 is in use, and are undone bit for bit afterwards (so clones never see each other's LoRAs).
 
 A patch is any object with `apply(module) -> Undo`; `Undo()` restores exactly what `apply`
-changed. Patches apply in order and are undone in reverse order. Callers run one prompt at a
-time per process (the server's single worker), so patching the shared module in place is safe
-for the duration of a `patched` block."""
+changed. Patches apply in order and are undone in reverse order. Weight patches swap new
+tensors in (`param.data = new`) rather than writing into the shared ones, which may be a
+copy-on-write memory map of the file (engine/diffusion/weight_patches.py). Callers run one
+prompt at a time per process (the server's single worker), so patching the shared module in
+place is safe for the duration of a `patched` block."""
 
 from __future__ import annotations
 

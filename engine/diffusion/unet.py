@@ -51,7 +51,7 @@ class UNetConfig:
     channel_mult: tuple[int, ...]
     num_res_blocks: int
     transformer_depth: tuple[int, ...]  # per level; 0 = no attention at that level
-    transformer_depth_middle: int  # 0 = a middle block of two ResBlocks only
+    transformer_depth_middle: int  # blocks in the middle SpatialTransformer (>= 1)
     context_dim: int
     use_linear_in_transformer: bool
     num_heads: int | None = None
@@ -64,6 +64,10 @@ class UNetConfig:
                 f"transformer_depth {self.transformer_depth} has {len(self.transformer_depth)} "
                 f"entries but channel_mult {self.channel_mult} has {len(self.channel_mult)}; "
                 "give one depth per resolution level")
+        if self.transformer_depth_middle < 1:
+            raise ValueError(
+                f"transformer_depth_middle is {self.transformer_depth_middle}; the middle block "
+                "is ResBlock, SpatialTransformer, ResBlock and needs a depth >= 1")
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ValueError(
                 f"set exactly one of num_heads ({self.num_heads}) and num_head_channels "
@@ -230,13 +234,20 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 down_residuals: list[Tensor] | None = None,
-                mid_residual: Tensor | None = None) -> Tensor:
+                mid_residual: Tensor | None = None,
+                input_residuals: list[Tensor | None] | None = None) -> Tensor:
         """x (B, in, H, W), timesteps (B,), context (B, T, context_dim), y (B, adm) for SDXL.
 
         `down_residuals` (one per input block, in order) are added to the skip connections and
         `mid_residual` to the middle block's output: how ControlNet steers the UNet.
+        `input_residuals` (one per input block, None = nothing) are added to each input block's
+        output before it feeds the next block and its skip connection: T2I-Adapters.
         """
-        self._check_inputs(x, context, y, down_residuals)
+        if input_residuals is not None and len(input_residuals) != len(self.input_blocks):
+            raise ValueError(
+                f"got {len(input_residuals)} input_residuals but the UNet has "
+                f"{len(self.input_blocks)} input blocks; use an adapter made for this family")
+        self._check_inputs(x, timesteps, context, y, down_residuals)
         dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.label_emb is not None:
@@ -247,8 +258,11 @@ class UNet(nn.Module):
         # and the transformers' (B, H*W, C) token views of them need no copy
         h = x.to(dtype=dtype, memory_format=torch.channels_last)
         skips = []
-        for stage in self.input_blocks:
+        for index, stage in enumerate(self.input_blocks):
             h = stage(h, emb, context)
+            if input_residuals is not None and input_residuals[index] is not None:
+                # in place: h is the block's fresh output, and its strides stay the same
+                h.add_(input_residuals[index].to(dtype))
             skips.append(h)
         h = self.middle_block(h, emb, context)
         if mid_residual is not None:
@@ -263,13 +277,17 @@ class UNet(nn.Module):
         h = self.out["2"](torch.nn.functional.silu(self.out["0"](h)))
         return h.to(dtype=x.dtype, memory_format=torch.contiguous_format)
 
-    def _check_inputs(self, x: Tensor, context: Tensor, y: Tensor | None,
+    def _check_inputs(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None,
                       down_residuals: list[Tensor] | None) -> None:
         config = self.config
         if x.ndim != 4 or x.shape[1] != config.in_channels:
             raise ValueError(
                 f"x has shape {tuple(x.shape)} but this UNet takes (B, {config.in_channels}, H, W)"
                 "; an inpainting UNet takes cat(latent, mask, masked-image latent) = 9 channels")
+        if timesteps.ndim != 1 or timesteps.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"timesteps has shape {tuple(timesteps.shape)}; give one per sample, "
+                f"shape ({x.shape[0]},) (or (1,) to share it)")
         if context.ndim != 3 or context.shape[-1] != config.context_dim:
             raise ValueError(
                 f"context has shape {tuple(context.shape)} but this UNet attends to "
@@ -311,11 +329,10 @@ def _build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
 
 def _build_middle_block(config: UNetConfig) -> UNetStage:
     channels = config.model_channels * config.channel_mult[-1]
-    layers: list[nn.Module] = [ResBlock(channels, channels, config.time_embed_dim)]
-    if config.transformer_depth_middle:
-        layers.append(_transformer(config, channels, config.transformer_depth_middle))
-    layers.append(ResBlock(channels, channels, config.time_embed_dim))
-    return UNetStage(layers)
+    return UNetStage([
+        ResBlock(channels, channels, config.time_embed_dim),
+        _transformer(config, channels, config.transformer_depth_middle),
+        ResBlock(channels, channels, config.time_embed_dim)])
 
 
 def _build_output_blocks(config: UNetConfig, skip_channels: list[int]) -> nn.ModuleList:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.diffusion.attention import CrossAttention
 from engine.diffusion.unet import (
     ADM_NUMBER_DIM,
     CHECKPOINT_PREFIX,
@@ -260,6 +261,13 @@ def test_context_of_another_family_is_rejected() -> None:
         model(**inputs)
 
 
+def test_timesteps_must_be_one_per_sample() -> None:
+    model = tiny_unet(UNetFamily.SD1)
+    inputs = {**unet_inputs(model.config, batch=2), "timesteps": torch.tensor([1.0, 2.0, 3.0])}
+    with pytest.raises(ValueError, match="one per sample"):
+        model(**inputs)
+
+
 def test_config_needs_exactly_one_head_rule() -> None:
     with pytest.raises(ValueError, match="exactly one of num_heads"):
         dataclasses.replace(UNetConfig.tiny(UNetFamily.SD1), num_head_channels=16)
@@ -318,6 +326,37 @@ def test_full_size_state_dict_matches_the_checkpoint_layout(format_name, family,
         model = UNet(UNetConfig.preset(family, in_channels))
     got = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert got == expected
+
+
+@pytest.mark.parametrize(("family", "heads_and_widths"), [
+    (UNetFamily.SD1, {(8, 40), (8, 80), (8, 160)}),  # 8 heads at every level
+    (UNetFamily.SD2, {(5, 64), (10, 64), (20, 64)}),  # 64-wide heads
+    (UNetFamily.SDXL, {(10, 64), (20, 64)}),
+    (UNetFamily.SDXL_REFINER, {(12, 64), (24, 64)}),
+])
+def test_full_size_attention_heads_follow_the_family_rule(family, heads_and_widths) -> None:
+    with torch.device("meta"):
+        model = UNet(UNetConfig.preset(family))
+    got = {(module.heads, module.to_q.out_features // module.heads)
+           for module in model.modules() if isinstance(module, CrossAttention)}
+    assert got == heads_and_widths
+
+
+def test_checkpoint_tensors_load_with_assign_after_stripping_the_prefix(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_unet(UNetFamily.SDXL)
+    path = tmp_path / "unet.safetensors"
+    save_file({CHECKPOINT_PREFIX + key: value for key, value in model.state_dict().items()}, path)
+    with torch.device("meta"):
+        loaded = UNet(model.config)
+    state = {key.removeprefix(CHECKPOINT_PREFIX): value for key, value in load_file(path).items()}
+    loaded.load_state_dict(state, strict=True, assign=True)
+    loaded.to(dtype=torch.float32, memory_format=torch.channels_last)
+    inputs = unet_inputs(model.config)
+    y = torch.randn(2, model.config.adm_in_channels)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs, y=y), model(**inputs, y=y), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

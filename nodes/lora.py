@@ -1,0 +1,114 @@
+"""LoRA and hypernetwork loaders: clones of MODEL/CLIP carrying the file's patches.
+
+Files are parsed once per file (size + mtime) through the model manager and shared by every
+node and prompt; the inputs are never changed. Keys a model cannot use are reported in the log
+and in the node's UI output ("lora_report")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.context import NodeContext
+from engine.diffusion.clip import TextEncoderStack
+from engine.diffusion.hypernetwork import Hypernetwork, HypernetworkPatch, load_hypernetwork
+from engine.diffusion.lora import LoraFile, LoraReport, apply_lora, load_lora_file
+from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.model_manager import ModelKey
+from engine.node import Combo, FilesIn, Float, Link, Node, NodeResult, NodeSchema, Output
+from nodes.loaders import file_fingerprint, manager
+
+STRENGTH = {"min": -100.0, "max": 100.0, "step": 0.01}
+
+
+def lora_file(ctx: NodeContext, lora_name: str) -> LoraFile:
+    """The parsed LoRA file, shared through the model manager."""
+    models = manager(ctx)
+    path = ctx.paths.find_file("loras", lora_name)
+    return models.load(ModelKey.for_file(path, "lora"),
+                       lambda: load_lora_file(path, allow_pickle=models.allow_pickle))
+
+
+def _require(value: Any, what: str, node: str) -> Any:
+    if value is None:
+        raise ValueError(f"{node}: the {what} input is empty; connect a loader that provides "
+                         f"a {what.upper()}")
+    return value
+
+
+def _result(outputs: tuple[Any, ...], report: LoraReport) -> NodeResult:
+    ui = {"lora_report": [report.summary()]} if report.unmatched else None
+    return NodeResult(outputs, ui)
+
+
+class LoraLoader(Node):
+    schema = NodeSchema(
+        "LoraLoader",
+        (Link("model", "MODEL"), Link("clip", "CLIP"), Combo("lora_name", FilesIn("loras")),
+         Float("strength_model", 1.0, **STRENGTH), Float("strength_clip", 1.0, **STRENGTH)),
+        (Output("MODEL"), Output("CLIP")), category="loaders", display_name="Load LoRA",
+        description="Adds a LoRA (kohya, diffusers/PEFT, LoCon, LoHa, LoKr, full diff) to a "
+                    "model and its text encoder; chain several to stack them.")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "loras", inputs["lora_name"])
+
+    def execute(self, ctx: NodeContext, model: ModelHandle, clip: TextEncoderStack,
+                lora_name: str, strength_model: float, strength_clip: float) -> NodeResult:
+        _require(model, "model", "LoraLoader")
+        if strength_model == 0 and strength_clip == 0:
+            return NodeResult((model, clip))
+        lora = lora_file(ctx, lora_name)
+        new_model, new_clip, report = apply_lora(model, clip, lora, strength_model,
+                                                 strength_clip)
+        return _result((new_model, new_clip), report)
+
+
+class LoraLoaderModelOnly(Node):
+    schema = NodeSchema(
+        "LoraLoaderModelOnly",
+        (Link("model", "MODEL"), Combo("lora_name", FilesIn("loras")),
+         Float("strength_model", 1.0, **STRENGTH)),
+        (Output("MODEL"),), category="loaders",
+        description="Adds a LoRA to the diffusion model only; its text-encoder part is unused.")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "loras", inputs["lora_name"])
+
+    def execute(self, ctx: NodeContext, model: ModelHandle, lora_name: str,
+                strength_model: float) -> NodeResult:
+        _require(model, "model", "LoraLoaderModelOnly")
+        if strength_model == 0:
+            return NodeResult((model,))
+        new_model, _, report = apply_lora(model, None, lora_file(ctx, lora_name),
+                                          strength_model, 0.0)
+        return _result((new_model,), report)
+
+
+def hypernetwork_file(ctx: NodeContext, name: str) -> Hypernetwork:
+    path = ctx.paths.find_file("hypernetworks", name)
+    return manager(ctx).load(ModelKey.for_file(path, "hypernetwork"),
+                             lambda: load_hypernetwork(path))
+
+
+class HypernetworkLoader(Node):
+    schema = NodeSchema(
+        "HypernetworkLoader",
+        (Link("model", "MODEL"),
+         Combo("hypernetwork_name", FilesIn("hypernetworks"), combo_style="v3"),
+         Float("strength", 1.0, min=-10.0, max=10.0, step=0.01)),
+        (Output("MODEL"),), category="loaders",
+        description="Applies an A1111 hypernetwork to the model's cross-attention.")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "hypernetworks", inputs["hypernetwork_name"])
+
+    def execute(self, ctx: NodeContext, model: ModelHandle, hypernetwork_name: str,
+                strength: float) -> tuple[ModelHandle]:
+        _require(model, "model", "HypernetworkLoader")
+        if strength == 0:
+            return (model,)
+        patch = HypernetworkPatch(hypernetwork_file(ctx, hypernetwork_name), strength)
+        return (model.replace(patches=model.patches + (patch,)),)
+
+
+NODE_TYPES = (LoraLoader, LoraLoaderModelOnly, HypernetworkLoader)

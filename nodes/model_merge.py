@@ -1,0 +1,137 @@
+"""Model merging nodes and CheckpointSave.
+
+A merge is a patch on a clone of model1 (MergePatch): while applied, every weight becomes
+own * w1 + other * w2, both read under their own handle's patches (a LoRA on either side is
+merged too). ComfyUI's rules: ModelMergeSimple ratio r -> r * w1 + (1 - r) * w2 (r = 1 keeps
+model1); ModelMergeBlocks picks r by the longest matching name prefix among "input", "middle"
+and "out" (other weights take the first ratio); Add -> w1 + w2; Subtract m -> m * (w1 - w2);
+CLIPMergeSimple like ModelMergeSimple, leaving logit_scale alone."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.context import NodeContext
+from engine.diffusion.checkpoint_save import save_checkpoint
+from engine.diffusion.clip import TextEncoderStack
+from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.vae_model import VAE
+from engine.diffusion.weight_patches import MergePatch, MergeRule, WeightSource
+from engine.node import Float, Hidden, Link, Node, NodeResult, NodeSchema, Output, String
+from nodes.filenames import prepare_save
+
+CATEGORY = "advanced/model_merging"
+RATIO = {"min": 0.0, "max": 1.0, "step": 0.01}
+
+
+def _blend(ratio: float) -> tuple[float, float]:
+    return (ratio, 1.0 - ratio)
+
+
+def merge_models(model1: ModelHandle, model2: ModelHandle, rule: MergeRule) -> ModelHandle:
+    """A clone of model1 whose weights follow `rule` against model2's."""
+    if model1.config != model2.config:
+        raise ValueError(f"cannot merge {model1.name or model1.family} ({model1.family}) with "
+                         f"{model2.name or model2.family} ({model2.family}): their UNets differ "
+                         "in layout; merge models of the same architecture")
+    source = WeightSource.of(model2.unet, model2.patches, model1.unet)
+    return model1.replace(patches=model1.patches + (MergePatch(source, rule),))
+
+
+def _models(kind: str, *extra: Any) -> NodeSchema:
+    return NodeSchema(kind, (Link("model1", "MODEL"), Link("model2", "MODEL"), *extra),
+                      (Output("MODEL"),), category=CATEGORY)
+
+
+class ModelMergeSimple(Node):
+    schema = _models("ModelMergeSimple", Float("ratio", 1.0, **RATIO))
+
+    def execute(self, ctx: NodeContext, model1: ModelHandle, model2: ModelHandle,
+                ratio: float) -> tuple[ModelHandle]:
+        return (merge_models(model1, model2, MergeRule(_blend(ratio))),)
+
+
+class ModelMergeBlocks(Node):
+    schema = _models("ModelMergeBlocks", Float("input", 1.0, **RATIO),
+                     Float("middle", 1.0, **RATIO), Float("out", 1.0, **RATIO))
+
+    def execute(self, ctx: NodeContext, model1: ModelHandle, model2: ModelHandle, input: float,
+                middle: float, out: float) -> tuple[ModelHandle]:
+        prefixes = tuple((prefix, *_blend(ratio)) for prefix, ratio in
+                         (("input", input), ("middle", middle), ("out", out)))
+        return (merge_models(model1, model2, MergeRule(_blend(input), prefixes)),)
+
+
+class ModelMergeAdd(Node):
+    schema = _models("ModelMergeAdd")
+
+    def execute(self, ctx: NodeContext, model1: ModelHandle, model2: ModelHandle
+                ) -> tuple[ModelHandle]:
+        return (merge_models(model1, model2, MergeRule((1.0, 1.0))),)
+
+
+class ModelMergeSubtract(Node):
+    schema = _models("ModelMergeSubtract",
+                     Float("multiplier", 1.0, min=-10.0, max=10.0, step=0.01))
+
+    def execute(self, ctx: NodeContext, model1: ModelHandle, model2: ModelHandle,
+                multiplier: float) -> tuple[ModelHandle]:
+        return (merge_models(model1, model2, MergeRule((multiplier, -multiplier))),)
+
+
+def merge_clips(clip1: TextEncoderStack, clip2: TextEncoderStack, ratio: float
+                ) -> TextEncoderStack:
+    """A clone of clip1 whose encoders blend ratio * own + (1 - ratio) * clip2's."""
+    if clip1.family != clip2.family:
+        raise ValueError(f"cannot merge a {clip1.family} CLIP with a {clip2.family} CLIP; "
+                         "merge text encoders of the same model family")
+    rule = MergeRule(_blend(ratio), skip=("logit_scale",))
+    patches = {name: MergePatch(WeightSource.of(clip2.encoders[name],
+                                                clip2.patches.get(name, ()), encoder), rule)
+               for name, encoder in clip1.encoders.items()}
+    return clip1.clone_with_patches(patches)
+
+
+class CLIPMergeSimple(Node):
+    schema = NodeSchema(
+        "CLIPMergeSimple",
+        (Link("clip1", "CLIP"), Link("clip2", "CLIP"), Float("ratio", 1.0, **RATIO)),
+        (Output("CLIP"),), category=CATEGORY)
+
+    def execute(self, ctx: NodeContext, clip1: TextEncoderStack, clip2: TextEncoderStack,
+                ratio: float) -> tuple[TextEncoderStack]:
+        return (merge_clips(clip1, clip2, ratio),)
+
+
+def save_metadata(prompt: Any, extra_pnginfo: Any) -> dict[str, str]:
+    """The workflow as safetensors metadata: "prompt" and each extra_pnginfo key, as JSON."""
+    metadata = {} if prompt is None else {"prompt": json.dumps(prompt)}
+    for key, value in (extra_pnginfo or {}).items():
+        metadata[key] = json.dumps(value)
+    return metadata
+
+
+class CheckpointSave(Node):
+    schema = NodeSchema(
+        "CheckpointSave",
+        (Link("model", "MODEL"), Link("clip", "CLIP"), Link("vae", "VAE"),
+         String("filename_prefix", default="checkpoints/ComfyUI"),
+         Hidden("prompt", "PROMPT"), Hidden("extra_pnginfo", "EXTRA_PNGINFO")),
+        (), category=CATEGORY, display_name="Save Checkpoint", output_node=True,
+        description="Writes model, CLIP and VAE (patches applied) as one .safetensors file in "
+                    "the original checkpoint layout, under the output folder.")
+
+    def execute(self, ctx: NodeContext, model: ModelHandle, clip: TextEncoderStack, vae: VAE,
+                filename_prefix: str = "checkpoints/ComfyUI", prompt: Any = None,
+                extra_pnginfo: Any = None) -> NodeResult:
+        target = prepare_save(ctx.paths.output, filename_prefix)
+        path = target.folder / target.file_name(0, ".safetensors")
+        save_checkpoint(path, model, clip, vae, save_metadata(prompt, extra_pnginfo))
+        return NodeResult(ui={"checkpoints": [{"filename": path.name,
+                                               "subfolder": target.subfolder,
+                                               "type": "output"}]})
+
+
+NODE_TYPES = (ModelMergeSimple, ModelMergeBlocks, ModelMergeAdd, ModelMergeSubtract,
+              CLIPMergeSimple, CheckpointSave)
