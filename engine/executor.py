@@ -134,6 +134,7 @@ class _PromptRun:
         self.nonce = uuid.uuid4().hex
         self.rank: dict[str, int] = {}
         self.keys: dict[str, str] = {}
+        self._schemas: dict[str, NodeSchema] = {}
         # A listener that ignores events needs none built (saves time on huge graphs).
         self.silent = (type(listener).event is ExecutionListener.event
                        and type(listener).node_finished is ExecutionListener.node_finished)
@@ -145,7 +146,11 @@ class _PromptRun:
             self.listener.event(name, data)
 
     def schema(self, node_id: str) -> NodeSchema:
-        return self.ex.registry.get(self.prompt.nodes[node_id].class_type).schema
+        schema = self._schemas.get(node_id)
+        if schema is None:
+            node_type = self.ex.registry.get(self.prompt.nodes[node_id].class_type)
+            schema = self._schemas[node_id] = node_type.schema
+        return schema
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> ExecutionResult:
@@ -394,10 +399,16 @@ class _PromptRun:
     def _call(self, instance: Node, ctx: NodeContext, schema: NodeSchema,
               inputs: dict[str, list[Any]]) -> tuple[list[list[Any]], dict[str, Any] | None]:
         """Call the node once (INPUT_IS_LIST) or once per list index, and merge the results."""
+        if not schema.input_is_list and all(len(values) == 1 for values in inputs.values()):
+            # The common case, one call: no per-call bookkeeping (the executor has just
+            # checked for an interrupt before this node).
+            values, ui = _normalise(
+                instance.execute(ctx, **{name: vals[0] for name, vals in inputs.items()}), schema)
+            outputs = [list(value) if declared.is_list else [value]
+                       for declared, value in zip(schema.outputs, values, strict=True)]
+            return outputs, (None if ui is None else _merge_ui(None, ui))
         if schema.input_is_list:
             calls = [inputs]
-        elif all(len(values) == 1 for values in inputs.values()):
-            calls = [{name: values[0] for name, values in inputs.items()}]
         else:
             count = max((len(v) for v in inputs.values()), default=1)
             if any(len(v) == 0 for v in inputs.values()):
