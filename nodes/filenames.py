@@ -10,9 +10,10 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from engine.node import ChoiceSource
+from engine.context import NodeContext
+from engine.node import ChoiceSource, Node
 from engine.paths import PathError, Paths
 
 ANNOTATED_FOLDERS = ("output", "input", "temp")
@@ -167,3 +168,23 @@ class FilesWithSuffix(ChoiceSource):
 
     def placeholder(self) -> str:
         return f"<files in {self.folder}>"
+
+
+class InputFileNode(Node):
+    """Base of nodes that read one file from the input folder, named by the input
+    `file_input`: fingerprinted by content hash, and refused at validation when missing."""
+
+    file_input: ClassVar[str]
+    invalid_message: ClassVar[str]
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx.paths, inputs.get(self.file_input))
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        paths = getattr(ctx.services, "paths", None)
+        return invalid_file(paths, inputs.get(self.file_input), self.file_input,
+                            self.invalid_message)
+
+    @classmethod
+    def self_validated_inputs(cls) -> frozenset[str]:
+        return frozenset({cls.file_input})

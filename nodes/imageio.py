@@ -27,7 +27,7 @@ from engine.node import (
     Output,
     String,
 )
-from nodes.filenames import file_fingerprint, find_annotated, invalid_file, prepare_save
+from nodes.filenames import InputFileNode, find_annotated, prepare_save
 from nodes.imaging import image_to_pil
 
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
@@ -106,8 +106,11 @@ def load_mask_file(path: Path, channel: str) -> torch.Tensor:
     return (1.0 - values if channel == "alpha" else values).unsqueeze(0)
 
 
-class LoadImage(Node):
+class LoadImage(InputFileNode):
     """An image from the input folder, and its transparency as a mask (1 = transparent)."""
+
+    file_input = "image"
+    invalid_message = "Invalid image file"
 
     schema = NodeSchema(
         name="LoadImage", display_name="Load Image", category="image",
@@ -116,20 +119,12 @@ class LoadImage(Node):
     def execute(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         return load_image_file(find_annotated(ctx.paths, image))
 
-    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx.paths, inputs.get("image"))
 
-    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
-        paths = getattr(ctx.services, "paths", None)
-        return invalid_file(paths, inputs.get("image"), "image", "Invalid image file")
-
-    @classmethod
-    def self_validated_inputs(cls) -> frozenset[str]:
-        return frozenset({"image"})
-
-
-class LoadImageMask(Node):
+class LoadImageMask(InputFileNode):
     """One channel of an input-folder image as a mask."""
+
+    file_input = "image"
+    invalid_message = "Invalid image file"
 
     schema = NodeSchema(
         name="LoadImageMask", display_name="Load Image (as Mask)", category="mask",
@@ -138,17 +133,6 @@ class LoadImageMask(Node):
 
     def execute(self, ctx: NodeContext, image: str, channel: str) -> tuple[torch.Tensor]:
         return (load_mask_file(find_annotated(ctx.paths, image), channel),)
-
-    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx.paths, inputs.get("image"))
-
-    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
-        paths = getattr(ctx.services, "paths", None)
-        return invalid_file(paths, inputs.get("image"), "image", "Invalid image file")
-
-    @classmethod
-    def self_validated_inputs(cls) -> frozenset[str]:
-        return frozenset({"image"})
 
 
 def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.image_ops import center_crop
+
 IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROP_METHODS = ("disabled", "center")
@@ -17,18 +19,6 @@ _TORCH_MODES = ("nearest-exact", "bilinear", "area", "bicubic")
 # Cosine limits past which slerp's sin(omega) denominator is unusable (ComfyUI's tolerances).
 _PARALLEL_DOT = 1 - 1e-5
 _OPPOSITE_DOT = 1e-5 - 1
-
-
-def center_crop(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """The middle of `samples` [..., H, W] cut to the aspect ratio of width x height."""
-    old_height, old_width = samples.shape[-2], samples.shape[-1]
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    return samples[..., y:old_height - y, x:old_width - x]
 
 
 def resize(samples: torch.Tensor, width: int, height: int, method: str,

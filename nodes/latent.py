@@ -28,9 +28,8 @@ from engine.node import (
 from engine.values import Latent
 from nodes.filenames import (
     FilesWithSuffix,
-    file_fingerprint,
+    InputFileNode,
     find_annotated,
-    invalid_file,
     prepare_save,
 )
 from nodes.imaging import (
@@ -357,8 +356,11 @@ class SaveLatent(Node):
         return NodeResult(ui={"latents": [entry]})
 
 
-class LoadLatent(Node):
+class LoadLatent(InputFileNode):
     """Latents from a .latent file in the input folder."""
+
+    file_input = "latent"
+    invalid_message = "Invalid latent file"
 
     schema = NodeSchema(
         name="LoadLatent", display_name="LoadLatent", category="_for_testing",
@@ -371,17 +373,6 @@ class LoadLatent(Node):
                              f".latent file written by SaveLatent")
         scale = 1.0 if "latent_format_version_0" in tensors else 1.0 / LEGACY_LATENT_SCALE
         return (Latent(tensors["latent_tensor"].float() * scale),)
-
-    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx.paths, inputs.get("latent"))
-
-    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
-        paths = getattr(ctx.services, "paths", None)
-        return invalid_file(paths, inputs.get("latent"), "latent", "Invalid latent file")
-
-    @classmethod
-    def self_validated_inputs(cls) -> frozenset[str]:
-        return frozenset({"latent"})
 
 
 NODE_TYPES = (EmptyLatentImage, LatentUpscale, LatentUpscaleBy, LatentComposite, LatentBlend,

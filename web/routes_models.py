@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from engine.diffusion.safetensors_io import SafetensorsError, read_header
 from engine.paths import PathError, Paths, confine
 from web.routing import ApiRoutes
 
@@ -18,7 +17,6 @@ LIBRARY_HIDDEN_FOLDERS = frozenset({"configs", "custom_nodes"})
 PREVIEW_SUFFIXES = (".webp", ".png", ".jpg", ".jpeg", ".preview.png", ".preview.webp",
                     ".preview.jpg", ".preview.jpeg")
 # A safetensors header is JSON of a few hundred KB at most; refuse absurd claims.
-MAX_SAFETENSORS_HEADER = 64 * 1024 * 1024
 
 
 class MetadataError(ValueError):
@@ -48,19 +46,11 @@ def model_library_files(paths: Paths, folder: str) -> list[dict[str, Any]]:
 
 def safetensors_metadata(path: Path) -> dict[str, Any] | None:
     """The `__metadata__` object of a safetensors file's header (None when it has none)."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) != 8:
-            raise MetadataError(f"{path.name} is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_SAFETENSORS_HEADER:
-            raise MetadataError(f"{path.name}: header of {length} bytes is not plausible")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MetadataError(f"{path.name}: unreadable safetensors header ({exc})") from exc
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else None
+    try:
+        _, metadata, _ = read_header(path)
+    except SafetensorsError as exc:
+        raise MetadataError(str(exc)) from exc
+    return metadata or None
 
 
 def preview_image(directory: Path, model_name: str) -> Path | None:

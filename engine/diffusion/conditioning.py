@@ -41,6 +41,7 @@ from torch import Tensor
 
 from engine.diffusion.model_handle import ModelHandle
 from engine.diffusion.unet import sdxl_adm, sdxl_refiner_adm
+from engine.image_ops import center_crop
 
 if TYPE_CHECKING:
     from engine.diffusion.guidance import ControlProvider
@@ -258,15 +259,8 @@ def blank_inpaint_latent(shape: torch.Size, device: torch.device) -> Tensor:
 
 def resize_center(samples: Tensor, height: int, width: int) -> Tensor:
     """(N, C, h, w) -> (N, C, height, width): centre crop to the aspect ratio, then bilinear."""
-    old_height, old_width = samples.shape[-2], samples.shape[-1]
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    cropped = samples[..., y:old_height - y, x:old_width - x]
-    return F.interpolate(cropped, size=(height, width), mode="bilinear")
+    return F.interpolate(center_crop(samples, width, height), size=(height, width),
+                         mode="bilinear")
 
 
 def repeat_to_batch(values: Tensor, batch: int) -> Tensor:

@@ -36,6 +36,7 @@ from torch import Tensor
 from engine.diffusion.controlnet import HINT_DOWNSCALE, ControlNet
 from engine.diffusion.model_handle import ModelHandle
 from engine.diffusion.t2i_adapter import AdapterFeatures, T2IAdapter
+from engine.image_ops import center_crop
 
 Residuals = tuple[list[Tensor] | None, Tensor | None]
 ALWAYS = (math.inf, 0.0)  # (start sigma, end sigma) of a 0..1 percent range
@@ -66,15 +67,8 @@ class ControlModel:
 def resize_hint(images: Tensor, height: int, width: int) -> Tensor:
     """ComfyUI's hint rule: centre-crop (B, C, H, W) to the target aspect ratio, then
     nearest-exact resize to height x width."""
-    old_height, old_width = images.shape[-2:]
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    cropped = images[..., y:old_height - y, x:old_width - x]
-    return F.interpolate(cropped, size=(height, width), mode="nearest-exact")
+    return F.interpolate(center_crop(images, width, height), size=(height, width),
+                         mode="nearest-exact")
 
 
 def broadcast_hint(images: Tensor, batch: int, chunks: int = 1) -> Tensor:
