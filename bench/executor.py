@@ -83,10 +83,10 @@ def measure(count: int, services: Services, registry: NodeRegistry) -> dict[str,
     def cold() -> tuple[float, float, int]:
         return timed_run(Executor(registry, services), registry, services, make_graph(count))
 
-    cold_v, cold_e = best_of(3, cold)
+    cold_v, cold_e = best_of(5, cold)
     executor = Executor(registry, services)
     timed_run(executor, registry, services, make_graph(count))
-    cached_v, cached_e = best_of(5, lambda: timed_run(executor, registry, services,
+    cached_v, cached_e = best_of(9, lambda: timed_run(executor, registry, services,
                                                       make_graph(count)))
     changed_v, changed_e, reran = timed_run(executor, registry, services,
                                             make_graph(count, root_value=7))
