@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from engine.registry import NodeRegistry
 from nodes import builtin_node_types
 
 ROOT = Path(__file__).resolve().parent
+NO_EFFECT_FLAGS = ("--lowvram", "--novram", "--highvram", "--normalvram", "--gpu-only",
+                   "--disable-smart-memory")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +58,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--model-ram-budget", type=float, default=None, metavar="GB",
                         help="bytes of model weights kept loaded; the least recently used "
                              "model is evicted and reloaded when needed (default: 75%% of RAM)")
+    memory = parser.add_argument_group(
+        "GPU memory (accepted for ComfyUI compatibility; Loom's VRAM management is not built "
+        "yet, so these are logged and have no effect)")
+    for flag in NO_EFFECT_FLAGS:
+        memory.add_argument(flag, action="store_true")
+    memory.add_argument("--reserve-vram", type=float, default=None, metavar="GB")
     device.add_argument("--allow-pickle-checkpoints", action="store_true",
                         help="also load .ckpt/.pt files (torch.load with weights_only=True); "
                              "off by default because pickle files can carry code")
@@ -149,6 +158,22 @@ def build_app(args: argparse.Namespace) -> App:
     return App(services, registry, Executor(registry, services, make_cache(args)))
 
 
+def warn_no_effect_flags(args: argparse.Namespace) -> None:
+    given = [flag for flag in NO_EFFECT_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+    if args.reserve_vram is not None:
+        given.append("--reserve-vram")
+    if given:
+        logging.getLogger("loom").warning(
+            "%s: accepted for ComfyUI compatibility but without effect: Loom does not manage "
+            "GPU memory yet (see --model-ram-budget for the RAM budget)", ", ".join(given))
+
+
+def quiet_known_warnings() -> None:
+    """torchsde warns on every SDE run that float32 sigmas overshoot its interval by ~1e-7;
+    ComfyUI shows the same harmless line. Keep it out of the user's log."""
+    warnings.filterwarnings("ignore", message="Should have tb<=t1", module="torchsde")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     serve_parser, run_parser = build_parser()
@@ -156,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     args = (run_parser if command == "run" else serve_parser).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_warnings()
     try:
         app = build_app(args)
     except (PathError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    warn_no_effect_flags(args)
     # Everything built so far (torch, the registry, custom nodes) lives as long as the
     # process: keep it out of the cyclic GC's full collections, which otherwise re-scan
     # these hundreds of thousands of objects for every large prompt.
