@@ -11,7 +11,7 @@ from engine.node import Node
 BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent",
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
-                   "nodes.lora", "nodes.model_merge", "nodes.controlnet")
+                   "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale")
 
 
 def builtin_node_types() -> list[type[Node]]:
