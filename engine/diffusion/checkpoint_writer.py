@@ -191,3 +191,22 @@ def write_random_checkpoint(path: Path, kind: str, *, tiny: bool = True, seed: i
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
               metadata=metadata)
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m engine.diffusion.checkpoint_writer PATH [KIND] [--full] [--seed N]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a random checkpoint in a real layout "
+                                                 "(for trying the pipeline without weights).")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("kind", nargs="?", default="sd15", choices=KINDS)
+    parser.add_argument("--full", action="store_true", help="released size (GBs) not tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    written = write_random_checkpoint(args.path, args.kind, tiny=not args.full, seed=args.seed)
+    print(f"wrote {written} ({args.kind}, {'full size' if args.full else 'tiny'})")
+
+
+if __name__ == "__main__":
+    main()
