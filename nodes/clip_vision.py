@@ -1,0 +1,130 @@
+"""CLIP vision and style-model nodes: load a CLIP vision tower and encode images with it, load
+a T2I-Adapter style model and append its style tokens to a prompt's CONDITIONING."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.context import NodeContext
+from engine.diffusion.checkpoint import open_state_file
+from engine.diffusion.clip_vision import (
+    CROP_MODES,
+    ClipVisionModel,
+    ClipVisionOutput,
+    load_clip_vision,
+)
+from engine.diffusion.model_manager import ModelKey
+from engine.diffusion.style_model import StyleAdapter, load_style_model
+from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
+from nodes.loaders import file_fingerprint, manager
+
+STRENGTH_TYPES = ("multiply", "attn_bias")
+
+
+@dataclass(frozen=True)
+class FilesRecordedAs(FilesIn):
+    """Files of `folder`, described by another folder's placeholder: ComfyUI's recorded schema
+    shows CLIPVisionLoader's list as "<files in text_encoders>" though it reads clip_vision."""
+
+    recorded_folder: str = ""
+
+    def placeholder(self) -> str:
+        return f"<files in {self.recorded_folder}>"
+
+
+def _require(value: Any, expected: type, what: str, node: str) -> Any:
+    if not isinstance(value, expected):
+        raise TypeError(f"{node} needs a {what}, got {type(value).__name__}; connect the "
+                        f"output of the matching loader/encoder node")
+    return value
+
+
+class CLIPVisionLoader(Node):
+    schema = NodeSchema(
+        "CLIPVisionLoader",
+        (Combo("clip_name", FilesRecordedAs("clip_vision", recorded_folder="text_encoders")),),
+        (Output("CLIP_VISION"),), category="loaders", display_name="Load CLIP Vision")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "clip_vision", inputs["clip_name"])
+
+    def execute(self, ctx: NodeContext, clip_name: str) -> tuple[ClipVisionModel]:
+        models = manager(ctx)
+        path = ctx.paths.find_file("clip_vision", clip_name)
+        key = ModelKey.for_file(path, "clip_vision", models.policy)
+        return (models.load(key, lambda: load_clip_vision(
+            open_state_file(path, allow_pickle=models.allow_pickle).tensors,
+            dtype=models.policy.text_dtype, device=models.policy.device)),)
+
+
+class CLIPVisionEncode(Node):
+    schema = NodeSchema(
+        "CLIPVisionEncode",
+        (Link("clip_vision", "CLIP_VISION"), Link("image", "IMAGE"), Combo("crop", CROP_MODES)),
+        (Output("CLIP_VISION_OUTPUT"),), category="conditioning",
+        display_name="CLIP Vision Encode")
+
+    def execute(self, ctx: NodeContext, clip_vision: Any, image: torch.Tensor,
+                crop: str) -> tuple[ClipVisionOutput]:
+        model = _require(clip_vision, ClipVisionModel, "CLIP_VISION", "CLIPVisionEncode")
+        return (model.encode_image(image, crop),)
+
+
+class StyleModelLoader(Node):
+    schema = NodeSchema(
+        "StyleModelLoader", (Combo("style_model_name", FilesIn("style_models")),),
+        (Output("STYLE_MODEL"),), category="loaders", display_name="Load Style Model")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return file_fingerprint(ctx, "style_models", inputs["style_model_name"])
+
+    def execute(self, ctx: NodeContext, style_model_name: str) -> tuple[StyleAdapter]:
+        models = manager(ctx)
+        path = ctx.paths.find_file("style_models", style_model_name)
+        key = ModelKey.for_file(path, "style_model", models.policy)
+        return (models.load(key, lambda: load_style_model(
+            open_state_file(path, allow_pickle=models.allow_pickle).tensors,
+            dtype=models.policy.text_dtype, device=models.policy.device)),)
+
+
+def append_tokens(conditioning: list[Any], tokens: torch.Tensor) -> list[list[Any]]:
+    """New CONDITIONING with `tokens` (1, N, D) after each cond's tokens; inputs untouched."""
+    appended = []
+    for cond, options in conditioning:
+        if cond.shape[-1] != tokens.shape[-1]:
+            raise ValueError(f"style tokens are {tokens.shape[-1]} wide but the conditioning "
+                             f"is {cond.shape[-1]} wide; use a style model made for this "
+                             "model's text encoder (t2iadapter_style is for SD1.x, 768)")
+        extra = tokens.to(device=cond.device, dtype=cond.dtype).expand(cond.shape[0], -1, -1)
+        appended.append([torch.cat([cond, extra], dim=1), dict(options)])
+    return appended
+
+
+class StyleModelApply(Node):
+    schema = NodeSchema(
+        "StyleModelApply",
+        (Link("conditioning", "CONDITIONING"), Link("style_model", "STYLE_MODEL"),
+         Link("clip_vision_output", "CLIP_VISION_OUTPUT"),
+         Float("strength", 1.0, min=0.0, max=10.0, step=0.001),
+         Combo("strength_type", STRENGTH_TYPES)),
+        (Output("CONDITIONING"),), category="conditioning/style_model",
+        display_name="Apply Style Model")
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        if inputs.get("strength_type", "multiply") != "multiply":
+            return ("strength_type", f"strength_type {inputs['strength_type']!r} is not "
+                                     "supported by Loom yet; choose 'multiply'")
+        return None
+
+    def execute(self, ctx: NodeContext, conditioning: list[Any], style_model: Any,
+                clip_vision_output: Any, strength: float,
+                strength_type: str) -> tuple[list[list[Any]]]:
+        adapter = _require(style_model, StyleAdapter, "STYLE_MODEL", "StyleModelApply")
+        tokens = adapter.style_tokens(clip_vision_output["last_hidden_state"]) * strength
+        return (append_tokens(conditioning, tokens),)
+
+
+NODE_TYPES = (CLIPVisionLoader, CLIPVisionEncode, StyleModelLoader, StyleModelApply)
