@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy
 import torch
@@ -77,6 +78,10 @@ def lms(
 _ADAMS_BASHFORTH = (((1,), 1), ((3, -1), 2), ((23, -16, 5), 12), ((55, -59, 37, -9), 24))
 
 
+# (step index, order, current step size) -> (weights newest first, common denominator)
+WeightsFor = Callable[[int, int, Tensor], tuple[Sequence[Any], int]]
+
+
 def _check_max_order(name: str, max_order: int) -> None:
     if not 1 <= max_order <= 4:
         raise ValueError(f"{name} supports a max order from 1 to 4, got {max_order}")
@@ -87,19 +92,13 @@ def _remember(history: list[Tensor], d: Tensor, max_order: int) -> list[Tensor]:
     return (history + [d])[-(max_order - 1) :] if max_order > 1 else []
 
 
-def ipndm(
-    model: Model,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: Mapping[str, object],
-    callback: Callback | None,
-    noise: NoiseSource,
-    options: SamplerOptions,
-) -> Tensor:
-    """Improved PNDM (Zhang & Chen 2023): fixed Adams-Bashforth weights, warm-started by Euler."""
+def _adams_bashforth_sampler(name: str, model: Model, x: Tensor, sigmas: Tensor,
+                             extra_args: Mapping[str, object], callback: Callback | None,
+                             options: SamplerOptions, weights_for: WeightsFor) -> Tensor:
+    """The iPNDM loop: Euler warm start, then Adams-Bashforth steps over the last derivatives,
+    whose weights `weights_for(i, order, h)` gives as (weights, denominator)."""
     max_order = pick(options.order, 4)
-    _check_max_order("ipndm", max_order)
+    _check_max_order(name, max_order)
     s_in = x.new_ones([x.shape[0]])
     history: list[Tensor] = []
     for i in range(len(sigmas) - 1):
@@ -113,7 +112,7 @@ def ipndm(
         elif order == 1:
             x_next = x + (t_next - t_cur) * d_cur
         else:
-            weights, denominator = _ADAMS_BASHFORTH[order - 1]
+            weights, denominator = weights_for(i, order, t_next - t_cur)
             combined = weights[0] * d_cur
             for weight, d_old in zip(weights[1:], reversed(history), strict=True):
                 combined = combined + weight * d_old
@@ -121,6 +120,21 @@ def ipndm(
         history = _remember(history, d_cur, max_order)
         x = x_next
     return x
+
+
+def ipndm(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: Mapping[str, object],
+    callback: Callback | None,
+    noise: NoiseSource,
+    options: SamplerOptions,
+) -> Tensor:
+    """Improved PNDM (Zhang & Chen 2023): fixed Adams-Bashforth weights, warm-started by Euler."""
+    return _adams_bashforth_sampler("ipndm", model, x, sigmas, extra_args, callback, options,
+                                    lambda i, order, h: _ADAMS_BASHFORTH[order - 1])
 
 
 def _ipndm_v_coefficients(h: Sequence[Tensor], order: int) -> list[Tensor]:
@@ -159,30 +173,12 @@ def ipndm_v(
     options: SamplerOptions,
 ) -> Tensor:
     """iPNDM with variable-step Adams-Bashforth weights (Zhang & Chen 2023; diff-sampler)."""
-    max_order = pick(options.order, 4)
-    _check_max_order("ipndm_v", max_order)
-    s_in = x.new_ones([x.shape[0]])
-    history: list[Tensor] = []
-    for i in range(len(sigmas) - 1):
-        t_cur, t_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, t_cur * s_in, **extra_args)
-        notify(callback, i, x, denoised, t_cur)
-        d_cur = (x - denoised) / t_cur
-        order = min(max_order, i + 1)
-        if t_next == 0:
-            x_next = denoised
-        elif order == 1:
-            x_next = x + (t_next - t_cur) * d_cur
-        else:
-            steps = [t_next - t_cur] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]
-            weights = _ipndm_v_coefficients(steps, order)
-            combined = weights[0] * d_cur
-            for weight, d_old in zip(weights[1:], reversed(history), strict=True):
-                combined = combined + weight * d_old
-            x_next = x + (t_next - t_cur) * combined
-        history = _remember(history, d_cur, max_order)
-        x = x_next
-    return x
+    def weights_for(i: int, order: int, h: Tensor) -> tuple[list[Tensor], int]:
+        steps = [h] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]
+        return _ipndm_v_coefficients(steps, order), 1  # x / 1 is exact: same bits as before
+
+    return _adams_bashforth_sampler("ipndm_v", model, x, sigmas, extra_args, callback, options,
+                                    weights_for)
 
 
 def _deis_vp_time(sigmas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
