@@ -16,10 +16,9 @@ from engine.diffusion.clip_vision import (
     ClipVisionOutput,
     load_clip_vision,
 )
-from engine.diffusion.model_manager import ModelKey
 from engine.diffusion.style_model import StyleAdapter, load_style_model
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
-from nodes.loaders import file_fingerprint, manager
+from nodes.loaders import file_fingerprint, load_model_file, manager
 
 STRENGTH_TYPES = ("multiply", "attn_bias")
 
@@ -52,12 +51,12 @@ class CLIPVisionLoader(Node):
         return file_fingerprint(ctx, "clip_vision", inputs["clip_name"])
 
     def execute(self, ctx: NodeContext, clip_name: str) -> tuple[ClipVisionModel]:
-        models = manager(ctx)
-        path = ctx.paths.find_file("clip_vision", clip_name)
-        key = ModelKey.for_file(path, "clip_vision", models.policy)
-        return (models.load(key, lambda: load_clip_vision(
-            open_state_file(path, allow_pickle=models.allow_pickle).tensors,
-            dtype=models.policy.text_dtype, device=models.policy.device)),)
+        return (load_model_file(
+            ctx, "clip_vision", clip_name, "clip_vision",
+            lambda models, path: load_clip_vision(
+                open_state_file(path, allow_pickle=models.allow_pickle).tensors,
+                dtype=models.policy.text_dtype, device=models.policy.device),
+            manager(ctx).policy),)
 
 
 class CLIPVisionEncode(Node):
@@ -82,12 +81,12 @@ class StyleModelLoader(Node):
         return file_fingerprint(ctx, "style_models", inputs["style_model_name"])
 
     def execute(self, ctx: NodeContext, style_model_name: str) -> tuple[StyleAdapter]:
-        models = manager(ctx)
-        path = ctx.paths.find_file("style_models", style_model_name)
-        key = ModelKey.for_file(path, "style_model", models.policy)
-        return (models.load(key, lambda: load_style_model(
-            open_state_file(path, allow_pickle=models.allow_pickle).tensors,
-            dtype=models.policy.text_dtype, device=models.policy.device)),)
+        return (load_model_file(
+            ctx, "style_models", style_model_name, "style_model",
+            lambda models, path: load_style_model(
+                open_state_file(path, allow_pickle=models.allow_pickle).tensors,
+                dtype=models.policy.text_dtype, device=models.policy.device),
+            manager(ctx).policy),)
 
 
 def append_tokens(conditioning: list[Any], tokens: torch.Tensor) -> list[list[Any]]:

@@ -16,9 +16,8 @@ from engine.diffusion.checkpoint import open_state_file
 from engine.diffusion.control import Control, ControlModel
 from engine.diffusion.controlnet_loader import load_control_model
 from engine.diffusion.model_handle import ModelHandle
-from engine.diffusion.model_manager import ModelKey
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
-from nodes.loaders import file_fingerprint, manager
+from nodes.loaders import file_fingerprint, load_model_file, manager
 
 Conditioning = list[list[Any]]
 CATEGORY = "conditioning/controlnet"
@@ -36,12 +35,13 @@ def load_control_file(ctx: NodeContext, name: str, base: ModelHandle | None = No
                       ) -> ControlModel:
     """A ControlNet/T2I-Adapter from the controlnet folder, shared via the model manager (a
     diff ControlNet once per base model handle)."""
-    models = manager(ctx)
-    path = ctx.paths.find_file("controlnet", name)
-    options: tuple[Any, ...] = (models.policy,) if base is None else (models.policy, base)
-    key = ModelKey.for_file(path, "controlnet", *options)
-    return models.load(key, lambda: load_control_model(
-        open_state_file(path, allow_pickle=models.allow_pickle), models.policy, base))
+    policy = manager(ctx).policy
+    options: tuple[Any, ...] = (policy,) if base is None else (policy, base)
+    return load_model_file(
+        ctx, "controlnet", name, "controlnet",
+        lambda models, path: load_control_model(
+            open_state_file(path, allow_pickle=models.allow_pickle), models.policy, base),
+        *options)
 
 
 class ControlNetLoader(Node):

@@ -6,7 +6,9 @@ replaced file is noticed without hashing gigabytes."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from engine.context import NodeContext
 from engine.diffusion.checkpoint import (
@@ -22,6 +24,7 @@ from engine.diffusion.prompt_weights import EmbeddingFolders
 from engine.diffusion.vae_model import VAE
 from engine.node import Combo, FilesIn, Node, NodeSchema, Output
 
+T = TypeVar("T")
 UNET_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 CLIP_TYPES = ("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv",
               "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2",
@@ -52,19 +55,26 @@ def embedding_finder(ctx: NodeContext) -> EmbeddingFolders:
     return EmbeddingFolders(tuple(ctx.paths.folder_dirs("embeddings")))
 
 
+def load_model_file(ctx: NodeContext, folder: str, name: str, component: str,
+                    build: Callable[[ModelManager, Path], T], *options: Any) -> T:
+    """The file `name` of a model folder, built once per (file, component, options) and then
+    shared through the model manager."""
+    models = manager(ctx)
+    path = ctx.paths.find_file(folder, name)
+    return models.load(ModelKey.for_file(path, component, *options),
+                       lambda: build(models, path))
+
+
 def load_checkpoint_file(ctx: NodeContext, ckpt_name: str) -> tuple[ModelHandle, Any, Any]:
     """(MODEL, CLIP, VAE) of a checkpoint in the checkpoints folder, shared via the manager."""
-    models = manager(ctx)
-    path = ctx.paths.find_file("checkpoints", ckpt_name)
-    key = ModelKey.for_file(path, "checkpoint", models.policy)
-
-    def load() -> tuple[ModelHandle, Any, Any]:
+    def build(models: ModelManager, path: Path) -> tuple[ModelHandle, Any, Any]:
         opened = open_state_file(path, allow_pickle=models.allow_pickle)
         loaded = load_checkpoint(opened, models.policy, models.bpe.get(),
                                  find_embedding=embedding_finder(ctx))
         return loaded.model, loaded.clip, loaded.vae
 
-    return models.load(key, load)
+    return load_model_file(ctx, "checkpoints", ckpt_name, "checkpoint", build,
+                           manager(ctx).policy)
 
 
 class CheckpointLoaderSimple(Node):
@@ -115,11 +125,11 @@ class UNETLoader(Node):
         return None
 
     def execute(self, ctx: NodeContext, unet_name: str, weight_dtype: str) -> tuple[ModelHandle]:
-        models = manager(ctx)
-        path = ctx.paths.find_file("diffusion_models", unet_name)
-        key = ModelKey.for_file(path, "unet", models.policy, weight_dtype)
-        return (models.load(key, lambda: load_unet_file(
-            open_state_file(path, allow_pickle=models.allow_pickle), models.policy)),)
+        return (load_model_file(
+            ctx, "diffusion_models", unet_name, "unet",
+            lambda models, path: load_unet_file(
+                open_state_file(path, allow_pickle=models.allow_pickle), models.policy),
+            manager(ctx).policy, weight_dtype),)
 
 
 class VAELoader(Node):
@@ -130,11 +140,11 @@ class VAELoader(Node):
         return file_fingerprint(ctx, "vae", inputs["vae_name"])
 
     def execute(self, ctx: NodeContext, vae_name: str) -> tuple[VAE]:
-        models = manager(ctx)
-        path = ctx.paths.find_file("vae", vae_name)
-        key = ModelKey.for_file(path, "vae", models.policy)
-        return (models.load(key, lambda: load_vae_file(
-            open_state_file(path, allow_pickle=models.allow_pickle), models.policy)),)
+        return (load_model_file(
+            ctx, "vae", vae_name, "vae",
+            lambda models, path: load_vae_file(
+                open_state_file(path, allow_pickle=models.allow_pickle), models.policy),
+            manager(ctx).policy),)
 
 
 def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str) -> TextEncoderStack:

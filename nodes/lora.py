@@ -13,19 +13,17 @@ from engine.diffusion.clip import TextEncoderStack
 from engine.diffusion.hypernetwork import Hypernetwork, HypernetworkPatch, load_hypernetwork
 from engine.diffusion.lora import LoraFile, LoraReport, apply_lora, load_lora_file
 from engine.diffusion.model_handle import ModelHandle
-from engine.diffusion.model_manager import ModelKey
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeResult, NodeSchema, Output
-from nodes.loaders import file_fingerprint, manager
+from nodes.loaders import file_fingerprint, load_model_file
 
 STRENGTH = {"min": -100.0, "max": 100.0, "step": 0.01}
 
 
 def lora_file(ctx: NodeContext, lora_name: str) -> LoraFile:
     """The parsed LoRA file, shared through the model manager."""
-    models = manager(ctx)
-    path = ctx.paths.find_file("loras", lora_name)
-    return models.load(ModelKey.for_file(path, "lora"),
-                       lambda: load_lora_file(path, allow_pickle=models.allow_pickle))
+    return load_model_file(ctx, "loras", lora_name, "lora",
+                           lambda models, path: load_lora_file(
+                               path, allow_pickle=models.allow_pickle))
 
 
 def _require(value: Any, what: str, node: str) -> Any:
@@ -85,9 +83,8 @@ class LoraLoaderModelOnly(Node):
 
 
 def hypernetwork_file(ctx: NodeContext, name: str) -> Hypernetwork:
-    path = ctx.paths.find_file("hypernetworks", name)
-    return manager(ctx).load(ModelKey.for_file(path, "hypernetwork"),
-                             lambda: load_hypernetwork(path))
+    return load_model_file(ctx, "hypernetworks", name, "hypernetwork",
+                           lambda models, path: load_hypernetwork(path))
 
 
 class HypernetworkLoader(Node):

@@ -7,16 +7,17 @@ through torch.load(weights_only=True) (see engine.diffusion.esrgan.read_upscale_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.context import NodeContext
 from engine.diffusion.esrgan import RRDBNet, build_rrdbnet, read_upscale_state
-from engine.diffusion.model_manager import ModelKey
+from engine.diffusion.model_manager import ModelManager
 from engine.diffusion.tiling import tiled_apply
 from engine.node import Combo, FilesIn, Link, Node, NodeSchema, Output
-from nodes.loaders import file_fingerprint, manager
+from nodes.loaders import file_fingerprint, load_model_file, manager
 
 TILE = 512  # ComfyUI's first tile size, in input pixels
 OVERLAP = 32
@@ -35,16 +36,14 @@ class UpscaleModel:
 
 def load_upscale_model(ctx: NodeContext, model_name: str) -> UpscaleModel:
     """The named model, shared through the model manager; weights in fp32 on the policy's device."""
-    models = manager(ctx)
-    path = ctx.paths.find_file("upscale_models", model_name)
     dtype = torch.float32
-    key = ModelKey.for_file(path, "upscale_model", models.policy.device, dtype)
 
-    def load() -> UpscaleModel:
+    def build(models: ModelManager, path: Path) -> UpscaleModel:
         net = build_rrdbnet(read_upscale_state(path), path.name, dtype, models.policy.device)
         return UpscaleModel(net, net.config.scale, dtype, path.name)
 
-    return models.load(key, load)
+    return load_model_file(ctx, "upscale_models", model_name, "upscale_model", build,
+                           manager(ctx).policy.device, dtype)
 
 
 def upscale_pixels(model: UpscaleModel, pixels: torch.Tensor, tile: int, overlap: int,
