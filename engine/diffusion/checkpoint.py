@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from engine.diffusion.clip import EmbeddingFinder, TextEncoderStack, load_text_encoder_state
 from engine.diffusion.detect import CheckpointLayout, detect_checkpoint, detect_unet_file
@@ -95,15 +95,23 @@ def build_unet(weights: Mapping[str, Tensor], config: UNetConfig, dtype: torch.d
     """A UNet holding `weights` (cast only where the dtype differs), in eval mode."""
     with torch.device("meta"):
         unet = UNet(config)
+    assign_weights(unet, weights, dtype, device, source)
+    return unet
+
+
+def assign_weights(module: nn.Module, weights: Mapping[str, Tensor], dtype: torch.dtype,
+                   device: torch.device, source: str) -> None:
+    """Give a meta-device module its weights (cast only where the dtype differs) and put it in
+    eval mode without gradients; a name or shape mismatch is an error naming the file."""
     prepared = {name: tensor.to(device=device, dtype=dtype) if tensor.is_floating_point()
                 else tensor.to(device) for name, tensor in weights.items()}
-    missing, unexpected = unet.load_state_dict(prepared, strict=False, assign=True)
+    missing, unexpected = module.load_state_dict(prepared, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(
-            f"{source}: the UNet weights do not fit the detected layout: {len(missing)} "
-            f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+            f"{source}: the weights do not fit the detected {type(module).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
             f"{unexpected[:3]}); the file may be damaged or of an unsupported variant")
-    return unet.eval().requires_grad_(False)
+    module.eval().requires_grad_(False)
 
 
 @dataclass

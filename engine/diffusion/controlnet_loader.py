@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoint import CheckpointError, StateFile, strip_prefix
+from engine.diffusion.checkpoint import CheckpointError, StateFile, assign_weights, strip_prefix
 from engine.diffusion.control import ControlModel
 from engine.diffusion.controlnet import (
     CONFIG_METADATA_KEY,
@@ -128,15 +128,5 @@ def _load_adapter(tensors: Mapping[str, Tensor], policy: DevicePolicy, source: s
 
 def _assign(module: nn.Module, weights: Mapping[str, Tensor], policy: DevicePolicy,
             source: str) -> None:
-    """Give a meta-device module the weights (cast only where the dtype differs); eval mode,
-    no gradients."""
-    dtype, device = policy.unet_dtype, policy.device
-    prepared = {key: value.to(device=device, dtype=dtype) if value.is_floating_point()
-                else value.to(device) for key, value in weights.items()}
-    missing, unexpected = module.load_state_dict(prepared, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: the weights do not fit the detected {type(module).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
-            f"{unexpected[:3]}); the file may be damaged or of an unsupported variant")
-    module.eval().requires_grad_(False)
+    """Give a meta-device module the weights in the UNet's dtype and device."""
+    assign_weights(module, weights, policy.unet_dtype, policy.device, source)
