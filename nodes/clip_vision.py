@@ -55,7 +55,7 @@ class CLIPVisionLoader(Node):
             ctx, "clip_vision", clip_name, "clip_vision",
             lambda models, path: load_clip_vision(
                 open_state_file(path, allow_pickle=models.allow_pickle).tensors,
-                dtype=models.policy.text_dtype, device=models.policy.device),
+                dtype=models.policy.text_dtype, device=models.policy.offload_device),
             manager(ctx).policy),)
 
 
@@ -85,7 +85,7 @@ class StyleModelLoader(Node):
             ctx, "style_models", style_model_name, "style_model",
             lambda models, path: load_style_model(
                 open_state_file(path, allow_pickle=models.allow_pickle).tensors,
-                dtype=models.policy.text_dtype, device=models.policy.device),
+                dtype=models.policy.text_dtype, device=models.policy.offload_device),
             manager(ctx).policy),)
 
 

@@ -160,7 +160,7 @@ def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str) -> Te
         clip = load_text_encoder_files(opened, models.bpe.get(),
                                        find_embedding=embedding_finder(ctx),
                                        dtype=models.policy.text_dtype,
-                                       device=models.policy.device)
+                                       device=models.policy.offload_device)
         if clip.family not in SUPPORTED_CLIP_TYPES[clip_type]:
             raise ValueError(f"the file(s) {names} hold a {clip.family} text encoder, which "
                              f"does not fit type {clip_type!r}")

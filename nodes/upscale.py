@@ -15,6 +15,7 @@ import torch
 from engine.context import NodeContext
 from engine.diffusion.esrgan import RRDBNet, build_rrdbnet, read_upscale_state
 from engine.diffusion.model_manager import ModelManager
+from engine.diffusion.offload import compute_device
 from engine.diffusion.tiling import tiled_apply
 from engine.node import Combo, FilesIn, Link, Node, NodeSchema, Output
 from nodes.loaders import file_fingerprint, load_model_file, manager
@@ -39,7 +40,8 @@ def load_upscale_model(ctx: NodeContext, model_name: str) -> UpscaleModel:
     dtype = torch.float32
 
     def build(models: ModelManager, path: Path) -> UpscaleModel:
-        net = build_rrdbnet(read_upscale_state(path), path.name, dtype, models.policy.device)
+        net = build_rrdbnet(read_upscale_state(path), path.name, dtype,
+                            models.policy.offload_device)
         return UpscaleModel(net, net.config.scale, dtype, path.name)
 
     return load_model_file(ctx, "upscale_models", model_name, "upscale_model", build,
@@ -49,7 +51,7 @@ def load_upscale_model(ctx: NodeContext, model_name: str) -> UpscaleModel:
 def upscale_pixels(model: UpscaleModel, pixels: torch.Tensor, tile: int, overlap: int,
                    progress: Any = None) -> torch.Tensor:
     """`pixels` [B, C, H, W] upscaled tile by tile; the tile size as given, no retries."""
-    device = next(model.module.parameters()).device
+    device = compute_device(model.module)
 
     def run_tile(window: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -53,9 +53,10 @@ def test_broken_custom_pack_does_not_stop_the_run(tmp_path: Path) -> None:
     assert disabled.returncode == 0 and "no such lib" not in disabled.stderr
 
 
-def test_comfyui_memory_flags_are_accepted_and_said_to_have_no_effect(tmp_path: Path) -> None:
-    done = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path), "--lowvram",
-                   "--reserve-vram", "1.5", "--quiet")
+def test_gpu_memory_flags_on_the_cpu_are_accepted_and_said_to_have_no_effect(
+        tmp_path: Path) -> None:
+    done = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path), "--cpu",
+                   "--lowvram", "--reserve-vram", "1.5", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert "--lowvram, --reserve-vram: accepted for ComfyUI compatibility but without effect" \
-        in done.stderr
+    assert "--lowvram, --reserve-vram: GPU memory flags, without effect when models run on " \
+           "the cpu" in done.stderr

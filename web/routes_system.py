@@ -53,8 +53,11 @@ def memory_bytes() -> tuple[int, int]:
         return (os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page)
 
 
-def torch_devices(use_cpu: bool, ram: tuple[int, int]) -> tuple[str, list[dict[str, Any]]]:
-    """(torch version, the device list of /system_stats)."""
+def torch_devices(use_cpu: bool, ram: tuple[int, int], vram: Any = None,
+                  ) -> tuple[str, list[dict[str, Any]]]:
+    """(torch version, the device list of /system_stats). `vram` (the model manager's memory
+    probe figures, with `total` and `free`) gives the GPU's figures when there is one; free
+    memory counts what torch's allocator holds unused, as ComfyUI's does."""
     import torch
 
     cpu = {"name": "cpu", "type": "cpu", "index": None, "vram_total": ram[0],
@@ -62,19 +65,27 @@ def torch_devices(use_cpu: bool, ram: tuple[int, int]) -> tuple[str, list[dict[s
     if use_cpu or not torch.cuda.is_available():
         return torch.__version__, [cpu]
     index = torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(index)
     reserved = torch.cuda.memory_reserved(index)
+    torch_free = reserved - torch.cuda.memory_allocated(index)
+    if vram is None:
+        free, total = torch.cuda.mem_get_info(index)
+        free += torch_free
+    else:
+        free, total = vram.free, vram.total
     return torch.__version__, [{
         "name": f"cuda:{index} {torch.cuda.get_device_name(index)}", "type": "cuda",
         "index": index, "vram_total": total, "vram_free": free, "torch_vram_total": reserved,
-        "torch_vram_free": reserved - torch.cuda.memory_allocated(index)}]
+        "torch_vram_free": torch_free}]
 
 
 def system_stats(args: Any, model_manager: Any = None) -> dict[str, Any]:
     """`GET /system_stats` in ComfyUI's shape, plus `loom_version` and `loom_models` (the model
-    manager's figures: loaded/evicted models, weight bytes per device, the RAM budget)."""
+    manager's figures: loaded/evicted models, weight bytes per device, the RAM budget, the VRAM
+    budget and what each model has on the GPU)."""
     ram = memory_bytes()
-    torch_version, devices = torch_devices(bool(getattr(args, "cpu", False)), ram)
+    memory_info = getattr(model_manager, "memory_info", None)
+    torch_version, devices = torch_devices(bool(getattr(args, "cpu", False)), ram,
+                                           memory_info() if memory_info else None)
     return {"system": {
         "os": sys.platform, "ram_total": ram[0], "ram_free": ram[1],
         "comfyui_version": COMFYUI_COMPAT_VERSION, "loom_version": loom_version(),

@@ -2,8 +2,10 @@
 
 Safetensors files are memory-mapped (engine/diffusion/safetensors_io.py); modules are built on
 the meta device and take the file's tensors by assignment, so weights are not copied unless a
-dtype cast is needed. Pickle files (.ckpt/.pt/.pth/.bin) load only through
-torch.load(weights_only=True) and only when the user allowed them."""
+dtype cast is needed. Weights go to the policy's offload device (the model manager copies them
+to the compute device when used); handles compute on the policy's device. Pickle files
+(.ckpt/.pt/.pth/.bin) load only through torch.load(weights_only=True) and only when the user
+allowed them."""
 
 from __future__ import annotations
 
@@ -133,11 +135,11 @@ def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
     if with_clip and layout.text_prefixes:
         clip = load_text_encoder_state(layout.family, opened.tensors, bpe,
                                        find_embedding=find_embedding, dtype=policy.text_dtype,
-                                       device=policy.device)
+                                       device=policy.offload_device)
     vae = None
     if with_vae and layout.vae_prefix:
         vae = VAE.from_state_dict(opened.tensors, latent_scale=NODE_LATENT_SCALE,
-                                  dtype=policy.vae_dtype, device=policy.device)
+                                  dtype=policy.vae_dtype, device=policy.offload_device)
     return LoadedCheckpoint(layout, model, clip, vae)
 
 
@@ -146,10 +148,10 @@ def load_model_from(opened: StateFile, layout: CheckpointLayout, policy: DeviceP
     """The MODEL handle of a checkpoint or standalone UNet file with a detected layout."""
     weights = strip_prefix(opened.tensors, layout.unet_prefix or "")
     config = unet_config_for(layout, opened.metadata)
-    unet = build_unet(weights, config, dtype or policy.unet_dtype, policy.device,
+    unet = build_unet(weights, config, dtype or policy.unet_dtype, policy.offload_device,
                       opened.path.name)
     return ModelHandle.create(unet, config, layout.family, layout.prediction, layout.zsnr,
-                              name=opened.path.name)
+                              name=opened.path.name, device=policy.device)
 
 
 def load_unet_file(opened: StateFile, policy: DevicePolicy,
@@ -162,4 +164,4 @@ def load_unet_file(opened: StateFile, policy: DevicePolicy,
 def load_vae_file(opened: StateFile, policy: DevicePolicy) -> VAE:
     """VAELoader: a standalone VAE file (LDM or diffusers names)."""
     return VAE.from_state_dict(opened.tensors, latent_scale=NODE_LATENT_SCALE,
-                               dtype=policy.vae_dtype, device=policy.device)
+                               dtype=policy.vae_dtype, device=policy.offload_device)

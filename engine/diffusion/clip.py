@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.diffusion.clip_text import END_TOKEN, ClipTextModel, TextEncoderConfig
+from engine.diffusion.offload import compute_device
 from engine.diffusion.openclip_text import INITIAL_LOGIT_SCALE, OpenClipTextModel
 from engine.diffusion.patching import Patch, patched
 from engine.diffusion.prompt_weights import EmbeddingFinder
@@ -222,17 +223,17 @@ def _pad_windows(result: TokenizedText, empty: TokenizedText, count: int) -> tup
 
 def window_inputs(model: nn.Module, windows: list[Window]) -> tuple[Tensor, Tensor | None]:
     """(N, 77) ids and, when a window holds embedding vectors, (N, 77, width) token embeddings."""
-    parameter = next(model.parameters())
+    device = compute_device(model)
     ids = torch.tensor([[token if isinstance(token, int) else _EMBEDDING_PLACEHOLDER
                          for token, _ in window] for window in windows],
-                       dtype=torch.long, device=parameter.device)
+                       dtype=torch.long, device=device)
     vectors = [(row, column, token) for row, window in enumerate(windows)
                for column, (token, _) in enumerate(window) if not isinstance(token, int)]
     if not vectors:
         return ids, None
     token_embeds = model.embed_tokens(ids).clone()  # (N, 77, width)
     for row, column, vector in vectors:
-        token_embeds[row, column] = vector.to(device=parameter.device, dtype=token_embeds.dtype)
+        token_embeds[row, column] = vector.to(device=device, dtype=token_embeds.dtype)
     return ids, token_embeds
 
 

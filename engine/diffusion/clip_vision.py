@@ -24,6 +24,7 @@ from engine.diffusion.clip_text import (
     TextEncoderConfig,
     run_layers,
 )
+from engine.diffusion.offload import compute_device
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -163,8 +164,7 @@ class ClipVisionModel(nn.Module):
 
     def encode_image(self, image: Tensor, crop: str = "center") -> ClipVisionOutput:
         """A ComfyUI IMAGE (B, H, W, C) in [0, 1] -> CLIP_VISION_OUTPUT in float32."""
-        device = self.visual_projection.weight.device
-        pixels = clip_preprocess(image.to(device), self.config.image_size, crop)
+        pixels = clip_preprocess(image.to(compute_device(self)), self.config.image_size, crop)
         with torch.inference_mode():
             out = self(pixels)
         return ClipVisionOutput(out.image_embeds.float(), out.last_hidden_state.float(),

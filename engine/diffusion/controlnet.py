@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.diffusion.offload import compute_device
 from engine.diffusion.unet import (
     UNetConfig,
     _build_input_blocks,
@@ -126,7 +127,7 @@ class ControlNet(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.middle_block_out[0].weight.device
+        return compute_device(self)
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor,
                 y: Tensor | None = None) -> tuple[list[Tensor], Tensor]:

@@ -128,5 +128,5 @@ def _load_adapter(tensors: Mapping[str, Tensor], policy: DevicePolicy, source: s
 
 def _assign(module: nn.Module, weights: Mapping[str, Tensor], policy: DevicePolicy,
             source: str) -> None:
-    """Give a meta-device module the weights in the UNet's dtype and device."""
-    assign_weights(module, weights, policy.unet_dtype, policy.device, source)
+    """Give a meta-device module the weights in the UNet's dtype, on the offload device."""
+    assign_weights(module, weights, policy.unet_dtype, policy.offload_device, source)

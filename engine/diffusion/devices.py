@@ -2,7 +2,10 @@
 
 CUDA: UNet and text encoders fp16, VAE bf16 where the GPU supports it (the SDXL VAE overflows
 in fp16), else fp32. CPU with native bf16 (AVX512-BF16 or AMX): UNet and text encoders bf16
-(~4x the fp32 matmul rate there), VAE fp32. Other CPUs: fp32. ComfyUI's flags override."""
+(~4x the fp32 matmul rate there), VAE fp32. Other CPUs: fp32. ComfyUI's flags override.
+
+Weights rest on the offload device and are copied to `device` when used (the model manager's
+VRAM budget, engine/diffusion/offload.py): the CPU on CUDA, the GPU itself with --gpu-only."""
 
 from __future__ import annotations
 
@@ -40,12 +43,13 @@ class DevicePolicy:
     text_dtype: torch.dtype
     vae_dtype: torch.dtype
     reason: str = ""
+    offload_device: torch.device = torch.device("cpu")  # where loaders put the weights
 
     @classmethod
     def decide(cls, *, cpu: bool = False, force_fp32: bool = False, force_fp16: bool = False,
                bf16_unet: bool = False, fp32_vae: bool = False, bf16_vae: bool = False,
-               cuda_available: bool | None = None, cpu_bf16: bool | None = None,
-               ) -> DevicePolicy:
+               gpu_only: bool = False, cuda_available: bool | None = None,
+               cpu_bf16: bool | None = None) -> DevicePolicy:
         """Apply the defaults above, then the flags (names as ComfyUI's)."""
         use_cuda = (torch.cuda.is_available() if cuda_available is None else cuda_available)
         use_cuda = use_cuda and not cpu
@@ -71,7 +75,8 @@ class DevicePolicy:
             vae = torch.float32
         if force_fp32:
             unet = text = vae = torch.float32
-        return cls(device, unet, text, vae, reason)
+        offload = device if gpu_only else torch.device("cpu")
+        return cls(device, unet, text, vae, reason, offload)
 
     @classmethod
     def from_args(cls, args: Any) -> DevicePolicy:
@@ -79,9 +84,12 @@ class DevicePolicy:
         flag = lambda name: bool(getattr(args, name, False))  # noqa: E731
         return cls.decide(cpu=flag("cpu"), force_fp32=flag("force_fp32"),
                           force_fp16=flag("force_fp16"), bf16_unet=flag("bf16_unet"),
-                          fp32_vae=flag("fp32_vae"), bf16_vae=flag("bf16_vae"))
+                          fp32_vae=flag("fp32_vae"), bf16_vae=flag("bf16_vae"),
+                          gpu_only=flag("gpu_only"))
 
     def describe(self) -> str:
         names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-        return (f"device {self.device}, UNet {names.get(self.unet_dtype)}, text encoders "
-                f"{names.get(self.text_dtype)}, VAE {names.get(self.vae_dtype)}")
+        resting = ("" if self.offload_device == self.device
+                   else f" (weights rest on {self.offload_device})")
+        return (f"device {self.device}{resting}, UNet {names.get(self.unet_dtype)}, text "
+                f"encoders {names.get(self.text_dtype)}, VAE {names.get(self.vae_dtype)}")

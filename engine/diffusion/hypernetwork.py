@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.diffusion.attention import BasicTransformerBlock, CrossAttention
+from engine.diffusion.offload import compute_device
 from engine.diffusion.patching import Undo
 from engine.diffusion.safetensors_io import SafetensorsFile
 
@@ -126,6 +127,7 @@ class HypernetworkPatch:
     def apply(self, module: nn.Module) -> Undo:
         hooked: list[tuple[CrossAttention, Any]] = []
         moved: dict[tuple[int, torch.device], tuple[HyperModule, HyperModule]] = {}
+        device = compute_device(module)  # a streamed to_k's weight rests elsewhere
         for block in module.modules():
             if not isinstance(block, BasicTransformerBlock):
                 continue
@@ -133,7 +135,6 @@ class HypernetworkPatch:
             width = attention.to_k.in_features
             if width not in self.hypernetwork.modules:
                 continue
-            device = attention.to_k.weight.device
             if (width, device) not in moved:
                 key_module, value_module = self.hypernetwork.modules[width]
                 moved[(width, device)] = (key_module.to(device), value_module.to(device))

@@ -58,10 +58,13 @@ class ModelHandle:
 
     @classmethod
     def create(cls, unet: UNet, config: UNetConfig, family: str, prediction: str = "eps",
-               zsnr: bool = False, name: str = "") -> ModelHandle:
+               zsnr: bool = False, name: str = "", device: torch.device | None = None
+               ) -> ModelHandle:
+        """A handle computing on `device` (default: where the weights are; the model manager
+        moves weights that rest elsewhere there when the UNet runs)."""
         param = next(unet.parameters())
         return cls(unet, config, family, model_sampling(_prediction_name(prediction), zsnr=zsnr),
-                   LATENT_FORMATS[family], param.dtype, param.device, name)
+                   LATENT_FORMATS[family], param.dtype, device or param.device, name)
 
     def replace(self, **changes: Any) -> ModelHandle:
         """A clone with some fields changed; the network is shared, never copied."""

@@ -11,13 +11,15 @@ place is safe for the duration of a `patched` block."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Protocol
 
 from torch import nn
 
 Undo = Callable[[], None]
-# Attribute the model manager sets on modules it may evict: calling it reloads the weights.
+# Attribute the model manager sets on the modules it manages: calling it gives a context manager
+# that loads the weights (from the file if evicted, onto the compute device if offloaded) and
+# keeps them loaded and unmoved for the block.
 RESIDENT_HOOK = "_loom_ensure_resident"
 
 
@@ -29,15 +31,16 @@ class Patch(Protocol):
 
 @contextmanager
 def patched(module: nn.Module, patches: Sequence[Patch]) -> Iterator[nn.Module]:
-    """`module` with `patches` applied for the duration of the block."""
-    ensure_resident = getattr(module, RESIDENT_HOOK, None)
-    if ensure_resident is not None:
-        ensure_resident()  # patches write into the weights: they must be loaded
-    undos: list[Undo] = []
-    try:
-        for patch in patches:
-            undos.append(patch.apply(module))
-        yield module
-    finally:
-        for undo in reversed(undos):
-            undo()
+    """`module` with `patches` applied for the duration of the block, its weights held loaded
+    (patches swap tensors in: the weights must not be evicted or moved under them)."""
+    hold: Callable[[], AbstractContextManager[object]] | None = getattr(
+        module, RESIDENT_HOOK, None)
+    with hold() if hold is not None else nullcontext():
+        undos: list[Undo] = []
+        try:
+            for patch in patches:
+                undos.append(patch.apply(module))
+            yield module
+        finally:
+            for undo in reversed(undos):
+                undo()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.diffusion.clip_text import Fp32LayerNorm, quick_gelu
+from engine.diffusion.offload import compute_device
 
 STYLE_KEY = "style_embedding"
 RELEASED_HEADS = 8  # the released t2iadapter_style model; head count is not in the weights
@@ -106,9 +107,8 @@ class StyleAdapter(nn.Module):
 
     def style_tokens(self, hidden: Tensor) -> Tensor:
         """Every image's tokens in one row, as ComfyUI does: (1, B * tokens, context_dim)."""
-        weight = self.proj
         with torch.inference_mode():
-            tokens = self(hidden.to(device=weight.device, dtype=weight.dtype))
+            tokens = self(hidden.to(device=compute_device(self), dtype=self.proj.dtype))
         return tokens.float().flatten(0, 1).unsqueeze(0)
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.diffusion.offload import compute_device
+
 SD_UNSHUFFLE = 8
 XL_UNSHUFFLE = 16
 XL_CONV_IN_CHANNELS = (256, 768)  # 1 or 3 hint channels unshuffled by 16 (SD: 64 or 192)
@@ -96,7 +98,7 @@ class T2IAdapter(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return compute_device(self)
 
     def hint_size(self, latent_height: int, latent_width: int) -> tuple[int, int]:
         """(height, width) the hint is resized to: the latent's pixel size rounded up to a

@@ -24,6 +24,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from engine.diffusion.offload import compute_device
 from engine.diffusion.tiling import Progress, tiled_apply
 from engine.diffusion.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
 
@@ -81,10 +82,15 @@ class VAE:
         self.config: VAEConfig = module.config
         self.latent_scale = latent_scale
         self.dtype = dtype
-        self.device = torch.device(device)
         self.output_device = torch.device(output_device)
         self.max_batch = max_batch
         self.memory_budget = memory_budget
+
+    @property
+    def device(self) -> torch.device:
+        """Where decoding and encoding run (the model manager's compute device when it manages
+        the module, which then copies the weights there on use)."""
+        return compute_device(self.module)
 
     @classmethod
     def from_state_dict(

@@ -82,7 +82,7 @@ def test_patching_an_evicted_model_reloads_it_first(tmp_path: Path) -> None:
         assert unet.input_blocks[0][0].weight.device.type == "cpu"
 
 
-def test_free_forgets_models_and_stats_count_bytes(tmp_path: Path) -> None:
+def test_free_unloads_models_and_stats_count_bytes(tmp_path: Path) -> None:
     manager = ModelManager(POLICY)
     load(manager, write_random_checkpoint(tmp_path / "a.safetensors", "sd15"))
     stats = manager.stats()
