@@ -4,7 +4,6 @@ workflow headless. Both take ComfyUI's flags for paths, custom nodes, caching an
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -12,21 +11,33 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.cache import OutputCache
-from engine.cli import EXIT_INVALID, run_workflow
-from engine.context import Services
-from engine.custom_nodes import load_custom_nodes
-from engine.diffusion.devices import DevicePolicy
-from engine.diffusion.model_manager import ModelManager
-from engine.diffusion.tokenizer import BpeCache
-from engine.executor import Executor
-from engine.paths import PathError, Paths
-from engine.registry import NodeRegistry
-from nodes import builtin_node_types
+from engine.process_tuning import tune_before_torch
+
+tune_before_torch()  # before anything imports torch
+
+from engine.cache import OutputCache  # noqa: E402
+from engine.cli import EXIT_INVALID, run_workflow  # noqa: E402
+from engine.context import Services  # noqa: E402
+from engine.custom_nodes import load_custom_nodes  # noqa: E402
+from engine.diffusion.devices import DevicePolicy  # noqa: E402
+from engine.diffusion.model_manager import ModelManager  # noqa: E402
+from engine.diffusion.offload import VramSettings, cuda_memory_probe  # noqa: E402
+from engine.diffusion.tokenizer import BpeCache  # noqa: E402
+from engine.executor import Executor  # noqa: E402
+from engine.paths import PathError, Paths  # noqa: E402
+from engine.registry import NodeRegistry  # noqa: E402
+from nodes import builtin_node_types  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-NO_EFFECT_FLAGS = ("--lowvram", "--novram", "--highvram", "--normalvram", "--gpu-only",
-                   "--disable-smart-memory")
+VRAM_FLAGS = (
+    ("--gpu-only", "load every model straight onto the GPU and keep it there"),
+    ("--highvram", "keep models on the GPU once used; never offload them to RAM"),
+    ("--normalvram", "move models to the GPU when used, offloading the least recently used "
+                     "ones to fit (default)"),
+    ("--lowvram", "as --normalvram, but weights fill at most 1/1.3 of the budget: bigger "
+                  "models are split, their other layers copied in per use"),
+    ("--novram", "keep no streamable layer on the GPU: every layer is copied in per use"))
+MEMORY_FLAGS = (*(flag for flag, _ in VRAM_FLAGS), "--disable-smart-memory", "--reserve-vram")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +70,16 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="bytes of model weights kept loaded; the least recently used "
                              "model is evicted and reloaded when needed (default: 75%% of RAM)")
     memory = parser.add_argument_group(
-        "GPU memory (accepted for ComfyUI compatibility; Loom's VRAM management is not built "
-        "yet, so these are logged and have no effect)")
-    for flag in NO_EFFECT_FLAGS:
-        memory.add_argument(flag, action="store_true")
-    memory.add_argument("--reserve-vram", type=float, default=None, metavar="GB")
+        "GPU memory (CUDA only; weights rest in RAM and are copied to the GPU when used)")
+    vram_mode = memory.add_mutually_exclusive_group()
+    for flag, text in VRAM_FLAGS:
+        vram_mode.add_argument(flag, action="store_true", help=text)
+    memory.add_argument("--reserve-vram", type=float, default=None, metavar="GB",
+                        help="VRAM left to the OS and other programs (default 0.4); another "
+                             "0.8 GB is kept free for activations")
+    memory.add_argument("--disable-smart-memory", action="store_true",
+                        help="offload every other model to RAM before one is used, instead of "
+                             "keeping models on the GPU until the room is needed")
     device.add_argument("--allow-pickle-checkpoints", action="store_true",
                         help="also load .ckpt/.pt files (torch.load with weights_only=True); "
                              "off by default because pickle files can carry code")
@@ -150,7 +166,8 @@ def build_app(args: argparse.Namespace) -> App:
     services = Services(paths=paths, args=args,
                         model_manager=ModelManager(policy, BpeCache(),
                                                    allow_pickle=args.allow_pickle_checkpoints,
-                                                   ram_budget=model_ram_budget(args)))
+                                                   ram_budget=model_ram_budget(args),
+                                                   vram=vram_settings(args, policy)))
     registry = NodeRegistry()
     registry.register_all(builtin_node_types())
     load_custom_nodes(registry, paths.custom_nodes, disable_all=args.disable_all_custom_nodes,
@@ -158,14 +175,24 @@ def build_app(args: argparse.Namespace) -> App:
     return App(services, registry, Executor(registry, services, make_cache(args)))
 
 
-def warn_no_effect_flags(args: argparse.Namespace) -> None:
-    given = [flag for flag in NO_EFFECT_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
-    if args.reserve_vram is not None:
-        given.append("--reserve-vram")
-    if given:
+def vram_settings(args: argparse.Namespace, policy: DevicePolicy) -> VramSettings | None:
+    """The GPU memory flags as the model manager's VRAM settings; None off CUDA."""
+    if policy.device.type != "cuda":
+        return None
+    vram = VramSettings.from_args(args, cuda_memory_probe(policy.device))
+    logging.getLogger("loom").info(
+        "VRAM: %s, %.1f GB of %.1f GB for weights", vram.mode.value, vram.budget() / 2**30,
+        vram.probe().total / 2**30)
+    return vram
+
+
+def warn_cpu_memory_flags(args: argparse.Namespace, policy: DevicePolicy) -> None:
+    values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in MEMORY_FLAGS}
+    given = [flag for flag, value in values.items() if value is not None and value is not False]
+    if given and policy.device.type != "cuda":
         logging.getLogger("loom").warning(
-            "%s: accepted for ComfyUI compatibility but without effect: Loom does not manage "
-            "GPU memory yet (see --model-ram-budget for the RAM budget)", ", ".join(given))
+            "%s: GPU memory flags, without effect when models run on the %s (see "
+            "--model-ram-budget for the RAM budget)", ", ".join(given), policy.device)
 
 
 def quiet_known_warnings() -> None:
@@ -187,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PathError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    warn_no_effect_flags(args)
-    # Everything built so far (torch, the registry, custom nodes) lives as long as the
-    # process: keep it out of the cyclic GC's full collections, which otherwise re-scan
-    # these hundreds of thousands of objects for every large prompt.
-    gc.freeze()
+    warn_cpu_memory_flags(args, app.services.model_manager.policy)
     if command == "run":
         return run_workflow(args.workflow, app.registry, app.services, app.executor,
                             overrides=args.overrides, dry_run=args.dry_run,
