@@ -37,6 +37,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.process_tuning import tune_before_torch  # noqa: E402
+
+tune_before_torch()  # as main.py does; both children inherit it
+
 RESULT_PREFIX = "LOAD_STEP_RESULT "
 KIB_PER_GIB = 2**20
 PROMPTS = ("a photograph of an astronaut riding a horse on the moon", "")  # cond, uncond

@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.process_tuning import tune_before_torch  # noqa: E402
+
+tune_before_torch()  # as main.py does; diffusers runs in this process under the same setting
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from engine.diffusion.unet import CHECKPOINT_PREFIX, UNet, UNetConfig, UNetFamily  # noqa: E402
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.diffusion import native_attention
+
 # LDM: the transformer's GroupNorm uses eps 1e-6 (the ResBlocks keep torch's default 1e-5).
 TRANSFORMER_NORM_EPS = 1e-6
 NORM_GROUPS = 32
@@ -37,7 +39,10 @@ class CrossAttention(nn.Module):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(key_source))
         v = self._split_heads(self.to_v(value_source))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, dim_head)
+        if native_attention.supports(q, k, v):  # bf16 on a CPU with AVX512-BF16
+            out = native_attention.attention(q, k, v)  # (B, heads, T, dim_head)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, T, heads * dim_head)
         return self.to_out[0](out)
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.diffusion.attention import SpatialTransformer
+from engine.diffusion.packed_conv import Conv2d
 from engine.diffusion.unet_blocks import (
     Downsample,
     EmbedMLP,
@@ -226,7 +227,7 @@ class UNet(nn.Module):
         self.output_blocks = _build_output_blocks(config, skip_channels)
         self.out = nn.ModuleDict({  # slot 1 is SiLU
             "0": group_norm(config.model_channels),
-            "2": nn.Conv2d(config.model_channels, config.out_channels, kernel_size=3, padding=1)})
+            "2": Conv2d(config.model_channels, config.out_channels, kernel_size=3, padding=1)})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -310,7 +311,7 @@ def _build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """`input_blocks`: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]) and
     a Downsample except after the last level. Returns the blocks and each output's channels."""
     channels = config.model_channels
-    blocks = [UNetStage([nn.Conv2d(config.in_channels, channels, kernel_size=3, padding=1)])]
+    blocks = [UNetStage([Conv2d(config.in_channels, channels, kernel_size=3, padding=1)])]
     skip_channels = [channels]
     for level, mult in enumerate(config.channel_mult):
         for _ in range(config.num_res_blocks):

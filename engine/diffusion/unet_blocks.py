@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.diffusion.attention import NORM_GROUPS, SpatialTransformer
+from engine.diffusion.packed_conv import Conv2d
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -39,14 +40,14 @@ class ResBlock(nn.Module):
         # out_layers = [norm, SiLU, Dropout, conv]
         self.in_layers = nn.ModuleDict({
             "0": group_norm(channels),
-            "2": nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)})
+            "2": Conv2d(channels, out_channels, kernel_size=3, padding=1)})
         self.emb_layers = nn.ModuleDict({"1": nn.Linear(emb_channels, out_channels)})
         self.out_layers = nn.ModuleDict({
             "0": group_norm(out_channels),
-            "3": nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)})
+            "3": Conv2d(out_channels, out_channels, kernel_size=3, padding=1)})
         self.skip_connection: nn.Module = (
             nn.Identity() if channels == out_channels
-            else nn.Conv2d(channels, out_channels, kernel_size=1))
+            else Conv2d(channels, out_channels, kernel_size=1))
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # in-place ops only on fresh outputs whose backward does not need them: fewer large
@@ -63,7 +64,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -78,7 +79,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
