@@ -7,7 +7,6 @@ Last line (executor.execute only): `us_per_node_cold_10k=<float> ms_cached_rerun
 
 from __future__ import annotations
 
-import gc
 import random
 import sys
 import tempfile
@@ -102,7 +101,6 @@ def main() -> None:
     registry.register_all([BenchConst, BenchMix, BenchOut])
     with tempfile.TemporaryDirectory() as tmp:
         services = Services(Paths.from_base(Path(tmp)))
-        gc.freeze()  # as main.py does once startup is done
         measure(100, services, registry)  # warm-up: imports, allocator
         figures = {}
         print(f"{'nodes':>7} | {'cold us/node':>22} | {'cached re-run ms':>22} | "

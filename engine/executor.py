@@ -7,6 +7,7 @@ import hashlib
 import time
 import traceback
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,8 @@ from engine.cache import CacheEntry, OutputCache
 from engine.context import ExecutionInterrupted, InterruptFlag, NodeContext, Services
 from engine.digest import content_digest, literal_items, small_scalars, stable_key
 from engine.events import ExecutionListener, timestamp_ms
-from engine.graph import Prompt
+from engine.gc_scope import older_objects_frozen
+from engine.graph import Prompt, PromptNode
 from engine.node import ALWAYS_CHANGED, Node, NodeResult, NodeSchema
 from engine.registry import NodeRegistry
 
@@ -63,6 +65,7 @@ class Executor:
         self._shared: dict[str, Node] = {}
         self._key_memo: dict[str, tuple[Any, ...]] = {}
         self._fingerprinted: dict[type[Node], bool] = {}
+        self._last_run: _RunRecord | None = None
 
     def execute(self, prompt: Prompt, outputs: list[str], *, prompt_id: str | None = None,
                 extra_data: dict[str, Any] | None = None,
@@ -70,7 +73,8 @@ class Executor:
         """Run `outputs` of a validated prompt; never raises for a node's failure."""
         run = _PromptRun(self, prompt, outputs, prompt_id or str(uuid.uuid4()),
                          extra_data or {}, listener or ExecutionListener())
-        return run.run()
+        with older_objects_frozen():
+            return run.run()
 
     def instance(self, node_id: str, class_type: str) -> Node:
         """The object whose methods run a prompt node (shared per type when stateless)."""
@@ -116,6 +120,41 @@ def format_input_values(values: list[Any]) -> list[Any]:
     return shown
 
 
+class _Facts:
+    """What a run needs of one prompt node, looked up once per run."""
+
+    __slots__ = ("class_type", "schema", "links", "lazy", "static", "fingerprinted", "simple",
+                 "literal_kwargs", "link_kwargs")
+
+    def __init__(self, node: PromptNode, node_type: type[Node], fingerprinted: bool) -> None:
+        schema = node_type.schema
+        self.class_type = node.class_type
+        self.schema = schema
+        self.links = tuple((name, src, slot) for name, (src, slot) in sorted(node.links.items()))
+        self.lazy = schema.lazy_inputs
+        # the key's part that only the node itself decides
+        self.static = repr((node.class_type, schema.version, literal_items(node.literals)))
+        self.fingerprinted = fingerprinted
+        declared = schema.declares
+        # Only declared inputs reach the node (editor files can carry extras, e.g. "upload").
+        self.literal_kwargs = {name: value for name, value in node.literals.items()
+                               if declared(name)}
+        self.link_kwargs = tuple(link for link in self.links if declared(link[0]))
+        self.simple = not (self.lazy or schema.input_is_list or schema.hidden_inputs)
+
+
+@dataclass(frozen=True)
+class _RunRecord:
+    """A prompt that ended with every node resolved, no node fingerprinted, non-idempotent or
+    lazy, and the cache entries it used (weakly: the cache decides what lives). The same prompt
+    again is answered from those same entries without recomputing a key."""
+
+    nodes: dict[str, PromptNode]
+    outputs: tuple[str, ...]
+    reachable: set[str]
+    steps: tuple[tuple[str, str, weakref.ref[CacheEntry]], ...]  # (node, key, entry) in order
+
+
 class _PromptRun:
     """The state of one prompt's execution."""
 
@@ -134,7 +173,8 @@ class _PromptRun:
         self.nonce = uuid.uuid4().hex
         self.rank: dict[str, int] = {}
         self.keys: dict[str, str] = {}
-        self._schemas: dict[str, NodeSchema] = {}
+        self._facts: dict[str, _Facts] = {}
+        self.replayable = True  # see _RunRecord
         # A listener that ignores events needs none built (saves time on huge graphs).
         self.silent = (type(listener).event is ExecutionListener.event
                        and type(listener).node_finished is ExecutionListener.node_finished)
@@ -145,24 +185,35 @@ class _PromptRun:
             data["prompt_id"] = self.prompt_id
             self.listener.event(name, data)
 
+    def facts(self, node_id: str) -> _Facts:
+        facts = self._facts.get(node_id)
+        if facts is None:
+            node = self.prompt.nodes[node_id]
+            node_type = self.ex.registry.get(node.class_type)
+            facts = self._facts[node_id] = _Facts(node, node_type,
+                                                  self.ex.has_fingerprint(node_type))
+            if facts.fingerprinted or facts.lazy or not facts.schema.idempotent:
+                self.replayable = False
+        return facts
+
     def schema(self, node_id: str) -> NodeSchema:
-        schema = self._schemas.get(node_id)
-        if schema is None:
-            node_type = self.ex.registry.get(self.prompt.nodes[node_id].class_type)
-            schema = self._schemas[node_id] = node_type.schema
-        return schema
+        return self.facts(node_id).schema
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> ExecutionResult:
         self.ex.interrupt.clear()
         self.emit("execution_start", timestamp=timestamp_ms())
+        if self._replay():
+            return self.result
         reachable = self.prompt.required_nodes(self.outputs)
+        self.ex._last_run = None
         try:
             order = self.prompt.order_for(self.outputs, self.ex.services.graph_planner)
             self.rank = {node_id: i for i, node_id in enumerate(order)}
             self._precache(order)
-            self._run_nodes(self._plan(self.outputs))
+            self._run_nodes(self._plan(self.outputs, order))
             self.emit("execution_success", timestamp=timestamp_ms())
+            self._record(order, reachable)
         except NodeExecutionError as failure:
             self._report_error(failure)
         except ExecutionInterrupted as stop:
@@ -174,15 +225,47 @@ class _PromptRun:
         self.result.values = {n: e.outputs for n, e in self.resolved.items()}
         return self.result
 
+    def _replay(self) -> bool:
+        """Answer a repeat of the last fully cached prompt from the entries it used."""
+        record = self.ex._last_run
+        if (record is None or record.outputs != tuple(self.outputs)
+                or record.nodes != self.prompt.nodes):
+            return False
+        get = self.ex.cache.get
+        entries = []
+        for _node_id, key, entry_ref in record.steps:
+            entry = get(key)
+            if entry is None or entry is not entry_ref():
+                return False  # evicted or recomputed since: take the normal path
+            entries.append(entry)
+        resolved, keys = self.resolved, self.keys
+        for (node_id, key, _), entry in zip(record.steps, entries, strict=True):
+            resolved[node_id] = entry
+            keys[node_id] = key
+        self.used_keys = set(keys.values())
+        self._announce_hits(list(resolved))
+        self.emit("execution_success", timestamp=timestamp_ms())
+        self.ex.cache.end_prompt(self.used_keys)
+        self.ex.forget_instances(record.reachable)
+        self.emit("executing", node=None)
+        self.result.values = {n: e.outputs for n, e in resolved.items()}
+        return True
+
+    def _record(self, order: list[str], reachable: set[str]) -> None:
+        if self.replayable and all(node_id in self.resolved for node_id in order):
+            steps = tuple((node_id, self.keys[node_id], weakref.ref(self.resolved[node_id]))
+                          for node_id in order)
+            self.ex._last_run = _RunRecord(self.prompt.nodes, tuple(self.outputs), reachable,
+                                           steps)
+
     def _precache(self, order: list[str]) -> None:
         """Resolve from the cache every node whose inputs are all known and whose key hits."""
         hits = []
         resolved = self.resolved
         for node_id in order:
-            node = self.prompt.nodes[node_id]
-            lazy = self.schema(node_id).lazy_inputs
-            if any(src not in resolved for name, (src, _) in node.links.items()
-                   if name not in lazy):
+            facts = self.facts(node_id)
+            lazy = facts.lazy
+            if any(src not in resolved for name, src, _ in facts.links if name not in lazy):
                 continue  # an input must be computed first, so this node cannot be a hit yet
             try:
                 key = self._key(node_id)
@@ -195,6 +278,9 @@ class _PromptRun:
             if entry is not None:
                 self._accept(node_id, key, entry)
                 hits.append(node_id)
+        self._announce_hits(hits)
+
+    def _announce_hits(self, hits: list[str]) -> None:
         self.result.cached.extend(hits)
         self.emit("execution_cached", nodes=hits, timestamp=timestamp_ms())
         for node_id in hits:
@@ -207,30 +293,37 @@ class _PromptRun:
             self.result.outputs[node_id] = entry.ui
             self.emit("executed", node=node_id, display_node=node_id, output=entry.ui)
 
-    def _plan(self, targets: list[str]) -> list[str]:
-        """Unresolved nodes needed to produce `targets` (lazy inputs not followed), in order."""
+    def _plan(self, targets: list[str], order: list[str] | None = None) -> list[str]:
+        """Unresolved nodes needed to produce `targets` (lazy inputs not followed), in order
+        (`order`: the run's whole order, cheaper to filter than to sort a large plan)."""
         need: set[str] = set()
         stack = list(targets)
+        resolved = self.resolved
         while stack:
             node_id = stack.pop()
-            if node_id in need or node_id in self.resolved:
+            if node_id in need or node_id in resolved:
                 continue
             need.add(node_id)
-            lazy = self.schema(node_id).lazy_inputs
-            stack.extend(src for name, (src, _) in self.prompt.nodes[node_id].links.items()
-                         if name not in lazy)
+            facts = self.facts(node_id)
+            lazy = facts.lazy
+            stack.extend(src for name, src, _ in facts.links if name not in lazy)
+        if order is not None:
+            return [node_id for node_id in order if node_id in need]
         return sorted(need, key=self.rank.__getitem__)
 
     def _run_nodes(self, plan: list[str]) -> None:
+        # locals: this loop runs once per node of every prompt
+        resolved, keys, used_keys = self.resolved, self.keys, self.used_keys
+        interrupted, cache = self.ex.interrupt.is_set, self.ex.cache
         for node_id in plan:
-            if node_id in self.resolved:
+            if node_id in resolved:
                 continue
-            if self.ex.interrupt.is_set():
+            if interrupted():
                 raise ExecutionInterrupted(node_id)
-            key = self.keys.get(node_id) or self._key_or_fail(node_id)
+            key = keys.get(node_id) or self._key_or_fail(node_id)
             if key is None:
                 raise RuntimeError(f"node {node_id} was scheduled before its inputs resolved")
-            entry = self.ex.cache.get(key)
+            entry = cache.get(key)
             if entry is not None:  # early cutoff: an upstream re-ran and gave the same output
                 self._accept(node_id, key, entry)
                 self.result.cached.append(node_id)
@@ -238,8 +331,10 @@ class _PromptRun:
                 self._announce_cached_output(node_id)
                 continue
             entry = self._execute(node_id, key)
-            self.ex.cache.put(key, entry)
-            self._accept(node_id, key, entry)
+            cache.put(key, entry)
+            resolved[node_id] = entry
+            used_keys.add(key)
+            keys[node_id] = key
 
     def _accept(self, node_id: str, key: str, entry: CacheEntry) -> None:
         self.resolved[node_id] = entry
@@ -257,36 +352,34 @@ class _PromptRun:
 
     def _key(self, node_id: str) -> str | None:
         """The node's cache key, or None while a (non-lazy) upstream is unresolved."""
-        node = self.prompt.nodes[node_id]
-        node_type = self.ex.registry.get(node.class_type)
-        schema = node_type.schema
-        lazy = schema.lazy_inputs
+        facts = self.facts(node_id)
+        lazy = facts.lazy
+        resolved = self.resolved
         upstream = []
-        for name, (src, slot) in sorted(node.links.items()):
+        for name, src, slot in facts.links:
             if name in lazy:
                 upstream.append((name, "s", self._structural_key(src), slot))
                 continue
-            entry = self.resolved.get(src)
+            entry = resolved.get(src)
             if entry is None:
                 return None
             upstream.append((name, entry.identities[slot]))
         upstream_t = tuple(upstream)
         fingerprint = None
-        if self.ex.has_fingerprint(node_type):
+        if facts.fingerprinted:
+            node = self.prompt.nodes[node_id]
             instance = self.ex.instance(node_id, node.class_type)
             fingerprint = instance.fingerprint(self._context(node_id), **node.literals)
-        if fingerprint is ALWAYS_CHANGED or not schema.idempotent:
+        if fingerprint is ALWAYS_CHANGED or not facts.schema.idempotent:
             # Never reused by a later prompt, nor shared with another node of this one.
             fingerprint = ("nonce", self.nonce, node_id, repr(fingerprint))
         memo = self.ex._key_memo.get(node_id)
-        if (memo is not None and memo[0] == node.class_type and memo[1] == node.literals
-                and memo[2] == upstream_t and memo[3] == fingerprint):
-            return memo[4]
-        key = hashlib.blake2b(repr((node.class_type, schema.version, fingerprint,
-                                    literal_items(node.literals), upstream_t)).encode(),
+        if (memo is not None and memo[0] == facts.static and memo[1] == upstream_t
+                and memo[2] == fingerprint):
+            return memo[3]
+        key = hashlib.blake2b(f"{facts.static}|{fingerprint!r}|{upstream_t!r}".encode(),
                               digest_size=16).hexdigest()
-        self.ex._key_memo[node_id] = (node.class_type, dict(node.literals), upstream_t,
-                                      fingerprint, key)
+        self.ex._key_memo[node_id] = (facts.static, upstream_t, fingerprint, key)
         return key
 
     def _structural_key(self, node_id: str) -> str:
@@ -314,23 +407,22 @@ class _PromptRun:
         self.emit("progress", value=value, max=total, node=node_id)
 
     def _execute(self, node_id: str, key: str) -> CacheEntry:
-        node = self.prompt.nodes[node_id]
-        schema = self.schema(node_id)
-        self.emit("executing", node=node_id, display_node=node_id)
+        facts = self.facts(node_id)
+        if not self.silent:
+            self.emit("executing", node=node_id, display_node=node_id)
         ctx = self._context(node_id)
-        instance = self.ex.instance(node_id, node.class_type)
-        inputs = self._gather_inputs(node_id, schema)
+        instance = self.ex.instance(node_id, facts.class_type)
         started = time.perf_counter()
         try:
-            if schema.lazy_inputs:
-                self._resolve_lazy(node_id, schema, instance, ctx, inputs)
-            outputs, ui = self._call(instance, ctx, schema, inputs)
+            outputs, ui = self._invoke(node_id, facts, instance, ctx)
         except (ExecutionInterrupted, NodeExecutionError):
             raise
         except Exception as exc:  # noqa: BLE001 - any node failure fails the prompt, not us
+            node = self.prompt.nodes[node_id]
+            inputs = self._gather_inputs(node_id, facts.schema)
             shown = {name: format_input_values(values) for name, values in inputs.items()
                      if name in node.literals or name in node.links}
-            raise NodeExecutionError(node_id, node.class_type, exc, shown) from exc
+            raise NodeExecutionError(node_id, facts.class_type, exc, shown) from exc
         seconds = time.perf_counter() - started
         self.result.executed.append(node_id)
         self.result.timings[node_id] = seconds
@@ -341,6 +433,29 @@ class _PromptRun:
             self.emit("executed", node=node_id, display_node=node_id, output=ui)
         identities = tuple(self._identity(values, key, slot) for slot, values in enumerate(outputs))
         return CacheEntry(outputs, identities, ui)
+
+    def _invoke(self, node_id: str, facts: _Facts, instance: Node,
+                ctx: NodeContext) -> tuple[list[list[Any]], dict[str, Any] | None]:
+        """Run the node on its inputs: one direct call in the common case (no lazy, hidden or
+        list inputs, one value per link), else through ComfyUI's list semantics."""
+        if facts.simple:
+            kwargs = dict(facts.literal_kwargs)
+            resolved = self.resolved
+            for name, src, slot in facts.link_kwargs:
+                values = resolved[src].outputs[slot]
+                if len(values) != 1:
+                    break
+                kwargs[name] = values[0]
+            else:
+                schema = facts.schema
+                values, ui = _normalise(instance.execute(ctx, **kwargs), schema)
+                outputs = [list(value) if declared.is_list else [value]
+                           for declared, value in zip(schema.outputs, values, strict=True)]
+                return outputs, (None if ui is None else _merge_ui(None, ui))
+        inputs = self._gather_inputs(node_id, facts.schema)
+        if facts.lazy:
+            self._resolve_lazy(node_id, facts.schema, instance, ctx, inputs)
+        return self._call(instance, ctx, facts.schema, inputs)
 
     @staticmethod
     def _identity(values: list[Any], key: str, slot: int) -> Any:
@@ -354,14 +469,12 @@ class _PromptRun:
 
     def _gather_inputs(self, node_id: str, schema: NodeSchema) -> dict[str, list[Any]]:
         """Every input as a list of values (ComfyUI list semantics); lazy ones left out."""
-        node = self.prompt.nodes[node_id]
-        declared = schema.declares
-        # Only declared inputs reach the node (editor files can carry extras, e.g. "upload").
-        inputs: dict[str, list[Any]] = {name: [value] for name, value in node.literals.items()
-                                        if declared(name)}
-        lazy = schema.lazy_inputs
-        for name, (src, slot) in node.links.items():
-            if declared(name) and (name not in lazy or src in self.resolved):
+        facts = self.facts(node_id)
+        inputs: dict[str, list[Any]] = {name: [value]
+                                        for name, value in facts.literal_kwargs.items()}
+        lazy = facts.lazy
+        for name, src, slot in facts.link_kwargs:
+            if name not in lazy or src in self.resolved:
                 inputs[name] = self.resolved[src].outputs[slot]
         for spec in schema.hidden_inputs:
             inputs[spec.name] = [self._hidden_value(spec.type, node_id)]

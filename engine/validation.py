@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.context import InterruptFlag, NodeContext, Services
+from engine.gc_scope import older_objects_frozen
 from engine.graph import CycleError, GraphPlanner, Prompt, PromptNode
 from engine.node import MISSING, Input, Node, NodeSchema
 from engine.registry import NodeRegistry
@@ -270,6 +271,12 @@ def validate_custom(node: PromptNode, node_type: type[Node], literals: dict[str,
 def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Services,
                     targets: Iterable[str] | None = None) -> ValidationResult:
     """Validate an API-format prompt against the registry; `targets` limits the outputs run."""
+    with older_objects_frozen():
+        return _validate(api, registry, services, targets)
+
+
+def _validate(api: dict[str, Any], registry: NodeRegistry, services: Services,
+              targets: Iterable[str] | None) -> ValidationResult:
     if not isinstance(api, dict) or not all(isinstance(v, dict) for v in api.values()):
         result = ValidationResult(Prompt(nodes={}), [])
         result.error = error_entry("invalid_prompt", "Prompt must be an object of node objects",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cache import OutputCache
+from engine.cache import CacheEntry, OutputCache
 from tests.stubs import Engine, node
 
 
@@ -281,3 +281,35 @@ def test_identical_non_idempotent_nodes_both_run_in_one_prompt(engine: Engine) -
            "3": node("Add", a=["1", 0], b=["2", 0]), "4": node("Show", x=["3", 0])}
     _, events = engine.run(api)
     assert sorted(events.executed_nodes()) == ["1", "2", "3", "4"]
+
+
+def test_repeat_of_a_fully_cached_prompt_recomputes_no_key(engine: Engine,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.run(diamond())
+
+    def no_key(*_: object) -> None:
+        raise AssertionError("the repeat should be answered from the last run's entries")
+
+    monkeypatch.setattr("engine.executor._PromptRun._key", no_key)
+    result, events = engine.run(diamond())
+    assert result.ok and events.executed_nodes() == []
+    assert sorted(result.cached) == ["1", "2", "3", "4", "5", "6"]
+    assert result.outputs == {"5": {"text": ["6.0"]}, "6": {"text": ["2"]}}
+
+
+def test_repeat_after_the_cache_was_cleared_runs_everything(engine: Engine) -> None:
+    engine.run(diamond())
+    engine.executor.cache.clear()
+    _, events = engine.run(diamond())
+    assert sorted(events.executed_nodes()) == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_repeat_notices_an_upstream_entry_that_was_recomputed(engine: Engine) -> None:
+    engine.run(diamond())
+    cache = engine.executor.cache
+    # node 3 (Add 1 + 2) recomputed since, to a different value under the same key
+    key = next(k for k, entry in cache._entries.items() if entry.outputs == [[3]])
+    cache.put(key, CacheEntry([[4]], (("s", (4,)),), None))
+    result, events = engine.run(diamond())
+    assert events.executed_nodes() == ["4", "5"]
+    assert result.outputs["5"] == {"text": ["8.0"]}
