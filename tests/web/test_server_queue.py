@@ -154,9 +154,12 @@ def test_partial_execution_targets_run_only_those_outputs(server: ServerProcess)
 
 
 def test_jobs_lists_statuses_and_accepts_cancelled(server: ServerProcess) -> None:
+    # two earlier jobs, so that the page of two at offset 1 has more after it
+    earlier = [submit(server, value_workflow(value))["prompt_id"] for value in (48, 49)]
     done = submit(server, value_workflow(50))["prompt_id"]
     failed = submit(server, value_workflow(51, "LoomTestFail"))["prompt_id"]
-    wait_history(server, done)
+    for prompt_id in (*earlier, done):
+        wait_history(server, prompt_id)
     wait_history(server, failed)
     page = server.get_json("/api/jobs?status=completed,failed,cancelled&limit=200&offset=0")
     assert isinstance(page, dict)
