@@ -51,12 +51,16 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
         return target
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        raise KernelBuildError("no C compiler found (install gcc, or set CC)")
+        raise KernelBuildError(f"no C compiler found to build {source.name} (install gcc, or "
+                               f"set CC)")
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / target.name
-        result = subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(partial)],
-                                capture_output=True, text=True, timeout=300)
+        try:
+            result = subprocess.run([compiler, *COMPILE_FLAGS, str(source), "-o", str(partial)],
+                                    capture_output=True, text=True, timeout=300)
+        except OSError as error:
+            raise KernelBuildError(f"could not run {compiler} on {source.name}: {error}") from error
         if result.returncode != 0:
             raise KernelBuildError(f"{compiler} failed on {source.name}:\n{result.stderr}")
         os.replace(partial, target)  # atomic: a concurrent build of the same hash is harmless
