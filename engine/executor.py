@@ -419,7 +419,7 @@ class _PromptRun:
             raise
         except Exception as exc:  # noqa: BLE001 - any node failure fails the prompt, not us
             node = self.prompt.nodes[node_id]
-            inputs = self._gather_inputs(node_id, facts.schema)
+            inputs = self._gather_inputs(node_id, facts)
             shown = {name: format_input_values(values) for name, values in inputs.items()
                      if name in node.literals or name in node.links}
             raise NodeExecutionError(node_id, facts.class_type, exc, shown) from exc
@@ -452,7 +452,7 @@ class _PromptRun:
                 outputs = [list(value) if declared.is_list else [value]
                            for declared, value in zip(schema.outputs, values, strict=True)]
                 return outputs, (None if ui is None else _merge_ui(None, ui))
-        inputs = self._gather_inputs(node_id, facts.schema)
+        inputs = self._gather_inputs(node_id, facts)
         if facts.lazy:
             self._resolve_lazy(node_id, facts.schema, instance, ctx, inputs)
         return self._call(instance, ctx, facts.schema, inputs)
@@ -467,16 +467,15 @@ class _PromptRun:
         digest = content_digest(values)
         return ("v", digest) if digest is not None else ("k", key, slot)
 
-    def _gather_inputs(self, node_id: str, schema: NodeSchema) -> dict[str, list[Any]]:
+    def _gather_inputs(self, node_id: str, facts: _Facts) -> dict[str, list[Any]]:
         """Every input as a list of values (ComfyUI list semantics); lazy ones left out."""
-        facts = self.facts(node_id)
         inputs: dict[str, list[Any]] = {name: [value]
                                         for name, value in facts.literal_kwargs.items()}
         lazy = facts.lazy
         for name, src, slot in facts.link_kwargs:
             if name not in lazy or src in self.resolved:
                 inputs[name] = self.resolved[src].outputs[slot]
-        for spec in schema.hidden_inputs:
+        for spec in facts.schema.hidden_inputs:
             inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
         return inputs
 
