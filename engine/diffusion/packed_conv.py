@@ -9,6 +9,8 @@ copy is derived state: it is rebuilt whenever the weight changes
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -19,11 +21,17 @@ from torch import Tensor, nn
 PACK_MAX_PIXELS = 12 * 12
 
 
+@functools.cache
+def bf16_packing_supported() -> bool:
+    """oneDNN packs bf16 conv weights only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packable(x: Tensor, weight: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == x.dtype
             and x.dim() == 4 and x.shape[-2] * x.shape[-1] <= PACK_MAX_PIXELS
             and not (weight.requires_grad and torch.is_grad_enabled())
-            and torch.backends.mkldnn.is_available())
+            and bf16_packing_supported())
 
 
 class Conv2d(nn.Conv2d):

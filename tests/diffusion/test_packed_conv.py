@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.diffusion.packed_conv import PACK_MAX_PIXELS, Conv2d, packable
+from engine.diffusion.packed_conv import (
+    PACK_MAX_PIXELS,
+    Conv2d,
+    bf16_packing_supported,
+    packable,
+)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="needs PyTorch built with oneDNN")
@@ -28,6 +33,11 @@ def plain(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
 
 
+needs_bf16_packing = pytest.mark.skipif(
+    not bf16_packing_supported(), reason="oneDNN cannot pack bf16 conv weights on this CPU")
+
+
+@needs_bf16_packing
 def test_small_maps_take_the_packed_path_with_the_same_result() -> None:
     conv, x = layer(), feature_map(8)
     with torch.inference_mode():
@@ -43,6 +53,7 @@ def test_large_maps_and_fp32_keep_the_plain_path() -> None:
     assert not packable(feature_map(8).float(), conv.weight.float())
 
 
+@needs_bf16_packing
 def test_an_in_place_weight_change_repacks() -> None:
     conv, x = layer(), feature_map(8)
     with torch.inference_mode():
@@ -62,6 +73,19 @@ def test_strided_conv_and_drop_packed() -> None:
         torch.testing.assert_close(out, plain(conv, x), atol=1e-2, rtol=1e-2)
     conv.drop_packed()
     assert conv._packed is None
+
+
+def test_a_cpu_that_cannot_pack_bf16_keeps_the_plain_path(monkeypatch) -> None:
+    bf16_packing_supported.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    conv, x = layer(), feature_map(8)
+    try:
+        assert not packable(x, conv.weight)
+        with torch.inference_mode():
+            torch.testing.assert_close(conv(x), plain(conv, x), atol=1e-2, rtol=1e-2)
+        assert conv._packed is None
+    finally:
+        bf16_packing_supported.cache_clear()
 
 
 def test_state_dict_keys_are_those_of_nn_conv2d() -> None:
