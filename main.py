@@ -19,10 +19,10 @@ from engine.cache import OutputCache  # noqa: E402
 from engine.cli import EXIT_INVALID, run_workflow  # noqa: E402
 from engine.context import Services  # noqa: E402
 from engine.custom_nodes import load_custom_nodes  # noqa: E402
-from engine.diffusion.devices import DevicePolicy  # noqa: E402
-from engine.diffusion.model_manager import ModelManager  # noqa: E402
-from engine.diffusion.offload import VramSettings, cuda_memory_probe  # noqa: E402
-from engine.diffusion.tokenizer import BpeCache  # noqa: E402
+from engine.diffusion.memory.devices import DevicePolicy  # noqa: E402
+from engine.diffusion.memory.model_manager import ModelManager  # noqa: E402
+from engine.diffusion.memory.offload import VramSettings, cuda_memory_probe  # noqa: E402
+from engine.diffusion.text.tokenizer import BpeCache  # noqa: E402
 from engine.executor import Executor  # noqa: E402
 from engine.paths import PathError, Paths  # noqa: E402
 from engine.registry import NodeRegistry  # noqa: E402

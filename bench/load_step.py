@@ -126,7 +126,7 @@ def finish(times: dict[str, float], before_load: dict[str, float], after_load: d
 # ---- the three children ----------------------------------------------------------------
 
 def write_child(path: Path) -> dict[str, Any]:
-    from engine.diffusion.checkpoint_writer import write_random_checkpoint
+    from engine.diffusion.checkpoints.writer import write_random_checkpoint
 
     times: dict[str, float] = {}
     with timed(times, "write_s"):
@@ -139,10 +139,10 @@ def loom_child(path: Path, fp32: bool, workdir: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from engine.diffusion.checkpoint import load_checkpoint, open_state_file
-    from engine.diffusion.devices import DevicePolicy
-    from engine.diffusion.patching import patched
-    from engine.diffusion.tokenizer import BpeCache
+    from engine.diffusion.checkpoints.loader import load_checkpoint, open_state_file
+    from engine.diffusion.memory.devices import DevicePolicy
+    from engine.diffusion.patches.patching import patched
+    from engine.diffusion.text.tokenizer import BpeCache
 
     bpe = BpeCache().get()
     policy = DevicePolicy.decide(force_fp32=fp32)
@@ -167,7 +167,7 @@ def diffusers_child(path: Path, dtype_name: str, workdir: Path) -> dict[str, Any
     """from_single_file's steps for the UNet, VAE and text encoder, then one UNet call."""
     import torch
 
-    from engine.diffusion.tokenizer import BpeCache
+    from engine.diffusion.text.tokenizer import BpeCache
 
     dtype = getattr(torch, dtype_name)
     token_ids = prompt_token_ids(BpeCache().get().encode)
@@ -193,7 +193,7 @@ def prompt_token_ids(encode: Any) -> Any:
     vocabulary files fetched from the Hub); the tokenizer is not part of what is measured."""
     import torch
 
-    from engine.diffusion.tokenizer import CONTEXT_LENGTH, END_TOKEN, START_TOKEN
+    from engine.diffusion.text.tokenizer import CONTEXT_LENGTH, END_TOKEN, START_TOKEN
 
     rows = []
     for prompt in PROMPTS:

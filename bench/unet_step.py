@@ -26,7 +26,7 @@ tune_before_torch()  # as main.py does; diffusers runs in this process under the
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from engine.diffusion.unet import CHECKPOINT_PREFIX, UNet, UNetConfig, UNetFamily  # noqa: E402
+from engine.diffusion.networks.unet import CHECKPOINT_PREFIX, UNet, UNetConfig, UNetFamily  # noqa: E402
 
 BATCH, LATENT, TOKENS = 2, 64, 77
 

@@ -9,14 +9,14 @@ from typing import Any
 import torch
 
 from engine.context import NodeContext
-from engine.diffusion.checkpoint import open_state_file
-from engine.diffusion.clip_vision import (
+from engine.diffusion.checkpoints.loader import open_state_file
+from engine.diffusion.networks.clip_vision import (
     CROP_MODES,
     ClipVisionModel,
     ClipVisionOutput,
     load_clip_vision,
 )
-from engine.diffusion.style_model import StyleAdapter, load_style_model
+from engine.diffusion.networks.style_model import StyleAdapter, load_style_model
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
 from nodes.loaders import file_fingerprint, load_model_file, manager
 

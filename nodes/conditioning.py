@@ -1,6 +1,6 @@
 """Conditioning nodes: combining, averaging and concatenating prompts, areas, masks, timestep
 ranges and zeroing. They only annotate the [cond, options] pairs; the sampler applies them
-(engine/diffusion/conditioning.py documents how)."""
+(engine/diffusion/sampling/conditioning.py documents how)."""
 
 from __future__ import annotations
 

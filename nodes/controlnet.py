@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from engine.context import NodeContext
-from engine.diffusion.checkpoint import open_state_file
-from engine.diffusion.control import Control, ControlModel
-from engine.diffusion.controlnet_loader import load_control_model
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.checkpoints.controlnet_loader import load_control_model
+from engine.diffusion.checkpoints.loader import open_state_file
+from engine.diffusion.patches.control import Control, ControlModel
+from engine.diffusion.patches.model_handle import ModelHandle
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
 from nodes.loaders import file_fingerprint, load_model_file, manager
 

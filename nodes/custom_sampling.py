@@ -11,16 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from engine.context import NodeContext
-from engine.diffusion.guidance import Guider
-from engine.diffusion.ksampler import (
-    DisabledNoise,
-    NoiseGenerator,
-    RandomNoise,
-    SamplerChoice,
-    default_sigmas,
-    sample_custom,
-)
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.sampling import (
     COMFYUI_SAMPLER_NAMES,
     SCHEDULER_NAMES,
@@ -28,6 +19,15 @@ from engine.diffusion.sampling import (
     karras,
     polyexponential,
     sd_turbo,
+)
+from engine.diffusion.sampling.guidance import Guider
+from engine.diffusion.sampling.ksampler import (
+    DisabledNoise,
+    NoiseGenerator,
+    RandomNoise,
+    SamplerChoice,
+    default_sigmas,
+    sample_custom,
 )
 from engine.node import Boolean, Combo, Float, Int, Link, Node, NodeSchema, Output
 from engine.values import Latent

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.context import NodeContext
-from engine.diffusion.vae_model import VAE
+from engine.diffusion.networks.vae_model import VAE
 from engine.node import Boolean, Int, Link, Node, NodeSchema, Output
 from engine.values import Latent
 from nodes.conditioning import Conditioning, with_values

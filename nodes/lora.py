@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from engine.context import NodeContext
-from engine.diffusion.clip import TextEncoderStack
-from engine.diffusion.hypernetwork import Hypernetwork, HypernetworkPatch, load_hypernetwork
-from engine.diffusion.lora import LoraFile, LoraReport, apply_lora, load_lora_file
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.patches.hypernetwork import Hypernetwork, HypernetworkPatch, load_hypernetwork
+from engine.diffusion.patches.lora import LoraFile, LoraReport, apply_lora, load_lora_file
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.text.encoding import TextEncoderStack
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeResult, NodeSchema, Output
 from nodes.loaders import file_fingerprint, load_model_file
 

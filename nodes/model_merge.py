@@ -13,11 +13,11 @@ import json
 from typing import Any
 
 from engine.context import NodeContext
-from engine.diffusion.checkpoint_save import save_checkpoint
-from engine.diffusion.clip import TextEncoderStack
-from engine.diffusion.model_handle import ModelHandle
-from engine.diffusion.vae_model import VAE
-from engine.diffusion.weight_patches import MergePatch, MergeRule, WeightSource
+from engine.diffusion.checkpoints.save import save_checkpoint
+from engine.diffusion.networks.vae_model import VAE
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.patches.weight_patches import MergePatch, MergeRule, WeightSource
+from engine.diffusion.text.encoding import TextEncoderStack
 from engine.node import Float, Hidden, Link, Node, NodeResult, NodeSchema, Output, String
 from nodes.filenames import prepare_save
 

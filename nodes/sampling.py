@@ -10,8 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from engine.context import NodeContext
-from engine.diffusion.ksampler import StepProgress, preview_image, sample, wants_preview
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.sampling import (
     COMFYUI_SAMPLER_NAMES,
     PREDICTIONS,
@@ -19,6 +18,7 @@ from engine.diffusion.sampling import (
     SCHEDULER_NAMES,
     model_sampling,
 )
+from engine.diffusion.sampling.ksampler import StepProgress, preview_image, sample, wants_preview
 from engine.node import Boolean, Combo, Float, Int, Link, Node, NodeSchema, Output
 from engine.values import Latent
 

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from engine.context import NodeContext
-from engine.diffusion.clip import TextEncoderStack
+from engine.diffusion.text.encoding import TextEncoderStack
 from engine.node import Float, Int, Link, Node, NodeSchema, Output, String
 
 logger = logging.getLogger("loom.clip")

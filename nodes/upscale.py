@@ -2,7 +2,7 @@
 ImageUpscaleWithModel runs it over an IMAGE in overlapping tiles, as ComfyUI does.
 
 Upscale models are usually .pth files; they load without --allow-pickle-checkpoints, but only
-through torch.load(weights_only=True) (see engine.diffusion.esrgan.read_upscale_state)."""
+through torch.load(weights_only=True) (see engine.diffusion.networks.esrgan.read_upscale_state)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from engine.context import NodeContext
-from engine.diffusion.esrgan import RRDBNet, build_rrdbnet, read_upscale_state
-from engine.diffusion.model_manager import ModelManager
-from engine.diffusion.offload import compute_device
-from engine.diffusion.tiling import tiled_apply
+from engine.diffusion.memory.model_manager import ModelManager
+from engine.diffusion.memory.offload import compute_device
+from engine.diffusion.networks.esrgan import RRDBNet, build_rrdbnet, read_upscale_state
+from engine.diffusion.networks.tiling import tiled_apply
 from engine.node import Combo, FilesIn, Link, Node, NodeSchema, Output
 from nodes.loaders import file_fingerprint, load_model_file, manager
 

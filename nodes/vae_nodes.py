@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from engine.context import NodeContext
-from engine.diffusion.vae_model import VAE
+from engine.diffusion.networks.vae_model import VAE
 from engine.node import Int, Link, Node, NodeSchema, Output
 from engine.values import Latent
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.context import NodeContext, Services
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
-from engine.diffusion.devices import DevicePolicy
-from engine.diffusion.model_manager import ModelManager
-from engine.diffusion.tokenizer import BpeCache
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
+from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.memory.model_manager import ModelManager
+from engine.diffusion.text.tokenizer import BpeCache
 from engine.events import RecordingListener
 from engine.executor import ExecutionResult, Executor
 from engine.node import Link, Node, NodeResult, NodeSchema

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from engine.diffusion.clip_vision import (
+from engine.diffusion.networks.clip_vision import (
     CLIP_MEAN,
     CLIP_STD,
     ClipVisionModel,
@@ -22,7 +22,7 @@ from engine.diffusion.clip_vision import (
     clip_preprocess,
     load_clip_vision,
 )
-from engine.diffusion.style_model import ResidualAttention, StyleAdapter, StyleConfig
+from engine.diffusion.networks.style_model import ResidualAttention, StyleAdapter, StyleConfig
 from engine.validation import validate_prompt
 from nodes.clip_vision import StyleModelApply
 from tests.model_engine import ModelEngine, node, probed

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.diffusion.control import Control, ControlModel
-from engine.diffusion.controlnet_loader import CONTROL_PREFIX, DIFF_MARKER
-from engine.diffusion.controlnet_writer import (
+from engine.diffusion.checkpoints.controlnet_loader import CONTROL_PREFIX, DIFF_MARKER
+from engine.diffusion.checkpoints.controlnet_writer import (
     random_controlnet,
     write_random_controlnet,
     write_random_t2i_adapter,
 )
-from engine.diffusion.t2i_adapter import T2IAdapter
+from engine.diffusion.networks.t2i_adapter import T2IAdapter
+from engine.diffusion.patches.control import Control, ControlModel
 from nodes import builtin_node_types
 from nodes.controlnet import ControlNetApply, ControlNetApplyAdvanced
 from tests.diffusion.controlnet_testing import save, tiny_controlnet

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from engine.diffusion.model_handle import ModelHandle
-from engine.diffusion.patching import patched
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.patches.patching import patched
 from tests.model_engine import ModelEngine, node, probed
 
 ATTN2_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"

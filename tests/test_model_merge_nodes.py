@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from engine.diffusion.patching import Patch, patched
+from engine.diffusion.patches.patching import Patch, patched
 from tests.model_engine import ModelEngine, node, probed
 from tests.test_lora_nodes import write_lora
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.diffusion.controlnet_writer import write_random_controlnet
+from engine.diffusion.checkpoints.controlnet_writer import write_random_controlnet
 from tests.model_engine import ModelEngine, node, probed
 from tests.test_controlnet_nodes import workflow
 from tests.test_lora_nodes import lora_node, write_lora

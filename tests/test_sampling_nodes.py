@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.sampling import exponential, karras, polyexponential
 from engine.events import RecordingListener
 from engine.executor import ExecutionResult

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.diffusion.esrgan import (
+from engine.diffusion.networks.esrgan import (
     RRDBConfig,
     RRDBNet,
     UpscaleModelError,

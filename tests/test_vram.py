@@ -17,14 +17,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoint import load_checkpoint, open_state_file
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
-from engine.diffusion.controlnet_writer import write_random_controlnet
-from engine.diffusion.devices import DevicePolicy
-from engine.diffusion.lora import apply_lora
-from engine.diffusion.model_handle import ModelHandle
-from engine.diffusion.model_manager import ModelKey, ModelManager
-from engine.diffusion.offload import (
+from engine.diffusion.checkpoints.controlnet_writer import write_random_controlnet
+from engine.diffusion.checkpoints.loader import load_checkpoint, open_state_file
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
+from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.memory.model_manager import ModelKey, ModelManager
+from engine.diffusion.memory.offload import (
     GB,
     INFERENCE_RESERVE,
     LayerState,
@@ -36,7 +34,9 @@ from engine.diffusion.offload import (
     cuda_memory_probe,
     reserve_bytes,
 )
-from engine.diffusion.patching import patched
+from engine.diffusion.patches.lora import apply_lora
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.patches.patching import patched
 from main import build_parser
 from tests.diffusion.lora_testing import assert_state_equal, state_copy, write_lora
 from tests.diffusion.test_lora_patching import full_lora

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.diffusion.safetensors_io import SafetensorsError, read_header
+from engine.diffusion.checkpoints.safetensors_io import SafetensorsError, read_header
 from engine.paths import PathError, Paths, confine
 from web.routing import ApiRoutes
 

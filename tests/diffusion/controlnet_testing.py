@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.diffusion.checkpoint import open_state_file
-from engine.diffusion.checkpoint_writer import randomize
-from engine.diffusion.control import ControlModel
-from engine.diffusion.controlnet import ControlNet, ControlNetConfig
-from engine.diffusion.controlnet_loader import CONTROL_PREFIX, load_control_model
-from engine.diffusion.controlnet_writer import controlnet_config
-from engine.diffusion.devices import DevicePolicy
-from engine.diffusion.model_handle import ModelHandle
-from engine.diffusion.unet import ADM_NUMBER_DIM, UNet, UNetConfig, sdxl_adm
+from engine.diffusion.checkpoints.controlnet_loader import CONTROL_PREFIX, load_control_model
+from engine.diffusion.checkpoints.controlnet_writer import controlnet_config
+from engine.diffusion.checkpoints.loader import open_state_file
+from engine.diffusion.checkpoints.writer import randomize
+from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.networks.controlnet import ControlNet, ControlNetConfig
+from engine.diffusion.networks.unet import ADM_NUMBER_DIM, UNet, UNetConfig, sdxl_adm
+from engine.diffusion.patches.control import ControlModel
+from engine.diffusion.patches.model_handle import ModelHandle
 
 FP32_CPU = DevicePolicy.decide(cpu=True, force_fp32=True)
 FAMILY_OF_KIND = {"sd15": "sd1", "sd21v": "sd2", "sdxl_base": "sdxl"}

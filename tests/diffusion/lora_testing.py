@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoint import LoadedCheckpoint, load_checkpoint, open_state_file
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
-from engine.diffusion.devices import DevicePolicy
-from engine.diffusion.lora import LoraFile, load_lora_file
-from engine.diffusion.patching import Patch, patched
-from engine.diffusion.tokenizer import BpeCache
+from engine.diffusion.checkpoints.loader import LoadedCheckpoint, load_checkpoint, open_state_file
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
+from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.patches.lora import LoraFile, load_lora_file
+from engine.diffusion.patches.patching import Patch, patched
+from engine.diffusion.text.tokenizer import BpeCache
 
 FP32 = DevicePolicy.decide(cpu=True, force_fp32=True)
 

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.diffusion.checkpoint import (
+from engine.diffusion.checkpoints.detect import detect_checkpoint
+from engine.diffusion.checkpoints.loader import (
     CheckpointError,
     load_checkpoint,
     load_unet_file,
     load_vae_file,
     open_state_file,
 )
-from engine.diffusion.checkpoint_writer import KINDS, random_checkpoint, write_random_checkpoint
-from engine.diffusion.detect import detect_checkpoint
-from engine.diffusion.devices import DevicePolicy
-from engine.diffusion.safetensors_io import DTYPES
-from engine.diffusion.tokenizer import BpeCache
+from engine.diffusion.checkpoints.safetensors_io import DTYPES
+from engine.diffusion.checkpoints.writer import KINDS, random_checkpoint, write_random_checkpoint
+from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.text.tokenizer import BpeCache
 from tests.diffusion.manifests import manifest
 
 NAMES = {dtype: name for name, dtype in DTYPES.items()}

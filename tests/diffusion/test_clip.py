@@ -9,11 +9,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from engine.diffusion.clip import TextEncoderStack, window_inputs
-from engine.diffusion.clip_text import TINY_CLIP_L_CONFIG, ClipTextModel
-from engine.diffusion.openclip_text import TINY_OPENCLIP_CONFIG, OpenClipTextModel
-from engine.diffusion.prompt_weights import EmbeddingFolders
-from engine.diffusion.tokenizer import END_TOKEN, ClipBpe
+from engine.diffusion.networks.clip_text import TINY_CLIP_L_CONFIG, ClipTextModel
+from engine.diffusion.networks.openclip_text import TINY_OPENCLIP_CONFIG, OpenClipTextModel
+from engine.diffusion.text.encoding import TextEncoderStack, window_inputs
+from engine.diffusion.text.prompt_weights import EmbeddingFolders
+from engine.diffusion.text.tokenizer import END_TOKEN, ClipBpe
 
 TINY_L = replace(TINY_CLIP_L_CONFIG, layers=3)
 TINY_G = replace(TINY_OPENCLIP_CONFIG, layers=3, width=48, heads=3)

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.diffusion.clip import (
+from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, ClipTextModel
+from engine.diffusion.networks.openclip_text import (
+    TINY_OPENCLIP_CONFIG,
+    VIT_BIGG_CONFIG,
+    VIT_H_CONFIG,
+    OpenClipTextModel,
+)
+from engine.diffusion.text.encoding import (
     build_text_encoder,
     detect_text_encoder_architecture,
     detect_text_encoder_family,
@@ -19,14 +26,7 @@ from engine.diffusion.clip import (
     load_text_encoder_files,
     load_text_encoder_state,
 )
-from engine.diffusion.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, ClipTextModel
-from engine.diffusion.openclip_text import (
-    TINY_OPENCLIP_CONFIG,
-    VIT_BIGG_CONFIG,
-    VIT_H_CONFIG,
-    OpenClipTextModel,
-)
-from engine.diffusion.tokenizer import ClipBpe
+from engine.diffusion.text.tokenizer import ClipBpe
 from tests.diffusion.test_clip_text import openclip_to_hf, randomize
 
 FORMATS = Path(__file__).resolve().parents[3] / "shared" / "formats"

@@ -8,14 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.diffusion.clip import build_text_encoder, standalone_encoder_state
-from engine.diffusion.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, TextEncoderConfig
-from engine.diffusion.openclip_text import (
+from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, TextEncoderConfig
+from engine.diffusion.networks.openclip_text import (
     TINY_OPENCLIP_CONFIG,
     VIT_BIGG_CONFIG,
     VIT_H_CONFIG,
     OpenClipTextModel,
 )
+from engine.diffusion.text.encoding import build_text_encoder, standalone_encoder_state
 
 
 def _transformers():

@@ -10,19 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.diffusion.checkpoint import CheckpointError, strip_prefix
-from engine.diffusion.control import Control, ControlModel, broadcast_hint, resize_hint
-from engine.diffusion.controlnet import ControlNet, detect_config
-from engine.diffusion.controlnet_diffusers import diffusers_to_original
-from engine.diffusion.controlnet_loader import CONTROL_PREFIX, DIFF_MARKER
-from engine.diffusion.controlnet_writer import (
+from engine.diffusion.checkpoints.controlnet_diffusers import diffusers_to_original
+from engine.diffusion.checkpoints.controlnet_loader import CONTROL_PREFIX, DIFF_MARKER
+from engine.diffusion.checkpoints.controlnet_writer import (
     adapter_config,
     controlnet_config,
     random_controlnet,
     random_t2i_adapter,
 )
-from engine.diffusion.t2i_adapter import T2IAdapter, build_adapter, from_diffusers
-from engine.diffusion.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.checkpoints.loader import CheckpointError, strip_prefix
+from engine.diffusion.networks.controlnet import ControlNet, detect_config
+from engine.diffusion.networks.t2i_adapter import T2IAdapter, build_adapter, from_diffusers
+from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.patches.control import Control, ControlModel, broadcast_hint, resize_hint
 from tests.diffusion.controlnet_testing import (
     control_inputs,
     diffusers_kwargs,
@@ -117,7 +117,7 @@ def test_hint_of_the_wrong_size_names_the_expected_shape() -> None:
 @pytest.mark.slow
 def test_full_size_sd15_residuals_match_diffusers_in_fp32() -> None:
     network = ControlNet(controlnet_config("sd15", tiny=False))
-    from engine.diffusion.checkpoint_writer import randomize
+    from engine.diffusion.checkpoints.writer import randomize
 
     randomize(network, torch.Generator().manual_seed(0))
     inputs = control_inputs(network.config, height=64, width=64)
@@ -349,7 +349,7 @@ def test_adapter_features_fit_the_unet_blocks_they_are_added_to(kind, family, mu
 def test_adapter_matches_diffusers_and_loads_its_layout(kind, diffusers_type) -> None:
     from diffusers import T2IAdapter as DiffusersAdapter
 
-    from engine.diffusion.checkpoint_writer import randomize
+    from engine.diffusion.checkpoints.writer import randomize
 
     config = adapter_config(kind)
     channels = config.channels[:3] if kind == "light" else config.channels

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.diffusion.detect import (
+from engine.diffusion.checkpoints.detect import (
     V_PRED_PROBE,
     UnknownLayoutError,
     detect_checkpoint,
     detect_unet_file,
 )
-from engine.diffusion.safetensors_io import SafetensorsError, SafetensorsFile
+from engine.diffusion.checkpoints.safetensors_io import SafetensorsError, SafetensorsFile
 from tests.diffusion.manifests import meta_state
 
 EXPECTED = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engine.diffusion.devices import DevicePolicy, cpu_flags, cpu_has_native_bf16
+from engine.diffusion.memory.devices import DevicePolicy, cpu_flags, cpu_has_native_bf16
 
 
 def test_cpu_with_native_bf16_runs_unet_in_bf16_and_vae_in_fp32() -> None:

@@ -14,24 +14,24 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine.diffusion.conditioning import (
-    BLANK_INPAINT_LATENT,
-    SamplingInputs,
-    mask_bounds,
-    prepare_entries,
-    resolve_area,
-)
-from engine.diffusion.guidance import ControlProvider, GuidedModel, Guider
-from engine.diffusion.ksampler import sample
-from engine.diffusion.model_handle import SD1_LATENT, ModelHandle
-from engine.diffusion.sampling import model_sampling
-from engine.diffusion.unet import (
+from engine.diffusion.networks.unet import (
     ADM_NUMBER_DIM,
     UNetConfig,
     UNetFamily,
     sdxl_adm,
     sdxl_refiner_adm,
 )
+from engine.diffusion.patches.model_handle import SD1_LATENT, ModelHandle
+from engine.diffusion.sampling import model_sampling
+from engine.diffusion.sampling.conditioning import (
+    BLANK_INPAINT_LATENT,
+    SamplingInputs,
+    mask_bounds,
+    prepare_entries,
+    resolve_area,
+)
+from engine.diffusion.sampling.guidance import ControlProvider, GuidedModel, Guider
+from engine.diffusion.sampling.ksampler import sample
 from engine.values import Latent
 
 WIDTH = 8  # context width of the stand-in

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from engine.diffusion.attention import CrossAttention
-from engine.diffusion.hypernetwork import (
+from engine.diffusion.networks.attention import CrossAttention
+from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.patches.hypernetwork import (
     HypernetworkError,
     HypernetworkPatch,
     load_hypernetwork,
 )
-from engine.diffusion.patching import patched
-from engine.diffusion.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.patches.patching import patched
 
 WIDTH = 24  # the tiny SD1 UNet's context width
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine.diffusion.checkpoint import LoadedCheckpoint
-from engine.diffusion.lora import LoraPatches, lora_patches
+from engine.diffusion.checkpoints.loader import LoadedCheckpoint
+from engine.diffusion.patches.lora import LoraPatches, lora_patches
 from tests.diffusion.lora_testing import load_tiny, randn, weights_under, write_lora
 
 ATOL = 2e-5

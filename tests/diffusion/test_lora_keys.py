@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine.diffusion.clip_text import CLIP_L_CONFIG, ClipTextModel
-from engine.diffusion.lora import lora_patches, parse_lora
-from engine.diffusion.lora_keys import Target, lora_name_table, openclip_paths, unet_paths
-from engine.diffusion.openclip_text import VIT_BIGG_CONFIG, VIT_H_CONFIG, OpenClipTextModel
-from engine.diffusion.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, ClipTextModel
+from engine.diffusion.networks.openclip_text import VIT_BIGG_CONFIG, VIT_H_CONFIG, OpenClipTextModel
+from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.patches.lora import lora_patches, parse_lora
+from engine.diffusion.patches.lora_keys import Target, lora_name_table, openclip_paths, unet_paths
 from tests.diffusion.manifests import manifest, meta_state
 
 

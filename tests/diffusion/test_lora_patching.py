@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoint import LoadedCheckpoint
-from engine.diffusion.lora import apply_lora, lora_patches
-from engine.diffusion.lora_keys import unet_paths
-from engine.diffusion.patching import patched
-from engine.diffusion.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.checkpoints.loader import LoadedCheckpoint
+from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.patches.lora import apply_lora, lora_patches
+from engine.diffusion.patches.lora_keys import unet_paths
+from engine.diffusion.patches.patching import patched
 from tests.diffusion.lora_testing import (
     assert_state_equal,
     load_tiny,

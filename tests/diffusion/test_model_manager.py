@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from engine.diffusion.checkpoint import load_checkpoint, open_state_file
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
-from engine.diffusion.devices import DevicePolicy
-from engine.diffusion.model_manager import ModelKey, ModelManager
-from engine.diffusion.patching import patched
+from engine.diffusion.checkpoints.loader import load_checkpoint, open_state_file
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
+from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.memory.model_manager import ModelKey, ModelManager
+from engine.diffusion.patches.patching import patched
 
 POLICY = DevicePolicy.decide(cpu=True, force_fp32=True)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.diffusion import native_attention
-from engine.diffusion.attention import CrossAttention
+from engine.diffusion.kernels import native_attention
+from engine.diffusion.networks.attention import CrossAttention
 
 needs_kernel = pytest.mark.skipif(native_attention.kernel() is None,
                                   reason="needs an x86 CPU with AVX512-BF16 and a C compiler")

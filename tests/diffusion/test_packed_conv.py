@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.diffusion.packed_conv import (
+from engine.diffusion.memory.packed_conv import (
     PACK_MAX_PIXELS,
     Conv2d,
     bf16_packing_supported,

@@ -9,12 +9,18 @@ import pytest
 import safetensors.torch
 import torch
 
-from engine.diffusion.prompt_weights import (
+from engine.diffusion.text.prompt_weights import (
     EmbeddingFolders,
     parse_weighted_prompt,
     split_top_level_groups,
 )
-from engine.diffusion.tokenizer import END_TOKEN, START_TOKEN, ClipBpe, ClipTokenizer, WindowSpec
+from engine.diffusion.text.tokenizer import (
+    END_TOKEN,
+    START_TOKEN,
+    ClipBpe,
+    ClipTokenizer,
+    WindowSpec,
+)
 
 WIDTH = 8
 

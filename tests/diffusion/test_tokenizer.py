@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.diffusion.tokenizer import (
+from engine.diffusion.text.tokenizer import (
     CONTEXT_LENGTH,
     END_TOKEN,
     START_TOKEN,

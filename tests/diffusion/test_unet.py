@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.diffusion.attention import CrossAttention
-from engine.diffusion.unet import (
+from engine.diffusion.networks.attention import CrossAttention
+from engine.diffusion.networks.unet import (
     ADM_NUMBER_DIM,
     CHECKPOINT_PREFIX,
     UNet,

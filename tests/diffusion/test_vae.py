@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.diffusion.tiling import blend_weights, tile_starts, tiled_apply
-from engine.diffusion.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
-from engine.diffusion.vae_model import VAE, crop_to_multiple, latent_scale_for
+from engine.diffusion.networks.tiling import blend_weights, tile_starts, tiled_apply
+from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
+from engine.diffusion.networks.vae_model import VAE, crop_to_multiple, latent_scale_for
 
 FORMATS = Path(__file__).resolve().parents[3] / "shared" / "formats"
 PREFIX = "first_stage_model."

@@ -8,8 +8,8 @@ import numpy
 import pytest
 import torch
 
+from engine.diffusion.networks.model_sampling import ZSNR_LAST_ALPHAS_CUMPROD
 from engine.diffusion.sampling import Denoiser, model_sampling
-from engine.diffusion.sampling.model_sampling import ZSNR_LAST_ALPHAS_CUMPROD
 
 
 def reference_sigmas() -> numpy.ndarray:

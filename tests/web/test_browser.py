@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from tests.web.conftest import ROOT, ServerProcess, start_server
 
 CHROMIUM = Path("/usr/bin/chromium")

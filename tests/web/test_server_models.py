@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from tests.web.conftest import ServerProcess, start_server
 from tests.web.prompt_helpers import submit, wait_history
 

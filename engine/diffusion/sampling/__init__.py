@@ -16,7 +16,7 @@ How KSampler uses this package (the glue lives with the sampling nodes):
    ``sampling.inverse_noise_scaling(sigmas[-1], x)``.
 """
 
-from engine.diffusion.sampling.model_sampling import (
+from engine.diffusion.networks.model_sampling import (
     PREDICTIONS,
     Denoiser,
     ModelSampling,

@@ -15,7 +15,7 @@ import numpy
 import torch
 from torch import Tensor
 
-from engine.diffusion.sampling.model_sampling import ModelSampling
+from engine.diffusion.networks.model_sampling import ModelSampling
 
 
 def _append_zero(sigmas: Tensor) -> Tensor:

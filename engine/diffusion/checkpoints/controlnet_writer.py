@@ -1,0 +1,88 @@
+"""Random ControlNet and T2I-Adapter files in the released layouts, for tests and demos.
+
+A full-size SD1.5 ControlNet has exactly the key/dtype/shape set of the lllyasviel files
+(shared/formats/controlnet_sd15.tsv); `tiny` ones match the tiny checkpoints' UNets
+(writer.unet_config) and record their config in the safetensors metadata. Every
+weight is random, zero convs included, so no residual is trivially zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from engine.diffusion.checkpoints.controlnet_loader import CONTROL_PREFIX
+from engine.diffusion.checkpoints.writer import RECIPES, randomize, unet_config
+from engine.diffusion.networks.controlnet import CONFIG_METADATA_KEY, ControlNet, ControlNetConfig
+from engine.diffusion.networks.t2i_adapter import AdapterConfig, build_adapter
+
+CONTROLNET_KINDS = ("sd15", "sd21v", "sdxl_base")  # checkpoint kinds a ControlNet is made for
+ADAPTER_KINDS = ("full", "full_xl", "light")
+TINY_ADAPTER_WIDTH = 32  # the tiny UNets' model_channels
+
+
+def controlnet_config(kind: str = "sd15", *, tiny: bool = True) -> ControlNetConfig:
+    """The ControlNet architecture for checkpoint `kind` (one of CONTROLNET_KINDS)."""
+    if kind not in CONTROLNET_KINDS:
+        raise ValueError(f"no ControlNet layout for checkpoint kind {kind!r}; use one of "
+                         f"{CONTROLNET_KINDS}")
+    return ControlNetConfig.for_unet(unet_config(RECIPES[kind], tiny), tiny=tiny)
+
+
+def random_controlnet(kind: str = "sd15", *, tiny: bool = True, seed: int = 0,
+                      meta: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a random original-layout (`control_model.`) fp32 ControlNet.
+    With `meta` the tensors are shape-only, for layout checks."""
+    config = controlnet_config(kind, tiny=tiny)
+    with torch.device("meta" if meta else "cpu"):
+        network = ControlNet(config)
+    if not meta:
+        randomize(network, torch.Generator().manual_seed(seed))
+    tensors = {CONTROL_PREFIX + name: value for name, value in network.state_dict().items()}
+    metadata = {"loom.kind": f"controlnet_{kind}", "loom.size": "tiny" if tiny else "full"}
+    if tiny:
+        metadata[CONFIG_METADATA_KEY] = config.to_json()
+    return tensors, metadata
+
+
+def write_random_controlnet(path: Path, kind: str = "sd15", *, tiny: bool = True,
+                            seed: int = 0) -> Path:
+    """Write a random ControlNet for checkpoint `kind` to `path` (.safetensors)."""
+    tensors, metadata = random_controlnet(kind, tiny=tiny, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
+              metadata=metadata)
+    return path
+
+
+def adapter_config(kind: str = "full", *, tiny: bool = True, hint_channels: int = 3
+                   ) -> AdapterConfig:
+    """A released T2I-Adapter architecture (TencentARC's, as ComfyUI builds them), or its
+    32-wide tiny version."""
+    base = TINY_ADAPTER_WIDTH if tiny else 320
+    widths = (base, base * 2, base * 4, base * 4)
+    if kind == "light":
+        return AdapterConfig("light", hint_channels * 64, widths, 4)
+    if kind in ("full", "full_xl"):
+        unshuffle = 16 if kind == "full_xl" else 8
+        return AdapterConfig("full", hint_channels * unshuffle * unshuffle, widths, 2)
+    raise ValueError(f"unknown adapter kind {kind!r}; use one of {ADAPTER_KINDS}")
+
+
+def random_t2i_adapter(kind: str = "full", *, tiny: bool = True, seed: int = 0,
+                       hint_channels: int = 3) -> dict[str, Tensor]:
+    """The tensors of a random T2I-Adapter in the original (TencentARC) layout, fp32."""
+    adapter = build_adapter(adapter_config(kind, tiny=tiny, hint_channels=hint_channels))
+    randomize(adapter, torch.Generator().manual_seed(seed))
+    return dict(adapter.state_dict())
+
+
+def write_random_t2i_adapter(path: Path, kind: str = "full", *, tiny: bool = True,
+                             seed: int = 0, hint_channels: int = 3) -> Path:
+    tensors = random_t2i_adapter(kind, tiny=tiny, seed=seed, hint_channels=hint_channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
+              metadata={"loom.kind": f"t2i_adapter_{kind}"})
+    return path

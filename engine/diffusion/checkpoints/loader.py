@@ -1,0 +1,175 @@
+"""Loading single-file checkpoints and standalone UNet/VAE files into the handles nodes use.
+
+Safetensors files are memory-mapped (safetensors_io.py); modules are built on
+the meta device and take the file's tensors by assignment, so weights are not copied unless a
+dtype cast is needed. Weights go to the policy's offload device (the model manager copies them
+to the compute device when used); handles compute on the policy's device. Pickle files
+(.ckpt/.pt/.pth/.bin) load only through torch.load(weights_only=True) and only when the user
+allowed them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from engine.diffusion.checkpoints.detect import (
+    CheckpointLayout,
+    detect_checkpoint,
+    detect_unet_file,
+)
+from engine.diffusion.checkpoints.safetensors_io import SafetensorsFile
+from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
+from engine.diffusion.networks.vae_model import VAE
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.text.encoding import (
+    EmbeddingFinder,
+    TextEncoderStack,
+    load_text_encoder_state,
+)
+from engine.diffusion.text.tokenizer import ClipBpe
+
+logger = logging.getLogger("loom.checkpoint")
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2"})
+UNET_CONFIG_KEY = "loom.unet_config"  # safetensors metadata written for non-standard sizes
+FAMILY_KEY = "loom.family"
+# LATENT values hold the VAE's raw latents, as in ComfyUI (so .latent files and custom nodes
+# agree); the model's latent format scales them on the way into and out of sampling.
+NODE_LATENT_SCALE = 1.0
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be loaded; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class StateFile:
+    """An opened model file: tensors by name (lazy for safetensors) and its metadata."""
+
+    path: Path
+    tensors: Mapping[str, Tensor]
+    metadata: Mapping[str, str]
+
+
+def open_state_file(path: Path, *, allow_pickle: bool = False) -> StateFile:
+    """Open a .safetensors file, or a pickle checkpoint when `allow_pickle` (weights only)."""
+    suffix = path.suffix.lower()
+    if suffix in (".safetensors", ".sft"):
+        opened = SafetensorsFile(path)
+        return StateFile(path, opened, opened.metadata)
+    if suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path.name}: unknown model file type {suffix!r}; use "
+                              f".safetensors (or .ckpt/.pt with --allow-pickle-checkpoints)")
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path.name} is a pickle file, which can run code when loaded; Loom refuses "
+            f"pickle files by default. Convert it to .safetensors, or start Loom with "
+            f"--allow-pickle-checkpoints to load it with torch.load(weights_only=True)")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
+        raise CheckpointError(f"{path.name}: torch.load(weights_only=True) failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name}: expected a dict of tensors, got "
+                              f"{type(loaded).__name__}")
+    return StateFile(path, {k: v for k, v in state.items() if isinstance(v, Tensor)}, {})
+
+
+def strip_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors under `prefix`, renamed without it (views, no copies)."""
+    return {name[len(prefix):]: tensor for name, tensor in tensors.items()
+            if name.startswith(prefix)}
+
+
+def unet_config_for(layout: CheckpointLayout, metadata: Mapping[str, str]) -> UNetConfig:
+    """The UNet's config: recorded in the file (Loom's small test models) or the family's
+    released layout (every real checkpoint of these families shares it)."""
+    recorded = metadata.get(UNET_CONFIG_KEY)
+    if recorded:
+        fields = json.loads(recorded)
+        return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in fields.items()})
+    return UNetConfig.preset(UNetFamily(layout.family), in_channels=layout.in_channels)
+
+
+def build_unet(weights: Mapping[str, Tensor], config: UNetConfig, dtype: torch.dtype,
+               device: torch.device, source: str) -> UNet:
+    """A UNet holding `weights` (cast only where the dtype differs), in eval mode."""
+    with torch.device("meta"):
+        unet = UNet(config)
+    assign_weights(unet, weights, dtype, device, source)
+    return unet
+
+
+def assign_weights(module: nn.Module, weights: Mapping[str, Tensor], dtype: torch.dtype,
+                   device: torch.device, source: str) -> None:
+    """Give a meta-device module its weights (cast only where the dtype differs) and put it in
+    eval mode without gradients; a name or shape mismatch is an error naming the file."""
+    prepared = {name: tensor.to(device=device, dtype=dtype) if tensor.is_floating_point()
+                else tensor.to(device) for name, tensor in weights.items()}
+    missing, unexpected = module.load_state_dict(prepared, strict=False, assign=True)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: the weights do not fit the detected {type(module).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+            f"{unexpected[:3]}); the file may be damaged or of an unsupported variant")
+    module.eval().requires_grad_(False)
+
+
+@dataclass
+class LoadedCheckpoint:
+    layout: CheckpointLayout
+    model: ModelHandle | None
+    clip: TextEncoderStack | None
+    vae: VAE | None
+
+
+def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
+                    find_embedding: EmbeddingFinder | None = None, with_clip: bool = True,
+                    with_vae: bool = True) -> LoadedCheckpoint:
+    """Detect and load every component of a single-file checkpoint."""
+    layout = detect_checkpoint(opened.tensors)
+    logger.info("%s: %s", opened.path.name, layout.describe())
+    model = load_model_from(opened, layout, policy)
+    clip = None
+    if with_clip and layout.text_prefixes:
+        clip = load_text_encoder_state(layout.family, opened.tensors, bpe,
+                                       find_embedding=find_embedding, dtype=policy.text_dtype,
+                                       device=policy.offload_device)
+    vae = None
+    if with_vae and layout.vae_prefix:
+        vae = VAE.from_state_dict(opened.tensors, latent_scale=NODE_LATENT_SCALE,
+                                  dtype=policy.vae_dtype, device=policy.offload_device)
+    return LoadedCheckpoint(layout, model, clip, vae)
+
+
+def load_model_from(opened: StateFile, layout: CheckpointLayout, policy: DevicePolicy,
+                    dtype: torch.dtype | None = None) -> ModelHandle:
+    """The MODEL handle of a checkpoint or standalone UNet file with a detected layout."""
+    weights = strip_prefix(opened.tensors, layout.unet_prefix or "")
+    config = unet_config_for(layout, opened.metadata)
+    unet = build_unet(weights, config, dtype or policy.unet_dtype, policy.offload_device,
+                      opened.path.name)
+    return ModelHandle.create(unet, config, layout.family, layout.prediction, layout.zsnr,
+                              name=opened.path.name, device=policy.device)
+
+
+def load_unet_file(opened: StateFile, policy: DevicePolicy,
+                   dtype: torch.dtype | None = None) -> ModelHandle:
+    """UNETLoader: a diffusion-model-only file (LDM names, with or without the prefix)."""
+    layout = detect_unet_file(opened.tensors, opened.metadata.get(FAMILY_KEY))
+    return load_model_from(opened, layout, policy, dtype)
+
+
+def load_vae_file(opened: StateFile, policy: DevicePolicy) -> VAE:
+    """VAELoader: a standalone VAE file (LDM or diffusers names)."""
+    return VAE.from_state_dict(opened.tensors, latent_scale=NODE_LATENT_SCALE,
+                               dtype=policy.vae_dtype, device=policy.offload_device)

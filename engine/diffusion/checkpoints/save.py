@@ -1,0 +1,81 @@
+"""Writing a MODEL, CLIP and VAE back as one single-file checkpoint in the original layout
+(`model.diffusion_model.*`, the text encoders under their checkpoint prefixes,
+`first_stage_model.*`), with every patch (LoRA, merges) baked into the weights.
+
+The file loads back through the ordinary checkpoint loader: v-prediction models carry the
+`v_pred` marker key (and `ztsnr` for zero-terminal-SNR schedules), and UNets of non-released
+sizes (Loom's test models) record their config in the metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from engine.diffusion.checkpoints.detect import UNET_PREFIX, VAE_PREFIX
+from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
+from engine.diffusion.networks.model_sampling import model_sampling
+from engine.diffusion.networks.unet import UNetConfig, UNetFamily
+from engine.diffusion.networks.vae_model import VAE
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.patches.patching import patched
+from engine.diffusion.text.encoding import CHECKPOINT_PREFIXES, TextEncoderStack
+
+
+def _module_tensors(module: nn.Module, prefix: str) -> dict[str, Tensor]:
+    """The module's state under `prefix`, on the CPU and contiguous (as safetensors wants)."""
+    return {prefix + name: tensor.detach().to("cpu").contiguous()
+            for name, tensor in module.state_dict().items()}
+
+
+def _markers(model: ModelHandle) -> dict[str, Tensor]:
+    """Marker keys the loader reads the prediction type from."""
+    sampling = model.sampling
+    if sampling.prediction != "v_prediction":
+        return {}
+    markers = {"v_pred": torch.tensor([])}
+    if torch.equal(sampling.sigmas, model_sampling("v_prediction", zsnr=True).sigmas):
+        markers["ztsnr"] = torch.tensor([])
+    return markers
+
+
+def checkpoint_metadata(model: ModelHandle, extra: Mapping[str, str]) -> dict[str, str]:
+    """`extra` (prompt, workflow) plus the family and, for non-released sizes, the UNet config."""
+    metadata = dict(extra)
+    metadata[FAMILY_KEY] = model.family
+    released = UNetConfig.preset(UNetFamily(model.family), in_channels=model.config.in_channels)
+    if model.config != released:
+        metadata[UNET_CONFIG_KEY] = json.dumps(dataclasses.asdict(model.config))
+    return metadata
+
+
+@contextmanager
+def _all_patched(model: ModelHandle, clip: TextEncoderStack) -> Iterator[None]:
+    with ExitStack() as stack:
+        stack.enter_context(patched(model.unet, model.patches))
+        for name, encoder in clip.encoders.items():
+            stack.enter_context(patched(encoder, clip.patches.get(name, ())))
+        yield
+
+
+def save_checkpoint(path: Path, model: ModelHandle, clip: TextEncoderStack, vae: VAE,
+                    extra_metadata: Mapping[str, str]) -> Path:
+    """Write the three parts, patches applied, as one .safetensors checkpoint at `path`."""
+    if clip.family != model.family:
+        raise ValueError(f"the CLIP is a {clip.family} text encoder but the model is "
+                         f"{model.family}; connect the CLIP that belongs to this model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _all_patched(model, clip):  # tensors are read and written while the patches hold
+        tensors = _module_tensors(model.unet, UNET_PREFIX)
+        for name, encoder in clip.encoders.items():
+            tensors.update(_module_tensors(encoder, CHECKPOINT_PREFIXES[(clip.family, name)][0]))
+        tensors.update(_module_tensors(vae.module, VAE_PREFIX))
+        tensors.update(_markers(model))
+        save_file(tensors, str(path), metadata=checkpoint_metadata(model, extra_metadata))
+    return path

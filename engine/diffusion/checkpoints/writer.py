@@ -1,0 +1,212 @@
+"""Random checkpoints in the real single-file layouts, for tests, demos and benchmarks.
+
+`full` size reproduces the released files' key/dtype/shape sets exactly (shared/formats lists
+them); `tiny` keeps every key name and the structure but with small widths, and records its
+UNet config in the safetensors metadata so the loader rebuilds exactly that network."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from engine.diffusion.checkpoints.detect import V_PRED_PROBE
+from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
+from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, ClipTextModel, TextEncoderConfig
+from engine.diffusion.networks.openclip_text import VIT_BIGG_CONFIG, VIT_H_CONFIG, OpenClipTextModel
+from engine.diffusion.networks.unet import ADM_NUMBER_DIM, UNet, UNetConfig, UNetFamily
+from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig
+
+KINDS = ("sd15", "sd15_inpaint", "sd21v", "sdxl_base", "sdxl_refiner")
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                    "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+# Small text encoders: widths are multiples of the released 64-wide heads.
+TINY_CLIP_L = TextEncoderConfig(width=64, layers=2, heads=1, mlp_width=128,
+                                activation="quick_gelu")
+TINY_VIT_H = TextEncoderConfig(width=64, layers=2, heads=1, mlp_width=128, activation="gelu",
+                               projection_dim=64)
+TINY_BIGG = TextEncoderConfig(width=128, layers=2, heads=2, mlp_width=256, activation="gelu",
+                              projection_dim=128)
+# 32 channels and 3 downsamplings: tiny, but 8 pixels per latent cell like the real VAE.
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one checkpoint kind is made of."""
+
+    family: UNetFamily
+    in_channels: int
+    text: tuple[tuple[str, str], ...]   # (key prefix, encoder kind: l | h | g)
+    dtype: torch.dtype
+    schedule: bool = False
+    model_ema: bool = False
+    position_ids: str | None = None     # key of the CLIP-L position_ids buffer, if stored
+    v_prediction: bool = False
+
+
+RECIPES = {
+    "sd15": Recipe(UNetFamily.SD1, 4, (("cond_stage_model.transformer.text_model.", "l"),),
+                   torch.float32, schedule=True, model_ema=True,
+                   position_ids="cond_stage_model.transformer.text_model.embeddings."
+                                "position_ids"),
+    "sd21v": Recipe(UNetFamily.SD2, 4, (("cond_stage_model.model.", "h"),), torch.float32,
+                    schedule=True, v_prediction=True),
+    "sdxl_base": Recipe(UNetFamily.SDXL, 4,
+                        (("conditioner.embedders.0.transformer.text_model.", "l"),
+                         ("conditioner.embedders.1.model.", "g")), torch.float16,
+                        position_ids="conditioner.embedders.0.transformer.text_model."
+                                     "embeddings.position_ids"),
+    "sdxl_refiner": Recipe(UNetFamily.SDXL_REFINER, 4,
+                           (("conditioner.embedders.0.model.", "g"),), torch.float16),
+}
+FAMILIES = {UNetFamily.SD1: "sd1", UNetFamily.SD2: "sd2", UNetFamily.SDXL: "sdxl",
+            UNetFamily.SDXL_REFINER: "sdxl_refiner"}
+RECIPES["sd15_inpaint"] = dataclasses.replace(RECIPES["sd15"], in_channels=9)
+
+
+def text_config(kind: str, tiny: bool) -> TextEncoderConfig:
+    full = {"l": CLIP_L_CONFIG, "h": VIT_H_CONFIG, "g": VIT_BIGG_CONFIG}
+    small = {"l": TINY_CLIP_L, "h": TINY_VIT_H, "g": TINY_BIGG}
+    return (small if tiny else full)[kind]
+
+
+def unet_config(recipe: Recipe, tiny: bool) -> UNetConfig:
+    """The released layout, or the tiny one resized to the tiny text encoders' widths."""
+    if not tiny:
+        return UNetConfig.preset(recipe.family, in_channels=recipe.in_channels)
+    widths = {kind: text_config(kind, True).width for _, kind in recipe.text}
+    context = sum(widths.values())
+    config = UNetConfig.tiny(recipe.family, in_channels=recipe.in_channels)
+    adm = None
+    if recipe.family == UNetFamily.SDXL:
+        adm = widths["g"] + 6 * ADM_NUMBER_DIM
+    elif recipe.family == UNetFamily.SDXL_REFINER:
+        adm = widths["g"] + 5 * ADM_NUMBER_DIM
+    return dataclasses.replace(config, context_dim=context, adm_in_channels=adm)
+
+
+def schedule_buffers() -> dict[str, Tensor]:
+    """The 12 LDM training-schedule buffers of SD1/SD2 files (scaled-linear betas)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    cumprod = torch.cumprod(alphas, 0)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
+    variance = betas * (1.0 - previous) / (1.0 - cumprod)
+    values = {
+        "betas": betas, "alphas_cumprod": cumprod, "alphas_cumprod_prev": previous,
+        "sqrt_alphas_cumprod": cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1 / cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / cumprod - 1).sqrt(),
+        "posterior_variance": variance,
+        "posterior_log_variance_clipped": variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * previous.sqrt() / (1 - cumprod),
+        "posterior_mean_coef2": (1 - previous) * alphas.sqrt() / (1 - cumprod),
+    }
+    return {name: values[name].float() for name in SCHEDULE_BUFFERS}
+
+
+def randomize(module: nn.Module, generator: torch.Generator) -> None:
+    """Deterministic random weights: fan-in scaled normals, norms near 1, small biases."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            draw = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if param.ndim >= 2:
+                fan_in = math.prod(param.shape[1:])
+                param.copy_(draw / math.sqrt(fan_in))
+            elif "norm" in name or name.split(".")[-2:-1] in (["ln_1"], ["ln_2"], ["ln_final"]):
+                param.copy_(1.0 + 0.1 * draw if name.endswith("weight") else 0.1 * draw)
+            else:
+                param.copy_(0.02 * draw)
+
+
+def _components(recipe: Recipe, tiny: bool) -> Iterator[tuple[str, nn.Module]]:
+    yield "model.diffusion_model.", UNet(unet_config(recipe, tiny))
+    yield "first_stage_model.", AutoencoderKL(TINY_VAE if tiny else VAEConfig())
+    for prefix, kind in recipe.text:
+        config = text_config(kind, tiny)
+        yield prefix, ClipTextModel(config) if kind == "l" else OpenClipTextModel(config)
+
+
+def random_checkpoint(kind: str, *, tiny: bool = True, seed: int = 0, meta: bool = False,
+                      ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a random checkpoint of `kind` (one of KINDS). With `meta` the
+    tensors are shape-only (no memory, no values): for checking layouts."""
+    if kind not in RECIPES:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; use one of {KINDS}")
+    recipe = RECIPES[kind]
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Tensor] = {}
+    with torch.device("meta" if meta else "cpu"):
+        components = list(_components(recipe, tiny))
+    for prefix, module in components:
+        if not meta:
+            randomize(module, generator)
+        for name, value in module.state_dict().items():
+            tensors[prefix + name] = value.to(recipe.dtype) if value.is_floating_point() \
+                else value
+    _add_extras(tensors, recipe, generator)
+    metadata = {"loom.kind": kind, "loom.size": "tiny" if tiny else "full",
+                FAMILY_KEY: FAMILIES[recipe.family]}
+    if tiny:
+        metadata[UNET_CONFIG_KEY] = json.dumps(dataclasses.asdict(unet_config(recipe, True)))
+    return tensors, metadata
+
+
+def _add_extras(tensors: dict[str, Tensor], recipe: Recipe, generator: torch.Generator
+                ) -> None:
+    """The non-weight tensors the released files carry (loaders must not need them)."""
+    if recipe.schedule:
+        tensors.update(schedule_buffers())
+    if recipe.model_ema:
+        tensors["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
+        tensors["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
+    if recipe.position_ids:
+        tensors[recipe.position_ids] = torch.arange(77, dtype=torch.int64).unsqueeze(0)
+    if recipe.v_prediction:
+        probe = "model.diffusion_model." + V_PRED_PROBE
+        if probe in tensors:  # the released 768-v file's probe bias has a wide spread
+            spread = 0.2 * torch.randn(tensors[probe].shape, generator=generator)
+            tensors[probe] = spread.to(recipe.dtype)
+        else:  # tiny networks have no such block: mark v-prediction as re-saved files do
+            tensors["v_pred"] = torch.zeros(0)
+
+
+def write_random_checkpoint(path: Path, kind: str, *, tiny: bool = True, seed: int = 0) -> Path:
+    """Write a random `kind` checkpoint to `path` (.safetensors) and return the path."""
+    tensors, metadata = random_checkpoint(kind, tiny=tiny, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
+              metadata=metadata)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m engine.diffusion.checkpoints.writer PATH [KIND] [--full] [--seed N]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a random checkpoint in a real layout "
+                                                 "(for trying the pipeline without weights).")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("kind", nargs="?", default="sd15", choices=KINDS)
+    parser.add_argument("--full", action="store_true", help="released size (GBs) not tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    written = write_random_checkpoint(args.path, args.kind, tiny=not args.full, seed=args.seed)
+    print(f"wrote {written} ({args.kind}, {'full size' if args.full else 'tiny'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The MODEL value nodes pass around: a shared network plus everything a clone may change
+(sampling parameterisation, patches). Handles are never mutated; nodes derive new ones."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.diffusion.networks.model_sampling import ModelSampling, model_sampling
+from engine.diffusion.networks.unet import UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How a family's latents relate to pixels: the VAE scale and a linear latent -> RGB map
+    used for live previews (factors are ComfyUI's published constants)."""
+
+    scale: float
+    channels: int
+    rgb_factors: tuple[tuple[float, float, float], ...]
+    rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def preview_rgb(self, latent: Tensor) -> Tensor:
+        """[C, H, W] latent -> [H, W, 3] approximate image in 0..1."""
+        factors = torch.tensor(self.rgb_factors, dtype=torch.float32)  # (C, 3)
+        bias = torch.tensor(self.rgb_bias, dtype=torch.float32)
+        rgb = torch.einsum("chw,cr->hwr", latent.float().cpu(), factors) + bias
+        return ((rgb + 1) / 2).clamp(0, 1)
+
+
+SD1_LATENT = LatentFormat(0.18215, 4, ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
+                                       (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177)))
+SDXL_LATENT = LatentFormat(0.13025, 4, ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
+                                        (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
+                           (0.1084, -0.0175, -0.0011))
+LATENT_FORMATS = {"sd1": SD1_LATENT, "sd2": SD1_LATENT, "sdxl": SDXL_LATENT,
+                  "sdxl_refiner": SDXL_LATENT}
+
+
+@dataclass(frozen=True, eq=False)
+class ModelHandle:
+    """A diffusion model: `unet` is shared by every clone; the rest belongs to this handle."""
+
+    unet: UNet
+    config: UNetConfig
+    family: str
+    sampling: ModelSampling
+    latent_format: LatentFormat
+    dtype: torch.dtype
+    device: torch.device
+    name: str = ""
+    # Weight patches, residual providers and attention hooks (LoRA/ControlNet, issue 6).
+    patches: tuple[Any, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def create(cls, unet: UNet, config: UNetConfig, family: str, prediction: str = "eps",
+               zsnr: bool = False, name: str = "", device: torch.device | None = None
+               ) -> ModelHandle:
+        """A handle computing on `device` (default: where the weights are; the model manager
+        moves weights that rest elsewhere there when the UNet runs)."""
+        param = next(unet.parameters())
+        return cls(unet, config, family, model_sampling(_prediction_name(prediction), zsnr=zsnr),
+                   LATENT_FORMATS[family], param.dtype, device or param.device, name)
+
+    def replace(self, **changes: Any) -> ModelHandle:
+        """A clone with some fields changed; the network is shared, never copied."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.config.in_channels == 9
+
+    def __loom_digest__(self) -> None:
+        """Not content-hashable: downstream cache keys use the loader's key instead."""
+        return None
+
+    def __loom_nbytes__(self) -> int:
+        """Weights are accounted by the model manager, not the output cache."""
+        return 0
+
+
+def _prediction_name(prediction: str) -> str:
+    return {"v": "v_prediction", "eps": "eps"}.get(prediction, prediction)

@@ -1,0 +1,316 @@
+"""CONDITIONING turned into the per-entry model inputs of guidance, by ComfyUI's rules.
+
+A CONDITIONING is a list of ``[cond (1, T, D), options]`` pairs. Just before sampling, each
+pair becomes a ``CondEntry`` resolved against the latent being sampled:
+
+* ``area`` (ConditioningSetArea) is ``(height, width, y, x)`` in latent cells;
+  ``("percentage", h, w, y, x)`` (ConditioningSetAreaPercentage) becomes
+  ``(max(1, round(h * H)), max(1, round(w * W)), round(y * H), round(x * W))``.
+* ``mask`` (ConditioningSetMask) is resized bilinearly to the latent size; with
+  ``set_area_to_bounds`` ("mask bounds") the area becomes the mask's bounding box, at least
+  8 x 8 cells (an all-zero mask gives ``(8, 8, 0, 0)``).
+* ``start_percent``/``end_percent`` become a sigma range (``percent_to_sigma``); the entry only
+  takes part while ``sigma_end <= sigma <= sigma_start``.
+* SDXL's vector ``y``: pooled output plus the size keys; width/height default to the latent
+  size * 8, crops to 0, target sizes to width/height; the refiner's ``aesthetic_score``
+  defaults to 6 for positive and 2.5 for negative prompts.
+* A 9-channel inpainting UNet gets ``cat(mask, masked-image latent)`` after its 4 latent
+  channels: the cond's ``concat_mask``/``concat_latent_image`` (InpaintModelConditioning; the
+  image is scaled like any latent going in), else the latent's noise mask and the latent itself
+  (VAEEncodeForInpaint), else a mask of ones and the latent of a black image.
+* Each area entry on one side gets a twin on the other side with the same area (and strength,
+  mask, range) but the text of the smallest entry there containing that area, so cond and
+  uncond are weighted alike in the region.
+* A positive entry marked ``control_apply_to_uncond`` lends its ControlNet to an area-less
+  negative entry that has none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.diffusion.networks.unet import sdxl_adm, sdxl_refiner_adm
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.image_ops import center_crop
+
+if TYPE_CHECKING:
+    from engine.diffusion.sampling.guidance import ControlProvider
+
+logger = logging.getLogger("loom.conditioning")
+
+Area = tuple[int, int, int, int]  # (height, width, y, x) in latent cells
+Conditioning = Sequence[Sequence[Any]]  # [[cond (1, T, D), options dict], ...]
+
+MIN_BOUNDS_AREA = 8  # "mask bounds" areas are at least this many latent cells on each side
+# The scaled SD latent of an all-black image: what an inpainting UNet sees as its masked image
+# when nothing was masked (ComfyUI's constants).
+BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
+REFINER_AESTHETIC_SCORE = MappingProxyType({"positive": 6.0, "negative": 2.5})
+
+
+@dataclass(frozen=True, eq=False)
+class ModelInputs:
+    """What the UNet gets for one entry besides the latent and the timestep."""
+
+    context: Tensor  # (1, T, D) cross-attention tokens
+    y: Tensor | None = None  # (1, adm) SDXL vector conditioning
+    concat: Tensor | None = None  # (B, 5, H, W) inpainting channels at the full latent size
+
+
+@dataclass(frozen=True, eq=False)
+class CondEntry:
+    """One CONDITIONING entry resolved against the latent being sampled."""
+
+    inputs: ModelInputs
+    area: Area | None = None
+    strength: float = 1.0
+    mask: Tensor | None = None  # (Bm, H, W) at the latent size
+    mask_strength: float = 1.0
+    sigma_start: float | None = None  # used only while sigma <= sigma_start
+    sigma_end: float | None = None  # ... and sigma >= sigma_end
+    control: ControlProvider | None = None
+    control_to_uncond: bool = False
+
+    def active_at(self, sigma: float) -> bool:
+        """Whether the entry's timestep range includes this sigma."""
+        if self.sigma_start is not None and sigma > self.sigma_start:
+            return False
+        return self.sigma_end is None or sigma >= self.sigma_end
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingInputs:
+    """The latent a CONDITIONING is resolved against (all on the model's device)."""
+
+    noise_shape: torch.Size  # (B, C, H, W)
+    latent_image: Tensor  # the input latent, already scaled into the model's space
+    denoise_mask: Tensor | None  # (B, C, H, W) noise mask, or None
+    device: torch.device
+
+
+def prepare_entries(model: ModelHandle, conditioning: Conditioning, prompt_type: str,
+                    inputs: SamplingInputs) -> list[CondEntry]:
+    """Every entry of one CONDITIONING, ready for guidance (`prompt_type`: positive/negative)."""
+    if not isinstance(conditioning, Sequence) or isinstance(conditioning, (str, bytes)):
+        raise TypeError(f"the {prompt_type} input must be a CONDITIONING (a list of "
+                        f"[tensor, options] pairs), got {type(conditioning).__name__}; connect "
+                        f"a CLIPTextEncode or another conditioning node")
+    return [_entry(model, pair, prompt_type, inputs) for pair in conditioning]
+
+
+def pair_entries(positive: list[CondEntry], negative: list[CondEntry]
+                 ) -> tuple[list[CondEntry], list[CondEntry]]:
+    """Area twins on both sides, then ControlNets shared with the uncond (module docstring)."""
+    positive, negative = list(positive), list(negative)
+    for entry in list(positive):
+        _add_area_twin(negative, entry)
+    for entry in list(negative):
+        _add_area_twin(positive, entry)
+    return positive, _share_controls(positive, negative)
+
+
+def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,
+           inputs: SamplingInputs) -> CondEntry:
+    cond, options = _split_pair(pair, prompt_type)
+    dims = tuple(inputs.noise_shape[2:])
+    area = resolve_area(options.get("area"), dims)
+    mask = options.get("mask")
+    if mask is not None:
+        mask = resize_cond_mask(mask, dims, inputs.device)
+        if options.get("set_area_to_bounds", False):
+            area = mask_bounds(mask)
+    sampling = model.sampling
+    start, end = options.get("start_percent"), options.get("end_percent")
+    model_inputs = ModelInputs(
+        context=cond.to(inputs.device),
+        y=adm_vector(model, options, prompt_type, inputs.noise_shape, inputs.device),
+        concat=inpaint_concat(model, options, inputs))
+    return CondEntry(
+        model_inputs, area=area, strength=float(options.get("strength", 1.0)), mask=mask,
+        mask_strength=float(options.get("mask_strength", 1.0)),
+        sigma_start=None if start is None else sampling.percent_to_sigma(float(start)),
+        sigma_end=None if end is None else sampling.percent_to_sigma(float(end)),
+        control=options.get("control"),
+        control_to_uncond=bool(options.get("control_apply_to_uncond", False)))
+
+
+def _split_pair(pair: Sequence[Any], prompt_type: str) -> tuple[Tensor, Mapping[str, Any]]:
+    if (not isinstance(pair, Sequence) or len(pair) < 2 or not isinstance(pair[0], Tensor)
+            or not isinstance(pair[1], Mapping)):
+        raise TypeError(f"{prompt_type} conditioning entries must be [tensor (1, tokens, width), "
+                        f"options dict] pairs, got {type(pair).__name__}; build it with "
+                        f"CLIPTextEncode or a conditioning node")
+    cond = pair[0]
+    if cond.ndim != 3:
+        raise ValueError(f"{prompt_type} conditioning tensor has shape {tuple(cond.shape)}; "
+                         f"expected (batch, tokens, width) from a text encoder")
+    return cond, pair[1]
+
+
+def resolve_area(area: Any, dims: tuple[int, ...]) -> Area | None:
+    """A stored area in latent cells; percentage areas scaled to the latent size `dims`."""
+    if area is None:
+        return None
+    if len(area) == 5 and area[0] == "percentage":
+        height, width = dims[0], dims[1]
+        _, h, w, y, x = area
+        return (max(1, round(h * height)), max(1, round(w * width)), round(y * height),
+                round(x * width))
+    if len(area) != 4:
+        raise ValueError(f"conditioning area {area!r} is not (height, width, y, x) in latent "
+                         f"cells; set it with ConditioningSetArea")
+    return tuple(int(value) for value in area)  # type: ignore[return-value]
+
+
+def resize_cond_mask(mask: Tensor, dims: tuple[int, ...], device: torch.device) -> Tensor:
+    """A conditioning mask as (B, H, W) at the latent size (bilinear, as ComfyUI)."""
+    mask = mask.to(device=device, dtype=torch.float32)
+    if mask.ndim == len(dims):
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3:
+        raise ValueError(f"a conditioning mask must be (batch, height, width), got shape "
+                         f"{tuple(mask.shape)}; connect a MASK to ConditioningSetMask")
+    if tuple(mask.shape[1:]) != dims:
+        mask = F.interpolate(mask.unsqueeze(1), size=dims, mode="bilinear",
+                             align_corners=False).squeeze(1)
+    return mask
+
+
+def mask_bounds(mask: Tensor) -> Area:
+    """The bounding box of a (B, H, W) mask's non-zero cells, at least 8 x 8 cells."""
+    bounds = mask.abs().max(dim=0).values
+    rows, cols = torch.where(bounds != 0)
+    if rows.numel() == 0:
+        return (MIN_BOUNDS_AREA, MIN_BOUNDS_AREA, 0, 0)
+    top, left = int(rows.min()), int(cols.min())
+    height = max(MIN_BOUNDS_AREA, int(rows.max()) - top + 1)
+    width = max(MIN_BOUNDS_AREA, int(cols.max()) - left + 1)
+    return (height, width, top, left)
+
+
+def adm_vector(model: ModelHandle, options: Mapping[str, Any], prompt_type: str,
+               noise_shape: torch.Size, device: torch.device) -> Tensor | None:
+    """SDXL's vector conditioning `y` for one entry; None for models without one."""
+    if model.config.adm_in_channels is None:
+        return None
+    pooled = options.get("pooled_output")
+    if pooled is None:
+        raise ValueError(f"the {prompt_type} conditioning has no pooled_output, which an "
+                         f"{model.family} model needs; encode the prompt with CLIPTextEncode "
+                         f"(or CLIPTextEncodeSDXL) from this checkpoint's CLIP")
+    pooled = pooled.to(device)
+    width = options.get("width", noise_shape[3] * 8)
+    height = options.get("height", noise_shape[2] * 8)
+    crop_w, crop_h = options.get("crop_w", 0), options.get("crop_h", 0)
+    if model.family == "sdxl_refiner":
+        score = options.get("aesthetic_score", REFINER_AESTHETIC_SCORE.get(prompt_type, 6.0))
+        return sdxl_refiner_adm(pooled, width=width, height=height, crop_w=crop_w,
+                                crop_h=crop_h, aesthetic_score=score)
+    if model.family != "sdxl":
+        raise ValueError(f"model family {model.family!r} takes a vector conditioning Loom "
+                         f"cannot build; only SDXL base and refiner models are supported")
+    return sdxl_adm(pooled, width=width, height=height, crop_w=crop_w, crop_h=crop_h,
+                    target_width=options.get("target_width", width),
+                    target_height=options.get("target_height", height))
+
+
+def inpaint_concat(model: ModelHandle, options: Mapping[str, Any],
+                   inputs: SamplingInputs) -> Tensor | None:
+    """The 5 extra input channels (mask, masked-image latent) of an inpainting UNet."""
+    if not model.is_inpaint:
+        return None
+    shape = inputs.noise_shape
+    image = options.get("concat_latent_image")
+    if image is None:
+        image = inputs.latent_image
+    else:
+        image = image.to(inputs.device, torch.float32) * model.latent_format.scale
+    if tuple(image.shape[1:]) != tuple(shape[1:]):
+        image = resize_center(image, shape[-2], shape[-1])
+    image = repeat_to_batch(image, shape[0])
+    mask = options.get("concat_mask", inputs.denoise_mask)
+    if mask is None:
+        ones = torch.ones((shape[0], 1, *shape[2:]), device=inputs.device)
+        return torch.cat([ones, blank_inpaint_latent(shape, inputs.device)], dim=1)
+    mask = mask.to(inputs.device, torch.float32)
+    if mask.ndim == len(shape):
+        mask = mask[:, :1]
+    mask = mask.reshape((-1, 1, *mask.shape[-2:]))
+    if tuple(mask.shape[-2:]) != tuple(shape[-2:]):
+        mask = resize_center(mask, shape[-2], shape[-1])
+    return torch.cat([repeat_to_batch(mask.round(), shape[0]), image], dim=1)
+
+
+def blank_inpaint_latent(shape: torch.Size, device: torch.device) -> Tensor:
+    """A (B, 4, H, W) latent of a black image (ComfyUI's constants, scaled space)."""
+    values = torch.tensor(BLANK_INPAINT_LATENT, device=device).view(1, 4, 1, 1)
+    return values.expand(shape[0], 4, *shape[2:]).clone()
+
+
+def resize_center(samples: Tensor, height: int, width: int) -> Tensor:
+    """(N, C, h, w) -> (N, C, height, width): centre crop to the aspect ratio, then bilinear."""
+    return F.interpolate(center_crop(samples, width, height), size=(height, width),
+                         mode="bilinear")
+
+
+def repeat_to_batch(values: Tensor, batch: int) -> Tensor:
+    """`values` cut or repeated along dim 0 to `batch` entries (ComfyUI's batch fitting)."""
+    count = values.shape[0]
+    if count > batch:
+        return values[:batch]
+    if count < batch:
+        repeats = [math.ceil(batch / count)] + [1] * (values.ndim - 1)
+        return values.repeat(repeats)[:batch]
+    return values
+
+
+def _area_inside(inner: Area, outer: Area) -> bool:
+    """Whether area `inner` lies within area `outer`."""
+    if inner[2] < outer[2] or inner[3] < outer[3]:
+        return False
+    return (inner[0] + inner[2] <= outer[0] + outer[2]
+            and inner[1] + inner[3] <= outer[1] + outer[3])
+
+
+def _add_area_twin(others: list[CondEntry], entry: CondEntry) -> None:
+    """Append to `others` an entry like `entry` with the text of its smallest container."""
+    if entry.area is None:
+        return
+    smallest: CondEntry | None = None
+    for other in others:
+        if other.area is None:
+            smallest = other if smallest is None else smallest
+        elif _area_inside(entry.area, other.area) and (
+                smallest is None or smallest.area is None
+                or math.prod(smallest.area[:2]) > math.prod(other.area[:2])):
+            smallest = other
+    if smallest is None or smallest.area == entry.area:
+        return
+    others.append(dataclasses.replace(entry, inputs=smallest.inputs))
+
+
+def _share_controls(positive: list[CondEntry], negative: list[CondEntry]) -> list[CondEntry]:
+    lent = [entry.control for entry in positive
+            if entry.control_to_uncond and entry.area is None and entry.control is not None]
+    if not lent or any(e.area is None and e.control is not None for e in negative):
+        return negative
+    free = [index for index, e in enumerate(negative) if e.area is None and e.control is None]
+    if not free:
+        logger.warning("a ControlNet marked for the negative prompt found no negative "
+                       "conditioning without an area to attach to; it is not applied there")
+        return negative
+    shared = list(negative)
+    for count, control in enumerate(lent):
+        index = free[count % len(free)]
+        shared[index] = dataclasses.replace(negative[index], control=control)
+    return shared
