@@ -22,7 +22,6 @@ from engine.custom_nodes import load_custom_nodes  # noqa: E402
 from engine.diffusion.memory.devices import DevicePolicy  # noqa: E402
 from engine.diffusion.memory.model_manager import ModelManager  # noqa: E402
 from engine.diffusion.memory.offload import VramSettings, cuda_memory_probe  # noqa: E402
-from engine.diffusion.text.tokenizer import BpeCache  # noqa: E402
 from engine.executor import Executor  # noqa: E402
 from engine.paths import PathError, Paths  # noqa: E402
 from engine.registry import NodeRegistry  # noqa: E402
@@ -164,7 +163,7 @@ def build_app(args: argparse.Namespace) -> App:
     policy = DevicePolicy.from_args(args)
     logging.getLogger("loom").info("models: %s (%s)", policy.describe(), policy.reason)
     services = Services(paths=paths, args=args,
-                        model_manager=ModelManager(policy, BpeCache(),
+                        model_manager=ModelManager(policy,
                                                    allow_pickle=args.allow_pickle_checkpoints,
                                                    ram_budget=model_ram_budget(args),
                                                    vram=vram_settings(args, policy)))

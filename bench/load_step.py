@@ -139,7 +139,8 @@ def loom_child(path: Path, fp32: bool, workdir: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from engine.diffusion.checkpoints.loader import load_checkpoint, open_state_file
+    from engine.diffusion.checkpoints.loader import load_checkpoint
+    from engine.diffusion.checkpoints.state_files import open_state_file
     from engine.diffusion.memory.devices import DevicePolicy
     from engine.diffusion.patches.patching import patched
     from engine.diffusion.text.tokenizer import BpeCache

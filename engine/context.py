@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.diffusion.memory.model_manager import ModelManager
+from engine.diffusion.text.tokenizer import BpeCache
 from engine.graph import GraphPlanner
 from engine.paths import Paths
 
@@ -37,13 +40,14 @@ class InterruptFlag:
 
 @dataclass
 class Services:
-    """Long-lived objects shared by every node of a process (created in main.py)."""
+    """Long-lived objects shared by every node of a process (created in main.py); `args` and
+    `model_manager` are None only in tests that run no model nodes."""
 
     paths: Paths
-    args: Any = None
-    model_manager: Any = None
+    args: argparse.Namespace | None = None
+    model_manager: ModelManager | None = None
+    bpe: BpeCache = field(default_factory=BpeCache)  # the CLIP vocabulary, read on first use
     graph_planner: GraphPlanner = field(default_factory=GraphPlanner)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # progress sink: (node_id, value, total, preview image or None)
@@ -70,7 +74,7 @@ class NodeContext:
         return self.services.paths
 
     @property
-    def models(self) -> Any:
+    def models(self) -> ModelManager | None:
         return self.services.model_manager
 
     def check_interrupted(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from engine.context import NodeContext
-from engine.diffusion.checkpoints.loader import open_state_file
+from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.networks.clip_vision import (
     CROP_MODES,
     ClipVisionModel,

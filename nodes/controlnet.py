@@ -13,7 +13,7 @@ import torch
 
 from engine.context import NodeContext
 from engine.diffusion.checkpoints.controlnet_loader import load_control_model
-from engine.diffusion.checkpoints.loader import open_state_file
+from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.patches.control import Control, ControlModel
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output

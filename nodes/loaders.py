@@ -11,12 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.context import NodeContext
-from engine.diffusion.checkpoints.loader import (
-    load_checkpoint,
-    load_unet_file,
-    load_vae_file,
-    open_state_file,
-)
+from engine.diffusion.checkpoints.loader import load_checkpoint, load_unet_file, load_vae_file
+from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.memory.model_manager import ModelKey, ModelManager
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
@@ -69,7 +65,7 @@ def load_checkpoint_file(ctx: NodeContext, ckpt_name: str) -> tuple[ModelHandle,
     """(MODEL, CLIP, VAE) of a checkpoint in the checkpoints folder, shared via the manager."""
     def build(models: ModelManager, path: Path) -> tuple[ModelHandle, Any, Any]:
         opened = open_state_file(path, allow_pickle=models.allow_pickle)
-        loaded = load_checkpoint(opened, models.policy, models.bpe.get(),
+        loaded = load_checkpoint(opened, models.policy, ctx.services.bpe.get(),
                                  find_embedding=embedding_finder(ctx))
         return loaded.model, loaded.clip, loaded.vae
 
@@ -157,7 +153,7 @@ def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str) -> Te
 
     def load() -> TextEncoderStack:
         opened = [open_state_file(p, allow_pickle=models.allow_pickle).tensors for p in paths]
-        clip = load_text_encoder_files(opened, models.bpe.get(),
+        clip = load_text_encoder_files(opened, ctx.services.bpe.get(),
                                        find_embedding=embedding_finder(ctx),
                                        dtype=models.policy.text_dtype,
                                        device=models.policy.offload_device)

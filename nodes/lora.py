@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from engine.context import NodeContext
-from engine.diffusion.patches.hypernetwork import Hypernetwork, HypernetworkPatch, load_hypernetwork
-from engine.diffusion.patches.lora import LoraFile, LoraReport, apply_lora, load_lora_file
+from engine.diffusion.checkpoints.addon_files import load_hypernetwork, load_lora_file
+from engine.diffusion.patches.hypernetwork import Hypernetwork, HypernetworkPatch
+from engine.diffusion.patches.lora import LoraFile, LoraReport, apply_lora
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.text.encoding import TextEncoderStack
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeResult, NodeSchema, Output
@@ -84,7 +85,8 @@ class LoraLoaderModelOnly(Node):
 
 def hypernetwork_file(ctx: NodeContext, name: str) -> Hypernetwork:
     return load_model_file(ctx, "hypernetworks", name, "hypernetwork",
-                           lambda models, path: load_hypernetwork(path))
+                           lambda models, path: load_hypernetwork(
+                               path, allow_pickle=models.allow_pickle))
 
 
 class HypernetworkLoader(Node):

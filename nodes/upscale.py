@@ -1,8 +1,9 @@
 """Model upscaling: UpscaleModelLoader reads an ESRGAN-family model from models/upscale_models,
 ImageUpscaleWithModel runs it over an IMAGE in overlapping tiles, as ComfyUI does.
 
-Upscale models are usually .pth files; they load without --allow-pickle-checkpoints, but only
-through torch.load(weights_only=True) (see engine.diffusion.networks.esrgan.read_upscale_state)."""
+Upscale models are often .pth files: like every pickle they load only with
+--allow-pickle-checkpoints, through torch.load(weights_only=True)
+(engine.diffusion.checkpoints.addon_files.read_upscale_state); .safetensors always load."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 
 from engine.context import NodeContext
+from engine.diffusion.checkpoints.addon_files import read_upscale_state
 from engine.diffusion.memory.model_manager import ModelManager
 from engine.diffusion.memory.offload import compute_device
-from engine.diffusion.networks.esrgan import RRDBNet, build_rrdbnet, read_upscale_state
+from engine.diffusion.networks.esrgan import RRDBNet, build_rrdbnet
 from engine.diffusion.networks.tiling import tiled_apply
 from engine.node import Combo, FilesIn, Link, Node, NodeSchema, Output
 from nodes.loaders import file_fingerprint, load_model_file, manager
@@ -40,8 +42,8 @@ def load_upscale_model(ctx: NodeContext, model_name: str) -> UpscaleModel:
     dtype = torch.float32
 
     def build(models: ModelManager, path: Path) -> UpscaleModel:
-        net = build_rrdbnet(read_upscale_state(path), path.name, dtype,
-                            models.policy.offload_device)
+        state = read_upscale_state(path, allow_pickle=models.allow_pickle)
+        net = build_rrdbnet(state, path.name, dtype, models.policy.offload_device)
         return UpscaleModel(net, net.config.scale, dtype, path.name)
 
     return load_model_file(ctx, "upscale_models", model_name, "upscale_model", build,

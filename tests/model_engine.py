@@ -10,7 +10,6 @@ from engine.context import NodeContext, Services
 from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.memory.model_manager import ModelManager
-from engine.diffusion.text.tokenizer import BpeCache
 from engine.events import RecordingListener
 from engine.executor import ExecutionResult, Executor
 from engine.node import Link, Node, NodeResult, NodeSchema
@@ -38,7 +37,7 @@ class ModelEngine:
         self.registry.register_all([*builtin_node_types(), Probe])
         policy = policy or DevicePolicy.decide(cpu=True, force_fp32=True)
         self.services = Services(Paths.from_base(base),
-                                 model_manager=ModelManager(policy, BpeCache()))
+                                 model_manager=ModelManager(policy))
         self.executor = Executor(self.registry, self.services)
 
     def checkpoint(self, kind: str, name: str | None = None, seed: int = 0) -> str:

@@ -138,6 +138,7 @@ def write_hypernetwork(engine: ModelEngine, width: int) -> str:
     folder = engine.base / "models" / "hypernetworks"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(data, folder / "hyper.pt")
+    engine.services.model_manager.allow_pickle = True  # A1111's .pt: as --allow-pickle-checkpoints
     return "hyper.pt"
 
 

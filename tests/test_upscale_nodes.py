@@ -10,13 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.diffusion.networks.esrgan import (
-    RRDBConfig,
-    RRDBNet,
-    UpscaleModelError,
-    build_rrdbnet,
-    read_upscale_state,
-)
+from engine.diffusion.checkpoints.addon_files import read_upscale_state
+from engine.diffusion.checkpoints.state_files import CheckpointError
+from engine.diffusion.networks.esrgan import RRDBConfig, RRDBNet, UpscaleModelError, build_rrdbnet
 from nodes.upscale import UpscaleModel, upscale_pixels
 from tests.model_engine import ModelEngine, node, probed
 
@@ -55,7 +51,7 @@ def test_old_and_new_layout_files_give_identical_outputs(tmp_path: Path) -> None
     save_file(state, tmp_path / "new.safetensors")
     torch.save(old_layout(state, TINY.num_blocks), tmp_path / "old.pth")
     new = build_rrdbnet(read_upscale_state(tmp_path / "new.safetensors"), "new")
-    old = build_rrdbnet(read_upscale_state(tmp_path / "old.pth"), "old")
+    old = build_rrdbnet(read_upscale_state(tmp_path / "old.pth", allow_pickle=True), "old")
     assert new.config == old.config == TINY
     pixels = torch.rand(1, 3, 6, 5)
     assert torch.equal(new(pixels), old(pixels))
@@ -63,7 +59,8 @@ def test_old_and_new_layout_files_give_identical_outputs(tmp_path: Path) -> None
 
 def test_real_esrgan_params_ema_wrapper_is_unwrapped(tmp_path: Path) -> None:
     torch.save({"params_ema": random_state(TINY)}, tmp_path / "wrapped.pth")
-    assert build_rrdbnet(read_upscale_state(tmp_path / "wrapped.pth"), "w").config == TINY
+    state = read_upscale_state(tmp_path / "wrapped.pth", allow_pickle=True)
+    assert build_rrdbnet(state, "w").config == TINY
 
 
 @pytest.mark.parametrize("unshuffle, scale", [(1, 4), (2, 2), (4, 1)])
@@ -96,6 +93,23 @@ def test_foreign_architecture_is_refused_with_its_name(tmp_path: Path) -> None:
         build_rrdbnet(read_upscale_state(tmp_path / "swinir.safetensors"), "swinir")
 
 
+def test_pth_files_are_refused_unless_pickles_are_allowed(tmp_path: Path) -> None:
+    torch.save(random_state(TINY), tmp_path / "model.pth")
+    with pytest.raises(CheckpointError, match="--allow-pickle-checkpoints"):
+        read_upscale_state(tmp_path / "model.pth")
+
+
+def test_pth_files_are_loaded_without_running_code(tmp_path: Path) -> None:
+    evil = {"params_ema": random_state(TINY), "payload": NotWeights()}
+    torch.save(evil, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_upscale_state(tmp_path / "evil.pth", allow_pickle=True)
+
+
+class NotWeights:
+    """Any class: unpickling it would run code, so weights_only loading must refuse it."""
+
+
 def test_unknown_file_lists_its_keys() -> None:
     with pytest.raises(UpscaleModelError, match="no ESRGAN/RRDBNet keys.*'a.weight'"):
         build_rrdbnet({"a.weight": torch.zeros(1)}, "mystery")
@@ -103,6 +117,7 @@ def test_unknown_file_lists_its_keys() -> None:
 
 def test_upscale_nodes_run_through_the_engine(tmp_path: Path) -> None:
     engine = ModelEngine(tmp_path)
+    engine.services.model_manager.allow_pickle = True  # as --allow-pickle-checkpoints sets it
     folder = engine.base / "models" / "upscale_models"
     folder.mkdir(parents=True)
     torch.save(old_layout(random_state(TINY), TINY.num_blocks), folder / "tiny_x4.pth")

@@ -18,7 +18,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.controlnet_writer import write_random_controlnet
-from engine.diffusion.checkpoints.loader import load_checkpoint, open_state_file
+from engine.diffusion.checkpoints.loader import load_checkpoint
+from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.memory.model_manager import ModelKey, ModelManager
@@ -37,6 +38,7 @@ from engine.diffusion.memory.offload import (
 from engine.diffusion.patches.lora import apply_lora
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.patches.patching import patched
+from engine.diffusion.text.tokenizer import BpeCache
 from main import build_parser
 from tests.diffusion.lora_testing import assert_state_equal, state_copy, write_lora
 from tests.diffusion.test_lora_patching import full_lora
@@ -206,7 +208,7 @@ def sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def load_unet(manager: ModelManager, path: Path) -> ModelHandle:
     def loader() -> ModelHandle:
-        loaded = load_checkpoint(open_state_file(path), manager.policy, manager.bpe.get(),
+        loaded = load_checkpoint(open_state_file(path), manager.policy, BpeCache().get(),
                                  with_clip=False, with_vae=False)
         assert loaded.model is not None
         return loaded.model

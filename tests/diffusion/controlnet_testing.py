@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from engine.diffusion.checkpoints.controlnet_loader import CONTROL_PREFIX, load_control_model
 from engine.diffusion.checkpoints.controlnet_writer import controlnet_config
-from engine.diffusion.checkpoints.loader import open_state_file
+from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.writer import randomize
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.controlnet import ControlNet, ControlNetConfig

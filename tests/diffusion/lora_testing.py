@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoints.loader import LoadedCheckpoint, load_checkpoint, open_state_file
+from engine.diffusion.checkpoints.addon_files import load_lora_file
+from engine.diffusion.checkpoints.loader import LoadedCheckpoint, load_checkpoint
+from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from engine.diffusion.memory.devices import DevicePolicy
-from engine.diffusion.patches.lora import LoraFile, load_lora_file
+from engine.diffusion.patches.lora import LoraFile
 from engine.diffusion.patches.patching import Patch, patched
 from engine.diffusion.text.tokenizer import BpeCache
 

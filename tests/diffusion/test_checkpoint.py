@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from engine.diffusion.checkpoints.detect import detect_checkpoint
-from engine.diffusion.checkpoints.loader import (
-    CheckpointError,
-    load_checkpoint,
-    load_unet_file,
-    load_vae_file,
-    open_state_file,
-)
+from engine.diffusion.checkpoints.loader import load_checkpoint, load_unet_file, load_vae_file
 from engine.diffusion.checkpoints.safetensors_io import DTYPES
+from engine.diffusion.checkpoints.state_files import CheckpointError, open_state_file
 from engine.diffusion.checkpoints.writer import KINDS, random_checkpoint, write_random_checkpoint
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.text.tokenizer import BpeCache

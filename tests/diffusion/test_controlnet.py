@@ -18,7 +18,8 @@ from engine.diffusion.checkpoints.controlnet_writer import (
     random_controlnet,
     random_t2i_adapter,
 )
-from engine.diffusion.checkpoints.loader import CheckpointError, strip_prefix
+from engine.diffusion.checkpoints.loader import strip_prefix
+from engine.diffusion.checkpoints.state_files import CheckpointError
 from engine.diffusion.networks.controlnet import ControlNet, detect_config
 from engine.diffusion.networks.t2i_adapter import T2IAdapter, build_adapter, from_diffusers
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily

@@ -25,12 +25,13 @@ from engine.diffusion.patches.model_handle import SD1_LATENT, ModelHandle
 from engine.diffusion.sampling import model_sampling
 from engine.diffusion.sampling.conditioning import (
     BLANK_INPAINT_LATENT,
+    ControlProvider,
     SamplingInputs,
     mask_bounds,
     prepare_entries,
     resolve_area,
 )
-from engine.diffusion.sampling.guidance import ControlProvider, GuidedModel, Guider
+from engine.diffusion.sampling.guidance import GuidedModel, Guider
 from engine.diffusion.sampling.ksampler import sample
 from engine.values import Latent
 

@@ -12,13 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from engine.diffusion.checkpoints.addon_files import load_hypernetwork
+from engine.diffusion.checkpoints.state_files import CheckpointError
 from engine.diffusion.networks.attention import CrossAttention
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
-from engine.diffusion.patches.hypernetwork import (
-    HypernetworkError,
-    HypernetworkPatch,
-    load_hypernetwork,
-)
+from engine.diffusion.patches.hypernetwork import Hypernetwork, HypernetworkError, HypernetworkPatch
 from engine.diffusion.patches.patching import patched
 
 WIDTH = 24  # the tiny SD1 UNet's context width
@@ -58,6 +56,11 @@ def write_pt(path: Path, pairs: dict[int, tuple[nn.Sequential, nn.Sequential]],
     return path
 
 
+def load_allowed_pt(path: Path) -> Hypernetwork:
+    """A .pt hypernetwork as Loom reads it under --allow-pickle-checkpoints."""
+    return load_hypernetwork(path, allow_pickle=True)
+
+
 def reference_attention(attention: CrossAttention, x: Tensor, key_context: Tensor,
                         value_context: Tensor) -> Tensor:
     def heads(t: Tensor) -> Tensor:
@@ -81,7 +84,7 @@ def cross_attention(unet: UNet) -> CrossAttention:
 
 def test_pt_hypernetwork_rewrites_cross_attention_keys_and_values(unet, tmp_path: Path) -> None:
     key_mlp, value_mlp = a1111_mlp(WIDTH, 1), a1111_mlp(WIDTH, 2)
-    hyper = load_hypernetwork(write_pt(tmp_path / "h.pt", {WIDTH: (key_mlp, value_mlp)}))
+    hyper = load_allowed_pt(write_pt(tmp_path / "h.pt", {WIDTH: (key_mlp, value_mlp)}))
     attention = cross_attention(unet)
     x, context = torch.randn(2, 16, 32), torch.randn(2, 7, WIDTH)
     plain = attention(x, context)
@@ -96,7 +99,7 @@ def test_pt_hypernetwork_rewrites_cross_attention_keys_and_values(unet, tmp_path
 
 
 def test_self_attention_is_left_alone(unet, tmp_path: Path) -> None:
-    hyper = load_hypernetwork(write_pt(tmp_path / "h.pt", {32: (a1111_mlp(32, 1),
+    hyper = load_allowed_pt(write_pt(tmp_path / "h.pt", {32: (a1111_mlp(32, 1),
                                                                 a1111_mlp(32, 2))}))
     with patched(unet, [HypernetworkPatch(hyper, 1.0)]):
         assert all(module.context_hook is None for module in unet.modules()
@@ -106,9 +109,9 @@ def test_self_attention_is_left_alone(unet, tmp_path: Path) -> None:
 def test_two_hypernetworks_stack_in_order(unet, tmp_path: Path) -> None:
     first = (a1111_mlp(WIDTH, 3, layer_norm=False), a1111_mlp(WIDTH, 4, layer_norm=False))
     second = (a1111_mlp(WIDTH, 5), a1111_mlp(WIDTH, 6))
-    patches = [HypernetworkPatch(load_hypernetwork(write_pt(
+    patches = [HypernetworkPatch(load_allowed_pt(write_pt(
                    tmp_path / "a.pt", {WIDTH: first}, is_layer_norm=False)), 1.0),
-               HypernetworkPatch(load_hypernetwork(write_pt(tmp_path / "b.pt",
+               HypernetworkPatch(load_allowed_pt(write_pt(tmp_path / "b.pt",
                                                             {WIDTH: second})), 0.5)]
     attention = cross_attention(unet)
     x, context = torch.randn(1, 16, 32), torch.randn(1, 7, WIDTH)
@@ -124,7 +127,7 @@ def test_two_hypernetworks_stack_in_order(unet, tmp_path: Path) -> None:
 
 def test_safetensors_form_matches_the_pt_file(unet, tmp_path: Path) -> None:
     key_mlp, value_mlp = a1111_mlp(WIDTH, 7), a1111_mlp(WIDTH, 8)
-    from_pt = load_hypernetwork(write_pt(tmp_path / "h.pt", {WIDTH: (key_mlp, value_mlp)}))
+    from_pt = load_allowed_pt(write_pt(tmp_path / "h.pt", {WIDTH: (key_mlp, value_mlp)}))
     tensors = {f"{WIDTH}.{slot}.{key}": value.contiguous()
                for slot, mlp in enumerate((key_mlp, value_mlp))
                for key, value in Wrapper(mlp).state_dict().items()}
@@ -144,13 +147,19 @@ class NotWeights:
 def test_pt_files_are_loaded_without_running_code(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({WIDTH: [{}, {}], "payload": NotWeights()}, path)
-    with pytest.raises(HypernetworkError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_allowed_pt(path)
+
+
+def test_pt_files_are_refused_unless_pickles_are_allowed(tmp_path: Path) -> None:
+    path = write_pt(tmp_path / "h.pt", {WIDTH: (a1111_mlp(WIDTH, 1), a1111_mlp(WIDTH, 2))})
+    with pytest.raises(CheckpointError, match="--allow-pickle-checkpoints"):
         load_hypernetwork(path)
 
 
 def test_unknown_activation_and_wrong_structure_are_explained(tmp_path: Path) -> None:
     pair = {WIDTH: (a1111_mlp(WIDTH, 1), a1111_mlp(WIDTH, 2))}
     with pytest.raises(HypernetworkError, match="activation_func 'softmax2d'"):
-        load_hypernetwork(write_pt(tmp_path / "a.pt", pair, activation_func="softmax2d"))
+        load_allowed_pt(write_pt(tmp_path / "a.pt", pair, activation_func="softmax2d"))
     with pytest.raises(HypernetworkError, match="layer_structure"):
-        load_hypernetwork(write_pt(tmp_path / "b.pt", pair, layer_structure=[1, 2, 2, 1]))
+        load_allowed_pt(write_pt(tmp_path / "b.pt", pair, layer_structure=[1, 2, 2, 1]))

@@ -7,18 +7,20 @@ from pathlib import Path
 
 import torch
 
-from engine.diffusion.checkpoints.loader import load_checkpoint, open_state_file
+from engine.diffusion.checkpoints.loader import load_checkpoint
+from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.memory.model_manager import ModelKey, ModelManager
 from engine.diffusion.patches.patching import patched
+from engine.diffusion.text.tokenizer import BpeCache
 
 POLICY = DevicePolicy.decide(cpu=True, force_fp32=True)
 
 
 def checkpoint_loader(manager: ModelManager, path: Path):
     def load():
-        loaded = load_checkpoint(open_state_file(path), POLICY, manager.bpe.get())
+        loaded = load_checkpoint(open_state_file(path), POLICY, BpeCache().get())
         return loaded.model, loaded.clip, loaded.vae
     return load
 

@@ -20,13 +20,9 @@ from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.controlnet_diffusers import DIFFUSERS_PROBE, diffusers_to_original
 from engine.diffusion.checkpoints.detect import component_summary
-from engine.diffusion.checkpoints.loader import (
-    CheckpointError,
-    StateFile,
-    assign_weights,
-    strip_prefix,
-)
+from engine.diffusion.checkpoints.loader import assign_weights, strip_prefix
 from engine.diffusion.checkpoints.safetensors_io import shapes_of
+from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.controlnet import (
     CONFIG_METADATA_KEY,

@@ -1,11 +1,9 @@
 """Loading single-file checkpoints and standalone UNet/VAE files into the handles nodes use.
 
-Safetensors files are memory-mapped (safetensors_io.py); modules are built on
-the meta device and take the file's tensors by assignment, so weights are not copied unless a
-dtype cast is needed. Weights go to the policy's offload device (the model manager copies them
-to the compute device when used); handles compute on the policy's device. Pickle files
-(.ckpt/.pt/.pth/.bin) load only through torch.load(weights_only=True) and only when the user
-allowed them."""
+Files are opened by state_files.py (safetensors memory-mapped, pickles only when allowed);
+modules are built on the meta device and take the file's tensors by assignment, so weights are
+not copied unless a dtype cast is needed. Weights go to the policy's offload device (the model
+manager copies them to the compute device when used); handles compute on the policy's device."""
 
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +20,7 @@ from engine.diffusion.checkpoints.detect import (
     detect_checkpoint,
     detect_unet_file,
 )
-from engine.diffusion.checkpoints.safetensors_io import SafetensorsFile
+from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
 from engine.diffusion.networks.vae_model import VAE
@@ -36,51 +33,11 @@ from engine.diffusion.text.encoding import (
 from engine.diffusion.text.tokenizer import ClipBpe
 
 logger = logging.getLogger("loom.checkpoint")
-PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2"})
 UNET_CONFIG_KEY = "loom.unet_config"  # safetensors metadata written for non-standard sizes
 FAMILY_KEY = "loom.family"
 # LATENT values hold the VAE's raw latents, as in ComfyUI (so .latent files and custom nodes
 # agree); the model's latent format scales them on the way into and out of sampling.
 NODE_LATENT_SCALE = 1.0
-
-
-class CheckpointError(ValueError):
-    """A model file that cannot be loaded; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class StateFile:
-    """An opened model file: tensors by name (lazy for safetensors) and its metadata."""
-
-    path: Path
-    tensors: Mapping[str, Tensor]
-    metadata: Mapping[str, str]
-
-
-def open_state_file(path: Path, *, allow_pickle: bool = False) -> StateFile:
-    """Open a .safetensors file, or a pickle checkpoint when `allow_pickle` (weights only)."""
-    suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".sft"):
-        opened = SafetensorsFile(path)
-        return StateFile(path, opened, opened.metadata)
-    if suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path.name}: unknown model file type {suffix!r}; use "
-                              f".safetensors (or .ckpt/.pt with --allow-pickle-checkpoints)")
-    if not allow_pickle:
-        raise CheckpointError(
-            f"{path.name} is a pickle file, which can run code when loaded; Loom refuses "
-            f"pickle files by default. Convert it to .safetensors, or start Loom with "
-            f"--allow-pickle-checkpoints to load it with torch.load(weights_only=True)")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise CheckpointError(f"{path.name}: torch.load(weights_only=True) failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path.name}: expected a dict of tensors, got "
-                              f"{type(loaded).__name__}")
-    return StateFile(path, {k: v for k, v in state.items() if isinstance(v, Tensor)}, {})
 
 
 def strip_prefix(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -36,10 +36,12 @@ from engine.diffusion.memory.offload import (
     VramSettings,
     cuda_memory_probe,
 )
-from engine.diffusion.patches.patching import RESIDENT_HOOK
-from engine.diffusion.text.tokenizer import BpeCache
 
 logger = logging.getLogger("loom.models")
+# Attribute the manager sets on the modules it manages: calling it gives a context manager that
+# loads the weights (from the file if evicted, onto the compute device if offloaded) and keeps
+# them loaded and unmoved for the block (engine.diffusion.patches.patching.patched enters it).
+RESIDENT_HOOK = "_loom_ensure_resident"
 
 
 @dataclass(frozen=True)
@@ -113,11 +115,9 @@ class ModelManager:
     `vram` is set, its VRAM budget; by default `vram` is set whenever the policy's weights
     rest off the compute device (CUDA without --gpu-only). Thread-safe."""
 
-    def __init__(self, policy: DevicePolicy, bpe: BpeCache | None = None,
-                 allow_pickle: bool = False, ram_budget: int | None = None,
-                 vram: VramSettings | None = None) -> None:
+    def __init__(self, policy: DevicePolicy, allow_pickle: bool = False,
+                 ram_budget: int | None = None, vram: VramSettings | None = None) -> None:
         self.policy = policy
-        self.bpe = bpe if bpe is not None else BpeCache()
         self.allow_pickle = allow_pickle
         self.ram_budget = ram_budget
         if vram is None and policy.offload_device != policy.device:

@@ -11,19 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoints.loader import PICKLE_SUFFIXES, CheckpointError
-from engine.diffusion.checkpoints.safetensors_io import SafetensorsFile
-
 LEAKY_SLOPE = 0.2
 RESIDUAL_SCALE = 0.2  # the paper's residual scaling beta (section 3.2)
-# Real-ESRGAN files nest the weights under one of these keys.
-WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 # Key markers of architectures people put in upscale_models that this module cannot run.
 FOREIGN_MARKERS = (
     ("layers.0.residual_group.blocks.0.conv_block", "HAT"),
@@ -34,7 +28,7 @@ FOREIGN_MARKERS = (
 )
 
 
-class UpscaleModelError(CheckpointError):
+class UpscaleModelError(ValueError):
     """An upscale model file that is not (or not a supported variant of) ESRGAN's RRDBNet."""
 
 
@@ -246,34 +240,3 @@ def build_rrdbnet(state: Mapping[str, Tensor], source: str, dtype: torch.dtype =
             f"{source}: weights do not fit the detected RRDBNet {config}: {len(missing)} "
             f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     return net.eval().requires_grad_(False)
-
-
-def read_upscale_state(path: Path) -> dict[str, Tensor]:
-    """The tensors of an upscale model file.
-
-    .pth/.pt files are the usual format for ESRGAN models, so they load without
-    --allow-pickle-checkpoints, but only through torch.load(weights_only=True), which
-    unpickles tensors and plain containers and refuses anything that could run code."""
-    suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".sft"):
-        return dict(SafetensorsFile(path))
-    if suffix not in PICKLE_SUFFIXES:
-        raise UpscaleModelError(f"{path.name}: unknown upscale model file type {suffix!r}; use "
-                                f".safetensors or .pth")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise UpscaleModelError(f"{path.name}: torch.load(weights_only=True) failed: "
-                                f"{type(exc).__name__}: {exc}") from exc
-    return _unwrap(loaded, path.name)
-
-
-def _unwrap(loaded: object, source: str) -> dict[str, Tensor]:
-    """The tensor dict inside a training checkpoint ({"params_ema": {...}} and the like)."""
-    while isinstance(loaded, dict):
-        wrapper = next((key for key in WRAPPER_KEYS if isinstance(loaded.get(key), dict)), None)
-        if wrapper is None:
-            return {key: value for key, value in loaded.items() if isinstance(value, Tensor)}
-        loaded = loaded[wrapper]
-    raise UpscaleModelError(f"{source}: expected a dict of tensors, got "
-                            f"{type(loaded).__name__}")

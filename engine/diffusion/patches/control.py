@@ -2,7 +2,7 @@
 control objects that ControlNetApply(Advanced) store in a conditioning entry's
 `options["control"]`.
 
-Contract with the sampling guidance (engine/diffusion/sampling/guidance.py, `ControlProvider`), per
+Contract with the sampling guidance (`ControlProvider` in sampling/conditioning.py), per
 control attached to the entries of one sampling run:
 
     control.prepare(model, latent_shape)   # once per run, before the first call

@@ -6,10 +6,9 @@ File format (A1111 `.pt`, a pickled dict): integer keys (context widths, e.g. 76
 the layers of an nn.Sequential (Linear, then activation, then LayerNorm when `is_layer_norm`,
 then Dropout: only Linear and LayerNorm carry tensors); plus `layer_structure` (e.g. [1, 2, 1]),
 `activation_func`, `is_layer_norm`, `use_dropout`, `activate_output` and bookkeeping fields.
-The `.pt` files are read with torch.load(weights_only=True), which only rebuilds tensors and
-plain containers and refuses any code, so they load without --allow-pickle-checkpoints (A1111
-never wrote hypernetworks in another format). A `.safetensors` file (Loom's convention) holds
-`<width>.<0|1>.linear.<i>.<weight|bias>` tensors and the settings as JSON metadata values.
+A `.safetensors` file (Loom's convention) holds `<width>.<0|1>.linear.<i>.<weight|bias>`
+tensors and the settings as JSON metadata values. Reading either file is
+checkpoints/addon_files.py's job (`.pt` only with --allow-pickle-checkpoints, as every pickle).
 
 Application (as ComfyUI applies them, cross-attention only): key context = c + mlp_k(c) *
 strength, value context = c + mlp_v(c) * strength; the activation follows every Linear but the
@@ -17,10 +16,8 @@ last (the last too when `activate_output`), and LayerNorm follows the activation
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -28,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoints.safetensors_io import SafetensorsFile
 from engine.diffusion.memory.offload import compute_device
 from engine.diffusion.networks.attention import BasicTransformerBlock, CrossAttention
 from engine.diffusion.patches.patching import Undo
@@ -205,35 +201,3 @@ def hypernetwork_from_dict(data: Mapping[Any, Any], name: str) -> Hypernetwork:
         raise HypernetworkError(f"{name}: no context-width entries (like '768'); this is not "
                                 "an A1111 hypernetwork file")
     return Hypernetwork(name, MappingProxyType(modules))
-
-
-def _from_safetensors(path: Path) -> dict[Any, Any]:
-    opened = SafetensorsFile(path)
-    data: dict[Any, Any] = {}
-    for key, text in opened.metadata.items():
-        try:
-            data[key] = json.loads(text)
-        except json.JSONDecodeError:
-            data[key] = text
-    for key in opened:
-        parts = key.split(".", 2)
-        if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in ("0", "1"):
-            raise HypernetworkError(f"{path.name}: tensor {key!r} is not named "
-                                    "<width>.<0|1>.linear.<i>.<weight|bias>")
-        width, slot, rest = parts
-        data.setdefault(width, [{}, {}])[int(slot)][rest] = opened[key]
-    return data
-
-
-def load_hypernetwork(path: Path) -> Hypernetwork:
-    """Read an A1111 `.pt` (weights_only unpickling) or a `.safetensors` hypernetwork."""
-    if path.suffix.lower() in (".safetensors", ".sft"):
-        return hypernetwork_from_dict(_from_safetensors(path), path.name)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise HypernetworkError(f"{path.name}: torch.load(weights_only=True) failed: "
-                                f"{type(exc).__name__}: {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise HypernetworkError(f"{path.name}: expected a dict, got {type(data).__name__}")
-    return hypernetwork_from_dict(data, path.name)

@@ -16,18 +16,17 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from types import MappingProxyType
+from typing import Protocol, TypeVar
 
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoints.loader import open_state_file
 from engine.diffusion.networks.unet import UNet
 from engine.diffusion.patches.lora_formats import Adapter, LoraFormatError, make_adapter, split_key
 from engine.diffusion.patches.lora_keys import UNET, Target, lora_name_table
 from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.patches.patching import Patch
 from engine.diffusion.patches.weight_patches import ParamDelta, WeightDeltaPatch
-from engine.diffusion.text.encoding import TextEncoderStack
 
 logger = logging.getLogger("loom.lora")
 EXAMPLE_COUNT = 5
@@ -71,11 +70,6 @@ def parse_lora(state: Mapping[str, Tensor], name: str = "") -> LoraFile:
         except LoraFormatError as exc:  # reported with the file's other unusable keys
             invalid.update({key: f"{module}: {exc}" for key in keys[module]})
     return LoraFile(name, MappingProxyType(adapters), MappingProxyType(invalid))
-
-
-def load_lora_file(path: Path, *, allow_pickle: bool = False) -> LoraFile:
-    """Open (memory-mapped) and parse a LoRA file; pickle files only when allowed."""
-    return parse_lora(open_state_file(path, allow_pickle=allow_pickle).tensors, path.name)
 
 
 @dataclass(frozen=True)
@@ -203,9 +197,22 @@ def _finish(name: str, found: _Collector) -> LoraPatches:
     return LoraPatches(unet, MappingProxyType(patches), report)
 
 
-def apply_lora(model: ModelHandle | None, clip: TextEncoderStack | None, lora: LoraFile,
+TextT = TypeVar("TextT", bound="PatchableText")
+
+
+class PatchableText(Protocol):
+    """The CLIP value as LoRA sees it (text.encoding.TextEncoderStack, a higher layer): its
+    encoders by name and a clone carrying one more patch per encoder."""
+
+    @property
+    def encoders(self) -> Mapping[str, nn.Module]: ...
+
+    def clone_with_patches(self: TextT, patches: Mapping[str, Patch]) -> TextT: ...
+
+
+def apply_lora(model: ModelHandle | None, clip: TextT | None, lora: LoraFile,
                strength_model: float, strength_clip: float
-               ) -> tuple[ModelHandle | None, TextEncoderStack | None, LoraReport]:
+               ) -> tuple[ModelHandle | None, TextT | None, LoraReport]:
     """Clones of `model` and `clip` carrying the file's patches (inputs are not changed)."""
     encoders = clip.encoders if clip is not None else {}
     patches = lora_patches(lora, unet=None if model is None else model.unet, encoders=encoders,

@@ -16,11 +16,9 @@ from typing import Protocol
 
 from torch import nn
 
+from engine.diffusion.memory.model_manager import RESIDENT_HOOK
+
 Undo = Callable[[], None]
-# Attribute the model manager sets on the modules it manages: calling it gives a context manager
-# that loads the weights (from the file if evicted, onto the compute device if offloaded) and
-# keeps them loaded and unmoved for the block.
-RESIDENT_HOOK = "_loom_ensure_resident"
 
 
 class Patch(Protocol):

@@ -1,6 +1,8 @@
-"""Samplers, schedules, noise and the denoiser parameterisation, matching ComfyUI's numbers.
+"""The denoising loop, matching ComfyUI's numbers: samplers, schedules, noise, CONDITIONING
+rules (conditioning.py), classifier-free guidance (guidance.py) and the KSampler glue
+(ksampler.py). The top layer: may import every other subpackage of engine.diffusion.
 
-How KSampler uses this package (the glue lives with the sampling nodes):
+How KSampler uses this package:
 
 1. ``sampling = model_sampling(prediction, zsnr=...)`` for the checkpoint (or the
    ModelSamplingDiscrete patch); ``sigmas = sigmas_for(sampling, scheduler, steps, denoise,

@@ -33,7 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,6 @@ from torch import Tensor
 from engine.diffusion.networks.unet import sdxl_adm, sdxl_refiner_adm
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.image_ops import center_crop
-
-if TYPE_CHECKING:
-    from engine.diffusion.sampling.guidance import ControlProvider
 
 logger = logging.getLogger("loom.conditioning")
 
@@ -56,6 +53,37 @@ MIN_BOUNDS_AREA = 8  # "mask bounds" areas are at least this many latent cells o
 # when nothing was masked (ComfyUI's constants).
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 REFINER_AESTHETIC_SCORE = MappingProxyType({"positive": 6.0, "negative": 2.5})
+
+
+@runtime_checkable
+class ControlProvider(Protocol):
+    """A ControlNet (or anything alike) attached to a cond entry as ``options["control"]``.
+
+    ``residuals`` is called once for every UNet evaluation of a batch holding that entry, with
+    exactly what the UNet gets:
+
+    * ``x_in``: (B, 4, h, w) noisy latent after the c_in scaling, without an inpainting UNet's
+      extra channels; cropped to the entry's area if it has one;
+    * ``timestep``: (B,) float32 model timesteps (0..999);
+    * ``context``: (B, T, D) cross-attention tokens; ``y``: (B, adm) SDXL vector or None;
+    * ``sigma``: (B,) noise levels (for timestep-range checks).
+
+    B can hold several entries (cond and uncond batched, uncond first): entries share a batch
+    only when they carry the same provider object. Return ``(down, mid)``: one residual per
+    UNet input block, in order (``len(unet.input_blocks)``), and one for the middle block;
+    either may be None (nothing added). Chaining several ControlNets is the provider's business.
+
+    Optional hooks, called when the object has them:
+
+    * ``prepare(model: ModelHandle, latent_shape: torch.Size) -> None``: once per sampling
+      run, before the first model call, for each distinct provider object;
+    * ``input_residuals(x_in, timestep, context, y, sigma) -> list[Tensor | None] | None``:
+      per model call, one per UNet input block, added to that block's output (T2I-Adapters);
+    * ``cleanup() -> None``: once after the run, also when it failed or was interrupted.
+    """
+
+    def residuals(self, x_in: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None,
+                  sigma: Tensor) -> tuple[list[Tensor] | None, Tensor | None]: ...
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,7 +10,7 @@ unchanged). Each prediction's x0 is added into its side's sum with its weight, a
 is divided by its summed weights (plus 1e-37). The result is
 ``uncond + (cond - uncond) * cfg``; with cfg == 1 the uncond is not evaluated at all.
 
-ControlNets plug in through ``ControlProvider`` (below).
+ControlNets plug in through ``conditioning.ControlProvider``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -30,6 +29,7 @@ from engine.diffusion.sampling.conditioning import (
     Area,
     CondEntry,
     Conditioning,
+    ControlProvider,
     SamplingInputs,
     pair_entries,
     prepare_entries,
@@ -39,37 +39,6 @@ from engine.diffusion.sampling.conditioning import (
 AREA_FADE_CELLS = 8  # an area's edges inside the latent fade in over this many cells at most
 MAX_TOKEN_REPEAT = 4  # entries whose token counts need more repeats than this run separately
 EMPTY_WEIGHT = 1e-37  # added to every summed weight so cells no entry covers give 0, not NaN
-
-
-@runtime_checkable
-class ControlProvider(Protocol):
-    """A ControlNet (or anything alike) attached to a cond entry as ``options["control"]``.
-
-    ``residuals`` is called once for every UNet evaluation of a batch holding that entry, with
-    exactly what the UNet gets:
-
-    * ``x_in``: (B, 4, h, w) noisy latent after the c_in scaling, without an inpainting UNet's
-      extra channels; cropped to the entry's area if it has one;
-    * ``timestep``: (B,) float32 model timesteps (0..999);
-    * ``context``: (B, T, D) cross-attention tokens; ``y``: (B, adm) SDXL vector or None;
-    * ``sigma``: (B,) noise levels (for timestep-range checks).
-
-    B can hold several entries (cond and uncond batched, uncond first): entries share a batch
-    only when they carry the same provider object. Return ``(down, mid)``: one residual per
-    UNet input block, in order (``len(unet.input_blocks)``), and one for the middle block;
-    either may be None (nothing added). Chaining several ControlNets is the provider's business.
-
-    Optional hooks, called when the object has them:
-
-    * ``prepare(model: ModelHandle, latent_shape: torch.Size) -> None``: once per sampling
-      run, before the first model call, for each distinct provider object;
-    * ``input_residuals(x_in, timestep, context, y, sigma) -> list[Tensor | None] | None``:
-      per model call, one per UNet input block, added to that block's output (T2I-Adapters);
-    * ``cleanup() -> None``: once after the run, also when it failed or was interrupted.
-    """
-
-    def residuals(self, x_in: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None,
-                  sigma: Tensor) -> tuple[list[Tensor] | None, Tensor | None]: ...
 
 
 @dataclass(frozen=True, eq=False)
