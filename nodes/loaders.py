@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 from engine.context import NodeContext
 from engine.diffusion.checkpoints.loader import load_checkpoint, load_unet_file, load_vae_file
 from engine.diffusion.checkpoints.state_files import open_state_file
+from engine.diffusion.checkpoints.text_encoders import load_text_encoder_files
 from engine.diffusion.memory.model_manager import ModelKey, ModelManager
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
-from engine.diffusion.text.encoding import TextEncoderStack, load_text_encoder_files
+from engine.diffusion.text.encoding import TextEncoderStack
 from engine.diffusion.text.prompt_weights import EmbeddingFolders
 from engine.node import Combo, FilesIn, Node, NodeSchema, Output
 

@@ -9,14 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, ClipTextModel
-from engine.diffusion.networks.openclip_text import (
-    TINY_OPENCLIP_CONFIG,
-    VIT_BIGG_CONFIG,
-    VIT_H_CONFIG,
-    OpenClipTextModel,
-)
-from engine.diffusion.text.encoding import (
+from engine.diffusion.checkpoints.text_encoders import (
     build_text_encoder,
     detect_text_encoder_architecture,
     detect_text_encoder_family,
@@ -25,6 +18,13 @@ from engine.diffusion.text.encoding import (
     infer_text_encoder_config,
     load_text_encoder_files,
     load_text_encoder_state,
+)
+from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, ClipTextModel
+from engine.diffusion.networks.openclip_text import (
+    TINY_OPENCLIP_CONFIG,
+    VIT_BIGG_CONFIG,
+    VIT_H_CONFIG,
+    OpenClipTextModel,
 )
 from engine.diffusion.text.tokenizer import ClipBpe
 from tests.diffusion.test_clip_text import openclip_to_hf, randomize

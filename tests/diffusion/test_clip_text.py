@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from engine.diffusion.checkpoints.text_encoders import build_text_encoder, standalone_encoder_state
 from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, TextEncoderConfig
 from engine.diffusion.networks.openclip_text import (
     TINY_OPENCLIP_CONFIG,
@@ -15,7 +16,6 @@ from engine.diffusion.networks.openclip_text import (
     VIT_H_CONFIG,
     OpenClipTextModel,
 )
-from engine.diffusion.text.encoding import build_text_encoder, standalone_encoder_state
 
 
 def _transformers():

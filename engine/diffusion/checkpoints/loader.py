@@ -21,15 +21,12 @@ from engine.diffusion.checkpoints.detect import (
     detect_unet_file,
 )
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
+from engine.diffusion.checkpoints.text_encoders import load_text_encoder_state
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
-from engine.diffusion.text.encoding import (
-    EmbeddingFinder,
-    TextEncoderStack,
-    load_text_encoder_state,
-)
+from engine.diffusion.text.encoding import EmbeddingFinder, TextEncoderStack
 from engine.diffusion.text.tokenizer import ClipBpe
 
 logger = logging.getLogger("loom.checkpoint")

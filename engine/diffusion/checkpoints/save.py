@@ -20,12 +20,13 @@ from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.detect import UNET_PREFIX, VAE_PREFIX
 from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
+from engine.diffusion.checkpoints.text_encoders import CHECKPOINT_PREFIXES
 from engine.diffusion.networks.model_sampling import model_sampling
 from engine.diffusion.networks.unet import UNetConfig, UNetFamily
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.patches.patching import patched
-from engine.diffusion.text.encoding import CHECKPOINT_PREFIXES, TextEncoderStack
+from engine.diffusion.text.encoding import TextEncoderStack
 
 
 def _module_tensors(module: nn.Module, prefix: str) -> dict[str, Tensor]:
