@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 
@@ -16,3 +18,14 @@ def center_crop(samples: Tensor, width: int, height: int) -> Tensor:
     elif old_aspect < new_aspect:
         y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
     return samples[..., y:old_height - y, x:old_width - x]
+
+
+def repeat_to_batch(values: Tensor, batch: int) -> Tensor:
+    """`values` cut or repeated along dim 0 to `batch` entries (ComfyUI's batch fitting)."""
+    count = values.shape[0]
+    if count > batch:
+        return values[:batch]
+    if count < batch:
+        repeats = [math.ceil(batch / count)] + [1] * (values.ndim - 1)
+        return values.repeat(repeats)[:batch]
+    return values

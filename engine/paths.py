@@ -13,6 +13,8 @@ import yaml
 MODEL_EXTENSIONS = frozenset({".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl",
                               ".sft"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# The folders a file name may be annotated with, as in ComfyUI's "cat.png [output]".
+ANNOTATED_FOLDERS = ("output", "input", "temp")
 
 # folder kind -> (sub-folders of models/ searched by default, file extensions listed)
 MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
@@ -179,3 +181,12 @@ def _base_path(config: Path, base: object) -> Path:
         return config.parent.resolve()
     path = Path(os.path.expandvars(os.path.expanduser(str(base))))
     return path if path.is_absolute() else (config.parent / path)
+
+
+def split_annotation(name: str, default: str = "input") -> tuple[str, str]:
+    """("output", "a.png") for "a.png [output]"; names without a [folder] tag use `default`."""
+    for folder in ANNOTATED_FOLDERS:
+        tag = f"[{folder}]"
+        if name.endswith(tag):
+            return folder, name[:-len(tag)].removesuffix(" ")
+    return default, name

@@ -15,8 +15,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from engine.node import WIDGET_TYPES
 from engine.workflow_subgraph import (
-    WIDGET_TYPES,
     FlatGraph,
     FlatNode,
     Slot,

@@ -29,7 +29,6 @@ SUBGRAPH_OUTPUT_ID = -20
 MUTED_MODE = 2  # litegraph's NEVER: the node and everything it produces are left out
 BYPASS_MODE = 4  # the node is skipped; its inputs pass straight through to its consumers
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
 REROUTE_TYPE = "Reroute"
 PRIMITIVE_TYPE = "PrimitiveNode"

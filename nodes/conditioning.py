@@ -13,10 +13,10 @@ from torch import Tensor
 
 from engine.context import NodeContext
 from engine.node import Combo, Float, Int, Link, Node, NodeSchema, Output
+from nodes.imaging import MAX_RESOLUTION
 
 logger = logging.getLogger("loom.conditioning")
 Conditioning = list[list[Any]]
-MAX_RESOLUTION = 16384
 SET_COND_AREA = ("default", "mask bounds")
 
 

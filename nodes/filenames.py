@@ -14,9 +14,8 @@ from typing import Any, ClassVar
 
 from engine.context import NodeContext
 from engine.node import ChoiceSource, Node
-from engine.paths import PathError, Paths
+from engine.paths import PathError, Paths, split_annotation
 
-ANNOTATED_FOLDERS = ("output", "input", "temp")
 _DATE_TOKEN = re.compile(r"%date:([^%]*)%")
 # The editor's date pattern letters (longest first so "yyyy" wins over "yy").
 _DATE_FIELD = re.compile(r"yyyy|yy|MM|M|dd|d|hh|h|mm|m|ss|s")
@@ -97,15 +96,6 @@ def prepare_save(root: Path, prefix: str, *, width: int = 0, height: int = 0,
     relative = folder.relative_to(base).as_posix()
     return SaveTarget(folder, "" if relative == "." else relative, filename,
                       next_counter(folder, filename))
-
-
-def split_annotation(name: str, default: str = "input") -> tuple[str, str]:
-    """("output", "a.png") for "a.png [output]"; names without a [folder] tag use `default`."""
-    for folder in ANNOTATED_FOLDERS:
-        tag = f"[{folder}]"
-        if name.endswith(tag):
-            return folder, name[:-len(tag)].removesuffix(" ")
-    return default, name
 
 
 def find_annotated(paths: Paths, name: str, default: str = "input") -> Path:

@@ -7,9 +7,7 @@ import torch
 
 from engine.context import NodeContext
 from engine.node import Combo, Float, Input, Int, Link, Node, NodeSchema, Output
-from nodes.imaging import CROP_METHODS, IMAGE_UPSCALE_METHODS, resize_image
-
-MAX_RESOLUTION = 16384
+from nodes.imaging import CROP_METHODS, IMAGE_UPSCALE_METHODS, MAX_RESOLUTION, resize_image
 
 
 def _size(name: str, default: int = 512, low: int = 1, step: int = 1) -> Input:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,6 +10,7 @@ from PIL import Image
 
 from engine.image_ops import center_crop
 
+MAX_RESOLUTION = 16384  # ComfyUI's largest width/height/offset widget value, in pixels
 IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROP_METHODS = ("disabled", "center")
@@ -128,8 +127,3 @@ def repeat_batch(values: torch.Tensor, times: int) -> torch.Tensor:
     return values.repeat(times, *([1] * (values.dim() - 1)))
 
 
-def repeat_to_batch(values: torch.Tensor, count: int) -> torch.Tensor:
-    """`values` repeated along dim 0 and cut to `count` entries."""
-    if values.shape[0] == count:
-        return values
-    return repeat_batch(values, math.ceil(count / values.shape[0]))[:count]

@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 
 from engine.context import NodeContext
+from engine.image_ops import repeat_to_batch
 from engine.node import (
     Combo,
     Float,
@@ -35,12 +36,11 @@ from nodes.filenames import (
 from nodes.imaging import (
     CROP_METHODS,
     LATENT_UPSCALE_METHODS,
+    MAX_RESOLUTION,
     repeat_batch,
-    repeat_to_batch,
     resize,
 )
 
-MAX_RESOLUTION = 16384
 LATENT_CHANNELS = 4  # SD1, SD2 and SDXL latents
 # SD1's VAE scale factor: .latent files without a version key hold latents multiplied by it.
 LEGACY_LATENT_SCALE = 0.18215

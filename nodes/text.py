@@ -11,10 +11,11 @@ from typing import Any
 from engine.context import NodeContext
 from engine.diffusion.text.encoding import TextEncoderStack
 from engine.node import Float, Int, Link, Node, NodeSchema, Output, String
+from nodes.imaging import MAX_RESOLUTION
 
 logger = logging.getLogger("loom.clip")
 Conditioning = list[list[Any]]
-SIZE = {"min": 0, "max": 16384}
+SIZE = {"min": 0, "max": MAX_RESOLUTION}
 
 
 def _prompt(name: str) -> Any:

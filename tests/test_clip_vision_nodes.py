@@ -22,7 +22,8 @@ from engine.diffusion.networks.clip_vision import (
     clip_preprocess,
     load_clip_vision,
 )
-from engine.diffusion.networks.style_model import ResidualAttention, StyleAdapter, StyleConfig
+from engine.diffusion.networks.openclip_text import PackedQkvAttention
+from engine.diffusion.networks.style_model import StyleAdapter, StyleConfig
 from engine.validation import validate_prompt
 from nodes.clip_vision import StyleModelApply
 from tests.model_engine import ModelEngine, node, probed
@@ -125,7 +126,7 @@ def test_any_image_becomes_a_square_at_the_model_size(crop: str) -> None:
 
 
 def test_style_attention_matches_torch_multihead_attention() -> None:
-    ours = randomized(ResidualAttention(64, heads=8), seed=4)
+    ours = randomized(PackedQkvAttention(64, heads=8, causal=False), seed=4)
     reference = nn.MultiheadAttention(64, 8, batch_first=True)
     reference.load_state_dict(ours.state_dict())
     x = torch.randn(2, 5, 64)

@@ -16,12 +16,12 @@ from PIL import Image
 from engine.context import InterruptFlag, NodeContext, Services
 from engine.executor import Executor
 from engine.node import Node, NodeResult
-from engine.paths import PathError, Paths
+from engine.paths import PathError, Paths, split_annotation
 from engine.registry import NodeRegistry
 from engine.validation import validate_prompt
 from nodes import image as image_nodes
 from nodes import imageio
-from nodes.filenames import expand_prefix, format_date, next_counter, split_annotation
+from nodes.filenames import expand_prefix, format_date, next_counter
 from nodes.image import (
     EmptyImage,
     ImageBatch,

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
-from engine.paths import PathError, Paths, confine
+from engine.paths import PathError, Paths, confine, split_annotation
 from web import images
 from web.fileio import atomic_write, max_upload_bytes, same_bytes, too_large, write_new
 from web.routing import ApiRoutes
@@ -34,15 +34,6 @@ def root_for(paths: Paths, kind: str) -> Path:
     if kind not in FILE_TYPES:
         raise web.HTTPBadRequest(text=f"unknown type {kind!r}; use one of {', '.join(FILE_TYPES)}")
     return paths.folder_dirs(kind)[0]
-
-
-def split_annotation(filename: str, default_type: str) -> tuple[str, str]:
-    """ComfyUI's annotated names: "cat.png [output]" -> ("cat.png", "output")."""
-    for kind in FILE_TYPES:
-        suffix = f" [{kind}]"
-        if filename.endswith(suffix):
-            return filename[: -len(suffix)], kind
-    return filename, default_type
 
 
 def check_filename(filename: str) -> None:
@@ -82,7 +73,7 @@ def content_disposition(name: str) -> str:
 
 def view_path(paths: Paths, query: Any) -> Path:
     """The file a /view query names: 400 bad name or type, 403 outside its root, 404 missing."""
-    filename, kind = split_annotation(query.get("filename", ""), query.get("type", "output"))
+    kind, filename = split_annotation(query.get("filename", ""), query.get("type", "output"))
     check_filename(filename)
     directory = confined_dir(root_for(paths, kind), query.get("subfolder", ""))
     path = confined_file(directory, filename)
@@ -173,7 +164,7 @@ def mask_original(paths: Paths, raw_ref: str | None) -> Path:
         raise web.HTTPBadRequest(text=f"original_ref is not JSON: {exc}") from exc
     if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
         raise web.HTTPBadRequest(text='original_ref must be {"filename", "subfolder", "type"}')
-    filename, kind = split_annotation(ref["filename"], str(ref.get("type") or "output"))
+    kind, filename = split_annotation(ref["filename"], str(ref.get("type") or "output"))
     check_filename(filename)
     directory = confined_dir(root_for(paths, kind), str(ref.get("subfolder") or ""))
     original = confined_file(directory, filename)

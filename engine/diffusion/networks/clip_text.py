@@ -71,14 +71,15 @@ class Fp32LayerNorm(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """Causal multi-head attention of (B, T, width) projections -> (B, T, width)."""
+def multihead_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool) -> Tensor:
+    """Multi-head attention of (B, T, width) projections -> (B, T, width); `causal` masks the
+    future (text towers), without it every token sees every other (vision, style model)."""
     batch, tokens, width = q.shape
 
     def split(t: Tensor) -> Tensor:
         return t.view(batch, tokens, heads, width // heads).transpose(1, 2)  # (B, heads, T, d)
 
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=causal)
     return out.transpose(1, 2).reshape(batch, tokens, width)  # (B, T, width)
 
 
@@ -130,7 +131,8 @@ class ClipAttention(nn.Module):
         self.out_proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads)
+        out = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads,
+                                  causal=True)
         return self.out_proj(out)
 
 

@@ -23,6 +23,7 @@ from engine.diffusion.networks.clip_text import (
     ClipMlp,
     Fp32LayerNorm,
     TextEncoderConfig,
+    multihead_attention,
     run_layers,
 )
 
@@ -92,14 +93,9 @@ class VisionAttention(ClipAttention):
     """CLIP attention without the causal mask: every patch sees every other."""
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, width = x.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                             split(self.v_proj(x)))  # (B, heads, T, d)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        out = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads,
+                                  causal=False)
+        return self.out_proj(out)
 
 
 class VisionLayer(nn.Module):

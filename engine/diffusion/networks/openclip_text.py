@@ -16,7 +16,7 @@ from engine.diffusion.networks.clip_text import (
     Fp32LayerNorm,
     TextEncoderConfig,
     TextEncoderOutput,
-    causal_attention,
+    multihead_attention,
     run_layers,
     select_output,
 )
@@ -31,21 +31,23 @@ TINY_OPENCLIP_CONFIG = TextEncoderConfig(width=32, layers=2, heads=2, mlp_width=
 INITIAL_LOGIT_SCALE = 2.6592
 
 
-class OpenClipAttention(nn.Module):
-    """nn.MultiheadAttention's parameter layout: q, k, v stacked along dim 0 of in_proj."""
+class PackedQkvAttention(nn.Module):
+    """nn.MultiheadAttention's parameter layout, q, k, v stacked along dim 0 of in_proj, as
+    OpenCLIP's text towers (causal) and the T2I style model (not causal) store it."""
 
-    def __init__(self, config: TextEncoderConfig) -> None:
+    def __init__(self, width: int, heads: int, *, causal: bool) -> None:
         super().__init__()
-        self.heads = config.heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * config.width, config.width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * config.width))
-        self.out_proj = nn.Linear(config.width, config.width)
+        self.heads = heads
+        self.causal = causal
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: Tensor) -> Tensor:
         qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3*width)
         q, k, v = qkv.chunk(3, dim=-1)
-        return self.out_proj(causal_attention(q, k, v, self.heads))
+        return self.out_proj(multihead_attention(q, k, v, self.heads, causal=self.causal))
 
 
 class OpenClipMlp(nn.Module):
@@ -63,7 +65,7 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
         self.ln_1 = Fp32LayerNorm(config.width, eps=config.norm_eps)
-        self.attn = OpenClipAttention(config)
+        self.attn = PackedQkvAttention(config.width, config.heads, causal=True)
         self.ln_2 = Fp32LayerNorm(config.width, eps=config.norm_eps)
         self.mlp = OpenClipMlp(config)
 

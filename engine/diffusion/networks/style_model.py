@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.diffusion.memory.offload import compute_device
 from engine.diffusion.networks.clip_text import Fp32LayerNorm, quick_gelu
+from engine.diffusion.networks.openclip_text import PackedQkvAttention
 
 STYLE_KEY = "style_embedding"
 RELEASED_HEADS = 8  # the released t2iadapter_style model; head count is not in the weights
@@ -37,25 +37,6 @@ class StyleConfig:
             raise ValueError(f"style width {self.width} is not divisible by heads {self.heads}")
 
 
-class ResidualAttention(nn.Module):
-    """Multi-head self-attention with the packed q/k/v weights of torch's MultiheadAttention."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.zeros(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3 * width)
-        q, k, v = (t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
-                   for t in qkv.chunk(3, dim=-1))  # (B, heads, T, d) each
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
-
-
 class Mlp(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -71,7 +52,7 @@ class ResidualAttentionBlock(nn.Module):
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        self.attn = ResidualAttention(width, heads)
+        self.attn = PackedQkvAttention(width, heads, causal=False)
         self.ln_1 = Fp32LayerNorm(width)
         self.mlp = Mlp(width)
         self.ln_2 = Fp32LayerNorm(width)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from engine.diffusion.networks.unet import sdxl_adm, sdxl_refiner_adm
 from engine.diffusion.patches.model_handle import ModelHandle
-from engine.image_ops import center_crop
+from engine.image_ops import center_crop, repeat_to_batch
 
 logger = logging.getLogger("loom.conditioning")
 
@@ -289,17 +289,6 @@ def resize_center(samples: Tensor, height: int, width: int) -> Tensor:
     """(N, C, h, w) -> (N, C, height, width): centre crop to the aspect ratio, then bilinear."""
     return F.interpolate(center_crop(samples, width, height), size=(height, width),
                          mode="bilinear")
-
-
-def repeat_to_batch(values: Tensor, batch: int) -> Tensor:
-    """`values` cut or repeated along dim 0 to `batch` entries (ComfyUI's batch fitting)."""
-    count = values.shape[0]
-    if count > batch:
-        return values[:batch]
-    if count < batch:
-        repeats = [math.ceil(batch / count)] + [1] * (values.ndim - 1)
-        return values.repeat(repeats)[:batch]
-    return values
 
 
 def _area_inside(inner: Area, outer: Area) -> bool:

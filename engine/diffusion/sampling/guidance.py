@@ -33,8 +33,8 @@ from engine.diffusion.sampling.conditioning import (
     SamplingInputs,
     pair_entries,
     prepare_entries,
-    repeat_to_batch,
 )
+from engine.image_ops import repeat_to_batch
 
 AREA_FADE_CELLS = 8  # an area's edges inside the latent fade in over this many cells at most
 MAX_TOKEN_REPEAT = 4  # entries whose token counts need more repeats than this run separately

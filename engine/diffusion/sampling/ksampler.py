@@ -41,8 +41,9 @@ from engine.diffusion.sampling import (
     sigmas_for,
     step_range,
 )
-from engine.diffusion.sampling.conditioning import Conditioning, SamplingInputs, repeat_to_batch
+from engine.diffusion.sampling.conditioning import Conditioning, SamplingInputs
 from engine.diffusion.sampling.guidance import Guider
+from engine.image_ops import repeat_to_batch
 from engine.values import Latent
 
 StepProgress = Callable[[int, int, Tensor], None]

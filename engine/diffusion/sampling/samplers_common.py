@@ -91,6 +91,16 @@ def notify(
         callback(index, x, denoised, sigma)
 
 
+def half_log_snr(sigma: Tensor) -> Tensor:
+    """lambda = log(alpha / sigma) of the discrete models, = -log(sigma) (DPM-Solver's t)."""
+    return sigma.log().neg()
+
+
+def sigma_at(lambda_: Tensor) -> Tensor:
+    """The sigma whose half log-SNR is `lambda_`: exp(-lambda)."""
+    return lambda_.neg().exp()
+
+
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     """The probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras eq. 3)."""
     return (x - denoised) / sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))

@@ -19,18 +19,14 @@ from engine.diffusion.sampling.samplers_common import (
     Model,
     SamplerOptions,
     ancestral_step,
+    half_log_snr,
     pick,
+    sigma_at,
 )
 
 EpsFunction = Callable[[str, Tensor, Tensor], Tensor]
 
 
-def _t(sigma: Tensor) -> Tensor:
-    return -sigma.log()
-
-
-def _sigma(t: Tensor) -> Tensor:
-    return t.neg().exp()
 
 
 def _memoised_eps(model: Model, extra_args: Mapping[str, object]) -> EpsFunction:
@@ -39,8 +35,8 @@ def _memoised_eps(model: Model, extra_args: Mapping[str, object]) -> EpsFunction
 
     def eps(key: str, x: Tensor, t: Tensor) -> Tensor:
         if key not in cache:
-            sigma = _sigma(t) * x.new_ones([x.shape[0]])
-            cache[key] = (x - model(x, sigma, **extra_args)) / _sigma(t)
+            sigma = sigma_at(t) * x.new_ones([x.shape[0]])
+            cache[key] = (x - model(x, sigma, **extra_args)) / sigma_at(t)
         return cache[key]
 
     return eps
@@ -49,7 +45,7 @@ def _memoised_eps(model: Model, extra_args: Mapping[str, object]) -> EpsFunction
 def _step_1(eps: EpsFunction, x: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
     """DPM-Solver-1 (= DDIM): x_t = x_s - sigma_t (e^h - 1) eps_s."""
     h = t_next - t
-    return x - _sigma(t_next) * h.expm1() * eps("eps", x, t)
+    return x - sigma_at(t_next) * h.expm1() * eps("eps", x, t)
 
 
 def _step_2(eps: EpsFunction, x: Tensor, t: Tensor, t_next: Tensor, r1: float = 1 / 2) -> Tensor:
@@ -57,12 +53,12 @@ def _step_2(eps: EpsFunction, x: Tensor, t: Tensor, t_next: Tensor, r1: float = 
     h = t_next - t
     eps_0 = eps("eps", x, t)
     s1 = t + r1 * h
-    u1 = x - _sigma(s1) * (r1 * h).expm1() * eps_0
+    u1 = x - sigma_at(s1) * (r1 * h).expm1() * eps_0
     eps_r1 = eps("eps_r1", u1, s1)
     return (
         x
-        - _sigma(t_next) * h.expm1() * eps_0
-        - _sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps_0)
+        - sigma_at(t_next) * h.expm1() * eps_0
+        - sigma_at(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps_0)
     )
 
 
@@ -73,18 +69,18 @@ def _step_3(
     h = t_next - t
     eps_0 = eps("eps", x, t)
     s1, s2 = t + r1 * h, t + r2 * h
-    u1 = x - _sigma(s1) * (r1 * h).expm1() * eps_0
+    u1 = x - sigma_at(s1) * (r1 * h).expm1() * eps_0
     eps_r1 = eps("eps_r1", u1, s1)
     u2 = (
         x
-        - _sigma(s2) * (r2 * h).expm1() * eps_0
-        - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps_0)
+        - sigma_at(s2) * (r2 * h).expm1() * eps_0
+        - sigma_at(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps_0)
     )
     eps_r2 = eps("eps_r2", u2, s2)
     return (
         x
-        - _sigma(t_next) * h.expm1() * eps_0
-        - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps_0)
+        - sigma_at(t_next) * h.expm1() * eps_0
+        - sigma_at(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps_0)
     )
 
 
@@ -96,7 +92,7 @@ def _endpoints(sigmas: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"DPM-Solver needs positive end sigmas, got {float(sigma_max)} and {float(sigma_min)}"
         )
-    return _t(sigma_max.clone()), _t(sigma_min.clone())
+    return half_log_snr(sigma_max.clone()), half_log_snr(sigma_min.clone())
 
 
 def _noisy_target(
@@ -105,9 +101,9 @@ def _noisy_target(
     """Where the deterministic part of a step lands and how much noise restores t_next."""
     if not eta:
         return t_next, 0.0
-    sigma_down, _ = ancestral_step(_sigma(t), _sigma(t_next), eta)
-    t_down = torch.minimum(t_end, _t(sigma_down))
-    return t_down, (_sigma(t_next) ** 2 - _sigma(t_down) ** 2) ** 0.5
+    sigma_down, _ = ancestral_step(sigma_at(t), sigma_at(t_next), eta)
+    t_down = torch.minimum(t_end, half_log_snr(sigma_down))
+    return t_down, (sigma_at(t_next) ** 2 - sigma_at(t_down) ** 2) ** 0.5
 
 
 def dpm_fast(
@@ -136,13 +132,13 @@ def dpm_fast(
         eps = _memoised_eps(model, extra_args)
         t, t_next = ts[i], ts[i + 1]
         t_target, sigma_up = _noisy_target(t, t_next, t_end, eta)
-        denoised = x - _sigma(t) * eps("eps", x, t)
+        denoised = x - sigma_at(t) * eps("eps", x, t)
         if callback is not None:
-            callback(i, x, denoised, _sigma(t))
+            callback(i, x, denoised, sigma_at(t))
         step = {1: _step_1, 2: _step_2, 3: _step_3}[order]
         x = step(eps, x, t, t_target)
         if sigma_up:
-            x = x + sigma_up * s_noise * draw(_sigma(t), _sigma(t_next))
+            x = x + sigma_up * s_noise * draw(sigma_at(t), sigma_at(t_next))
     return x
 
 
@@ -214,7 +210,7 @@ def dpm_adaptive(
         eps = _memoised_eps(model, extra_args)
         t = torch.minimum(t_end, s + h) if forward else torch.maximum(t_end, s + h)
         t_target, sigma_up = _noisy_target(s, t, t_end, eta)
-        denoised = x - _sigma(s) * eps("eps", x, s)
+        denoised = x - sigma_at(s) * eps("eps", x, s)
         if order == 2:
             x_low, x_high = _step_1(eps, x, s, t_target), _step_2(eps, x, s, t_target)
         else:
@@ -225,9 +221,9 @@ def dpm_adaptive(
         accept, h, history = controller.propose(error, h, history)
         if accept:
             x_prev = x_low
-            x = x_high + sigma_up * s_noise * draw(_sigma(s), _sigma(t)) if sigma_up else x_high
+            x = x_high + sigma_up * s_noise * draw(sigma_at(s), sigma_at(t)) if sigma_up else x_high
             s = t
         if callback is not None:
-            callback(step_index, x, denoised, _sigma(s))
+            callback(step_index, x, denoised, sigma_at(s))
         step_index += 1
     return x

@@ -17,19 +17,12 @@ from engine.diffusion.sampling.samplers_common import (
     Model,
     SamplerOptions,
     ancestral_step,
+    half_log_snr,
     notify,
     pick,
+    sigma_at,
     to_d,
 )
-
-
-def _lambda(sigma: Tensor) -> Tensor:
-    """Half log-SNR of the discrete models, log(alpha / sigma) = -log(sigma)."""
-    return sigma.log().neg()
-
-
-def _sigma(lambda_: Tensor) -> Tensor:
-    return lambda_.neg().exp()
 
 
 def _brownian(x: Tensor, sigmas: Tensor, noise: NoiseSource, tree_on_cpu: bool) -> StepNoise:
@@ -59,12 +52,12 @@ def dpmpp_2s_ancestral(
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
-            t, t_next = _lambda(sigmas[i]), _lambda(sigma_down)
+            t, t_next = half_log_snr(sigmas[i]), half_log_snr(sigma_down)
             h = t_next - t
             s = t + 0.5 * h
-            x_2 = (_sigma(s) / _sigma(t)) * x - (-h * 0.5).expm1() * denoised
-            denoised_2 = model(x_2, _sigma(s) * s_in, **extra_args)
-            x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_2
+            x_2 = (sigma_at(s) / sigma_at(t)) * x - (-h * 0.5).expm1() * denoised
+            denoised_2 = model(x_2, sigma_at(s) * s_in, **extra_args)
+            x = (sigma_at(t_next) / sigma_at(t)) * x - (-h).expm1() * denoised_2
         if sigmas[i + 1] > 0:
             x = x + draw(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -119,24 +112,24 @@ def _dpmpp_sde(
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
         fac = 1 / (2 * r)
-        sigma_s_1 = _sigma(lambda_s_1)
+        sigma_s_1 = sigma_at(lambda_s_1)
         alpha_s = sigmas[i] * lambda_s.exp()
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
         # Step 1: to lambda_s_1, partly deterministic (to sigma_down), partly noise (sigma_up).
-        sigma_down, sigma_up = ancestral_step(_sigma(lambda_s), _sigma(lambda_s_1), eta)
-        h_ = _lambda(sigma_down) - lambda_s
+        sigma_down, sigma_up = ancestral_step(sigma_at(lambda_s), sigma_at(lambda_s_1), eta)
+        h_ = half_log_snr(sigma_down) - lambda_s
         x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
         if eta > 0 and s_noise > 0:
             x_2 = x_2 + alpha_s_1 * draw(sigmas[i], sigma_s_1) * s_noise * sigma_up
         denoised_2 = model(x_2, sigma_s_1 * s_in, **extra_args)
         # Step 2: the full step with the denoised estimates of both stages combined.
-        sigma_down, sigma_up = ancestral_step(_sigma(lambda_s), _sigma(lambda_t), eta)
-        h_ = _lambda(sigma_down) - lambda_s
+        sigma_down, sigma_up = ancestral_step(sigma_at(lambda_s), sigma_at(lambda_t), eta)
+        h_ = half_log_snr(sigma_down) - lambda_s
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
         if eta > 0 and s_noise > 0:
@@ -160,14 +153,14 @@ def dpmpp_2m(
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         notify(callback, i, x, denoised, sigmas[i])
-        t, t_next = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+        t, t_next = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
         h = t_next - t
         if old_denoised is None or sigmas[i + 1] == 0:
             denoised_d = denoised
         else:
-            r = (t - _lambda(sigmas[i - 1])) / h
+            r = (t - half_log_snr(sigmas[i - 1])) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        x = (_sigma(t_next) / _sigma(t)) * x - (-h).expm1() * denoised_d
+        x = (sigma_at(t_next) / sigma_at(t)) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
     return x
 
@@ -252,7 +245,7 @@ def _dpmpp_multistep_sde(
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = _lambda(sigmas[i]), _lambda(sigmas[i + 1])
+            lambda_s, lambda_t = half_log_snr(sigmas[i]), half_log_snr(sigmas[i + 1])
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
