@@ -11,7 +11,7 @@
  * pairs of dims, V into pairs of keys x dims, both zero-padded, so the inner loops are plain
  * 64-byte loads. Work is split over (batch, head, 64 query rows) tasks taken by pthreads.
  *
- * Built at run time by engine/diffusion/native_attention.py (gcc -O3 -mavx512bf16 ...). */
+ * Built at run time by engine/diffusion/kernels/native_attention.py (gcc -O3 -mavx512bf16 ...). */
 
 #include <immintrin.h>
 #include <math.h>
