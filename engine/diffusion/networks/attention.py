@@ -1,14 +1,25 @@
 """The UNet's transformer part (LDM `SpatialTransformer`): self- and cross-attention over the
-pixels of a feature map, with attribute names that mirror the checkpoint keys."""
+pixels of a feature map, with attribute names that mirror the checkpoint keys.
+
+A `UNetCall` (unet_patches.py) passed down runs a MODEL's attention patch points; without one,
+or when it has none, the blocks take their plain path."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.diffusion.kernels import native_attention
+from engine.diffusion.networks.unet_patches import (
+    AttentionInputPatch,
+    AttentionReplace,
+    BlockId,
+    TransformerId,
+    TransformerOptions,
+    UNetCall,
+)
 
 # LDM: the transformer's GroupNorm uses eps 1e-6 (the ResBlocks keep torch's default 1e-5).
 TRANSFORMER_NORM_EPS = 1e-6
@@ -22,6 +33,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
+        self.dim_head = dim_head
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -31,20 +43,26 @@ class CrossAttention(nn.Module):
         # set and unset by a patch (hypernetworks, engine/diffusion/patches/hypernetwork.py)
         self.context_hook: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        key_source = value_source = x if context is None else context
+    def forward(self, x: Tensor, context: Tensor | None = None,
+                value: Tensor | None = None) -> Tensor:
+        """Attention of x over context (x itself when None); values from `value` when given."""
+        key_source = x if context is None else context
+        value_source = key_source if value is None else value
         if context is not None and self.context_hook is not None:
-            key_source, value_source = self.context_hook(context, context)
-        batch, tokens, _ = x.shape
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(key_source))
-        v = self._split_heads(self.to_v(value_source))
+            key_source, value_source = self.context_hook(key_source, value_source)
+        return self.to_out[0](self.attend(self.to_q(x), self.to_k(key_source),
+                                          self.to_v(value_source)))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Scaled dot-product attention of projected (B, T, heads * dim_head) q, k, v; the
+        result has q's shape, before to_out."""
+        batch, tokens, _ = q.shape
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if native_attention.supports(q, k, v):  # bf16 on a CPU with AVX512-BF16
             out = native_attention.attention(q, k, v)  # (B, heads, T, dim_head)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, T, heads * dim_head)
-        return self.to_out[0](out)
+        return out.transpose(1, 2).reshape(batch, tokens, -1)  # (B, T, heads * dim_head)
 
     def _split_heads(self, t: Tensor) -> Tensor:
         batch, tokens, inner = t.shape
@@ -88,11 +106,67 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, call: UNetCall | None = None) -> Tensor:
+        if call is not None and call.patches.touches_attention:
+            return self._patched_forward(x, context, call)
         # `out.add_(x)`: x + out into the sublayer's fresh output (x itself is kept for backward)
         x = self.attn1(self.norm1(x)).add_(x)
         x = self.attn2(self.norm2(x), context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
+
+    def _patched_forward(self, x: Tensor, context: Tensor, call: UNetCall) -> Tensor:
+        """The same block with the call's attention points run where ComfyUI runs them; no
+        in-place adds, since a patch may hand back a tensor it keeps."""
+        patches = call.patches
+        options = {**call.options, "n_heads": self.attn1.heads,
+                   "dim_head": self.attn1.dim_head, "attn_precision": None}
+        keys = _replace_keys(options)
+        n = _patched_attention(self.attn1, self.norm1(x), None, patches.attn1_patch,
+                               _replacement(patches.attn1_replace, keys), options)
+        for patch in patches.attn1_output_patch:
+            n = patch(n, options)
+        x = x + n
+        for patch in patches.middle_patch:
+            x = patch(x, options)
+        n = _patched_attention(self.attn2, self.norm2(x), context, patches.attn2_patch,
+                               _replacement(patches.attn2_replace, keys), options)
+        for patch in patches.attn2_output_patch:
+            n = patch(n, options)
+        x = x + n
+        return x + self.ff(self.norm3(x))
+
+
+def _replace_keys(options: TransformerOptions) -> tuple[TransformerId | BlockId, ...]:
+    """The keys an attention replacement may be stored under, most specific first."""
+    block = options.get("block")
+    if block is None:
+        return ()
+    return ((block[0], block[1], options.get("block_index", 0)), (block[0], block[1]))
+
+
+def _replacement(table: Mapping[BlockId | TransformerId, AttentionReplace],
+                 keys: tuple[TransformerId | BlockId, ...]) -> AttentionReplace | None:
+    if not table:
+        return None
+    return next((table[key] for key in keys if key in table), None)
+
+
+def _patched_attention(attention: CrossAttention, n: Tensor, context: Tensor | None,
+                       input_patches: tuple[AttentionInputPatch, ...],
+                       replace: AttentionReplace | None, options: TransformerOptions) -> Tensor:
+    """attn1 (context None) or attn2 with ComfyUI's input patches and optional replacement."""
+    value = None
+    if input_patches:
+        context = n if context is None else context
+        value = context
+        for patch in input_patches:
+            n, context, value = patch(n, context, value, options)
+    if replace is None:
+        return attention(n, context, value)
+    context = n if context is None else context
+    value = context if value is None else value
+    out = replace(attention.to_q(n), attention.to_k(context), attention.to_v(value), options)
+    return attention.to_out[0](out)
 
 
 class SpatialTransformer(nn.Module):
@@ -117,16 +191,20 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, context_dim, heads, dim_head) for _ in range(depth))
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, call: UNetCall | None = None) -> Tensor:
         batch, _, height, width = x.shape
+        if call is not None:
+            call.options["activations_shape"] = list(x.shape)
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, C); a free view for channels_last maps
         if self.use_linear:
             h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, context)
+        for index, block in enumerate(self.transformer_blocks):
+            if call is not None:
+                call.options["block_index"] = index
+            h = block(h, context, call)
         if self.use_linear:
             h = self.proj_out(h)
         h = _tokens_to_map(h, batch, height, width)  # (B, C, H, W)

@@ -26,6 +26,7 @@ from engine.diffusion.networks.unet_blocks import (
     Upsample,
     group_norm,
 )
+from engine.diffusion.networks.unet_patches import UNetCall
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 # SDXL embeds each size/crop/score number with a 256-wide sinusoidal embedding.
@@ -236,19 +237,25 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 down_residuals: list[Tensor] | None = None,
                 mid_residual: Tensor | None = None,
-                input_residuals: list[Tensor | None] | None = None) -> Tensor:
+                input_residuals: list[Tensor | None] | None = None,
+                call: UNetCall | None = None) -> Tensor:
         """x (B, in, H, W), timesteps (B,), context (B, T, context_dim), y (B, adm) for SDXL.
 
         `down_residuals` (one per input block, in order) are added to the skip connections and
         `mid_residual` to the middle block's output: how ControlNet steers the UNet.
         `input_residuals` (one per input block, None = nothing) are added to each input block's
         output before it feeds the next block and its skip connection: T2I-Adapters.
+        `call` runs a MODEL's patch points (unet_patches.py) with this call's options.
         """
         if input_residuals is not None and len(input_residuals) != len(self.input_blocks):
             raise ValueError(
                 f"got {len(input_residuals)} input_residuals but the UNet has "
                 f"{len(self.input_blocks)} input blocks; use an adapter made for this family")
         self._check_inputs(x, timesteps, context, y, down_residuals)
+        if call is not None and call.patches.empty:
+            call = None
+        if call is not None:
+            call.options.update(original_shape=list(x.shape), transformer_index=0)
         dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.label_emb is not None:
@@ -260,21 +267,35 @@ class UNet(nn.Module):
         h = x.to(dtype=dtype, memory_format=torch.channels_last)
         skips = []
         for index, stage in enumerate(self.input_blocks):
-            h = stage(h, emb, context)
+            if call is not None:
+                call.options["block"] = ("input", index)
+            h = stage(h, emb, context, call=call)
             if input_residuals is not None and input_residuals[index] is not None:
                 # in place: h is the block's fresh output, and its strides stay the same
                 h.add_(input_residuals[index].to(dtype))
+            if call is not None:
+                h = call.run_block_patches("input_block_patch", h)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+            if call is not None:
+                h = call.run_block_patches("input_block_patch_after_skip", h)
+        if call is not None:
+            call.options["block"] = ("middle", 0)
+        h = self.middle_block(h, emb, context, call=call)
         if mid_residual is not None:
             h = h + mid_residual.to(dtype)
+        if call is not None:
+            h = call.run_block_patches("middle_block_patch", h)
         if down_residuals is not None:
             skips = [skip + extra.to(dtype)
                      for skip, extra in zip(skips, down_residuals, strict=True)]
-        for stage in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+        for index, stage in enumerate(self.output_blocks):
+            skip = skips.pop()
+            if call is not None:
+                call.options["block"] = ("output", index)
+                h, skip = call.run_output_block_patches(h, skip)
+            h = torch.cat([h, skip], dim=1)
             out_size = tuple(skips[-1].shape[2:]) if skips else None
-            h = stage(h, emb, context, out_size)
+            h = stage(h, emb, context, out_size, call)
         h = self.out["2"](torch.nn.functional.silu(self.out["0"](h)))
         return h.to(dtype=x.dtype, memory_format=torch.contiguous_format)
 

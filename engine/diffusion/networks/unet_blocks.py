@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from engine.diffusion.memory.packed_conv import Conv2d
 from engine.diffusion.networks.attention import NORM_GROUPS, SpatialTransformer
+from engine.diffusion.networks.unet_patches import UNetCall
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -90,12 +91,14 @@ class UNetStage(nn.ModuleList):
     each given the inputs it needs (LDM's TimestepEmbedSequential)."""
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor,
-                out_size: tuple[int, int] | None = None) -> Tensor:
+                out_size: tuple[int, int] | None = None, call: UNetCall | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, SpatialTransformer):
-                h = layer(h, context)
+                h = layer(h, context, call)
+                if call is not None:  # counted over the whole UNet, as ComfyUI counts it
+                    call.options["transformer_index"] += 1
             elif isinstance(layer, Upsample):
                 h = layer(h, out_size if out_size is not None else (h.shape[2] * 2, h.shape[3] * 2))
             else:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from engine.diffusion.networks.model_sampling import ModelSampling, model_sampling
 from engine.diffusion.networks.unet import UNet, UNetConfig
+from engine.diffusion.patches.model_patches import ModelPatches
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ModelHandle:
     name: str = ""
     # Weight patches, residual providers and attention hooks (LoRA/ControlNet, issue 6).
     patches: tuple[Any, ...] = field(default_factory=tuple)
+    # Behaviour patches run at fixed points of the UNet and of guidance (model_patches.py).
+    model_patches: ModelPatches = field(default_factory=ModelPatches)
 
     @classmethod
     def create(cls, unet: UNet, config: UNetConfig, family: str, prediction: str = "eps",
@@ -69,6 +73,11 @@ class ModelHandle:
     def replace(self, **changes: Any) -> ModelHandle:
         """A clone with some fields changed; the network is shared, never copied."""
         return dataclasses.replace(self, **changes)
+
+    def patching(self, change: Callable[[ModelPatches], ModelPatches]) -> ModelHandle:
+        """A clone whose behaviour patches are `change(current ones)`, e.g.
+        ``model.patching(lambda p: p.adding_unet_patch("output_block_patch", freeu))``."""
+        return self.replace(model_patches=change(self.model_patches))
 
     @property
     def in_channels(self) -> int:

@@ -124,6 +124,7 @@ class SamplingInputs:
     latent_image: Tensor  # the input latent, already scaled into the model's space
     denoise_mask: Tensor | None  # (B, C, H, W) noise mask, or None
     device: torch.device
+    sigmas: Tensor | None = None  # the run's schedule (what patches see as sample_sigmas)
 
 
 def prepare_entries(model: ModelHandle, conditioning: Conditioning, prompt_type: str,

@@ -16,15 +16,18 @@ ControlNets plug in through ``conditioning.ControlProvider``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from engine.diffusion.networks.unet_patches import TransformerOptions, UNetCall, UNetPatches
 from engine.diffusion.patches.model_handle import ModelHandle
-from engine.diffusion.sampling import Denoiser
+from engine.diffusion.patches.model_patches import ModelPatches
+from engine.diffusion.sampling import Denoiser, ModelSampling
 from engine.diffusion.sampling.conditioning import (
     Area,
     CondEntry,
@@ -90,7 +93,8 @@ class Guider:
             positive, negative = pair_entries(positive, negative)
         _prepare_controls(self.model, [*positive, *(negative or ())], inputs)
         return GuidedModel(self.model, tuple(positive),
-                           None if negative is None else tuple(negative), self.cfg)
+                           None if negative is None else tuple(negative), self.cfg,
+                           inputs.sigmas)
 
 
 def distinct_controls(entries: Sequence[CondEntry]) -> list[ControlProvider]:
@@ -112,14 +116,23 @@ def _prepare_controls(model: ModelHandle, entries: Sequence[CondEntry],
             prepare(model, inputs.noise_shape)
 
 
+Sides = Sequence[Sequence[CondEntry] | None]
+
+
 @dataclass(frozen=True, eq=False)
 class GuidedModel:
-    """``model(x, sigma) -> x0`` with classifier-free guidance: what samplers call."""
+    """``model(x, sigma) -> x0`` with classifier-free guidance: what samplers call. It is also
+    the "model" the guidance patch points get (patches/model_patches.py)."""
 
     model: ModelHandle
     positive: tuple[CondEntry, ...]
     negative: tuple[CondEntry, ...] | None
     cfg: float
+    sample_sigmas: Tensor | None = None
+
+    @property
+    def model_sampling(self) -> ModelSampling:
+        return self.model.sampling
 
     def cleanup(self) -> None:
         """Each distinct control's optional ``cleanup()`` (after the sampling run)."""
@@ -128,14 +141,47 @@ class GuidedModel:
             if cleanup is not None:
                 cleanup()
 
+    def calc_cond_batch(self, conds: Sides, x: Tensor, sigma: Tensor,
+                        model_patches: ModelPatches | None = None) -> list[Tensor]:
+        """Each side's weighted x0 (ComfyUI's calc_cond_batch), under `model_patches` (default:
+        the model's own; PerturbedAttentionGuidance re-runs the cond with an extra one)."""
+        patches = self.model.model_patches if model_patches is None else model_patches
+        run_options = {} if self.sample_sigmas is None else {"sample_sigmas": self.sample_sigmas}
+        return predict(self.model, conds, x, sigma, patches, run_options)
+
     def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
-        uncond = None if math.isclose(self.cfg, 1.0) else self.negative
-        cond_pred, uncond_pred = predict(self.model, (self.positive, uncond), x, sigma)
-        return uncond_pred + (cond_pred - uncond_pred) * self.cfg
+        patches = self.model.model_patches
+        skip_uncond = math.isclose(self.cfg, 1.0) and not patches.disable_cfg1_optimization
+        conds = [self.positive, None if skip_uncond else self.negative]
+        out = self.calc_cond_batch(conds, x, sigma)
+        for function in patches.sampler_pre_cfg_function:
+            out = function({"conds": conds, "conds_out": out, "cond_scale": self.cfg,
+                            "timestep": sigma, "input": x, "sigma": sigma, "model": self,
+                            "model_options": patches})
+        return self.combine(out[0], out[1], x, sigma, conds)
+
+    def combine(self, cond_pred: Tensor, uncond_pred: Tensor, x: Tensor, sigma: Tensor,
+                conds: Sides) -> Tensor:
+        """uncond + (cond - uncond) * cfg, or the model's CFG function; then post-CFG ones."""
+        patches = self.model.model_patches
+        if patches.sampler_cfg_function is None:
+            result = uncond_pred + (cond_pred - uncond_pred) * self.cfg
+        else:
+            result = x - patches.sampler_cfg_function({
+                "cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": self.cfg,
+                "timestep": sigma, "input": x, "sigma": sigma, "cond_denoised": cond_pred,
+                "uncond_denoised": uncond_pred, "model": self, "model_options": patches})
+        for function in patches.sampler_post_cfg_function:
+            result = function({"denoised": result, "cond": conds[0], "uncond": conds[1],
+                               "cond_scale": self.cfg, "model": self,
+                               "uncond_denoised": uncond_pred, "cond_denoised": cond_pred,
+                               "sigma": sigma, "model_options": patches, "input": x})
+        return result
 
 
-def predict(model: ModelHandle, sides: Sequence[Sequence[CondEntry] | None], x: Tensor,
-            sigma: Tensor) -> list[Tensor]:
+def predict(model: ModelHandle, sides: Sides, x: Tensor, sigma: Tensor,
+            patches: ModelPatches | None = None,
+            run_options: Mapping[str, Any] | None = None) -> list[Tensor]:
     """The weighted x0 prediction of each side (ComfyUI's calc_cond_batch)."""
     totals = [torch.zeros_like(x) for _ in sides]
     weights = [torch.ones_like(x) * EMPTY_WEIGHT for _ in sides]
@@ -145,7 +191,8 @@ def predict(model: ModelHandle, sides: Sequence[Sequence[CondEntry] | None], x: 
         first = pending[0]
         fitting = [index for index, chunk in enumerate(pending) if chunk.fits(first)]
         batch = [pending.pop(index) for index in reversed(fitting)]
-        for chunk, denoised in zip(batch, run_batch(model, batch, sigma), strict=True):
+        outputs = run_batch(model, batch, sigma, patches, run_options)
+        for chunk, denoised in zip(batch, outputs, strict=True):
             total, weight = totals[chunk.side], weights[chunk.side]
             if chunk.area is not None:
                 total, weight = crop(total, chunk.area), crop(weight, chunk.area)
@@ -219,18 +266,45 @@ def _fade_area_edges(mult: Tensor, area: Area, full_shape: torch.Size) -> None:
                 mult.narrow(2 + axis, size - 1 - step, 1).mul_(ramp)
 
 
-def run_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor) -> tuple[Tensor, ...]:
-    """One UNet evaluation for chunks that fit together; their x0 predictions, in order."""
+def run_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
+              patches: ModelPatches | None = None,
+              run_options: Mapping[str, Any] | None = None) -> tuple[Tensor, ...]:
+    """One UNet evaluation for chunks that fit together; their x0 predictions, in order.
+
+    With behaviour patches the call gets its transformer options (cond_or_uncond, sigmas and
+    the run's and the model's entries) and goes through the model function wrapper if any."""
     x = torch.cat([chunk.x for chunk in batch])
     sigmas = torch.cat([sigma] * len(batch))
-    context = _cat_tokens([chunk.context for chunk in batch])
     first = batch[0]
-    y = None if first.y is None else torch.cat([chunk.y for chunk in batch])  # type: ignore[misc]
-    concat = None
-    if first.concat is not None:
-        concat = torch.cat([chunk.concat for chunk in batch])  # type: ignore[misc]
-    network = partial(_network, model, context, y, concat, first.control, sigmas)
-    return Denoiser(network, model.sampling)(x, sigmas).chunk(len(batch))
+    c: dict[str, Any] = {
+        "c_crossattn": _cat_tokens([chunk.context for chunk in batch]),
+        "c_concat": None if first.concat is None else torch.cat(
+            [chunk.concat for chunk in batch]),  # type: ignore[misc]
+        "y": None if first.y is None else torch.cat([chunk.y for chunk in batch]),  # type: ignore[misc]
+        "control": first.control}
+    if patches is None or patches.empty:
+        return apply_model(model, None, x, sigmas, **c).chunk(len(batch))
+    cond_or_uncond = [chunk.side for chunk in batch]
+    c["transformer_options"] = {**patches.transformer_options, **(run_options or {}),
+                                "cond_or_uncond": cond_or_uncond, "sigmas": sigmas}
+    apply = partial(apply_model, model, patches.unet)
+    if patches.model_function_wrapper is None:
+        return apply(x, sigmas, **c).chunk(len(batch))
+    return patches.model_function_wrapper(apply, {
+        "input": x, "timestep": sigmas, "c": c, "cond_or_uncond": cond_or_uncond,
+    }).chunk(len(batch))
+
+
+def apply_model(model: ModelHandle, unet_patches: UNetPatches | None, x: Tensor, t: Tensor,
+                c_crossattn: Tensor, c_concat: Tensor | None = None, y: Tensor | None = None,
+                control: ControlProvider | None = None,
+                transformer_options: TransformerOptions | None = None) -> Tensor:
+    """x0 for the noisy latent `x` at sigmas `t` (ComfyUI's apply_model, its argument names)."""
+    call = None
+    if unet_patches is not None and not unet_patches.empty:
+        call = UNetCall(unet_patches, {} if transformer_options is None else transformer_options)
+    network = partial(_network, model, c_crossattn, y, c_concat, control, t, call=call)
+    return Denoiser(network, model.sampling)(x, t)
 
 
 def _cat_tokens(contexts: Sequence[Tensor]) -> Tensor:
@@ -242,7 +316,7 @@ def _cat_tokens(contexts: Sequence[Tensor]) -> Tensor:
 
 def _network(model: ModelHandle, context: Tensor, y: Tensor | None, concat: Tensor | None,
              control: ControlProvider | None, sigma: Tensor, x_in: Tensor,
-             timestep: Tensor) -> Tensor:
+             timestep: Tensor, call: UNetCall | None = None) -> Tensor:
     """The raw UNet output for c_in-scaled input: ControlNet residuals, inpaint channels."""
     down, mid, extra = (None, None, None)
     if control is not None:
@@ -253,4 +327,4 @@ def _network(model: ModelHandle, context: Tensor, y: Tensor | None, concat: Tens
     if concat is not None:
         x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)
     return model.unet(x_in, timestep, context, y, down_residuals=down, mid_residual=mid,
-                      input_residuals=extra)
+                      input_residuals=extra, call=call)

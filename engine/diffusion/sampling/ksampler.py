@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from engine.diffusion.patches.model_handle import LatentFormat, ModelHandle
+from engine.diffusion.patches.model_patches import DenoiseMaskFunction
 from engine.diffusion.patches.patching import patched
 from engine.diffusion.sampling import (
     ModelSampling,
@@ -162,13 +163,14 @@ def guided_sample(guider: Guider, sampler: SamplerChoice, sigmas: Tensor, noise:
     mask = None
     if latent.noise_mask is not None:
         mask = prepare_noise_mask(latent.noise_mask, noise.shape, device)
-    guided = guider.prepare(SamplingInputs(noise.shape, image, mask, device))
+    guided = guider.prepare(SamplingInputs(noise.shape, image, mask, device, sigmas))
     last: list[Tensor] = []
     try:
         denoiser: Callable[..., Tensor] = guided
         if mask is not None:
             kept = random_inpaint_noise(noise, seed) if spec.random_inpaint_noise else noise
-            denoiser = InpaintModel(guided, sampling, image, kept, mask)
+            denoiser = InpaintModel(guided, sampling, image, kept, mask, sigmas,
+                                    model.model_patches.denoise_mask_function)
         callback = _step_callback(len(sigmas) - 1, progress, last)
         x = sampling.noise_scaling(sigmas[0], noise, image,
                                    sampling.is_max_denoise(float(sigmas[0])))
@@ -195,21 +197,30 @@ def _step_callback(total: int, progress: StepProgress | None, last: list[Tensor]
 
 @dataclass(frozen=True, eq=False)
 class InpaintModel:
-    """Keeps the unmasked area on the input latent's noisy path (ComfyUI's inpaint wrapper)."""
+    """Keeps the unmasked area on the input latent's noisy path (ComfyUI's inpaint wrapper).
+
+    A MODEL's denoise mask function may change the mask at every call: ``mask_function(sigma,
+    denoise_mask, extra_options={"model": inner, "sigmas": the run's schedule})``."""
 
     inner: Callable[..., Tensor]
     sampling: ModelSampling
     latent_image: Tensor
     noise: Tensor
     denoise_mask: Tensor
+    sigmas: Tensor | None = None
+    mask_function: DenoiseMaskFunction | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
-        keep = 1.0 - self.denoise_mask
+        mask = self.denoise_mask
+        if self.mask_function is not None:
+            mask = self.mask_function(sigma, mask,
+                                      extra_options={"model": self.inner, "sigmas": self.sigmas})
+        keep = 1.0 - mask
         sigma_view = sigma.reshape([sigma.shape[0]] + [1] * (self.noise.ndim - 1))
         noisy_kept = self.sampling.noise_scaling(sigma_view, self.noise, self.latent_image)
-        x = x * self.denoise_mask + noisy_kept * keep
+        x = x * mask + noisy_kept * keep
         out = self.inner(x, sigma, **extra)
-        return out * self.denoise_mask + self.latent_image * keep
+        return out * mask + self.latent_image * keep
 
 
 def prepare_noise_mask(mask: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
