@@ -17,7 +17,8 @@ tune_before_torch()  # before anything imports torch
 
 from engine.cache import OutputCache  # noqa: E402
 from engine.cli import EXIT_INVALID, run_workflow  # noqa: E402
-from engine.context import Services  # noqa: E402
+from engine import comfy_host  # noqa: E402
+from engine.context import InterruptFlag, Services  # noqa: E402
 from engine.custom_nodes import load_custom_nodes  # noqa: E402
 from engine.diffusion.memory.devices import DevicePolicy  # noqa: E402
 from engine.diffusion.memory.model_manager import ModelManager  # noqa: E402
@@ -169,9 +170,21 @@ def build_app(args: argparse.Namespace) -> App:
                                                    vram=vram_settings(args, policy)))
     registry = NodeRegistry()
     registry.register_all(builtin_node_types())
+    interrupt = InterruptFlag()
+    bind_comfy_api(services, registry, interrupt)
     load_custom_nodes(registry, paths.custom_nodes, disable_all=args.disable_all_custom_nodes,
                       whitelist=args.whitelist_custom_nodes)
-    return App(services, registry, Executor(registry, services, make_cache(args)))
+    return App(services, registry,
+               Executor(registry, services, make_cache(args), interrupt=interrupt))
+
+
+def bind_comfy_api(services: Services, registry: NodeRegistry, interrupt: InterruptFlag) -> None:
+    """ComfyUI's module-level singletons (folder_paths, PromptServer.instance,
+    model_management), which custom-node packs read, point at this process's objects."""
+    from web.comfy_server import create_pack_server  # aiohttp: packs import it anyway
+
+    comfy_host.bind(services, registry, interrupt)
+    create_pack_server()
 
 
 def vram_settings(args: argparse.Namespace, policy: DevicePolicy) -> VramSettings | None:

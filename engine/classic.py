@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from engine.comfy_host import from_pack, running, to_pack
 from engine.context import NodeContext
 from engine.node import ALWAYS_CHANGED, Input, Node, NodeResult, NodeSchema, Output
 
@@ -76,7 +77,11 @@ class ClassicNode(Node):
 
     def execute(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         method = getattr(self.classic_instance(), self.function)
-        return classic_result(self.schema, self.function, method(**inputs))
+        values = {name: to_pack(value) for name, value in inputs.items()}
+        with running(ctx):
+            result = classic_result(self.schema, self.function, method(**values))
+        result.outputs = tuple(from_pack(value) for value in result.outputs)
+        return result
 
     def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
         return self._is_changed(ctx, inputs)

@@ -70,6 +70,15 @@ class NodeContext:
         self._progress_sink = progress_sink
 
     @property
+    def interrupt_flag(self) -> InterruptFlag:
+        """The flag this node's prompt is interrupted through (shared with nested calls)."""
+        return self._interrupt
+
+    @property
+    def progress_sink(self) -> ProgressSink | None:
+        return self._progress_sink
+
+    @property
     def paths(self) -> Paths:
         return self.services.paths
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from engine import comfy_host
 from engine.classic import adapt_classic
 from engine.node import Node
 from engine.registry import NodeRegistry, PackError
@@ -24,6 +25,9 @@ from engine.registry import NodeRegistry, PackError
 logger = logging.getLogger("loom.custom_nodes")
 
 DISABLED_SUFFIX = ".disabled"
+# ComfyUI's module names (folder_paths, comfy.*, server, node_helpers ...) as facades over Loom.
+COMFY_API_ROOT = Path(__file__).resolve().parent.parent / "comfy_compat"
+COMFY_VALUE_BRIDGE = "loom_values"  # the facade module converting MODEL/CLIP/VAE for packs
 
 
 class PackLoadError(ImportError):
@@ -68,10 +72,22 @@ def discover_packs(folder: Path) -> list[PackSource]:
     return packs
 
 
+def install_comfy_api() -> None:
+    """Put ComfyUI's module names first on the import path, as ComfyUI's root is when packs
+    load, and let pack nodes receive MODEL/CLIP/VAE as ComfyUI's objects. Idempotent."""
+    root = str(COMFY_API_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if comfy_host.HOST.values is None:
+        bridge = importlib.import_module(COMFY_VALUE_BRIDGE)
+        comfy_host.HOST.values = bridge.ValueBridge()
+
+
 def load_custom_nodes(registry: NodeRegistry, folders: list[Path], *, disable_all: bool = False,
                       whitelist: Iterable[str] = ()) -> None:
     """Import every pack of `folders` and register its nodes. With `disable_all` only the
     `whitelist` packs load (ComfyUI's --disable-all-custom-nodes, --whitelist-custom-nodes)."""
+    install_comfy_api()
     allowed = frozenset(whitelist)
     timings: list[tuple[float, Path, bool]] = []
     for folder in folders:

@@ -119,6 +119,8 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
         if not isinstance(body, dict):
             return rejection("invalid_prompt", "The request body must be a JSON object",
                              f"got {type(body).__name__}")
+        if server.pack_server is not None:  # packs' PromptServer.add_on_prompt_handler hooks
+            body = server.pack_server.trigger_on_prompt(body)
         try:
             return await submit(server, body)
         except BadRequest as exc:

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine import comfy_host
 from engine.context import Services
 from engine.executor import Executor
 from engine.graph import GraphPlanner
@@ -27,6 +28,7 @@ from web import (
     static,
     websocket,
 )
+from web.comfy_server import PackPromptServer
 from web.history import DEFAULT_MAX_ITEMS, History
 from web.queue import PromptQueue
 from web.routing import ApiRoutes
@@ -58,6 +60,10 @@ class LoomServer:
         # planner of its own (the worker thread uses the executor's).
         self.validation_services = dataclasses.replace(services, graph_planner=GraphPlanner())
         self.validation_pool = ThreadPoolExecutor(1, thread_name_prefix="loom-validate")
+        # server.PromptServer.instance of custom-node packs (main.py made it before they loaded)
+        self.pack_server: PackPromptServer | None = comfy_host.HOST.prompt_server
+        if self.pack_server is not None:
+            self.pack_server.adopt(self)
 
     def object_info(self) -> dict[str, Any]:
         return self.registry.object_info(self.services)
@@ -118,6 +124,8 @@ def create_app(server: LoomServer) -> web.Application:
     routes_files.add_routes(routes, server)
     routes_user.add_routes(routes, server)
     routes.install(app.router)
+    if server.pack_server is not None:  # custom-node packs' routes, behind the same middlewares
+        server.pack_server.install_routes(app)
     static.add_static_routes(app, server)  # last: it serves the editor at / (a catch-all)
     app.on_startup.append(server.on_startup)
     app.on_shutdown.append(server.on_shutdown)

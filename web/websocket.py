@@ -34,6 +34,7 @@ class Outgoing:
     sid: str | None
     text: str | None = None
     jpeg: bytes | None = None  # a preview image; framed per client at delivery
+    binary: bytes | None = None  # a ready binary frame (custom-node packs' send_sync)
     prompt_id: str = ""
     node_id: str = ""
 
@@ -78,6 +79,11 @@ class SocketHub:
     def set_client_flags(self, sid: str, flags: dict[str, Any]) -> None:
         self._client_flags[sid] = flags
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop delivering messages (None while not serving)."""
+        return self._loop
+
     def connected(self) -> list[str]:
         return list(self._sockets)
 
@@ -89,6 +95,10 @@ class SocketHub:
 
     def broadcast(self, kind: str, data: dict[str, Any]) -> None:
         self._queue(Outgoing(None, text=dumps({"type": kind, "data": data})))
+
+    def send_binary(self, frame: bytes, sid: str | None) -> None:
+        """A ready binary frame to client `sid`, or to every client when `sid` is None."""
+        self._queue(Outgoing(sid, binary=frame))
 
     def send_preview(self, jpeg: bytes, prompt_id: str, node_id: str, sid: str | None) -> None:
         if sid is not None:
@@ -120,7 +130,7 @@ class SocketHub:
             ws = self._sockets.get(message.sid)
             targets = [(message.sid, ws)] if ws is not None else []
         for sid, ws in targets:
-            payload: str | bytes | None = message.text
+            payload: str | bytes | None = message.text or message.binary
             if message.jpeg is not None:
                 wants_metadata = self._client_flags.get(sid, {}).get("supports_preview_metadata")
                 metadata = (preview_metadata(message.prompt_id, message.node_id)

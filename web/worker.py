@@ -127,6 +127,8 @@ class Worker:
         listener = SocketListener(self.server.sockets, item.prompt_id, item.client_id,
                                   previews=self.server.args.preview_method != "none")
         self._running = listener
+        if self.server.pack_server is not None:  # server.PromptServer.instance.client_id
+            self.server.pack_server.client_id = item.client_id
         try:
             result = self._execute(item, listener)
         finally:

@@ -1,0 +1,333 @@
+"""ComfyUI's `comfy.model_patcher.ModelPatcher` for custom-node packs: the MODEL value as packs
+see it, over Loom's ModelHandle.
+
+`clone()` shares the handle and copies `model_options`, as ComfyUI's does; the `set_model_*`
+setters write ComfyUI's model_options layout. When the MODEL goes back to Loom (a Loom node
+consumes it), `loom_value()` turns it into a ModelHandle; a patch Loom cannot apply yet is an
+error naming it, never a silently unpatched model."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.diffusion.model_handle import ModelHandle
+
+# model_options entries (or transformer_options entries) that change sampling; Loom has no
+# typed patch point for them yet, so a MODEL carrying one cannot be sampled silently.
+BEHAVIOUR_OPTIONS = ("sampler_cfg_function", "sampler_post_cfg_function",
+                     "sampler_pre_cfg_function", "model_function_wrapper",
+                     "denoise_mask_function", "sampler_calc_cond_batch_function")
+PATCH_GROUPS = ("patches", "patches_replace")
+
+
+class UnsupportedPatchError(NotImplementedError):
+    """A ComfyUI-style model patch that Loom's UNet and guidance cannot apply (yet)."""
+
+
+class BaseModelView:
+    """`model_patcher.model`: ComfyUI's BaseModel attributes packs read, over the handle."""
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self._handle = handle
+
+    @property
+    def model_sampling(self) -> Any:
+        return self._handle.sampling
+
+    @property
+    def latent_format(self) -> Any:
+        from comfy import latent_formats
+        return latent_formats.for_family(self._handle.family)
+
+    @property
+    def diffusion_model(self) -> torch.nn.Module:
+        return self._handle.unet
+
+    @property
+    def model_type(self) -> Any:
+        from comfy.model_base import ModelType
+        return ModelType.V_PREDICTION if self._handle.sampling.prediction == "v_prediction" \
+            else ModelType.EPS
+
+    @property
+    def model_config(self) -> Any:
+        from comfy.supported_models_base import ModelConfigView
+        return ModelConfigView(self._handle)
+
+    @property
+    def manual_cast_dtype(self) -> None:
+        return None
+
+    def get_dtype(self) -> torch.dtype:
+        return self._handle.dtype
+
+    def memory_required(self, input_shape: Any) -> int:
+        return _activation_bytes(self._handle, input_shape)
+
+    def __repr__(self) -> str:
+        return f"<BaseModel view of {self._handle.name or self._handle.family}>"
+
+
+def _activation_bytes(handle: ModelHandle, input_shape: Any) -> int:
+    """A rough activation estimate (ComfyUI's order of magnitude for SD UNets)."""
+    area = int(input_shape[0]) * int(input_shape[2]) * int(input_shape[3])
+    return int(area * torch.finfo(handle.dtype).bits // 8 * 0.6 * 1024)
+
+
+class ModelPatcher:
+    """MODEL for packs: a shared Loom ModelHandle plus this clone's ComfyUI-style options."""
+
+    def __init__(self, handle: ModelHandle, load_device: Any = None,
+                 offload_device: Any = None, size: int = 0, weight_inplace_update: bool = False
+                 ) -> None:
+        if not isinstance(handle, ModelHandle):
+            raise TypeError(f"ModelPatcher wraps a Loom MODEL; got {type(handle).__name__}. "
+                            f"Loom cannot patch arbitrary torch modules as ComfyUI's "
+                            f"ModelPatcher(model, ...) does")
+        self.handle = handle
+        self.model = BaseModelView(handle)
+        self.model_options: dict[str, Any] = {"transformer_options": {}}
+        self.patches: dict[str, list[tuple[Any, ...]]] = {}
+        self.object_patches: dict[str, Any] = {}
+        self.load_device = load_device if load_device is not None else handle.device
+        self.offload_device = offload_device if offload_device is not None else \
+            torch.device("cpu")
+        self.size = size
+        self.patches_uuid = uuid.uuid4()
+        self.parent: ModelPatcher | None = None
+        self.attachments: dict[str, Any] = {}
+        self.additional_models: dict[str, list[Any]] = {}
+        self.callbacks: dict[str, Any] = {}
+        self.wrappers: dict[str, Any] = {}
+
+    # -- cloning -----------------------------------------------------------------------------
+    def clone(self) -> ModelPatcher:
+        twin = ModelPatcher(self.handle, self.load_device, self.offload_device, self.size)
+        twin.model_options = _copy_options(self.model_options)
+        twin.patches = {key: list(found) for key, found in self.patches.items()}
+        twin.object_patches = dict(self.object_patches)
+        twin.patches_uuid = self.patches_uuid
+        twin.parent = self
+        twin.attachments = dict(self.attachments)
+        twin.additional_models = {k: list(v) for k, v in self.additional_models.items()}
+        return twin
+
+    def is_clone(self, other: Any) -> bool:
+        return isinstance(other, ModelPatcher) and other.handle.unet is self.handle.unet
+
+    def clone_has_same_weights(self, clone: Any) -> bool:
+        return self.is_clone(clone) and self.patches_uuid == clone.patches_uuid
+
+    # -- facts --------------------------------------------------------------------------------
+    def model_size(self) -> int:
+        return sum(p.nelement() * p.element_size() for p in self.handle.unet.parameters())
+
+    def loaded_size(self) -> int:
+        return self.model_size()
+
+    def model_dtype(self) -> torch.dtype:
+        return self.handle.dtype
+
+    def memory_required(self, input_shape: Any) -> int:
+        return _activation_bytes(self.handle, input_shape)
+
+    def get_model_object(self, name: str) -> Any:
+        """An attribute of the model by dotted path ("model_sampling", "diffusion_model.x")."""
+        if name in self.object_patches:
+            return self.object_patches[name]
+        target: Any = self.model
+        for part in name.split("."):
+            target = getattr(target, part)
+        return target
+
+    def add_object_patch(self, name: str, obj: Any) -> None:
+        self.object_patches[name] = obj
+
+    # -- weight patches (LoRA-style) -------------------------------------------------------
+    def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
+                    strength_model: float = 1.0) -> list[str]:
+        """Record weight patches by key (ComfyUI's format); keys the UNet has are returned."""
+        keys = self._weight_keys()
+        added = []
+        for key, patch in patches.items():
+            name = key[0] if isinstance(key, tuple) else key
+            if name in keys:
+                self.patches.setdefault(name, []).append(
+                    (strength_patch, patch, strength_model, None, None))
+                added.append(key)
+        self.patches_uuid = uuid.uuid4()
+        return added
+
+    def get_key_patches(self, filter_prefix: str | None = None) -> dict[str, list[Any]]:
+        """Each weight (optionally under a prefix) with its patches, the weight itself first."""
+        state = self.handle.unet.state_dict()
+        found = {}
+        for key, weight in state.items():
+            full = f"diffusion_model.{key}"
+            if filter_prefix is not None and not full.startswith(filter_prefix):
+                continue
+            found[full] = [weight] + list(self.patches.get(full, []))
+        return found
+
+    def model_state_dict(self, filter_prefix: str | None = None) -> dict[str, torch.Tensor]:
+        state = {f"diffusion_model.{k}": v for k, v in self.handle.unet.state_dict().items()}
+        return {k: v for k, v in state.items()
+                if filter_prefix is None or k.startswith(filter_prefix)}
+
+    def _weight_keys(self) -> set[str]:
+        return {f"diffusion_model.{k}" for k in self.handle.unet.state_dict()}
+
+    # -- model_options setters (ComfyUI's layout) -----------------------------------------
+    def set_model_sampler_cfg_function(self, sampler_cfg_function: Callable[..., Any],
+                                       disable_cfg1_optimization: bool = False) -> None:
+        self.model_options["sampler_cfg_function"] = sampler_cfg_function
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+    def set_model_sampler_post_cfg_function(self, post_cfg_function: Callable[..., Any],
+                                            disable_cfg1_optimization: bool = False) -> None:
+        self.model_options.setdefault("sampler_post_cfg_function", []).append(post_cfg_function)
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+    def set_model_sampler_pre_cfg_function(self, pre_cfg_function: Callable[..., Any],
+                                           disable_cfg1_optimization: bool = False) -> None:
+        self.model_options.setdefault("sampler_pre_cfg_function", []).append(pre_cfg_function)
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function: Callable[..., Any]) -> None:
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+    def set_model_denoise_mask_function(self, denoise_mask_function: Callable[..., Any]
+                                        ) -> None:
+        self.model_options["denoise_mask_function"] = denoise_mask_function
+
+    def set_model_patch(self, patch: Callable[..., Any], name: str) -> None:
+        transformer = self.model_options["transformer_options"]
+        transformer.setdefault("patches", {}).setdefault(name, []).append(patch)
+
+    def set_model_patch_replace(self, patch: Any, name: str, block_name: str, number: int,
+                                transformer_index: int | None = None) -> None:
+        transformer = self.model_options["transformer_options"]
+        where = (block_name, number) if transformer_index is None else \
+            (block_name, number, transformer_index)
+        transformer.setdefault("patches_replace", {}).setdefault(name, {})[where] = patch
+
+    def set_model_attn1_patch(self, patch: Callable[..., Any]) -> None:
+        self.set_model_patch(patch, "attn1_patch")
+
+    def set_model_attn2_patch(self, patch: Callable[..., Any]) -> None:
+        self.set_model_patch(patch, "attn2_patch")
+
+    def set_model_attn1_replace(self, patch: Any, block_name: str, number: int,
+                                transformer_index: int | None = None) -> None:
+        self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
+
+    def set_model_attn2_replace(self, patch: Any, block_name: str, number: int,
+                                transformer_index: int | None = None) -> None:
+        self.set_model_patch_replace(patch, "attn2", block_name, number, transformer_index)
+
+    def set_model_attn1_output_patch(self, patch: Callable[..., Any]) -> None:
+        self.set_model_patch(patch, "attn1_output_patch")
+
+    def set_model_attn2_output_patch(self, patch: Callable[..., Any]) -> None:
+        self.set_model_patch(patch, "attn2_output_patch")
+
+    def set_model_input_block_patch(self, patch: Callable[..., Any]) -> None:
+        self.set_model_patch(patch, "input_block_patch")
+
+    def set_model_input_block_patch_after_skip(self, patch: Callable[..., Any]) -> None:
+        self.set_model_patch(patch, "input_block_patch_after_skip")
+
+    def set_model_output_block_patch(self, patch: Callable[..., Any]) -> None:
+        self.set_model_patch(patch, "output_block_patch")
+
+    def set_model_forward_timestep_embed_patch(self, patch: Any) -> None:
+        self.set_model_patch(patch, "forward_timestep_embed_patch")
+
+    def set_model_double_block_patch(self, patch: Any) -> None:
+        self.set_model_patch(patch, "double_block")
+
+    def set_model_post_input_patch(self, patch: Any) -> None:
+        self.set_model_patch(patch, "post_input")
+
+    def set_model_emb_patch(self, patch: Any) -> None:
+        self.set_model_patch(patch, "emb_patch")
+
+    def set_model_compute_dtype(self, dtype: torch.dtype) -> None:
+        raise UnsupportedPatchError(f"ModelPatcher.set_model_compute_dtype({dtype}): Loom runs "
+                                    f"the UNet in the dtype its device policy chose")
+
+    def add_wrapper(self, wrapper_type: str, wrapper: Callable[..., Any]) -> None:
+        self.wrappers.setdefault(wrapper_type, []).append(wrapper)
+
+    def add_callback(self, call_type: str, callback: Callable[..., Any]) -> None:
+        self.callbacks.setdefault(call_type, []).append(callback)
+
+    def set_attachments(self, key: str, attachment: Any) -> None:
+        self.attachments[key] = attachment
+
+    def get_attachment(self, key: str) -> Any:
+        return self.attachments.get(key)
+
+    def set_additional_models(self, key: str, models: list[Any]) -> None:
+        self.additional_models[key] = models
+
+    # -- lifetime (Loom's model manager does this) -----------------------------------------
+    def patch_model(self, device_to: Any = None, lowvram_model_memory: int = 0,
+                    load_weights: bool = True, force_patch_weights: bool = False) -> Any:
+        self._require_no_patches("patch_model")
+        return self.handle.unet
+
+    def unpatch_model(self, device_to: Any = None, unpatch_weights: bool = True) -> None:
+        return None
+
+    def model_patches_to(self, device: Any) -> None:
+        return None
+
+    def current_loaded_device(self) -> Any:
+        return self.handle.device
+
+    # -- back to Loom ---------------------------------------------------------------------
+    def pending_patches(self) -> list[str]:
+        """The ComfyUI-style patches on this clone that Loom cannot apply (named)."""
+        pending = [name for name in BEHAVIOUR_OPTIONS if self.model_options.get(name)]
+        transformer = self.model_options.get("transformer_options", {})
+        for group in PATCH_GROUPS:
+            pending.extend(f"{group}.{name}" for name, found in transformer.get(group, {}).items()
+                           if found)
+        pending.extend(f"wrapper:{name}" for name, found in self.wrappers.items() if found)
+        if self.patches:
+            pending.append(f"weight patches on {len(self.patches)} keys (add_patches)")
+        pending.extend(f"object patch {name}" for name in self.object_patches
+                       if name != "model_sampling")
+        return pending
+
+    def _require_no_patches(self, where: str) -> None:
+        pending = self.pending_patches()
+        if pending:
+            raise UnsupportedPatchError(
+                f"this MODEL carries ComfyUI model patches Loom cannot apply yet: "
+                f"{', '.join(pending)} ({where}); remove the node that adds them, or use "
+                f"Loom's built-in node for the same effect")
+
+    def loom_value(self) -> ModelHandle:
+        """The Loom MODEL this stands for; refuses patches Loom would silently drop."""
+        self._require_no_patches("when the MODEL is used by Loom")
+        sampling = self.object_patches.get("model_sampling")
+        return self.handle if sampling is None else self.handle.replace(sampling=sampling)
+
+
+def _copy_options(options: dict[str, Any]) -> dict[str, Any]:
+    """model_options copied as ComfyUI's clone does: nested dicts and lists copied, callables
+    and tensors shared."""
+    if isinstance(options, dict):
+        return {key: _copy_options(value) for key, value in options.items()}
+    if isinstance(options, list):
+        return [_copy_options(value) for value in options]
+    return options
