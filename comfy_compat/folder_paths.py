@@ -6,8 +6,8 @@ so a pack that registers its own model folder at import time is seen by Loom's l
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
 from collections.abc import Iterator, MutableMapping, MutableSequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from nodes.filenames import prepare_save, split_annotation
 
 supported_pt_extensions: set[str] = set(MODEL_EXTENSIONS)
 SPECIAL_DIRECTORIES = ("input", "output", "temp")
+CUSTOM_NODES = "custom_nodes"  # ComfyUI lists the custom-node folders in the same table
 
 
 def _paths() -> Paths:
@@ -59,6 +60,8 @@ class _FolderTable(MutableMapping):
 
     def __getitem__(self, kind: str) -> tuple[_DirList, set[str]]:
         paths = _paths()
+        if kind == CUSTOM_NODES:
+            return _DirList(paths.custom_nodes), set()
         name = canonical_folder(kind)
         if name not in paths.models:
             raise KeyError(kind)
@@ -76,10 +79,10 @@ class _FolderTable(MutableMapping):
         del paths.models[canonical_folder(kind)]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(_paths().models))
+        return iter([*_paths().models, CUSTOM_NODES])
 
     def __len__(self) -> int:
-        return len(_paths().models)
+        return len(_paths().models) + 1
 
 
 class _ExtensionSet(set):
@@ -173,6 +176,8 @@ def add_model_folder_path(folder_name: str, full_folder_path: str,
 
 
 def get_folder_paths(folder_name: str) -> list[str]:
+    if folder_name == CUSTOM_NODES:
+        return [str(p) for p in _paths().custom_nodes]
     try:
         return [str(p) for p in _paths().folder_dirs(folder_name)]
     except PathError:
@@ -234,7 +239,6 @@ def get_input_subfolders() -> list[str]:
 
 def cache_helper() -> Any:
     """ComfyUI's file-list cache context; Loom lists folders on demand, so it does nothing."""
-    import contextlib
     return contextlib.nullcontext()
 
 
@@ -246,7 +250,3 @@ def get_public_user_directory(user: str) -> str | None:
     if not user or user.startswith("__"):
         return None
     return os.path.join(get_user_directory(), user)
-
-
-def now() -> float:
-    return time.time()

@@ -259,6 +259,10 @@ def parse_input_types(class_type: str, declared: Any) -> tuple[Input, ...]:
 
 
 def _parse_hidden(class_type: str, name: str, kind: Any) -> Input:
+    """A hidden input: a kind string ('PROMPT', 'UNIQUE_ID' ...); ComfyUI also accepts other
+    specs there (ignored by its editor), so a (TYPE, options) tuple keeps its TYPE."""
+    if isinstance(kind, (tuple, list)) and kind:
+        kind = kind[0] if isinstance(kind[0], str) else "COMBO"
     if not isinstance(kind, str):
         raise ClassicNodeError(f"node {class_type!r}: hidden input {name!r} is {kind!r}; use a "
                                f"kind string such as 'PROMPT' or 'UNIQUE_ID'")

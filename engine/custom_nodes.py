@@ -4,8 +4,10 @@ still load."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
+import inspect
 import logging
 import re
 import sys
@@ -27,7 +29,7 @@ logger = logging.getLogger("loom.custom_nodes")
 DISABLED_SUFFIX = ".disabled"
 # ComfyUI's module names (folder_paths, comfy.*, server, node_helpers ...) as facades over Loom.
 COMFY_API_ROOT = Path(__file__).resolve().parent.parent / "comfy_compat"
-COMFY_VALUE_BRIDGE = "loom_values"  # the facade module converting MODEL/CLIP/VAE for packs
+COMFY_SUPPORT = "loom_support"  # installs the MODEL/CLIP/VAE bridge and the internals importer
 
 
 class PackLoadError(ImportError):
@@ -79,8 +81,7 @@ def install_comfy_api() -> None:
     if root not in sys.path:
         sys.path.insert(0, root)
     if comfy_host.HOST.values is None:
-        bridge = importlib.import_module(COMFY_VALUE_BRIDGE)
-        comfy_host.HOST.values = bridge.ValueBridge()
+        importlib.import_module(COMFY_SUPPORT).install(comfy_host.HOST)
 
 
 def load_custom_nodes(registry: NodeRegistry, folders: list[Path], *, disable_all: bool = False,
@@ -111,6 +112,7 @@ def load_pack(registry: NodeRegistry, pack: PackSource) -> bool:
         _record_error(registry, pack, traceback.format_exc())
         return False
     _record_web_directory(registry, pack, module)
+    mappings = {**mappings, **_entrypoint_nodes(registry, pack, module)}
     taken = [name for name in mappings if name in registry]
     for class_type, cls in mappings.items():
         if class_type not in taken:
@@ -164,6 +166,27 @@ def _mappings(module: ModuleType) -> tuple[Mapping[str, Any], Mapping[str, Any]]
     return classes, names or {}
 
 
+def _entrypoint_nodes(registry: NodeRegistry, pack: PackSource, module: ModuleType
+                      ) -> dict[str, Any]:
+    """The V3 node classes of a pack's `comfy_entrypoint()` extension, by node id."""
+    entrypoint = getattr(module, "comfy_entrypoint", None)
+    if not callable(entrypoint):
+        return {}
+    try:
+        extension = _await(entrypoint())
+        _await(extension.on_load())
+        classes = _await(extension.get_node_list())
+        return {cls.__loom_node__().schema.name: cls for cls in classes}
+    except Exception:  # noqa: BLE001 - a broken extension is reported like a broken import
+        _record_error(registry, pack, traceback.format_exc())
+        return {}
+
+
+def _await(value: Any) -> Any:
+    """ComfyUI's extension hooks may be coroutines; run one to its result."""
+    return asyncio.run(value) if inspect.iscoroutine(value) else value
+
+
 def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cls: Any,
                    display_name: Any) -> None:
     """Adapt and register one node; a bad declaration is a pack error, the others still load."""
@@ -173,6 +196,9 @@ def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cl
                                 f"use a non-empty string")
         if isinstance(cls, type) and issubclass(cls, Node):
             registry.register(_native_node(class_type, cls))
+            return
+        if isinstance(cls, type) and hasattr(cls, "__loom_node__"):  # V3 (comfy_api.latest)
+            registry.register(_native_node(class_type, cls.__loom_node__()))
             return
         shown = str(display_name) if display_name is not None else None
         node_type = adapt_classic(class_type, cls, shown, f"custom_nodes.{pack.name}")

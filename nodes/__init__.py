@@ -4,8 +4,11 @@ classes; `builtin_node_types` gathers them for the registry that main.py builds.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from engine.node import Node
+
+MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION, which custom-node packs import
 
 # Modules listed here are imported in this order; each must define NODE_TYPES.
 BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent",
@@ -20,3 +23,15 @@ def builtin_node_types() -> list[type[Node]]:
     for module_name in BUILTIN_MODULES:
         types.extend(importlib.import_module(module_name).NODE_TYPES)
     return types
+
+
+def __getattr__(name: str) -> Any:
+    """ComfyUI's `nodes` attributes for custom-node packs (NODE_CLASS_MAPPINGS, KSampler ...),
+    served by the facade module comfy_compat/comfy_nodes.py once custom nodes are enabled."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
+        facade = importlib.import_module("comfy_nodes")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'nodes' has no attribute {name!r}") from None
+    return facade.attribute(name)

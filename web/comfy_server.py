@@ -84,8 +84,8 @@ class PackPromptServer(metaclass=_BoundInstance):
         return loop
 
     @property
-    def prompt_queue(self) -> Any:
-        return self._require("PromptServer.instance.prompt_queue").queue
+    def prompt_queue(self) -> PackPromptQueue:
+        return PackPromptQueue(self)
 
     @property
     def sockets(self) -> dict[str, Any]:
@@ -143,6 +143,28 @@ class PackPromptServer(metaclass=_BoundInstance):
             raise RuntimeError(f"{what} is only available while Loom serves (python main.py); "
                                f"`main.py run` has no web server")
         return self._loom
+
+
+class PackPromptQueue:
+    """`PromptServer.instance.prompt_queue`: what packs read of ComfyUI's queue, over Loom's."""
+
+    def __init__(self, server: PackPromptServer) -> None:
+        self._server = server
+
+    @property
+    def currently_running(self) -> dict[int, tuple[Any, ...]]:
+        loom = self._server._loom
+        if loom is None:
+            return {}
+        return {item.number: tuple(item.to_json()) for item in loom.queue.running()}
+
+    def get_tasks_remaining(self) -> int:
+        loom = self._server._loom
+        return 0 if loom is None else loom.queue_remaining()
+
+    def put(self, item: Any) -> None:
+        raise NotImplementedError("PromptServer.instance.prompt_queue.put: packs cannot queue "
+                                  "prompts behind Loom's validation; POST them to /prompt")
 
 
 def _binary_frame(kind: int, data: Any) -> bytes:

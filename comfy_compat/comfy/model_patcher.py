@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from comfy.model_base import view_for
 from engine.diffusion.model_handle import ModelHandle
 
 # model_options entries (or transformer_options entries) that change sampling; Loom has no
@@ -26,50 +27,6 @@ PATCH_GROUPS = ("patches", "patches_replace")
 
 class UnsupportedPatchError(NotImplementedError):
     """A ComfyUI-style model patch that Loom's UNet and guidance cannot apply (yet)."""
-
-
-class BaseModelView:
-    """`model_patcher.model`: ComfyUI's BaseModel attributes packs read, over the handle."""
-
-    def __init__(self, handle: ModelHandle) -> None:
-        self._handle = handle
-
-    @property
-    def model_sampling(self) -> Any:
-        return self._handle.sampling
-
-    @property
-    def latent_format(self) -> Any:
-        from comfy import latent_formats
-        return latent_formats.for_family(self._handle.family)
-
-    @property
-    def diffusion_model(self) -> torch.nn.Module:
-        return self._handle.unet
-
-    @property
-    def model_type(self) -> Any:
-        from comfy.model_base import ModelType
-        return ModelType.V_PREDICTION if self._handle.sampling.prediction == "v_prediction" \
-            else ModelType.EPS
-
-    @property
-    def model_config(self) -> Any:
-        from comfy.supported_models_base import ModelConfigView
-        return ModelConfigView(self._handle)
-
-    @property
-    def manual_cast_dtype(self) -> None:
-        return None
-
-    def get_dtype(self) -> torch.dtype:
-        return self._handle.dtype
-
-    def memory_required(self, input_shape: Any) -> int:
-        return _activation_bytes(self._handle, input_shape)
-
-    def __repr__(self) -> str:
-        return f"<BaseModel view of {self._handle.name or self._handle.family}>"
 
 
 def _activation_bytes(handle: ModelHandle, input_shape: Any) -> int:
@@ -89,7 +46,7 @@ class ModelPatcher:
                             f"Loom cannot patch arbitrary torch modules as ComfyUI's "
                             f"ModelPatcher(model, ...) does")
         self.handle = handle
-        self.model = BaseModelView(handle)
+        self.model = view_for(handle)
         self.model_options: dict[str, Any] = {"transformer_options": {}}
         self.patches: dict[str, list[tuple[Any, ...]]] = {}
         self.object_patches: dict[str, Any] = {}

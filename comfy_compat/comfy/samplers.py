@@ -1,0 +1,178 @@
+"""ComfyUI's `comfy.samplers` for custom-node packs: sampler and scheduler names, SAMPLER
+objects (Loom's SamplerChoice), schedules, KSampler and CFGGuider over Loom's sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from comfy.k_diffusion import sampling as k_diffusion_sampling
+from engine.comfy_host import from_pack
+from engine.diffusion.guidance import Guider
+from engine.diffusion.ksampler import SamplerChoice, guided_sample
+from engine.diffusion.sampling import (
+    COMFYUI_SAMPLER_NAMES,
+    SAMPLER_NAMES as IMPLEMENTED,
+    SCHEDULER_NAMES as LOOM_SCHEDULER_NAMES,
+    SamplerOptions,
+    sigmas_for,
+    step_range,
+)
+from engine.diffusion.sampling import calculate_sigmas as loom_calculate_sigmas
+from engine.values import Latent
+
+KSAMPLER_NAMES = list(COMFYUI_SAMPLER_NAMES)
+SAMPLER_NAMES = list(COMFYUI_SAMPLER_NAMES)  # ComfyUI's names (combos); IMPLEMENTED runs
+SCHEDULER_NAMES = list(LOOM_SCHEDULER_NAMES)
+# ComfyUI's sampling internals; Loom's guidance and sampling loop are its own.
+INTERNALS = ("KSamplerX0Inpaint", "sampling_function", "calc_cond_batch", "cfg_function",
+             "get_area_and_mult", "can_concat_cond", "cond_cat", "CFGNoisePredictor",
+             "KSamplerInpaint", "process_conds", "encode_model_conds", "resolve_areas_and_cond_masks",
+             "calculate_start_end_timesteps", "pre_run_control", "apply_empty_x_to_equal_area",
+             "sampler_names", "SchedulerHandler", "normal_scheduler", "simple_scheduler",
+             "beta_scheduler", "ddim_scheduler", "sgm_scheduler")
+__all__ = ["CFGGuider", "KSAMPLER", "KSampler", "Sampler", "calculate_sigmas",
+           "k_diffusion_sampling", "ksampler", "sampler_object"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in INTERNALS:
+        from loom_internals import unavailable
+        return unavailable(f"comfy.samplers.{name}")
+    raise AttributeError(f"comfy.samplers has no {name!r} in Loom's facade")
+SCHEDULER_HANDLERS: dict[str, Any] = {name: name for name in LOOM_SCHEDULER_NAMES}
+SAMPLER_OPTION_NAMES = frozenset(SamplerOptions.__dataclass_fields__)
+
+
+def _unsupported(name: str) -> NotImplementedError:
+    return NotImplementedError(f"comfy.samplers: sampler {name!r} is not implemented in Loom; "
+                               f"use one of {', '.join(IMPLEMENTED)}")
+
+
+class Sampler:
+    """Base of ComfyUI's SAMPLER objects (packs subclass it for custom samplers)."""
+
+    def sample(self, *args: Any, **kwargs: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__}: a pack-defined Sampler cannot run in "
+                                  f"Loom's sampling loop; use a built-in sampler name")
+
+    def max_denoise(self, model_wrap: Any, sigmas: Tensor) -> bool:
+        return True
+
+
+def KSAMPLER(sampler_function: Callable[..., Any], extra_options: Mapping[str, Any] | None = None,
+             inpaint_options: Mapping[str, Any] | None = None) -> SamplerChoice:
+    """A SAMPLER for one of comfy.k_diffusion.sampling's functions, with its options."""
+    name = getattr(sampler_function, "loom_sampler_name", None)
+    if name is None:
+        raise NotImplementedError(
+            f"comfy.samplers.KSAMPLER({getattr(sampler_function, '__name__', sampler_function)}):"
+            f" Loom runs only its own samplers (comfy.k_diffusion.sampling.sample_<name>); a "
+            f"pack's own sampling function cannot be used")
+    options = {k: v for k, v in (extra_options or {}).items() if k in SAMPLER_OPTION_NAMES}
+    return SamplerChoice(name, SamplerOptions(**options))
+
+
+def ksampler(sampler_name: str, extra_options: Mapping[str, Any] | None = None,
+             inpaint_options: Mapping[str, Any] | None = None) -> SamplerChoice:
+    if sampler_name not in IMPLEMENTED:
+        raise _unsupported(sampler_name)
+    options = {k: v for k, v in (extra_options or {}).items() if k in SAMPLER_OPTION_NAMES}
+    return SamplerChoice(sampler_name, SamplerOptions(**options))
+
+
+def sampler_object(name: str) -> SamplerChoice:
+    return ksampler(name)
+
+
+def calculate_sigmas(model_sampling: Any, scheduler_name: str, steps: int) -> Tensor:
+    return loom_calculate_sigmas(model_sampling, scheduler_name, steps)
+
+
+def step_callback(callback: Callable[..., Any] | None, total: int) -> Any:
+    """Loom's step progress as ComfyUI's callback(step, x0, x, total_steps)."""
+    if callback is None:
+        return None
+
+    def progress(done: int, steps: int, denoised: Tensor) -> None:
+        callback(done - 1, denoised, None, steps)
+
+    return progress
+
+
+class CFGGuider:
+    """GUIDER for packs: a model, its prompts and the CFG scale (Loom's Guider underneath)."""
+
+    def __init__(self, model_patcher: Any) -> None:
+        self.model_patcher = model_patcher
+        self.model_options = getattr(model_patcher, "model_options", {})
+        self.conds: dict[str, Any] = {}
+        self.cfg = 1.0
+
+    def set_conds(self, positive: Any, negative: Any = None) -> None:
+        self.conds = {"positive": positive}
+        if negative is not None:
+            self.conds["negative"] = negative
+
+    def set_cfg(self, cfg: float) -> None:
+        self.cfg = cfg
+
+    def loom_value(self) -> Guider:
+        if type(self).predict_noise is not CFGGuider.predict_noise:
+            raise NotImplementedError(f"{type(self).__name__} overrides predict_noise; Loom's "
+                                      f"guidance cannot call a pack's own guider")
+        return Guider(from_pack(self.model_patcher), self.conds["positive"],
+                      self.conds.get("negative"), self.cfg)
+
+    def predict_noise(self, x: Tensor, timestep: Tensor, model_options: Any = None,
+                      seed: Any = None) -> Tensor:
+        raise NotImplementedError("CFGGuider.predict_noise: Loom predicts inside its sampler")
+
+    def sample(self, noise: Tensor, latent_image: Tensor, sampler: Any, sigmas: Tensor,
+               denoise_mask: Tensor | None = None, callback: Any = None,
+               disable_pbar: bool = False, seed: int | None = None) -> Tensor:
+        latent = Latent(latent_image, noise_mask=denoise_mask)
+        result = guided_sample(self.loom_value(), from_pack(sampler), sigmas, noise, latent,
+                               seed=seed or 0, progress=step_callback(callback, len(sigmas) - 1))
+        return result.samples
+
+
+class KSampler:
+    """ComfyUI's KSampler object: a model with a sampler, scheduler and step count."""
+
+    SCHEDULERS = list(LOOM_SCHEDULER_NAMES)
+    SAMPLERS = list(COMFYUI_SAMPLER_NAMES)
+    DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
+
+    def __init__(self, model: Any, steps: int, device: Any, sampler: str | None = None,
+                 scheduler: str | None = None, denoise: float | None = None,
+                 model_options: Any = None) -> None:
+        self.model = model
+        self.device = device
+        self.sampler = sampler or "euler"
+        self.scheduler = scheduler or "normal"
+        self.steps = steps
+        self.denoise = 1.0 if denoise is None else denoise
+        handle = from_pack(model)
+        self.sigmas = sigmas_for(handle.sampling, self.scheduler, steps, self.denoise,
+                                 sampler_name=self.sampler)
+
+    def sample(self, noise: Tensor, positive: Any, negative: Any, cfg: float,
+               latent_image: Tensor | None = None, start_step: int | None = None,
+               last_step: int | None = None, force_full_denoise: bool = False,
+               denoise_mask: Tensor | None = None, sigmas: Tensor | None = None,
+               callback: Any = None, disable_pbar: bool = False, seed: int | None = None
+               ) -> Tensor:
+        chosen = step_range(self.sigmas if sigmas is None else sigmas, start_step, last_step,
+                            force_full_denoise)
+        image = torch.zeros_like(noise) if latent_image is None else latent_image
+        if chosen is None:
+            return image
+        guider = CFGGuider(self.model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return guider.sample(noise, image, ksampler(self.sampler), chosen, denoise_mask,
+                             callback, disable_pbar, seed)

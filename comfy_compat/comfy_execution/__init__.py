@@ -1,0 +1,1 @@
+"""ComfyUI's `comfy_execution` package for custom-node packs (graph helpers)."""
