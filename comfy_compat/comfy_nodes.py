@@ -18,6 +18,7 @@ from engine.classic import ClassicNode
 from engine.comfy_host import HOST, from_pack, node_context, to_pack
 from engine.node import MISSING, Node, NodeResult
 from engine.schema import object_info_entry
+from nodes import imaging
 
 MODULES_FILE = Path(__file__).with_name("comfy_node_modules.json")
 # ComfyUI's FUNCTION (method name) of its classic core nodes (facts of its node API); nodes
@@ -66,6 +67,17 @@ FUNCTION_NAMES = {
     "ImageToMask": "image_to_mask", "FeatherMask": "feather", "CropMask": "crop",
     "MaskComposite": "combine", "ThresholdMask": "image_to_mask",
     "DifferentialDiffusion": "apply", "FreeU": "patch", "FreeU_V2": "patch",
+}
+
+
+# Class attributes of ComfyUI's core classes that packs read (e.g. ImageScale.upscale_methods).
+CLASS_ATTRIBUTES: dict[str, dict[str, Any]] = {
+    "ImageScale": {"upscale_methods": list(imaging.IMAGE_UPSCALE_METHODS),
+                   "crop_methods": list(imaging.CROP_METHODS)},
+    "ImageScaleBy": {"upscale_methods": list(imaging.IMAGE_UPSCALE_METHODS)},
+    "LatentUpscale": {"upscale_methods": list(imaging.LATENT_UPSCALE_METHODS),
+                      "crop_methods": list(imaging.CROP_METHODS)},
+    "LatentUpscaleBy": {"upscale_methods": list(imaging.LATENT_UPSCALE_METHODS)},
 }
 
 
@@ -131,6 +143,7 @@ def _make_view(node_type: type[Node]) -> type:
         "CATEGORY": schema.category, "OUTPUT_NODE": schema.output_node,
         "OUTPUT_IS_LIST": tuple(entry["output_is_list"]), "DESCRIPTION": schema.description,
         "loom_node": node_type, function: run, "execute": run,
+        **CLASS_ATTRIBUTES.get(schema.name, {}),
     }
     return type(schema.name, (), namespace)
 

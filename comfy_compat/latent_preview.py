@@ -11,9 +11,13 @@ from torch import Tensor
 from comfy.utils import ProgressBar
 from engine.comfy_host import from_pack
 from engine.diffusion.ksampler import preview_image
-from engine.diffusion.model_handle import LATENT_FORMATS, LatentFormat
+from engine.diffusion.model_handle import LATENT_FORMATS
+from engine.diffusion.model_handle import LatentFormat
+from loom_internals import unavailable
 
 MAX_PREVIEW_RESOLUTION = 512
+TAESD = unavailable("latent_preview.TAESD")  # Loom previews with latent2rgb only
+TAESDPreviewerImpl = unavailable("latent_preview.TAESDPreviewerImpl")
 
 
 class LatentPreviewer:

@@ -76,7 +76,12 @@ class ClassicNode(Node):
         return self._classic_instance
 
     def execute(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        method = getattr(self.classic_instance(), self.function)
+        method = getattr(self.classic_instance(), self.function, None) if self.function else None
+        if not callable(method):
+            raise ClassicNodeError(f"node {self.schema.name!r}: FUNCTION is "
+                                   f"{self.function or None!r}, which names no method of "
+                                   f"{self.classic.__qualname__}; set FUNCTION to the method's "
+                                   f"name")
         values = {name: to_pack(value) for name, value in inputs.items()}
         with running(ctx):
             result = classic_result(self.schema, self.function, method(**values))
@@ -192,11 +197,10 @@ def adapt_classic(class_type: str, cls: type, display_name: str | None,
 
 
 def _function_name(class_type: str, cls: type) -> str:
+    """FUNCTION, checked when the node runs (ComfyUI registers classes whose FUNCTION is unset,
+    e.g. display-only nodes, and fails only if one is executed)."""
     function = getattr(cls, "FUNCTION", None)
-    if not isinstance(function, str) or not callable(getattr(cls, function, None)):
-        raise ClassicNodeError(f"node {class_type!r}: FUNCTION is {function!r}, which names no "
-                               f"method of {cls.__qualname__}; set FUNCTION to the method's name")
-    return function
+    return function if isinstance(function, str) else ""
 
 
 def _validated_names(schema: NodeSchema, hook: HookSignature) -> frozenset[str]:
@@ -251,6 +255,10 @@ def parse_input_types(class_type: str, declared: Any) -> tuple[Input, ...]:
             raise ClassicNodeError(f"node {class_type!r}: INPUT_TYPES()[{section!r}] is "
                                    f"{type(entries).__name__}; use a dict of name: spec")
         for name, spec in entries.items():
+            if any(existing.name == str(name) for existing in inputs):
+                logger.debug("node %r declares input %r in two sections; the first wins",
+                             class_type, name)
+                continue
             if section == "hidden":
                 inputs.append(_parse_hidden(class_type, name, spec))
             else:

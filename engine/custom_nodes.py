@@ -5,6 +5,7 @@ still load."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib.util
 import inspect
@@ -198,13 +199,22 @@ def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cl
             registry.register(_native_node(class_type, cls))
             return
         if isinstance(cls, type) and hasattr(cls, "__loom_node__"):  # V3 (comfy_api.latest)
-            registry.register(_native_node(class_type, cls.__loom_node__()))
+            registry.register(_renamed(cls.__loom_node__(), class_type))
             return
         shown = str(display_name) if display_name is not None else None
         node_type = adapt_classic(class_type, cls, shown, f"custom_nodes.{pack.name}")
         registry.register(node_type)
     except Exception:  # noqa: BLE001 - one bad node class must not sink its whole pack
         _record_error(registry, pack, traceback.format_exc())
+
+
+def _renamed(node_type: type[Node], class_type: str) -> type[Node]:
+    """A V3 node registered under its NODE_CLASS_MAPPINGS key (ComfyUI uses the key)."""
+    if node_type.schema.name == class_type:
+        return node_type
+    schema = dataclasses.replace(node_type.schema, name=class_type)
+    return type(node_type.__name__, (node_type,), {"schema": schema,
+                                                    "__module__": node_type.__module__})
 
 
 def _native_node(class_type: str, cls: type[Node]) -> type[Node]:

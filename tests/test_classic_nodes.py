@@ -289,8 +289,9 @@ def test_declaration_mistakes_are_named() -> None:
         adapt_classic("OneString", OneString, None, "m")
     OneString.RETURN_TYPES = ("IMAGE",)
     OneString.FUNCTION = "missing"
+    adapted = adapt_classic("OneString", OneString, None, "m")  # registers, as ComfyUI does
     with pytest.raises(ValueError, match="FUNCTION is 'missing'"):
-        adapt_classic("OneString", OneString, None, "m")
+        adapted().execute(None)  # type: ignore[arg-type]
 
 
 # -- running ---------------------------------------------------------------------------------

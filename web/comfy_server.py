@@ -60,6 +60,8 @@ class PackPromptServer(metaclass=_BoundInstance):
         self.supports = ["custom_nodes_from_web"]
         self._loom: LoomServer | None = None
         self._last_node_id: str | None = None
+        # `app` before Loom serves: packs add routes to it at import; they move to Loom's app.
+        self._early_app = web.Application()
 
     # -- attributes packs read -------------------------------------------------------------
     @property
@@ -73,7 +75,9 @@ class PackPromptServer(metaclass=_BoundInstance):
 
     @property
     def app(self) -> web.Application:
-        return self._require("PromptServer.instance.app").app
+        """Loom's application while serving; before that, one whose routes join it later."""
+        return self._loom.app if self._loom is not None and self._loom.app is not None \
+            else self._early_app
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -137,6 +141,13 @@ class PackPromptServer(metaclass=_BoundInstance):
     def install_routes(self, app: web.Application) -> None:
         """Add the packs' routes to Loom's app (before its catch-all editor route)."""
         app.router.add_routes(self.routes)
+        for resource in self._early_app.router.resources():
+            if isinstance(resource, web.StaticResource):
+                info = resource.get_info()
+                app.router.add_static(info["prefix"], info["directory"])
+                continue
+            for route in resource:
+                app.router.add_route(route.method, resource.canonical, route.handler)
 
     def _require(self, what: str) -> LoomServer:
         if self._loom is None:

@@ -61,6 +61,7 @@ class LoomServer:
         self.validation_services = dataclasses.replace(services, graph_planner=GraphPlanner())
         self.validation_pool = ThreadPoolExecutor(1, thread_name_prefix="loom-validate")
         # server.PromptServer.instance of custom-node packs (main.py made it before they loaded)
+        self.app: web.Application | None = None  # set by create_app
         self.pack_server: PackPromptServer | None = comfy_host.HOST.prompt_server
         if self.pack_server is not None:
             self.pack_server.adopt(self)
@@ -116,6 +117,7 @@ def create_app(server: LoomServer) -> web.Application:
     """The aiohttp application: API routes (bare and under /api), /ws, then the editor."""
     app = web.Application(middlewares=security.middlewares(server),
                           client_max_size=int(server.args.max_upload_size * 2**20) + 2**20)
+    server.app = app
     routes = ApiRoutes()
     routes_prompt.add_routes(routes, server)
     routes_jobs.add_routes(routes, server)

@@ -182,3 +182,51 @@ def set_attr(obj: Any, attr: str, value: Any) -> Any:
 
 def set_attr_param(obj: Any, attr: str, value: torch.Tensor) -> Any:
     return set_attr(obj, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+# The LDM <-> diffusers UNet key correspondences (facts of the two layouts), which packs
+# extend for their own architectures.
+UNET_MAP_ATTENTIONS = {"proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias",
+                       "norm.weight", "norm.bias"}
+TRANSFORMER_BLOCKS = {
+    f"{part}.{kind}" for part, kinds in (
+        ("norm1", ("weight", "bias")), ("norm2", ("weight", "bias")),
+        ("norm3", ("weight", "bias")), ("attn1.to_q", ("weight",)), ("attn1.to_k", ("weight",)),
+        ("attn1.to_v", ("weight",)), ("attn1.to_out.0", ("weight", "bias")),
+        ("attn2.to_q", ("weight",)), ("attn2.to_k", ("weight",)), ("attn2.to_v", ("weight",)),
+        ("attn2.to_out.0", ("weight", "bias")), ("ff.net.0.proj", ("weight", "bias")),
+        ("ff.net.2", ("weight", "bias"))) for kind in kinds}
+UNET_MAP_RESNET = {
+    "in_layers.2.weight": "conv1.weight", "in_layers.2.bias": "conv1.bias",
+    "emb_layers.1.weight": "time_emb_proj.weight", "emb_layers.1.bias": "time_emb_proj.bias",
+    "out_layers.3.weight": "conv2.weight", "out_layers.3.bias": "conv2.bias",
+    "skip_connection.weight": "conv_shortcut.weight", "skip_connection.bias": "conv_shortcut.bias",
+    "in_layers.0.weight": "norm1.weight", "in_layers.0.bias": "norm1.bias",
+    "out_layers.0.weight": "norm2.weight", "out_layers.0.bias": "norm2.bias"}
+UNET_MAP_BASIC = {
+    ("label_emb.0.0.weight", "class_embedding.linear_1.weight"),
+    ("label_emb.0.0.bias", "class_embedding.linear_1.bias"),
+    ("label_emb.0.2.weight", "class_embedding.linear_2.weight"),
+    ("label_emb.0.2.bias", "class_embedding.linear_2.bias"),
+    ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
+    ("label_emb.0.0.bias", "add_embedding.linear_1.bias"),
+    ("label_emb.0.2.weight", "add_embedding.linear_2.weight"),
+    ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
+    ("input_blocks.0.0.weight", "conv_in.weight"), ("input_blocks.0.0.bias", "conv_in.bias"),
+    ("out.0.weight", "conv_norm_out.weight"), ("out.0.bias", "conv_norm_out.bias"),
+    ("out.2.weight", "conv_out.weight"), ("out.2.bias", "conv_out.bias"),
+    ("time_embed.0.weight", "time_embedding.linear_1.weight"),
+    ("time_embed.0.bias", "time_embedding.linear_1.bias"),
+    ("time_embed.2.weight", "time_embedding.linear_2.weight"),
+    ("time_embed.2.bias", "time_embedding.linear_2.bias")}
+
+# Internals Loom's loaders do not expose.
+INTERNALS = ("unet_to_diffusers", "flux_to_diffusers", "mmdit_to_diffusers",
+             "tiled_scale_multidim", "convert_sd_to", "ProgressBarTQDM")
+
+
+def __getattr__(name: str) -> Any:
+    if name in INTERNALS:
+        from loom_internals import unavailable
+        return unavailable(f"comfy.utils.{name}")
+    raise AttributeError(f"comfy.utils has no {name!r} in Loom's facade")

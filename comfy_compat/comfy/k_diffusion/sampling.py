@@ -21,6 +21,10 @@ from engine.diffusion.sampling import (
 )
 
 SamplerOption = frozenset(SamplerOptions.__dataclass_fields__)
+# k-diffusion's noise samplers and solver classes: Loom's samplers draw their own noise.
+INTERNALS = ("BrownianTreeNoiseSampler", "BatchedBrownianTree", "DPMSolver", "PIDStepSizeController",
+             "get_sigmas_vp", "get_sigmas_laplace", "linear_multistep_coeff", "default_noise_sampler_gpu",
+             "sample_dpmpp_2m_sde_heun", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp")
 
 
 def _sampler(name: str) -> Callable[..., Tensor]:
@@ -56,6 +60,9 @@ def _callback(callback: Callable[[dict[str, Any]], Any] | None) -> Any:
 def __getattr__(name: str) -> Any:
     if name.startswith("sample_") and name[len("sample_"):] in SAMPLERS:
         return _sampler(name[len("sample_"):])
+    if name in INTERNALS:
+        from loom_internals import unavailable
+        return unavailable(f"comfy.k_diffusion.sampling.{name}")
     raise AttributeError(f"comfy.k_diffusion.sampling has no {name!r} in Loom (its samplers: "
                          f"{', '.join('sample_' + n for n in SAMPLERS)})")
 
