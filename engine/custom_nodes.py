@@ -199,7 +199,7 @@ def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cl
             registry.register(_native_node(class_type, cls))
             return
         if isinstance(cls, type) and hasattr(cls, "__loom_node__"):  # V3 (comfy_api.latest)
-            registry.register(_renamed(cls.__loom_node__(), class_type))
+            registry.register(_renamed(cls.__loom_node__(), class_type, pack))
             return
         shown = str(display_name) if display_name is not None else None
         node_type = adapt_classic(class_type, cls, shown, f"custom_nodes.{pack.name}")
@@ -208,11 +208,11 @@ def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cl
         _record_error(registry, pack, traceback.format_exc())
 
 
-def _renamed(node_type: type[Node], class_type: str) -> type[Node]:
-    """A V3 node registered under its NODE_CLASS_MAPPINGS key (ComfyUI uses the key)."""
-    if node_type.schema.name == class_type:
-        return node_type
-    schema = dataclasses.replace(node_type.schema, name=class_type)
+def _renamed(node_type: type[Node], class_type: str, pack: PackSource) -> type[Node]:
+    """A V3 node registered under its NODE_CLASS_MAPPINGS key (ComfyUI uses the key), as a
+    node of its pack."""
+    schema = dataclasses.replace(node_type.schema, name=class_type,
+                                 python_module=f"custom_nodes.{pack.name}")
     return type(node_type.__name__, (node_type,), {"schema": schema,
                                                     "__module__": node_type.__module__})
 

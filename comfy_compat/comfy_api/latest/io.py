@@ -216,6 +216,8 @@ class Schema:
     is_api_node: bool = False
     not_idempotent: bool = False
     enable_expand: bool = False
+    accept_all_inputs: bool = False
+    has_intermediate_output: bool = False
     price_badge: Any = None
     essentials_category: Any = None
 
@@ -260,3 +262,34 @@ class ComfyNode:
 
 
 ComfyNodeV3 = ComfyNode
+
+
+class MatchType:
+    """A socket whose type follows what is linked (a template shared by inputs and outputs);
+    Loom validates it as any type."""
+
+    @dataclass
+    class Template:
+        template_id: str
+        allowed_types: Any = None
+
+    @staticmethod
+    def Input(id: str, template: Any = None, display_name: str | None = None,  # noqa: N802
+              optional: bool = False, tooltip: str | None = None, lazy: bool | None = None,
+              **extra: Any) -> InputSpec:
+        return InputSpec("*", id, display_name, optional, tooltip, lazy)
+
+    @staticmethod
+    def Output(template: Any = None, id: str | None = None,  # noqa: N802
+               display_name: str | None = None, tooltip: str | None = None,
+               is_output_list: bool = False) -> OutputSpec:
+        return OutputSpec("*", id, display_name, tooltip, is_output_list)
+
+
+def __getattr__(name: str) -> Any:
+    """Other V3 types (DynamicCombo, Autogrow ...) exist in ComfyUI but not in Loom's facade:
+    a node declaring one fails to register with an error naming it."""
+    if name[:1].isupper():
+        from loom_internals import unavailable
+        return unavailable(f"comfy_api.latest.io.{name}")
+    raise AttributeError(name)
