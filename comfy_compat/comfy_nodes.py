@@ -70,6 +70,19 @@ FUNCTION_NAMES = {
 }
 
 
+# ComfyUI's parameter order of core node methods where it differs from the input order
+# (`CLIPTextEncode().encode(clip, text)` although the inputs are text, clip).
+PARAMETER_ORDER: dict[str, tuple[str, ...]] = {
+    "CLIPTextEncode": ("clip", "text"), "VAEDecode": ("vae", "samples"),
+    "VAEEncode": ("vae", "pixels"),
+    "VAEDecodeTiled": ("vae", "samples", "tile_size", "overlap", "temporal_size",
+                       "temporal_overlap"),
+    "VAEEncodeTiled": ("vae", "pixels", "tile_size", "overlap", "temporal_size",
+                       "temporal_overlap"),
+    "VAEEncodeForInpaint": ("vae", "pixels", "mask", "grow_mask_by"),
+    "InpaintModelConditioning": ("positive", "negative", "pixels", "vae", "mask", "noise_mask"),
+    "ConditioningSetMask": ("conditioning", "mask", "set_cond_area", "strength"),
+}
 # Class attributes of ComfyUI's core classes that packs read (e.g. ImageScale.upscale_methods).
 CLASS_ATTRIBUTES: dict[str, dict[str, Any]] = {
     "ImageScale": {"upscale_methods": list(imaging.IMAGE_UPSCALE_METHODS),
@@ -151,7 +164,7 @@ def _make_view(node_type: type[Node]) -> type:
 def _call(node_type: type[Node], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run a Loom node with classic-style arguments; returns ComfyUI's tuple or ui dict."""
     schema = node_type.schema
-    names = [spec.name for spec in schema.inputs]
+    names = list(PARAMETER_ORDER.get(schema.name, [spec.name for spec in schema.inputs]))
     if len(args) > len(names):
         raise TypeError(f"{schema.name}: got {len(args)} positional arguments, it takes "
                         f"{len(names)} ({', '.join(names)})")

@@ -30,6 +30,11 @@ logger = logging.getLogger("loom.custom_nodes")
 DISABLED_SUFFIX = ".disabled"
 # ComfyUI's module names (folder_paths, comfy.*, server, node_helpers ...) as facades over Loom.
 COMFY_API_ROOT = Path(__file__).resolve().parent.parent / "comfy_compat"
+# ComfyUI's top-level module names; a missing one is a gap in Loom's facade, not a pip package.
+COMFY_MODULE_ROOTS = frozenset({"comfy", "comfy_extras", "comfy_api", "comfy_execution",
+                                "folder_paths", "server", "nodes", "node_helpers",
+                                "latent_preview", "execution", "app", "utils", "comfyui_version",
+                                "cuda_malloc", "new_updater", "protocol", "comfy_config"})
 COMFY_SUPPORT = "loom_support"  # installs the MODEL/CLIP/VAE bridge and the internals importer
 
 
@@ -109,8 +114,8 @@ def load_pack(registry: NodeRegistry, pack: PackSource) -> bool:
     try:
         module = import_pack(pack)
         mappings, display_names = _mappings(module)
-    except Exception:  # noqa: BLE001 - a broken pack is reported, never fatal to the others
-        _record_error(registry, pack, traceback.format_exc())
+    except Exception as exc:  # noqa: BLE001 - a broken pack is reported, never fatal to others
+        _record_error(registry, pack, traceback.format_exc(), import_hint(pack, exc))
         return False
     _record_web_directory(registry, pack, module)
     mappings = {**mappings, **_entrypoint_nodes(registry, pack, module)}
@@ -157,7 +162,8 @@ def _mappings(module: ModuleType) -> tuple[Mapping[str, Any], Mapping[str, Any]]
     classes = getattr(module, "NODE_CLASS_MAPPINGS", None)
     names = getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None)
     if classes is None:
-        if getattr(module, "WEB_DIRECTORY", None) is None:
+        if getattr(module, "WEB_DIRECTORY", None) is None and \
+                not callable(getattr(module, "comfy_entrypoint", None)):
             logger.warning("%s defines no NODE_CLASS_MAPPINGS; it adds no nodes", module.__file__)
         classes = {}
     for label, value in (("NODE_CLASS_MAPPINGS", classes), ("NODE_DISPLAY_NAME_MAPPINGS", names)):
@@ -178,8 +184,8 @@ def _entrypoint_nodes(registry: NodeRegistry, pack: PackSource, module: ModuleTy
         _await(extension.on_load())
         classes = _await(extension.get_node_list())
         return {cls.__loom_node__().schema.name: cls for cls in classes}
-    except Exception:  # noqa: BLE001 - a broken extension is reported like a broken import
-        _record_error(registry, pack, traceback.format_exc())
+    except Exception as exc:  # noqa: BLE001 - a broken extension is reported like an import
+        _record_error(registry, pack, traceback.format_exc(), import_hint(pack, exc))
         return {}
 
 
@@ -204,8 +210,10 @@ def _register_node(registry: NodeRegistry, pack: PackSource, class_type: Any, cl
         shown = str(display_name) if display_name is not None else None
         node_type = adapt_classic(class_type, cls, shown, f"custom_nodes.{pack.name}")
         registry.register(node_type)
-    except Exception:  # noqa: BLE001 - one bad node class must not sink its whole pack
-        _record_error(registry, pack, traceback.format_exc())
+    except Exception as exc:  # noqa: BLE001 - one bad node class must not sink its whole pack
+        _record_error(registry, pack, traceback.format_exc(),
+                      f"node {class_type!r} of {pack.name} was not registered: "
+                      f"{type(exc).__name__}: {exc}")
 
 
 def _renamed(node_type: type[Node], class_type: str, pack: PackSource) -> type[Node]:
@@ -228,9 +236,38 @@ def _native_node(class_type: str, cls: type[Node]) -> type[Node]:
     return cls
 
 
-def _record_error(registry: NodeRegistry, pack: PackSource, trace: str) -> None:
-    registry.pack_errors.append(PackError(pack.name, pack.path, trace))
-    logger.error("Cannot import custom node pack %s:\n%s", pack.path, trace)
+def import_hint(pack: PackSource, exc: BaseException) -> str:
+    """One line saying what the pack lacks and how to get it (a missing package's pip
+    requirement, or the ComfyUI name Loom does not provide)."""
+    missing = _missing_module(exc)
+    requirements = pack.directory / "requirements.txt"
+    install = (f"pip install -r {requirements}" if pack.is_package and requirements.is_file()
+               else f"pip install {missing}")
+    if missing is not None and missing.split(".")[0] in COMFY_MODULE_ROOTS:
+        return (f"custom node pack {pack.name} needs ComfyUI's module {missing!r}, which Loom "
+                f"does not provide; the pack cannot load in Loom")
+    if missing is not None:
+        return (f"custom node pack {pack.name} needs the Python package {missing!r}, which is "
+                f"not installed; install the pack's requirements: {install}")
+    if isinstance(exc, ImportError) and exc.name is not None:
+        return (f"custom node pack {pack.name}: {exc} (module {exc.name!r} lacks a name the pack "
+                f"imports)")
+    return f"custom node pack {pack.name} failed to import: {type(exc).__name__}: {exc}"
+
+
+def _missing_module(exc: BaseException) -> str | None:
+    """The top-level name of a module that could not be found, from the error's chain."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            return exc.name
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def _record_error(registry: NodeRegistry, pack: PackSource, trace: str,
+                  summary: str = "") -> None:
+    registry.pack_errors.append(PackError(pack.name, pack.path, trace, summary))
+    logger.error("Cannot import custom node pack %s: %s\n%s", pack.path, summary, trace)
 
 
 def _record_web_directory(registry: NodeRegistry, pack: PackSource, module: ModuleType) -> None:

@@ -22,6 +22,11 @@ class PackError:
     name: str
     path: Path
     traceback: str
+    summary: str = ""  # what is missing and how to fix it, one line (shown in the editor)
+
+    def to_json(self) -> dict[str, str]:
+        return {"pack": self.name, "path": str(self.path), "summary": self.summary,
+                "traceback": self.traceback}
 
 
 class NodeRegistry:

@@ -145,6 +145,13 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
     async def features(request: web.Request) -> web.StreamResponse:
         return web.json_response(server.feature_flags())
 
+    @routes.get("/loom/custom_nodes")
+    async def custom_nodes(request: web.Request) -> web.StreamResponse:
+        """The packs that loaded and those that failed (with why), for the editor."""
+        registry = server.registry
+        return web.json_response({"loaded": list(registry.loaded_packs),
+                                  "failed": [error.to_json() for error in registry.pack_errors]})
+
     @routes.post("/free")
     async def free(request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)

@@ -37,7 +37,7 @@ COMFY_DEFAULTS: dict[str, Any] = {
     "fp8_e5m2_text_enc": False, "fp16_text_enc": False, "fp32_text_enc": False,
     "bf16_text_enc": False, "force_channels_last": False, "directml": None,
     "oneapi_device_selector": None, "disable_ipex_optimize": False, "supports_fp8_compute": False,
-    "preview_method": LatentPreviewMethod.NoPreviews, "preview_size": 512,
+    "preview_method": LatentPreviewMethod.Auto, "preview_size": 512,  # as Loom's --preview-method
     "cache_classic": False, "cache_lru": 0, "cache_none": False, "cache_ram": 0,
     "use_split_cross_attention": False, "use_quad_cross_attention": False,
     "use_pytorch_cross_attention": True, "use_sage_attention": False,

@@ -1,0 +1,181 @@
+"""Classic nodes using ComfyUI's module API the way community packs do."""
+
+import os
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+import node_helpers
+import nodes
+import torch
+from nodes import MAX_RESOLUTION
+
+# Packs register their own model folders at import time.
+folder_paths.folder_names_and_paths["basics_models"] = (
+    [os.path.join(folder_paths.models_dir, "basics_models")], folder_paths.supported_pt_extensions)
+
+
+class EncodeAndSample:
+    """Encodes a prompt and samples with the core nodes called the classic way."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",), "clip": ("CLIP",), "latent": ("LATENT",),
+            "positive": ("STRING", {"default": "a red fox"}),
+            "negative": ("STRING", {"default": "blurry"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ("INT", {"default": 2, "min": 1, "max": 100}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, model, clip, latent, positive, negative, seed, steps, sampler_name,
+            scheduler):
+        pos = nodes.CLIPTextEncode().encode(clip, positive)[0]
+        neg = nodes.CLIPTextEncode().encode(clip, negative)[0]
+        return nodes.common_ksampler(model, seed, steps, 6.0, sampler_name, scheduler, pos, neg,
+                                     latent)
+
+
+class SampleDirect:
+    """comfy.sample.sample with prepare_noise and a latent_preview callback (Impact's way)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",),
+                             "negative": ("CONDITIONING",), "latent": ("LATENT",),
+                             "seed": ("INT", {"default": 0}), "steps": ("INT", {"default": 2})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, model, positive, negative, latent, seed, steps):
+        image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        noise = comfy.sample.prepare_noise(image, seed, latent.get("batch_index"))
+        callback = latent_preview.prepare_callback(model, steps)
+        samples = comfy.sample.sample(model, noise, steps, 6.0, "euler", "normal", positive,
+                                      negative, image, callback=callback, seed=seed)
+        return ({**latent, "samples": samples},)
+
+
+class ModelFacts:
+    """Reads what packs read from a MODEL and passes a clone on."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, model):
+        clone = model.clone()
+        clone.model_options["transformer_options"]["basics"] = "tag"
+        sampling = clone.get_model_object("model_sampling")
+        facts = (f"sigma_max={float(sampling.sigma_max):.4f} "
+                 f"scale={clone.model.latent_format.scale_factor} "
+                 f"clone={clone.is_clone(model)} dtype={clone.model_dtype()} "
+                 f"device={comfy.model_management.get_torch_device().type}")
+        return (clone, facts)
+
+
+class CountSteps:
+    """A ProgressBar over three steps."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 3, "max": MAX_RESOLUTION})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, steps):
+        bar = comfy.utils.ProgressBar(steps)
+        for _ in range(steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update(1)
+        return (steps,)
+
+
+class ListFiles:
+    """Files of a model folder kind, through folder_paths."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": ("STRING", {"default": "checkpoints"})}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, kind):
+        return (",".join(folder_paths.get_filename_list(kind)),)
+
+
+class HalfStrength:
+    """node_helpers.conditioning_set_values on a CONDITIONING."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, conditioning):
+        return (node_helpers.conditioning_set_values(conditioning, {"strength": 0.5}),)
+
+
+class ScaleAttention:
+    """An attention patch (as FreeU/PAG-style packs add): scales attn1's queries."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "scale": ("FLOAT", {"default": 2.0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, model, scale):
+        def patch(q, k, v, extra_options):
+            return q * scale, k, v
+
+        patched = model.clone()
+        patched.set_model_attn1_patch(patch)
+        return (patched,)
+
+
+class Upscale:
+    """comfy.utils.common_upscale on an IMAGE."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",)}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, image):
+        samples = image.movedim(-1, 1)
+        scaled = comfy.utils.common_upscale(samples, samples.shape[3] * 2, samples.shape[2] * 2,
+                                            "nearest-exact", "disabled")
+        return (torch.clamp(scaled.movedim(1, -1), 0, 1),)
+
+
+NODE_CLASS_MAPPINGS = {"EncodeAndSample": EncodeAndSample, "SampleDirect": SampleDirect,
+                       "ModelFacts": ModelFacts, "CountSteps": CountSteps,
+                       "ListFiles": ListFiles, "HalfStrength": HalfStrength,
+                       "ScaleAttention": ScaleAttention, "BasicsUpscale": Upscale}
