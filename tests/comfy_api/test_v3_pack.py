@@ -1,0 +1,41 @@
+"""V3 nodes (comfy_api.latest) found through comfy_entrypoint register, validate and run like
+Loom's own nodes."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.validation import validate_prompt
+from tests.model_engine import ModelEngine, node, probed
+
+
+def test_v3_schema_is_served_as_comfyuis_object_info(bound: ModelEngine) -> None:
+    entry = bound.registry.object_info_for("V3ScaleImage", bound.services)
+    assert entry["display_name"] == "Scale Image (V3)"
+    assert entry["input"]["required"]["factor"] == ["FLOAT", {"default": 0.5, "min": 0.0,
+                                                              "max": 1.0, "step": 0.1}]
+    assert entry["input"]["required"]["mode"][1]["options"] == ["multiply", "invert"]
+    assert entry["output"] == ["IMAGE"] and entry["output_name"] == ["scaled"]
+    assert entry["python_module"] == "custom_nodes.v3_pack"
+
+
+def test_a_value_outside_the_declared_range_fails_validation(bound: ModelEngine) -> None:
+    api = {"image": node("EmptyImage", width=8, height=8, batch_size=1, color=0xFFFFFF),
+           "scale": node("V3ScaleImage", image=["image", 0], factor=2.0, mode="multiply")}
+    checked = validate_prompt(probed(api, "scale"), bound.registry, bound.services)
+    errors = checked.node_errors["scale"]["errors"]
+    assert errors[0]["extra_info"]["input_name"] == "factor"
+
+
+def test_v3_node_runs_with_its_hidden_unique_id_and_ui(bound: ModelEngine) -> None:
+    api = {"image": node("EmptyImage", width=8, height=8, batch_size=1, color=0xFFFFFF),
+           "scale": node("V3ScaleImage", image=["image", 0], factor=0.5, mode="multiply")}
+    result, _ = bound.run(probed(api, "scale"))
+    assert torch.allclose(result.values["scale"][0][0], torch.full((1, 8, 8, 3), 0.5))
+    assert result.outputs["scale"] == {"text": ["ran as node scale"]}
+
+
+def test_v3_outputs_feed_other_nodes(bound: ModelEngine) -> None:
+    api = {"one": node("V3AddOne", value=1), "two": node("V3AddOne", value=["one", 0])}
+    result, _ = bound.run(probed(api, "two"))
+    assert result.values["two"][0][0] == 3
