@@ -15,9 +15,9 @@ from engine.process_tuning import tune_before_torch
 
 tune_before_torch()  # before anything imports torch
 
+from engine import comfy_host  # noqa: E402
 from engine.cache import OutputCache  # noqa: E402
 from engine.cli import EXIT_INVALID, run_workflow  # noqa: E402
-from engine import comfy_host  # noqa: E402
 from engine.context import InterruptFlag, Services  # noqa: E402
 from engine.custom_nodes import load_custom_nodes  # noqa: E402
 from engine.diffusion.memory.devices import DevicePolicy  # noqa: E402

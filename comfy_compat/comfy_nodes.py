@@ -168,7 +168,7 @@ def _call(node_type: type[Node], args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if len(args) > len(names):
         raise TypeError(f"{schema.name}: got {len(args)} positional arguments, it takes "
                         f"{len(names)} ({', '.join(names)})")
-    values = dict(zip(names, args))
+    values = dict(zip(names, args, strict=False))  # fewer positional args than names
     clash = sorted(set(values) & set(kwargs))
     if clash:
         raise TypeError(f"{schema.name}: argument(s) {clash} given twice")

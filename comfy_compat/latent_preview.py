@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from comfy.utils import ProgressBar
+from loom_internals import unavailable
 from PIL import Image
 from torch import Tensor
 
-from comfy.utils import ProgressBar
 from engine.comfy_host import from_pack
 from engine.diffusion.ksampler import preview_image
-from engine.diffusion.model_handle import LATENT_FORMATS
-from engine.diffusion.model_handle import LatentFormat
-from loom_internals import unavailable
+from engine.diffusion.model_handle import LATENT_FORMATS, LatentFormat
 
 MAX_PREVIEW_RESOLUTION = 512
 TAESD = unavailable("latent_preview.TAESD")  # Loom previews with latent2rgb only

@@ -11,6 +11,7 @@ from typing import Any
 
 from comfy.model_patcher import ModelPatcher
 from comfy.sd import CLIP, VAE
+
 from engine.diffusion.clip import TextEncoderStack
 from engine.diffusion.model_handle import ModelHandle
 from engine.diffusion.vae_model import VAE as LoomVAE

@@ -8,11 +8,12 @@ import enum
 from pathlib import Path
 from typing import Any
 
+from loom_internals import unavailable
+
 from engine.comfy_host import HOST, from_pack
 from engine.diffusion.checkpoint import open_state_file
 from engine.diffusion.controlnet_loader import load_control_model
 from engine.diffusion.model_manager import ModelKey
-from loom_internals import unavailable
 
 
 class StrengthType(enum.Enum):

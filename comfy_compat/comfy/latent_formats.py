@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from engine.diffusion.model_handle import LATENT_FORMATS, SD1_LATENT, SDXL_LATENT

@@ -4,9 +4,8 @@ process's DevicePolicy, memory from its ModelManager, interrupts from the runnin
 from __future__ import annotations
 
 import enum
-from typing import Any
-
 import os
+from typing import Any
 
 import torch
 

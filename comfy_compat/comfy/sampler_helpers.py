@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from loom_internals import unavailable
 
 from engine.diffusion.ksampler import prepare_noise_mask
-from loom_internals import unavailable
 
 get_models_from_cond = unavailable("comfy.sampler_helpers.get_models_from_cond")
 convert_cond = unavailable("comfy.sampler_helpers.convert_cond")

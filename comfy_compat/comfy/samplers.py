@@ -15,11 +15,15 @@ from engine.diffusion.guidance import Guider
 from engine.diffusion.ksampler import SamplerChoice, guided_sample
 from engine.diffusion.sampling import (
     COMFYUI_SAMPLER_NAMES,
-    SAMPLER_NAMES as IMPLEMENTED,
-    SCHEDULER_NAMES as LOOM_SCHEDULER_NAMES,
     SamplerOptions,
     sigmas_for,
     step_range,
+)
+from engine.diffusion.sampling import (
+    SAMPLER_NAMES as IMPLEMENTED,
+)
+from engine.diffusion.sampling import (
+    SCHEDULER_NAMES as LOOM_SCHEDULER_NAMES,
 )
 from engine.diffusion.sampling import calculate_sigmas as loom_calculate_sigmas
 from engine.values import Latent
@@ -30,7 +34,8 @@ SCHEDULER_NAMES = list(LOOM_SCHEDULER_NAMES)
 # ComfyUI's sampling internals; Loom's guidance and sampling loop are its own.
 INTERNALS = ("KSamplerX0Inpaint", "sampling_function", "calc_cond_batch", "cfg_function",
              "get_area_and_mult", "can_concat_cond", "cond_cat", "CFGNoisePredictor",
-             "KSamplerInpaint", "process_conds", "encode_model_conds", "resolve_areas_and_cond_masks",
+             "KSamplerInpaint", "process_conds", "encode_model_conds",
+             "resolve_areas_and_cond_masks",
              "calculate_start_end_timesteps", "pre_run_control", "apply_empty_x_to_equal_area",
              "sampler_names", "SchedulerHandler", "normal_scheduler", "simple_scheduler",
              "beta_scheduler", "ddim_scheduler", "sgm_scheduler")

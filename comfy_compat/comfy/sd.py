@@ -13,12 +13,8 @@ import torch
 
 from comfy.model_patcher import ModelPatcher, UnsupportedPatchError
 from engine.comfy_host import HOST
-from engine.diffusion.checkpoint import (
-    NODE_LATENT_SCALE,
-    load_checkpoint,
-    load_unet_file,
-    open_state_file,
-)
+from engine.diffusion.checkpoint import NODE_LATENT_SCALE, load_unet_file, open_state_file
+from engine.diffusion.checkpoint import load_checkpoint as load_checkpoint_file
 from engine.diffusion.clip import PromptTokens, TextEncoderStack, load_text_encoder_files
 from engine.diffusion.lora import apply_lora, parse_lora
 from engine.diffusion.model_manager import ModelKey
@@ -236,7 +232,7 @@ def load_checkpoint_guess_config(ckpt_path: str, output_vae: bool = True,
 
     def build() -> Any:
         opened = open_state_file(path, allow_pickle=models.allow_pickle)
-        loaded = load_checkpoint(opened, models.policy, models.bpe.get(),
+        loaded = load_checkpoint_file(opened, models.policy, models.bpe.get(),
                                  find_embedding=_embedding_finder())
         return loaded.model, loaded.clip, loaded.vae
 

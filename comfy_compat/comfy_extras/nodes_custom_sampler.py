@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.diffusion.ksampler import DisabledNoise, RandomNoise
 from loom_internals import node_module_attribute
+
+from engine.diffusion.ksampler import DisabledNoise, RandomNoise
 
 Noise_RandomNoise = RandomNoise
 Noise_EmptyNoise = DisabledNoise

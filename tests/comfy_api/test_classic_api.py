@@ -75,6 +75,25 @@ def test_a_model_a_pack_cloned_samples_in_looms_ksampler(bound: ModelEngine) -> 
                        result.values["loom"][0][0]["samples"])
 
 
+def test_comfy_sd_loads_the_checkpoint_loom_loads_and_encodes_alike(bound: ModelEngine) -> None:
+    api = {**base(bound), "image": node("EmptyImage", width=SIZE, height=SIZE, batch_size=1,
+                                        color=0x336699),
+           "pack": node("LoadAndEncode", ckpt_name=checkpoint(bound), text="a red fox",
+                        image=["image", 0]),
+           "encoded": node("VAEEncode", pixels=["image", 0], vae=["ckpt", 2]),
+           "loom": ksampler(["ckpt", 0]), "packed": ksampler(["pack", 0])}
+    result, _ = bound.run(probed(api, "pack", "pos", "encoded", "loom", "packed"))
+    (pack_cond, pack_options), = result.values["pack"][1][0]
+    (loom_cond, loom_options), = result.values["pos"][0][0]
+    assert torch.equal(pack_cond, loom_cond)
+    assert torch.equal(pack_options["pooled_output"], loom_options["pooled_output"])
+    assert torch.equal(result.values["pack"][3][0]["samples"],
+                       result.values["encoded"][0][0]["samples"])
+    assert result.values["pack"][4][0] == 8
+    assert torch.equal(result.values["packed"][0][0]["samples"],
+                       result.values["loom"][0][0]["samples"])
+
+
 def test_progress_bar_updates_become_progress_events(bound: ModelEngine) -> None:
     _, listener = bound.run(probed({"count": node("CountSteps", steps=3)}, "count"))
     assert [(d["value"], d["max"]) for name, d in listener.events if name == "progress"] == [

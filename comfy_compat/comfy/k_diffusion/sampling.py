@@ -22,9 +22,9 @@ from engine.diffusion.sampling import (
 
 SamplerOption = frozenset(SamplerOptions.__dataclass_fields__)
 # k-diffusion's noise samplers and solver classes: Loom's samplers draw their own noise.
-INTERNALS = ("BrownianTreeNoiseSampler", "BatchedBrownianTree", "DPMSolver", "PIDStepSizeController",
-             "get_sigmas_vp", "get_sigmas_laplace", "linear_multistep_coeff", "default_noise_sampler_gpu",
-             "sample_dpmpp_2m_sde_heun", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp")
+INTERNALS = ("BrownianTreeNoiseSampler", "BatchedBrownianTree", "DPMSolver",
+             "PIDStepSizeController", "get_sigmas_vp", "get_sigmas_laplace",
+             "linear_multistep_coeff", "default_noise_sampler_gpu")
 
 
 def _sampler(name: str) -> Callable[..., Tensor]:

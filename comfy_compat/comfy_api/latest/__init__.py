@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from loom_internals import unavailable
 
 from comfy_api.latest import io, ui
-from loom_internals import unavailable
 
 Input = unavailable("comfy_api.latest.Input")
 InputImpl = unavailable("comfy_api.latest.InputImpl")
@@ -20,7 +20,7 @@ ComfyAPISync = unavailable("comfy_api.latest.ComfyAPISync")
 class ComfyExtension(ABC):
     """What a pack's `comfy_entrypoint()` returns: its V3 node classes."""
 
-    async def on_load(self) -> None:
+    async def on_load(self) -> None:  # noqa: B027 - optional hook, ComfyUI's default is empty
         """Called once before get_node_list."""
 
     @abstractmethod

@@ -4,13 +4,15 @@ import os
 
 import comfy.model_management
 import comfy.sample
+import comfy.sd
 import comfy.samplers
 import comfy.utils
 import folder_paths
 import latent_preview
 import node_helpers
-import nodes
 import torch
+
+import nodes
 from nodes import MAX_RESOLUTION
 
 # Packs register their own model folders at import time.
@@ -175,7 +177,30 @@ class Upscale:
         return (torch.clamp(scaled.movedim(1, -1), 0, 1),)
 
 
-NODE_CLASS_MAPPINGS = {"EncodeAndSample": EncodeAndSample, "SampleDirect": SampleDirect,
+class LoadAndEncode:
+    """comfy.sd.load_checkpoint_guess_config, CLIP tokenize/encode and a VAE round trip."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {"default": ""}),
+                             "text": ("STRING", {"default": "a red fox"}),
+                             "image": ("IMAGE",)}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "VAE", "LATENT", "INT")
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, ckpt_name, text, image):
+        path = folder_paths.get_full_path("checkpoints", ckpt_name)
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path)
+        tokens = clip.tokenize(text)
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        latent = vae.encode(image[:, :, :, :3])
+        return (model, [[cond, {"pooled_output": pooled}]], vae, {"samples": latent},
+                vae.downscale_ratio)
+
+
+NODE_CLASS_MAPPINGS = {"LoadAndEncode": LoadAndEncode, "EncodeAndSample": EncodeAndSample, "SampleDirect": SampleDirect,
                        "ModelFacts": ModelFacts, "CountSteps": CountSteps,
                        "ListFiles": ListFiles, "HalfStrength": HalfStrength,
                        "ScaleAttention": ScaleAttention, "BasicsUpscale": Upscale}
