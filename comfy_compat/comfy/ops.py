@@ -9,56 +9,24 @@ import torch
 from torch import nn
 
 
+def _without_init(layer: type[nn.Module]) -> type[nn.Module]:
+    """`layer` whose reset_parameters does nothing (its weights come from a file)."""
+    return type(layer.__name__, (layer,), {"comfy_cast_weights": False,
+                                          "reset_parameters": lambda self: None,
+                                          "__module__": __name__})
+
+
 class disable_weight_init:  # noqa: N801 - ComfyUI's name
-    """torch layers whose reset_parameters does nothing (weights come from a file)."""
+    """torch layers that skip weight initialisation, under ComfyUI's names."""
 
-    class Linear(nn.Linear):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
-
-    class Conv1d(nn.Conv1d):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
-
-    class Conv2d(nn.Conv2d):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
-
-    class Conv3d(nn.Conv3d):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
-
-    class GroupNorm(nn.GroupNorm):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
-
-    class LayerNorm(nn.LayerNorm):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
-
-    class ConvTranspose2d(nn.ConvTranspose2d):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
-
-    class Embedding(nn.Embedding):
-        comfy_cast_weights = False
-
-        def reset_parameters(self) -> None:
-            return None
+    Linear = _without_init(nn.Linear)
+    Conv1d = _without_init(nn.Conv1d)
+    Conv2d = _without_init(nn.Conv2d)
+    Conv3d = _without_init(nn.Conv3d)
+    GroupNorm = _without_init(nn.GroupNorm)
+    LayerNorm = _without_init(nn.LayerNorm)
+    ConvTranspose2d = _without_init(nn.ConvTranspose2d)
+    Embedding = _without_init(nn.Embedding)
 
     @classmethod
     def conv_nd(cls, dims: int, *args: Any, **kwargs: Any) -> nn.Module:
