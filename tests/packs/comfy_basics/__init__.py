@@ -4,8 +4,8 @@ import os
 
 import comfy.model_management
 import comfy.sample
-import comfy.sd
 import comfy.samplers
+import comfy.sd
 import comfy.utils
 import folder_paths
 import latent_preview
