@@ -200,7 +200,8 @@ class LoadAndEncode:
                 vae.downscale_ratio)
 
 
-NODE_CLASS_MAPPINGS = {"LoadAndEncode": LoadAndEncode, "EncodeAndSample": EncodeAndSample, "SampleDirect": SampleDirect,
+NODE_CLASS_MAPPINGS = {"LoadAndEncode": LoadAndEncode, "EncodeAndSample": EncodeAndSample,
+                       "SampleDirect": SampleDirect,
                        "ModelFacts": ModelFacts, "CountSteps": CountSteps,
                        "ListFiles": ListFiles, "HalfStrength": HalfStrength,
                        "ScaleAttention": ScaleAttention, "BasicsUpscale": Upscale}
