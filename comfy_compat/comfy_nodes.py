@@ -224,7 +224,7 @@ def common_ksampler(model: Any, seed: int, steps: int, cfg: float, sampler_name:
                     start_step: int | None = None, last_step: int | None = None,
                     force_full_denoise: bool = False) -> tuple[Any]:
     """ComfyUI's shared KSampler body, over Loom's sampler (progress to the running node)."""
-    from engine.diffusion.ksampler import sample
+    from engine.diffusion.sampling.ksampler import sample
     from nodes.sampling import node_progress, require_model
 
     handle = require_model(from_pack(model), "common_ksampler")
@@ -252,6 +252,7 @@ def init_extra_nodes(init_custom_nodes: bool = True, init_api_nodes: bool = True
 
 
 _MODULE_ATTRIBUTES: dict[str, Any] = {
+    "MAX_RESOLUTION": imaging.MAX_RESOLUTION,
     "NODE_CLASS_MAPPINGS": NODE_CLASS_MAPPINGS,
     "NODE_DISPLAY_NAME_MAPPINGS": NODE_DISPLAY_NAME_MAPPINGS,
     "common_ksampler": common_ksampler, "init_extra_nodes": init_extra_nodes,

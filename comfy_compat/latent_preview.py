@@ -11,8 +11,8 @@ from PIL import Image
 from torch import Tensor
 
 from engine.comfy_host import from_pack
-from engine.diffusion.ksampler import preview_image
-from engine.diffusion.model_handle import LATENT_FORMATS, LatentFormat
+from engine.diffusion.patches.model_handle import LATENT_FORMATS, LatentFormat
+from engine.diffusion.sampling.ksampler import preview_image
 
 MAX_PREVIEW_RESOLUTION = 512
 TAESD = unavailable("latent_preview.TAESD")  # Loom previews with latent2rgb only

@@ -12,9 +12,9 @@ from typing import Any
 from comfy.model_patcher import ModelPatcher
 from comfy.sd import CLIP, VAE
 
-from engine.diffusion.clip import TextEncoderStack
-from engine.diffusion.model_handle import ModelHandle
-from engine.diffusion.vae_model import VAE as LoomVAE
+from engine.diffusion.networks.vae_model import VAE as LoomVAE
+from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.text.encoding import TextEncoderStack
 
 FACADES: tuple[type, ...] = (ModelPatcher, CLIP, VAE)
 

@@ -8,8 +8,6 @@ from typing import Any
 
 from engine.node import Node
 
-MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION, which custom-node packs import
-
 # Modules listed here are imported in this order; each must define NODE_TYPES.
 BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent",
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",

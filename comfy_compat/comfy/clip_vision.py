@@ -9,10 +9,14 @@ from typing import Any
 from torch import Tensor
 
 from engine.comfy_host import HOST
-from engine.diffusion.checkpoint import open_state_file
-from engine.diffusion.clip_vision import ClipVisionModel, ClipVisionOutput, load_clip_vision
-from engine.diffusion.clip_vision import clip_preprocess as loom_preprocess
-from engine.diffusion.model_manager import ModelKey
+from engine.diffusion.checkpoints.state_files import open_state_file
+from engine.diffusion.memory.model_manager import ModelKey
+from engine.diffusion.networks.clip_vision import (
+    ClipVisionModel,
+    ClipVisionOutput,
+    load_clip_vision,
+)
+from engine.diffusion.networks.clip_vision import clip_preprocess as loom_preprocess
 
 Output = ClipVisionOutput
 __all__ = ["ClipVisionModel", "Output", "clip_preprocess", "load"]

@@ -11,9 +11,9 @@ from typing import Any
 from loom_internals import unavailable
 
 from engine.comfy_host import HOST, from_pack
-from engine.diffusion.checkpoint import open_state_file
-from engine.diffusion.controlnet_loader import load_control_model
-from engine.diffusion.model_manager import ModelKey
+from engine.diffusion.checkpoints.controlnet_loader import load_control_model
+from engine.diffusion.checkpoints.state_files import open_state_file
+from engine.diffusion.memory.model_manager import ModelKey
 
 
 class StrengthType(enum.Enum):

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from engine.diffusion.model_handle import LATENT_FORMATS, SD1_LATENT, SDXL_LATENT
+from engine.diffusion.patches.model_handle import LATENT_FORMATS, SD1_LATENT, SDXL_LATENT
 
 
 class LatentFormat:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.patches.model_handle import ModelHandle
 
 
 class ModelType(enum.Enum):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from comfy.model_base import view_for
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.patches.model_handle import ModelHandle
 
 # model_options entries (or transformer_options entries) that change sampling; Loom has no
 # typed patch point for them yet, so a MODEL carrying one cannot be sampled silently.

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from comfy.samplers import CFGGuider, KSampler
 from engine.comfy_host import from_pack
-from engine.diffusion.ksampler import fit_latent_channels
 from engine.diffusion.sampling import initial_noise
+from engine.diffusion.sampling.ksampler import fit_latent_channels
 
 __all__ = ["fix_empty_latent_channels", "np", "prepare_noise", "sample", "sample_custom"]
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from loom_internals import unavailable
 
-from engine.diffusion.ksampler import prepare_noise_mask
+from engine.diffusion.sampling.ksampler import prepare_noise_mask
 
 get_models_from_cond = unavailable("comfy.sampler_helpers.get_models_from_cond")
 convert_cond = unavailable("comfy.sampler_helpers.convert_cond")

@@ -11,8 +11,6 @@ from torch import Tensor
 
 from comfy.k_diffusion import sampling as k_diffusion_sampling
 from engine.comfy_host import from_pack
-from engine.diffusion.guidance import Guider
-from engine.diffusion.ksampler import SamplerChoice, guided_sample
 from engine.diffusion.sampling import (
     COMFYUI_SAMPLER_NAMES,
     SamplerOptions,
@@ -26,6 +24,8 @@ from engine.diffusion.sampling import (
     SCHEDULER_NAMES as LOOM_SCHEDULER_NAMES,
 )
 from engine.diffusion.sampling import calculate_sigmas as loom_calculate_sigmas
+from engine.diffusion.sampling.guidance import Guider
+from engine.diffusion.sampling.ksampler import SamplerChoice, guided_sample
 from engine.values import Latent
 
 KSAMPLER_NAMES = list(COMFYUI_SAMPLER_NAMES)

@@ -13,13 +13,15 @@ import torch
 
 from comfy.model_patcher import ModelPatcher, UnsupportedPatchError
 from engine.comfy_host import HOST
-from engine.diffusion.checkpoint import NODE_LATENT_SCALE, load_unet_file, open_state_file
-from engine.diffusion.checkpoint import load_checkpoint as load_checkpoint_file
-from engine.diffusion.clip import PromptTokens, TextEncoderStack, load_text_encoder_files
-from engine.diffusion.lora import apply_lora, parse_lora
-from engine.diffusion.model_manager import ModelKey
-from engine.diffusion.prompt_weights import EmbeddingFolders
-from engine.diffusion.vae_model import VAE as LoomVAE
+from engine.diffusion.checkpoints.loader import NODE_LATENT_SCALE, load_unet_file
+from engine.diffusion.checkpoints.loader import load_checkpoint as load_checkpoint_file
+from engine.diffusion.checkpoints.state_files import open_state_file
+from engine.diffusion.checkpoints.text_encoders import load_text_encoder_files
+from engine.diffusion.memory.model_manager import ModelKey
+from engine.diffusion.networks.vae_model import VAE as LoomVAE
+from engine.diffusion.patches.lora import apply_lora, parse_lora
+from engine.diffusion.text.encoding import PromptTokens, TextEncoderStack
+from engine.diffusion.text.prompt_weights import EmbeddingFolders
 
 
 class CLIPType:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.diffusion.model_handle import ModelHandle
+from engine.diffusion.patches.model_handle import ModelHandle
 
 
 class BASE:

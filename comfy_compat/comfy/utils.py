@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from engine.comfy_host import HOST, running_node
-from engine.diffusion.checkpoint import open_state_file
-from engine.diffusion.tiling import tiled_apply
+from engine.diffusion.checkpoints.state_files import open_state_file
+from engine.diffusion.networks.tiling import tiled_apply
 from nodes import imaging
 
 PROGRESS_BAR_ENABLED = True

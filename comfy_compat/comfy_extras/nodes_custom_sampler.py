@@ -7,7 +7,7 @@ from typing import Any
 
 from loom_internals import node_module_attribute
 
-from engine.diffusion.ksampler import DisabledNoise, RandomNoise
+from engine.diffusion.sampling.ksampler import DisabledNoise, RandomNoise
 
 Noise_RandomNoise = RandomNoise
 Noise_EmptyNoise = DisabledNoise
