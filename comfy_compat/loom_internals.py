@@ -28,8 +28,8 @@ class Unavailable(type):
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
-            f"{cls.loom_name} is a ComfyUI internal that Loom does not provide (Loom has its "
-            f"own model stack); this custom node cannot run in Loom")
+            f"{cls.loom_name} is part of ComfyUI that Loom does not provide (Loom has its own "
+            f"model stack and node engine); what uses it cannot run in Loom")
 
 
 def unavailable(qualified_name: str) -> type:
