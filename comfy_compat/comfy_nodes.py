@@ -82,6 +82,8 @@ PARAMETER_ORDER: dict[str, tuple[str, ...]] = {
     "VAEEncodeForInpaint": ("vae", "pixels", "mask", "grow_mask_by"),
     "InpaintModelConditioning": ("positive", "negative", "pixels", "vae", "mask", "noise_mask"),
     "ConditioningSetMask": ("conditioning", "mask", "set_cond_area", "strength"),
+    # PreviewImage inherits SaveImage.save_images; its filename_prefix is ignored (temp names)
+    "PreviewImage": ("images", "filename_prefix", "prompt", "extra_pnginfo"),
 }
 # Class attributes of ComfyUI's core classes that packs read (e.g. ImageScale.upscale_methods).
 CLASS_ATTRIBUTES: dict[str, dict[str, Any]] = {
@@ -173,6 +175,11 @@ def _call(node_type: type[Node], args: tuple[Any, ...], kwargs: dict[str, Any]) 
     if clash:
         raise TypeError(f"{schema.name}: argument(s) {clash} given twice")
     values.update(kwargs)
+    unknown = sorted(name for name in values if not schema.declares(name) and name not in names)
+    if unknown:
+        raise TypeError(f"{schema.name}: unexpected argument(s) {unknown}; it takes "
+                        f"{', '.join(names)}")
+    values = {name: value for name, value in values.items() if schema.declares(name)}
     for spec in schema.inputs:
         if spec.name not in values:
             values[spec.name] = None if spec.default is MISSING else spec.default

@@ -155,17 +155,24 @@ def classic_result(schema: NodeSchema, function: str, returned: Any) -> NodeResu
                             f"such as {{'text': [...]}}")
         if "result" not in returned:  # a UI-only return leaves the outputs empty
             return NodeResult((None,) * len(schema.outputs), ui)
-        return NodeResult(_as_tuple(where, returned["result"]), ui)
+        return NodeResult(_as_tuple(where, returned["result"], schema), ui)
     if returned is None and not schema.outputs:
         return NodeResult((), None)
-    return NodeResult(_as_tuple(where, returned), None)
+    return NodeResult(_as_tuple(where, returned, schema), None)
 
 
-def _as_tuple(where: str, values: Any) -> tuple[Any, ...]:
-    if isinstance(values, (tuple, list)):
-        return tuple(values)
-    raise TypeError(f"{where} returned {type(values).__name__}; return a tuple with one value "
-                    f"per RETURN_TYPES entry, e.g. (result,)")
+def _as_tuple(where: str, values: Any, schema: NodeSchema) -> tuple[Any, ...]:
+    """One value per declared output. ComfyUI indexes the returned tuple, so extra values are
+    ignored and missing ones only fail where a link uses them: extras are cut here, and a
+    missing one becomes None (with a warning)."""
+    if not isinstance(values, (tuple, list)):
+        raise TypeError(f"{where} returned {type(values).__name__}; return a tuple with one "
+                        f"value per RETURN_TYPES entry, e.g. (result,)")
+    count = len(schema.outputs)
+    if len(values) < count:
+        logger.warning("%s returned %d value(s) for %d outputs; the missing ones are None",
+                       where, len(values), count)
+    return tuple(values[:count]) + (None,) * (count - len(values))
 
 
 def adapt_classic(class_type: str, cls: type, display_name: str | None,

@@ -537,3 +537,20 @@ def test_plain_method_hooks_are_called_on_an_instance(tmp_path: Path) -> None:
     assert registry.get("OldStyle").self_validated_inputs() == {"value"}
     result, _ = run(registry, {"1": node("OldStyle", value=9)}, tmp_path=tmp_path)
     assert result.outputs["1"] == {"value": [9]}
+
+
+def test_extra_returned_values_are_ignored_and_missing_ones_are_none() -> None:
+    class Uneven:
+        @classmethod
+        def INPUT_TYPES(cls) -> dict[str, Any]:
+            return {"required": {}}
+        RETURN_TYPES = ("INT", "INT")
+        FUNCTION = "run"
+
+        def run(self) -> tuple[Any, ...]:
+            return (1, 2, 3)
+
+    adapted = adapt_classic("Uneven", Uneven, None, "m")
+    assert adapted().execute(None).outputs == (1, 2)  # type: ignore[arg-type]
+    Uneven.run = lambda self: (1,)  # type: ignore[method-assign]
+    assert adapted().execute(None).outputs == (1, None)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 from tests.model_engine import ModelEngine
 
@@ -61,3 +62,13 @@ def test_comfyui_internals_import_and_raise_naming_themselves_when_used(
 def test_implemented_modules_report_missing_names_truthfully(bound: ModelEngine) -> None:
     import comfy.model_management
     assert not hasattr(comfy.model_management, "no_such_function")
+
+
+def test_classic_calls_use_comfyuis_parameter_order_and_reject_unknown_names(
+        bound: ModelEngine) -> None:
+    import nodes
+    images = torch.zeros(1, 4, 4, 3)
+    preview = nodes.PreviewImage().save_images(images, "ignored_prefix")  # SaveImage's order
+    assert preview["ui"]["images"][0]["type"] == "temp"
+    with pytest.raises(TypeError, match="unexpected argument"):
+        nodes.ImageInvert().invert(image=images, strength=2)
