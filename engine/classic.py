@@ -76,6 +76,9 @@ class ClassicNode(Node):
         return self._classic_instance
 
     def execute(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        blocker = execution_blocker(inputs.values())
+        if blocker is not None:
+            return blocked_result(self.schema, blocker)
         method = getattr(self.classic_instance(), self.function, None) if self.function else None
         if not callable(method):
             raise ClassicNodeError(f"node {self.schema.name!r}: FUNCTION is "
@@ -140,6 +143,32 @@ class ClassicNode(Node):
         if isinstance(changed, float) and math.isnan(changed):
             return ALWAYS_CHANGED
         return changed
+
+
+BLOCKER_MARK = "__loom_execution_blocker__"  # set by comfy_execution.graph.ExecutionBlocker
+
+
+def execution_blocker(values: Any) -> Any:
+    """The first ExecutionBlocker among input values (or inside list inputs), if any."""
+    for value in values:
+        items = value if isinstance(value, list) else (value,)
+        for item in items:
+            if getattr(type(item), BLOCKER_MARK, False):
+                return item
+    return None
+
+
+class BlockedExecution(RuntimeError):
+    """An ExecutionBlocker with a message reached a node: ComfyUI fails the node with it."""
+
+
+def blocked_result(schema: NodeSchema, blocker: Any) -> NodeResult:
+    """ComfyUI's rule for a node fed an ExecutionBlocker: with a message it fails with that
+    message; without one it does not run, and every output passes the blocker on."""
+    message = getattr(blocker, "message", None)
+    if message is not None:
+        raise BlockedExecution(f"node {schema.name!r} was blocked: {message}")
+    return NodeResult((blocker,) * len(schema.outputs), None)
 
 
 def classic_result(schema: NodeSchema, function: str, returned: Any) -> NodeResult:

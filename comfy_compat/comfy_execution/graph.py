@@ -14,7 +14,10 @@ TopologicalSort = unavailable("comfy_execution.graph.TopologicalSort")
 
 class ExecutionBlocker:
     """An output value meaning "do not run what consumes me"; `message` None blocks silently,
-    otherwise the consumer fails with it."""
+    otherwise the consumer fails with it. Pack nodes (classic and V3) honour it; Loom's own
+    nodes do not know it and fail on it as on any wrong value."""
+
+    __loom_execution_blocker__ = True
 
     def __init__(self, message: str | None) -> None:
         self.message = message

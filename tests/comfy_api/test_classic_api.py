@@ -140,3 +140,26 @@ def test_a_patch_loom_cannot_apply_fails_naming_it_instead_of_being_dropped(
                                   "latent_preview"])
 def test_the_modules_packs_import_exist(bound: ModelEngine, name: str) -> None:
     __import__(name)
+
+
+def blocking(block: bool, message: str = "") -> dict[str, Any]:
+    return {"gate": node("MaybeBlock", value=3, block=block, message=message),
+            "count": node("CountSteps", steps=["gate", 0])}
+
+
+def test_an_execution_blocker_stops_the_pack_node_that_consumes_it(bound: ModelEngine) -> None:
+    result, listener = bound.run(probed(blocking(True), "count"))
+    assert not [d for name, d in listener.events if name == "progress"]
+    assert type(result.values["count"][0][0]).__name__ == "ExecutionBlocker"
+
+
+def test_a_blocker_with_a_message_fails_the_consumer_with_it(bound: ModelEngine) -> None:
+    checked = validate_prompt(probed(blocking(True, "switched off"), "count"), bound.registry,
+                              bound.services)
+    result = bound.executor.execute(checked.prompt, checked.outputs)
+    assert result.status == "error" and "switched off" in result.error["exception_message"]
+
+
+def test_an_open_gate_passes_the_value(bound: ModelEngine) -> None:
+    result, _ = bound.run(probed(blocking(False), "count"))
+    assert result.values["count"][0][0] == 3

@@ -8,6 +8,7 @@ import inspect
 from typing import Any
 
 from comfy_api.latest.io import ComfyNode, Hidden, HiddenHolder, NodeOutput, Schema
+from engine.classic import blocked_result, execution_blocker
 from engine.comfy_host import from_pack, running, to_pack
 from engine.context import NodeContext
 from engine.node import ALWAYS_CHANGED, Input, Node, NodeResult, NodeSchema
@@ -59,6 +60,9 @@ class V3Node(Node):
         return clone, own
 
     def execute(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        blocker = execution_blocker(inputs.values())
+        if blocker is not None:
+            return blocked_result(self.schema, blocker)
         clone, own = self._prepared(ctx, inputs)
         with running(ctx):
             returned = _await(clone.execute(**own))
@@ -71,6 +75,10 @@ class V3Node(Node):
         if not isinstance(returned, NodeOutput):
             raise V3NodeError(f"node {name!r}: execute() returned {type(returned).__name__}; "
                               f"return io.NodeOutput(value, ...)")
+        if returned.block_execution is not None:
+            from comfy_execution.graph import ExecutionBlocker
+            blocker = ExecutionBlocker(returned.block_execution)
+            return NodeResult((blocker,) * len(self.schema.outputs), None)
         if returned.expand is not None:
             raise NotImplementedError(f"node {name!r} returned an 'expand' graph; Loom does not "
                                       f"support node expansion, so this node cannot run here")

@@ -11,6 +11,7 @@ import folder_paths
 import latent_preview
 import node_helpers
 import torch
+from comfy_execution.graph import ExecutionBlocker
 
 import nodes
 from nodes import MAX_RESOLUTION
@@ -200,7 +201,23 @@ class LoadAndEncode:
                 vae.downscale_ratio)
 
 
-NODE_CLASS_MAPPINGS = {"LoadAndEncode": LoadAndEncode, "EncodeAndSample": EncodeAndSample,
+class MaybeBlock:
+    """Passes an INT on, or blocks what consumes it (rgthree/Impact switches do this)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 1}), "block": ("BOOLEAN",),
+                             "message": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value, block, message):
+        return (ExecutionBlocker(message or None) if block else value,)
+
+
+NODE_CLASS_MAPPINGS = {"MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode, "EncodeAndSample": EncodeAndSample,
                        "SampleDirect": SampleDirect,
                        "ModelFacts": ModelFacts, "CountSteps": CountSteps,
                        "ListFiles": ListFiles, "HalfStrength": HalfStrength,
