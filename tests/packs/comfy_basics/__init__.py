@@ -217,7 +217,8 @@ class MaybeBlock:
         return (ExecutionBlocker(message or None) if block else value,)
 
 
-NODE_CLASS_MAPPINGS = {"MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode, "EncodeAndSample": EncodeAndSample,
+NODE_CLASS_MAPPINGS = {"MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode,
+                       "EncodeAndSample": EncodeAndSample,
                        "SampleDirect": SampleDirect,
                        "ModelFacts": ModelFacts, "CountSteps": CountSteps,
                        "ListFiles": ListFiles, "HalfStrength": HalfStrength,
