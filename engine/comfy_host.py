@@ -66,6 +66,12 @@ def bind(services: Services, registry: Any, interrupt: InterruptFlag | None = No
     return HOST
 
 
+def unbind() -> None:
+    """Forget every bound object (tests; a process binds once and keeps its binding)."""
+    HOST.services = HOST.registry = HOST.prompt_server = HOST.interrupt = None
+    HOST.progress_hook = None
+
+
 def bind_prompt_server(prompt_server: Any) -> None:
     """Attach the `server.PromptServer.instance` facade (created by the web layer)."""
     HOST.prompt_server = prompt_server

@@ -26,8 +26,7 @@ def packs_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelEngi
     engine = ModelEngine(tmp_path_factory.mktemp("comfy_api"))
     bind_engine(engine)
     yield engine
-    comfy_host.bind(None, None)  # type: ignore[arg-type]
-    comfy_host.HOST.progress_hook = None
+    comfy_host.unbind()
 
 
 @pytest.fixture
