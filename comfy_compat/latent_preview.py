@@ -29,10 +29,16 @@ class LatentPreviewer:
 
 
 class Latent2RGBPreviewer(LatentPreviewer):
-    """The linear latent -> RGB approximation of a model family."""
+    """The linear latent -> RGB approximation (ComfyUI's constructor: the factors)."""
 
-    def __init__(self, latent_format: LatentFormat) -> None:
-        self.latent_format = latent_format
+    def __init__(self, latent_rgb_factors: Any, latent_rgb_factors_bias: Any = None,
+                 latent_rgb_factors_reshape: Any = None) -> None:
+        if isinstance(latent_rgb_factors, LatentFormat):
+            self.latent_format = latent_rgb_factors
+            return
+        factors = tuple(tuple(float(v) for v in row) for row in latent_rgb_factors)
+        bias = tuple(float(v) for v in latent_rgb_factors_bias or (0.0, 0.0, 0.0))
+        self.latent_format = LatentFormat(1.0, len(factors), factors, bias)  # type: ignore[arg-type]
 
     def decode_latent_to_preview(self, x0: Tensor) -> Image.Image:
         return preview_image(self.latent_format, x0)

@@ -12,7 +12,15 @@ from typing import Any, ClassVar
 
 from engine.comfy_host import from_pack, running, to_pack
 from engine.context import NodeContext
-from engine.node import ALWAYS_CHANGED, Input, Node, NodeResult, NodeSchema, Output
+from engine.node import (
+    ALWAYS_CHANGED,
+    HIDDEN_KINDS,
+    Input,
+    Node,
+    NodeResult,
+    NodeSchema,
+    Output,
+)
 
 logger = logging.getLogger("loom.custom_nodes")
 
@@ -64,6 +72,9 @@ class ClassicNode(Node):
     validate_hook: ClassVar[HookSignature | None] = None
     lazy_hook: ClassVar[HookSignature | None] = None
     validated_names: ClassVar[frozenset[str]] = frozenset()
+    # hidden inputs of a kind the engine does not fill (a pack's own marker, e.g. a version):
+    # ComfyUI passes them only when the prompt carries a value
+    unfilled_hidden: ClassVar[frozenset[str]] = frozenset()
     per_node_instance: ClassVar[bool] = True  # classic objects may keep state, as in ComfyUI
 
     def __init__(self) -> None:
@@ -85,7 +96,8 @@ class ClassicNode(Node):
                                    f"{self.function or None!r}, which names no method of "
                                    f"{self.classic.__qualname__}; set FUNCTION to the method's "
                                    f"name")
-        values = {name: to_pack(value) for name, value in inputs.items()}
+        values = {name: to_pack(value) for name, value in inputs.items()
+                  if value is not None or name not in self.unfilled_hidden}
         with running(ctx):
             result = classic_result(self.schema, self.function, method(**values))
         result.outputs = tuple(from_pack(value) for value in result.outputs)
@@ -218,6 +230,8 @@ def adapt_classic(class_type: str, cls: type, display_name: str | None,
         "is_changed_hook": hook_signature(cls, "IS_CHANGED"),
         "validate_hook": hook_signature(cls, "VALIDATE_INPUTS"),
         "lazy_hook": hook_signature(cls, "check_lazy_status"),
+        "unfilled_hidden": frozenset(spec.name for spec in schema.hidden_inputs
+                                     if spec.type not in HIDDEN_KINDS),
     }
     # Hooks a class lacks stay the base no-ops, so the engine knows to skip them.
     if namespace["is_changed_hook"] is None:

@@ -554,3 +554,20 @@ def test_extra_returned_values_are_ignored_and_missing_ones_are_none() -> None:
     assert adapted().execute(None).outputs == (1, 2)  # type: ignore[arg-type]
     Uneven.run = lambda self: (1,)  # type: ignore[method-assign]
     assert adapted().execute(None).outputs == (1, None)  # type: ignore[arg-type]
+
+
+def test_a_hidden_input_of_a_packs_own_kind_is_not_passed_when_unset() -> None:
+    class Versioned:
+        @classmethod
+        def INPUT_TYPES(cls) -> dict[str, Any]:
+            return {"required": {"value": ("INT", {"default": 1})},
+                    "hidden": {"version": ("1.2",), "unique_id": "UNIQUE_ID"}}
+        RETURN_TYPES = ("INT",)
+        FUNCTION = "run"
+
+        def run(self, value: int, unique_id: str | None = None) -> tuple[Any, ...]:
+            return (value,)
+
+    adapted = adapt_classic("Versioned", Versioned, None, "m")
+    result = adapted().execute(None, value=4, version=None, unique_id="9")  # type: ignore[arg-type]
+    assert result.outputs == (4,)

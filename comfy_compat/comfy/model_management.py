@@ -73,6 +73,14 @@ def get_torch_device() -> torch.device:
     return _policy().device
 
 
+def get_torch_device_name(device: Any) -> str:
+    """"cpu", or "cuda:0 <GPU name>" as ComfyUI prints it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def intermediate_device() -> torch.device:
     return torch.device("cpu")
 

@@ -82,7 +82,8 @@ class V3Node(Node):
         if returned.expand is not None:
             raise NotImplementedError(f"node {name!r} returned an 'expand' graph; Loom does not "
                                       f"support node expansion, so this node cannot run here")
-        values = returned.args or (None,) * len(self.schema.outputs)
+        count = len(self.schema.outputs)  # ComfyUI indexes the values: extras cut, missing None
+        values = tuple(returned.args[:count]) + (None,) * (count - len(returned.args))
         ui = returned.ui.as_dict() if hasattr(returned.ui, "as_dict") else returned.ui
         return NodeResult(tuple(from_pack(v) for v in values), ui)
 
