@@ -56,3 +56,12 @@ class PreviewText(_UIOutput):
 
     def as_dict(self) -> dict[str, Any]:
         return {"text": (self.value,)}
+
+
+def __getattr__(name: str) -> Any:
+    """Other ComfyUI UI helpers (PreviewAudio, PreviewVideo, PreviewUI3D ...) are not in Loom's
+    facade: a node using one fails naming it."""
+    if name[:1].isupper():
+        from loom_internals import unavailable
+        return unavailable(f"comfy_api.latest.ui.{name}")
+    raise AttributeError(name)
