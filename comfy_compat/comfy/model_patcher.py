@@ -3,8 +3,9 @@ see it, over Loom's ModelHandle.
 
 `clone()` shares the handle and copies `model_options`, as ComfyUI's does; the `set_model_*`
 setters write ComfyUI's model_options layout. When the MODEL goes back to Loom (a Loom node
-consumes it), `loom_value()` turns it into a ModelHandle; a patch Loom cannot apply yet is an
-error naming it, never a silently unpatched model."""
+consumes it), `loom_value()` turns those options into the handle's typed ModelPatches, which
+Loom's UNet and guidance run; a patch Loom has no place for is an error naming it, never a
+silently unpatched model."""
 
 from __future__ import annotations
 
@@ -13,20 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from loom_model_options import UnsupportedPatchError, translate
 
 from comfy.model_base import view_for
 from engine.diffusion.patches.model_handle import ModelHandle
-
-# model_options entries (or transformer_options entries) that change sampling; Loom has no
-# typed patch point for them yet, so a MODEL carrying one cannot be sampled silently.
-BEHAVIOUR_OPTIONS = ("sampler_cfg_function", "sampler_post_cfg_function",
-                     "sampler_pre_cfg_function", "model_function_wrapper",
-                     "denoise_mask_function", "sampler_calc_cond_batch_function")
-PATCH_GROUPS = ("patches", "patches_replace")
-
-
-class UnsupportedPatchError(NotImplementedError):
-    """A ComfyUI-style model patch that Loom's UNet and guidance cannot apply (yet)."""
 
 
 def _activation_bytes(handle: ModelHandle, input_shape: Any) -> int:
@@ -236,11 +227,6 @@ class ModelPatcher:
         self.additional_models[key] = models
 
     # -- lifetime (Loom's model manager does this) -----------------------------------------
-    def patch_model(self, device_to: Any = None, lowvram_model_memory: int = 0,
-                    load_weights: bool = True, force_patch_weights: bool = False) -> Any:
-        self._require_no_patches("patch_model")
-        return self.handle.unet
-
     def unpatch_model(self, device_to: Any = None, unpatch_weights: bool = True) -> None:
         return None
 
@@ -251,33 +237,33 @@ class ModelPatcher:
         return self.handle.device
 
     # -- back to Loom ---------------------------------------------------------------------
-    def pending_patches(self) -> list[str]:
-        """The ComfyUI-style patches on this clone that Loom cannot apply (named)."""
-        pending = [name for name in BEHAVIOUR_OPTIONS if self.model_options.get(name)]
-        transformer = self.model_options.get("transformer_options", {})
-        for group in PATCH_GROUPS:
-            pending.extend(f"{group}.{name}" for name, found in transformer.get(group, {}).items()
-                           if found)
-        pending.extend(f"wrapper:{name}" for name, found in self.wrappers.items() if found)
+    def unsupported_patches(self) -> list[str]:
+        """Patches on this clone outside model_options that Loom cannot apply (named)."""
+        found = [f"wrapper:{name}" for name, items in self.wrappers.items() if items]
+        found += [f"callback:{name}" for name, items in self.callbacks.items() if items]
         if self.patches:
-            pending.append(f"weight patches on {len(self.patches)} keys (add_patches)")
-        pending.extend(f"object patch {name}" for name in self.object_patches
-                       if name != "model_sampling")
-        return pending
-
-    def _require_no_patches(self, where: str) -> None:
-        pending = self.pending_patches()
-        if pending:
-            raise UnsupportedPatchError(
-                f"this MODEL carries ComfyUI model patches Loom cannot apply yet: "
-                f"{', '.join(pending)} ({where}); remove the node that adds them, or use "
-                f"Loom's built-in node for the same effect")
+            found.append(f"weight patches on {len(self.patches)} keys (add_patches)")
+        found += [f"object patch {name}" for name in self.object_patches
+                  if name != "model_sampling"]
+        return found
 
     def loom_value(self) -> ModelHandle:
-        """The Loom MODEL this stands for; refuses patches Loom would silently drop."""
-        self._require_no_patches("when the MODEL is used by Loom")
+        """The Loom MODEL this stands for: its model_options as the handle's typed patches
+        (loom_model_options.py); a patch Loom has no place for is an error naming it."""
+        unsupported = self.unsupported_patches()
+        if unsupported:
+            raise UnsupportedPatchError(
+                f"this MODEL carries ComfyUI model patches Loom cannot apply: "
+                f"{', '.join(unsupported)}; remove the node that adds them, or use Loom's "
+                f"built-in node for the same effect")
+        handle = self.handle.patching(lambda base: translate(self.model_options, base))
         sampling = self.object_patches.get("model_sampling")
-        return self.handle if sampling is None else self.handle.replace(sampling=sampling)
+        return handle if sampling is None else handle.replace(sampling=sampling)
+
+    def patch_model(self, device_to: Any = None, lowvram_model_memory: int = 0,
+                    load_weights: bool = True, force_patch_weights: bool = False) -> Any:
+        self.loom_value()  # refuses what cannot be applied
+        return self.handle.unet
 
 
 def _copy_options(options: dict[str, Any]) -> dict[str, Any]:

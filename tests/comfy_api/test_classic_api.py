@@ -120,14 +120,32 @@ def test_common_upscale_resizes_an_image(bound: ModelEngine) -> None:
     assert tuple(result.values["up"][0][0].shape) == (1, 8, 16, 3)
 
 
-def test_a_patch_loom_cannot_apply_fails_naming_it_instead_of_being_dropped(
+def test_a_packs_attention_patch_changes_the_sampled_latent(bound: ModelEngine) -> None:
+    api = {**base(bound), "patched": node("ScaleAttention", model=["ckpt", 0], scale=3.0),
+           "plain": ksampler(["ckpt", 0]), "sample": ksampler(["patched", 0])}
+    result, _ = bound.run(probed(api, "sample", "plain"))
+    patched = result.values["sample"][0][0]["samples"]
+    assert torch.isfinite(patched).all()
+    assert not torch.allclose(patched, result.values["plain"][0][0]["samples"], atol=1e-4)
+
+
+def test_a_packs_identity_post_cfg_function_keeps_the_latent(bound: ModelEngine) -> None:
+    api = {**base(bound), "patched": node("GuidancePatches", model=["ckpt", 0],
+                                          emb_patch=False),
+           "plain": ksampler(["ckpt", 0]), "sample": ksampler(["patched", 0])}
+    result, _ = bound.run(probed(api, "sample", "plain"))
+    assert torch.allclose(result.values["sample"][0][0]["samples"],
+                          result.values["plain"][0][0]["samples"], atol=1e-6)
+
+
+def test_a_patch_loom_has_no_point_for_fails_naming_it_instead_of_being_dropped(
         bound: ModelEngine) -> None:
-    api = {**base(bound), "patched": node("ScaleAttention", model=["ckpt", 0], scale=2.0),
+    api = {**base(bound), "patched": node("GuidancePatches", model=["ckpt", 0], emb_patch=True),
            "sample": ksampler(["patched", 0])}
     checked = validate_prompt(probed(api, "sample"), bound.registry, bound.services)
     result = bound.executor.execute(checked.prompt, checked.outputs)
     assert result.status == "error"
-    assert "attn1_patch" in result.error["exception_message"]
+    assert "patches.emb_patch" in result.error["exception_message"]
 
 
 @pytest.mark.parametrize("name", ["comfy.sd", "comfy.samplers", "comfy.sample",

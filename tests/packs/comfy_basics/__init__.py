@@ -160,6 +160,26 @@ class ScaleAttention:
         return (patched,)
 
 
+class GuidancePatches:
+    """A post-CFG function that returns what it is given, and an optional embedding patch
+    (a point Loom does not have)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "emb_patch": ("BOOLEAN",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, model, emb_patch):
+        patched = model.clone()
+        patched.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+        if emb_patch:
+            patched.set_model_emb_patch(lambda emb, options: emb)
+        return (patched,)
+
+
 class Upscale:
     """comfy.utils.common_upscale on an IMAGE."""
 
@@ -222,4 +242,5 @@ NODE_CLASS_MAPPINGS = {"MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode,
                        "SampleDirect": SampleDirect,
                        "ModelFacts": ModelFacts, "CountSteps": CountSteps,
                        "ListFiles": ListFiles, "HalfStrength": HalfStrength,
-                       "ScaleAttention": ScaleAttention, "BasicsUpscale": Upscale}
+                       "ScaleAttention": ScaleAttention, "GuidancePatches": GuidancePatches,
+                       "BasicsUpscale": Upscale}
