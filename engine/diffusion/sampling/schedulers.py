@@ -110,6 +110,9 @@ def beta(
 
     Timestep ``rint(999 * F^-1(1 - i / steps))`` for i = 0..steps-1, repeats dropped.
     """
+    if not (alpha > 0 and beta > 0):
+        raise ValueError(f"the beta scheduler needs alpha and beta above 0, got alpha={alpha}, "
+                         f"beta={beta}; 0.6 and 0.6 are the usual values")
     last_index = len(model_sampling.sigmas) - 1
     quantiles = 1 - numpy.linspace(0, 1, steps, endpoint=False)
     timesteps = numpy.rint(
