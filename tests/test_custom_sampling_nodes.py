@@ -251,7 +251,7 @@ def test_dual_cfg_combines_the_three_predictions(monkeypatch: pytest.MonkeyPatch
     p, m, n = torch.full((1,), 3.0), torch.full((1,), 2.0), torch.full((1,), 0.5)
     seen: list[tuple[bool, bool]] = []
 
-    def predict(model: Any, sides: Any, x: Any, sigma: Any) -> list[torch.Tensor]:
+    def predict(model: Any, sides: Any, x: Any, sigma: Any, *options: Any) -> list[torch.Tensor]:
         seen.append((sides[0] is not None, sides[1] is not None))
         return [n if sides[0] is not None else torch.zeros(1),
                 m if sides[1] is not None else torch.zeros(1), p]
@@ -259,7 +259,7 @@ def test_dual_cfg_combines_the_three_predictions(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(dual_module, "predict", predict)
 
     def guided(c1: float, c2: float, nested: bool) -> DualGuidedModel:
-        return DualGuidedModel(None, (), (), (), c1, c2, nested)  # type: ignore[arg-type]
+        return DualGuidedModel(schedule_only_model(), (), (), (), c1, c2, nested)
 
     x, sigma = torch.zeros(1), torch.ones(1)
     assert float(guided(4.0, 3.0, False)(x, sigma)) == pytest.approx(0.5 + 1.5 * 3 + 1.0 * 4)
