@@ -12,6 +12,7 @@ from engine.node import Node
 BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent",
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
+                   "nodes.custom_samplers", "nodes.custom_schedulers",
                    "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale",
                    "nodes.clip_vision")
 

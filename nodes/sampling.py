@@ -1,7 +1,5 @@
-"""Sampling nodes: KSampler, KSamplerAdvanced and ModelSamplingDiscrete.
-
-Every sampler name of ComfyUI is offered (saved workflows load); a name Loom has not
-implemented fails validation, before anything runs, with the list of those it has."""
+"""Sampling nodes: KSampler, KSamplerAdvanced and ModelSamplingDiscrete. They offer every
+sampler and scheduler name of ComfyUI, and each one runs."""
 
 from __future__ import annotations
 
@@ -14,7 +12,6 @@ from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.sampling import (
     COMFYUI_SAMPLER_NAMES,
     PREDICTIONS,
-    SAMPLER_NAMES,
     SCHEDULER_NAMES,
     model_sampling,
 )
@@ -34,16 +31,8 @@ def steps_input() -> Any:
     return Int("steps", 20, min=1, max=10000)
 
 
-def cfg_input() -> Any:
-    return Float("cfg", 8.0, min=0.0, max=100.0, step=0.1, round=0.01)
-
-
-def sampler_name_error(name: Any) -> tuple[str, str] | None:
-    """A validation error for a ComfyUI sampler name Loom does not implement yet."""
-    if not isinstance(name, str) or name not in COMFYUI_SAMPLER_NAMES or name in SAMPLER_NAMES:
-        return None
-    return ("sampler_name", f"sampler {name!r} is not implemented in Loom yet; choose one of "
-                            f"{', '.join(SAMPLER_NAMES)}")
+def cfg_input(name: str = "cfg") -> Any:
+    return Float(name, 8.0, min=0.0, max=100.0, step=0.1, round=0.01)
 
 
 def previews_enabled(ctx: NodeContext) -> bool:
@@ -84,9 +73,6 @@ class KSampler(Node):
         description="Denoises a latent with a model guided by a positive and a negative "
                     "prompt (denoise < 1 keeps part of the input: img2img).")
 
-    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
-        return sampler_name_error(inputs.get("sampler_name"))
-
     def execute(self, ctx: NodeContext, model: ModelHandle, seed: int, steps: int, cfg: float,
                 sampler_name: str, scheduler: str, positive: Any, negative: Any,
                 latent_image: Latent, denoise: float) -> tuple[Latent]:
@@ -108,9 +94,6 @@ class KSamplerAdvanced(Node):
         (Output("LATENT"),), category="sampling", display_name="KSampler (Advanced)",
         description="KSampler over a part of the schedule, with or without added noise: "
                     "base -> refiner hand-offs.")
-
-    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
-        return sampler_name_error(inputs.get("sampler_name"))
 
     def execute(self, ctx: NodeContext, model: ModelHandle, add_noise: str, noise_seed: int,
                 steps: int, cfg: float, sampler_name: str, scheduler: str, positive: Any,

@@ -198,3 +198,16 @@ def test_patches_of_a_clone_of_a_clone_accumulate_without_reaching_the_first() -
 def test_model_handle_carries_empty_patches_by_default() -> None:
     model, _ = fake_model()
     assert isinstance(model, ModelHandle) and model.model_patches.empty
+
+
+def test_cfg_pp_uncond_comes_after_the_patches_as_comfyuis_post_cfg_hook_sees_it() -> None:
+    """with_uncond (the CFG++ samplers) evaluates the uncond at cfg 1 even without a patch
+    asking for it, runs the post-CFG functions on the guided x0 and returns the raw uncond."""
+    def halve(args: dict[str, Any]) -> Tensor:
+        return args["denoised"] / 2
+
+    guidance, unet = patched(lambda p: p.adding_post_cfg(halve), cfg=1.0)
+    guided, uncond = guidance.with_uncond(torch.zeros(SHAPE), torch.ones(1))
+    assert unet.calls[0].x.shape[0] == 2
+    assert torch.allclose(guided, torch.full(SHAPE, -1 / 2))  # cond -1, halved
+    assert torch.allclose(uncond, torch.full(SHAPE, -3.0))

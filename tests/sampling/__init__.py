@@ -53,6 +53,12 @@ def exact_endpoint(sampler_name: str, x_t: torch.Tensor, sigmas: torch.Tensor) -
     return ratio * x_last + (1 - ratio) * denoised
 
 
+def ode_options(sampler_name: str) -> dict[str, object]:
+    """Options that switch a sampler's noise off (its probability-flow ODE limit): eta 0, and
+    for er_sde, whose default noise scale ignores eta, the "ODE" solver type."""
+    return {"solver_type": "ODE"} if sampler_name == "er_sde" else {"eta": 0.0}
+
+
 def skip_without_torchsde(sampler_name: str) -> None:
     """The SDE samplers need torchsde for their Brownian-tree noise."""
     if "_sde" in sampler_name:

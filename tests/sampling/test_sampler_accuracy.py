@@ -23,19 +23,39 @@ from tests.sampling import (
     S,
     exact_denoiser,
     exact_endpoint,
+    ode_options,
     skip_without_torchsde,
     start_latent,
 )
 
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642
 
-# sampler: (expected global order, tolerance, step counts). Samplers with noise run at eta 0,
-# their probability-flow ODE limit. DPM-Solver++(3M) and LMS warm up with lower orders; on
+# sampler: (expected global order, tolerance, step counts). Samplers with noise run at their
+# probability-flow ODE limit (eta 0). DPM-Solver++(3M) and LMS warm up with lower orders; on
 # this problem (where the x0 estimate changes fastest near sigma_max in log-sigma) 3M settles
 # at 2, and LMS only slowly approaches its order 4. UniPC-3 gains one order from its
 # corrector. dpm_fast uses step counts where its last step is second order (nfe % 3 == 2).
+# The CFG++ samplers run on a model without guidance, where they reduce to their base
+# method. Gradient estimation's extrapolated direction keeps Euler's first order; ER-SDE's
+# third stage and SA-Solver's order-3 predictor with order-4 corrector settle near 2 and 3.
 ORDERS: dict[str, tuple[float, float, tuple[int, ...]]] = {
     "euler": (1, 0.15, (16, 32, 64)),
+    "euler_cfg_pp": (1, 0.15, (16, 32, 64)),
+    "euler_ancestral_cfg_pp": (1, 0.15, (16, 32, 64)),
+    "gradient_estimation": (1, 0.2, (16, 32, 64)),
+    "gradient_estimation_cfg_pp": (1, 0.2, (16, 32, 64)),
+    "exp_heun_2_x0": (2, 0.25, (16, 32, 64)),
+    "exp_heun_2_x0_sde": (2, 0.25, (16, 32, 64)),
+    "dpmpp_2m_cfg_pp": (2, 0.25, (16, 32, 64)),
+    "dpmpp_2m_sde_heun": (2, 0.25, (16, 32, 64)),
+    "res_multistep": (2, 0.25, (16, 32, 64)),
+    "res_multistep_cfg_pp": (2, 0.25, (16, 32, 64)),
+    "res_multistep_ancestral": (2, 0.25, (16, 32, 64)),
+    "res_multistep_ancestral_cfg_pp": (2, 0.25, (16, 32, 64)),
+    "er_sde": (2, 0.25, (16, 32, 64)),
+    "seeds_2": (2, 0.25, (16, 32, 64)),
+    "seeds_3": (3, 0.3, (16, 32, 64)),
+    "sa_solver": (3, 0.45, (16, 32, 64)),
     "ddim": (1, 0.15, (16, 32, 64)),
     "euler_ancestral": (1, 0.15, (16, 32, 64)),
     "heunpp2": (1, 0.15, (16, 32, 64)),
@@ -71,7 +91,7 @@ def error_at(name: str, steps: int, **options: object) -> float:
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     sigmas = karras(steps, SIGMA_MIN, SIGMA_MAX)
     x = start_latent(z, float(sigmas[0]))
-    out = sample(name, x, sigmas, eta=0.0, **options)
+    out = sample(name, x, sigmas, **{**ode_options(name), **options})
     return float((out.double() - exact_endpoint(name, x, sigmas)).abs().max())
 
 
@@ -88,6 +108,20 @@ def test_ipndm_v_converges_though_its_variable_step_weights_are_irregular() -> N
     assert errors[2] < errors[1] < errors[0] and errors[2] < errors[0] / 20
 
 
+def test_sa_solver_pece_is_more_accurate_than_sa_solver_for_the_same_steps() -> None:
+    """PECE re-evaluates the corrected state: one more model call per step, less error."""
+    for steps in (8, 16):
+        assert error_at("sa_solver_pece", steps) < error_at("sa_solver", steps) / 1.5
+    assert error_at("sa_solver_pece", 32) < 2e-4
+
+
+def test_dpmpp_2s_ancestral_cfg_pp_drifts_off_the_ode_as_comfyui_0_8s_does() -> None:
+    """ComfyUI 0.8 takes the full step's guidance from the midpoint's uncond, so even without
+    guidance each step adds D(x) - D(x_mid); the error does not shrink with more steps."""
+    errors = [error_at("dpmpp_2s_ancestral_cfg_pp", steps) for steps in (16, 32, 64)]
+    assert min(errors) > 0.3 and errors[2] > errors[0]
+
+
 def test_dpm_adaptive_meets_a_tighter_tolerance_with_more_evaluations() -> None:
     loose = error_at("dpm_adaptive", 20)
     tight = error_at("dpm_adaptive", 20, rtol=1e-4, atol=1e-5)
@@ -95,8 +129,10 @@ def test_dpm_adaptive_meets_a_tighter_tolerance_with_more_evaluations() -> None:
 
 
 STOCHASTIC = (
-    "euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",
-    "dpmpp_3m_sde", "ddpm",
+    "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+    "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm",
+    "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "exp_heun_2_x0_sde", "er_sde",
+    "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece",
 )  # fmt: skip
 
 
@@ -106,7 +142,7 @@ def final_std(sigma_last: float) -> float:
 
 
 # Euler-ancestral (and DDPM, the same update) loses variance at first order in the step size.
-FIRST_ORDER_STEPS = {"euler_ancestral": 300, "ddpm": 300}
+FIRST_ORDER_STEPS = {"euler_ancestral": 300, "euler_ancestral_cfg_pp": 300, "ddpm": 300}
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)

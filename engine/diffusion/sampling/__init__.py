@@ -15,7 +15,8 @@ How KSampler uses this package:
    called as ``model(x, sigma, **extra_args)`` and return x0.
 4. ``x = get_sampler(name)(model, x, sigmas, extra_args=..., callback=...,
    noise=SeededNoise(seed), options=SamplerOptions())``, then
-   ``sampling.inverse_noise_scaling(sigmas[-1], x)``.
+   ``sampling.inverse_noise_scaling(sigmas[-1], x)``. The CFG++ samplers (``*_cfg_pp``) also
+   ask the model for its unconditional x0 (``GuidedDenoiser.with_uncond``).
 """
 
 from engine.diffusion.networks.model_sampling import (
@@ -27,6 +28,7 @@ from engine.diffusion.networks.model_sampling import (
 from engine.diffusion.sampling.noise import (
     NoiseSource,
     SeededNoise,
+    ShapedNoise,
     StepNoise,
     initial_noise,
     random_inpaint_noise,
@@ -38,16 +40,24 @@ from engine.diffusion.sampling.samplers import (
     SamplerSpec,
     get_sampler,
 )
-from engine.diffusion.sampling.samplers_common import Callback, Model, SamplerOptions
+from engine.diffusion.sampling.samplers_common import (
+    Callback,
+    GuidedDenoiser,
+    Model,
+    SamplerOptions,
+    denoise_with_uncond,
+)
 from engine.diffusion.sampling.schedulers import (
     SCHEDULER_NAMES,
     calculate_sigmas,
     exponential,
     karras,
+    laplace,
     polyexponential,
     sd_turbo,
     sigmas_for,
     step_range,
+    vp,
 )
 
 __all__ = [
@@ -58,22 +68,27 @@ __all__ = [
     "SCHEDULER_NAMES",
     "Callback",
     "Denoiser",
+    "GuidedDenoiser",
     "Model",
     "ModelSampling",
     "NoiseSource",
     "SamplerOptions",
     "SamplerSpec",
     "SeededNoise",
+    "ShapedNoise",
     "StepNoise",
     "calculate_sigmas",
+    "denoise_with_uncond",
     "exponential",
     "get_sampler",
     "initial_noise",
     "karras",
+    "laplace",
     "model_sampling",
     "polyexponential",
     "random_inpaint_noise",
     "sd_turbo",
     "sigmas_for",
     "step_range",
+    "vp",
 ]

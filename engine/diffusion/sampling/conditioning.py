@@ -140,12 +140,21 @@ def prepare_entries(model: ModelHandle, conditioning: Conditioning, prompt_type:
 def pair_entries(positive: list[CondEntry], negative: list[CondEntry]
                  ) -> tuple[list[CondEntry], list[CondEntry]]:
     """Area twins on both sides, then ControlNets shared with the uncond (module docstring)."""
-    positive, negative = list(positive), list(negative)
-    for entry in list(positive):
-        _add_area_twin(negative, entry)
-    for entry in list(negative):
-        _add_area_twin(positive, entry)
-    return positive, _share_controls(positive, negative)
+    positive, negative = pair_entry_sets([positive, negative])
+    return positive, negative
+
+
+def pair_entry_sets(sets: Sequence[list[CondEntry]]) -> list[list[CondEntry]]:
+    """`pair_entries` for any number of prompts, the positive first (DualCFGGuider's three):
+    each set's area entries get twins in every other set, set by set in order; then the
+    positive's ControlNets are shared with each of the others."""
+    paired = [list(entries) for entries in sets]
+    for index, own in enumerate(paired):
+        for entry in list(own):
+            for other in paired[:index] + paired[index + 1:]:
+                _add_area_twin(other, entry)
+    positive = paired[0]
+    return [positive] + [_share_controls(positive, other) for other in paired[1:]]
 
 
 def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,

@@ -8,7 +8,9 @@ token counts whose least common multiple is at most 4x the shorter) run as one b
 cross-attention tokens repeated up to that multiple (repeating tokens leaves attention
 unchanged). Each prediction's x0 is added into its side's sum with its weight, and every side
 is divided by its summed weights (plus 1e-37). The result is
-``uncond + (cond - uncond) * cfg``; with cfg == 1 the uncond is not evaluated at all.
+``uncond + (cond - uncond) * cfg``; with cfg == 1 the uncond is not evaluated at all, except
+for the CFG++ samplers, which ask for it (``GuidedModel.with_uncond``). A side without any
+entry (no negative prompt: BasicGuider) predicts zeros.
 
 ControlNets plug in through ``conditioning.ControlProvider``.
 """
@@ -91,7 +93,7 @@ class Guider:
         if self.negative is not None:
             negative = prepare_entries(self.model, self.negative, "negative", inputs)
             positive, negative = pair_entries(positive, negative)
-        _prepare_controls(self.model, [*positive, *(negative or ())], inputs)
+        prepare_controls(self.model, [*positive, *(negative or ())], inputs)
         return GuidedModel(self.model, tuple(positive),
                            None if negative is None else tuple(negative), self.cfg,
                            inputs.sigmas)
@@ -106,8 +108,8 @@ def distinct_controls(entries: Sequence[CondEntry]) -> list[ControlProvider]:
     return list(found.values())
 
 
-def _prepare_controls(model: ModelHandle, entries: Sequence[CondEntry],
-                      inputs: SamplingInputs) -> None:
+def prepare_controls(model: ModelHandle, entries: Sequence[CondEntry],
+                     inputs: SamplingInputs) -> None:
     """Each distinct control's optional ``prepare(model, latent_shape)`` (engine/diffusion/
     control.py binds its start/end percents to the model's schedule there)."""
     for control in distinct_controls(entries):
@@ -136,10 +138,7 @@ class GuidedModel:
 
     def cleanup(self) -> None:
         """Each distinct control's optional ``cleanup()`` (after the sampling run)."""
-        for control in distinct_controls((*self.positive, *(self.negative or ()))):
-            cleanup = getattr(control, "cleanup", None)
-            if cleanup is not None:
-                cleanup()
+        cleanup_controls((*self.positive, *(self.negative or ())))
 
     def calc_cond_batch(self, conds: Sides, x: Tensor, sigma: Tensor,
                         model_patches: ModelPatches | None = None) -> list[Tensor]:
@@ -150,15 +149,25 @@ class GuidedModel:
         return predict(self.model, conds, x, sigma, patches, run_options)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
+        return self.guide(x, sigma, need_uncond=False)[0]
+
+    def with_uncond(self, x: Tensor, sigma: Tensor, **extra: object) -> tuple[Tensor, Tensor]:
+        """(guided x0, uncond x0) for the CFG++ samplers: the uncond is evaluated even at cfg 1
+        (ComfyUI's disable_cfg1_optimization) and is what post-CFG functions see."""
+        return self.guide(x, sigma, need_uncond=True)
+
+    def guide(self, x: Tensor, sigma: Tensor, need_uncond: bool) -> tuple[Tensor, Tensor]:
+        """(guided x0, uncond x0): both sides, pre-CFG functions, then `combine`."""
         patches = self.model.model_patches
-        skip_uncond = math.isclose(self.cfg, 1.0) and not patches.disable_cfg1_optimization
+        skip_uncond = (not need_uncond and math.isclose(self.cfg, 1.0)
+                       and not patches.disable_cfg1_optimization)
         conds = [self.positive, None if skip_uncond else self.negative]
         out = self.calc_cond_batch(conds, x, sigma)
         for function in patches.sampler_pre_cfg_function:
             out = function({"conds": conds, "conds_out": out, "cond_scale": self.cfg,
                             "timestep": sigma, "input": x, "sigma": sigma, "model": self,
                             "model_options": patches})
-        return self.combine(out[0], out[1], x, sigma, conds)
+        return self.combine(out[0], out[1], x, sigma, conds), out[1]
 
     def combine(self, cond_pred: Tensor, uncond_pred: Tensor, x: Tensor, sigma: Tensor,
                 conds: Sides) -> Tensor:
@@ -177,6 +186,14 @@ class GuidedModel:
                                "uncond_denoised": uncond_pred, "cond_denoised": cond_pred,
                                "sigma": sigma, "model_options": patches, "input": x})
         return result
+
+
+def cleanup_controls(entries: Sequence[CondEntry]) -> None:
+    """Each distinct control's optional ``cleanup()`` (after the sampling run)."""
+    for control in distinct_controls(entries):
+        cleanup = getattr(control, "cleanup", None)
+        if cleanup is not None:
+            cleanup()
 
 
 def predict(model: ModelHandle, sides: Sides, x: Tensor, sigma: Tensor,

@@ -14,13 +14,16 @@ same settings give the same latent through any of them (as in ComfyUI):
    network patched (LoRA...) for its whole duration, then ``inverse_noise_scaling``.
 4. After every step ``progress(step + 1, len(sigmas) - 1, denoised)`` is called; it may raise
    to interrupt.
+5. Sampler settings that depend on the model (sa_solver's SDE interval, 20% to 80% of its
+   schedule) are filled in from the MODEL when left unset.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ from engine.diffusion.sampling import (
     SamplerSpec,
     SeededNoise,
     calculate_sigmas,
+    denoise_with_uncond,
     get_sampler,
     initial_noise,
     random_inpaint_noise,
@@ -44,6 +48,7 @@ from engine.diffusion.sampling import (
 )
 from engine.diffusion.sampling.conditioning import Conditioning, SamplingInputs
 from engine.diffusion.sampling.guidance import Guider
+from engine.diffusion.sampling.sa_solver import sde_interval
 from engine.image_ops import repeat_to_batch
 from engine.values import Latent
 
@@ -57,14 +62,48 @@ PREVIEW_STRIDE = 3
 
 @dataclass(frozen=True)
 class SamplerChoice:
-    """SAMPLER: a registered sampler (ComfyUI's sampler_name) and its settings."""
+    """SAMPLER: a registered sampler (ComfyUI's sampler_name) and its settings, or one a node
+    builds itself (``built``: SamplerLCMUpscale, SamplerEulerCFG++'s alternative)."""
 
     name: str
     options: SamplerOptions = field(default_factory=SamplerOptions)
+    built: SamplerSpec | None = None
 
     @property
     def spec(self) -> SamplerSpec:
-        return get_sampler(self.name)
+        return self.built if self.built is not None else get_sampler(self.name)
+
+    def options_for(self, sampling: ModelSampling) -> SamplerOptions:
+        """The options with the model-dependent defaults filled in (module docstring, 5)."""
+        options = self.options
+        if options.sde_start_sigma is not None and options.sde_end_sigma is not None:
+            return options
+        start, end = sde_interval(sampling)
+        return dataclasses.replace(
+            options,
+            sde_start_sigma=start if options.sde_start_sigma is None else options.sde_start_sigma,
+            sde_end_sigma=end if options.sde_end_sigma is None else options.sde_end_sigma)
+
+
+class PreparedGuidance(Protocol):
+    """A guider resolved against one latent: what the sampler calls as its model."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor: ...
+
+    def with_uncond(self, x: Tensor, sigma: Tensor, **extra: object) -> tuple[Tensor, Tensor]:
+        ...
+
+    def cleanup(self) -> None: ...
+
+
+@runtime_checkable
+class SamplingGuider(Protocol):
+    """GUIDER: a model plus how its predictions are combined (CFGGuider, DualCFGGuider ...)."""
+
+    @property
+    def model(self) -> ModelHandle: ...
+
+    def prepare(self, inputs: SamplingInputs) -> PreparedGuidance: ...
 
 
 class NoiseGenerator(Protocol):
@@ -126,7 +165,7 @@ def sample(model: ModelHandle, positive: Conditioning, negative: Conditioning, l
     return latent.replace(samples=result.samples)
 
 
-def sample_custom(guider: Guider, sampler: SamplerChoice, sigmas: Tensor,
+def sample_custom(guider: SamplingGuider, sampler: SamplerChoice, sigmas: Tensor,
                   noise: NoiseGenerator, latent: Latent, *, seed: int | None = None,
                   progress: StepProgress | None = None) -> tuple[Latent, Latent]:
     """SamplerCustom(Advanced): (sampled latent, last x0 as a latent - the output if none).
@@ -146,7 +185,7 @@ def sample_custom(guider: Guider, sampler: SamplerChoice, sigmas: Tensor,
     return out, latent.replace(samples=result.denoised)
 
 
-def guided_sample(guider: Guider, sampler: SamplerChoice, sigmas: Tensor, noise: Tensor,
+def guided_sample(guider: SamplingGuider, sampler: SamplerChoice, sigmas: Tensor, noise: Tensor,
                   latent: Latent, *, seed: int, progress: StepProgress | None = None
                   ) -> SampleResult:
     """Run one sampler over `sigmas` from `latent` + `noise` (the module docstring's recipe)."""
@@ -176,7 +215,7 @@ def guided_sample(guider: Guider, sampler: SamplerChoice, sigmas: Tensor, noise:
                                    sampling.is_max_denoise(float(sigmas[0])))
         with patched(model.unet, model.patches):
             x = spec(denoiser, x, sigmas, extra_args={}, callback=callback,
-                     noise=SeededNoise(seed), options=sampler.options)
+                     noise=SeededNoise(seed), options=sampler.options_for(sampling))
     finally:
         guided.cleanup()
     x = sampling.inverse_noise_scaling(sigmas[-1], x)
@@ -211,16 +250,28 @@ class InpaintModel:
     mask_function: DenoiseMaskFunction | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
-        mask = self.denoise_mask
-        if self.mask_function is not None:
-            mask = self.mask_function(sigma, mask,
-                                      extra_options={"model": self.inner, "sigmas": self.sigmas})
-        keep = 1.0 - mask
+        mask = self._mask(sigma)
+        return self._kept(self.inner(self._noised(x, sigma, mask), sigma, **extra), mask)
+
+    def with_uncond(self, x: Tensor, sigma: Tensor, **extra: object) -> tuple[Tensor, Tensor]:
+        """The masked x0 and the guider's raw uncond x0 (ComfyUI's CFG++ sees it unmasked)."""
+        mask = self._mask(sigma)
+        out, uncond = denoise_with_uncond(self.inner, self._noised(x, sigma, mask), sigma, extra)
+        return self._kept(out, mask), uncond
+
+    def _mask(self, sigma: Tensor) -> Tensor:
+        if self.mask_function is None:
+            return self.denoise_mask
+        return self.mask_function(sigma, self.denoise_mask,
+                                  extra_options={"model": self.inner, "sigmas": self.sigmas})
+
+    def _noised(self, x: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
         sigma_view = sigma.reshape([sigma.shape[0]] + [1] * (self.noise.ndim - 1))
         noisy_kept = self.sampling.noise_scaling(sigma_view, self.noise, self.latent_image)
-        x = x * mask + noisy_kept * keep
-        out = self.inner(x, sigma, **extra)
-        return out * mask + self.latent_image * keep
+        return x * mask + noisy_kept * (1.0 - mask)
+
+    def _kept(self, out: Tensor, mask: Tensor) -> Tensor:
+        return out * mask + self.latent_image * (1.0 - mask)
 
 
 def prepare_noise_mask(mask: Tensor, shape: torch.Size, device: torch.device) -> Tensor:

@@ -39,12 +39,20 @@ from torch import Tensor
 StepNoise = Callable[[Tensor, Tensor], Tensor]
 """``noise(sigma, sigma_next)``: unit-variance noise shaped like the latent for one step."""
 
+ShapedNoise = Callable[[Sequence[int]], Tensor]
+"""``noise(shape)``: unit-variance noise of any shape on the latent's device and dtype."""
+
 
 class NoiseSource(Protocol):
     """Where a sampler gets its randomness; it builds a fresh stream for each sampling run."""
 
     def gaussian(self, x: Tensor) -> StepNoise:
         """Independent standard normal draws, one per call."""
+        ...
+
+    def gaussian_shaped(self, x: Tensor) -> ShapedNoise:
+        """The same stream as ``gaussian``, each draw of the shape asked for (for samplers
+        whose latent changes size as it goes, like SamplerLCMUpscale's)."""
         ...
 
     def brownian(
@@ -95,12 +103,20 @@ class SeededNoise:
     seed: int
 
     def gaussian(self, x: Tensor) -> StepNoise:
+        shaped = self.gaussian_shaped(x)
+
+        def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+            return shaped(x.size())
+
+        return draw
+
+    def gaussian_shaped(self, x: Tensor) -> ShapedNoise:
         seed = self.seed + 1 if x.device == torch.device("cpu") else self.seed
         generator = torch.Generator(device=x.device).manual_seed(seed)
 
-        def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        def draw(shape: Sequence[int]) -> Tensor:
             return torch.randn(
-                x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator
+                list(shape), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator
             )
 
         return draw

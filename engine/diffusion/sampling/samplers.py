@@ -1,4 +1,4 @@
-"""The sampler registry under ComfyUI's names.
+"""The sampler registry under ComfyUI's names: every sampler_name KSampler offers.
 
 ``get_sampler(name)`` returns a ``SamplerSpec``: call it like the sampler function itself.
 Its flags carry the two things ComfyUI's KSampler does differently per sampler:
@@ -19,10 +19,14 @@ import torch
 from torch import Tensor
 
 from engine.diffusion.sampling import (
+    sa_solver,
+    samplers_cfg_pp,
     samplers_dpm_solver,
     samplers_dpmpp,
     samplers_euler,
     samplers_multistep,
+    samplers_res,
+    samplers_seeds,
     unipc,
 )
 from engine.diffusion.sampling.noise import NoiseSource
@@ -83,20 +87,28 @@ class SamplerSpec:
 def _build_registry() -> Mapping[str, SamplerSpec]:
     functions: dict[str, SamplerFunction] = {
         "euler": samplers_euler.euler,
+        "euler_cfg_pp": samplers_cfg_pp.euler_cfg_pp,
         "euler_ancestral": samplers_euler.euler_ancestral,
+        "euler_ancestral_cfg_pp": samplers_cfg_pp.euler_ancestral_cfg_pp,
         "heun": samplers_euler.heun,
         "heunpp2": samplers_euler.heunpp2,
+        "exp_heun_2_x0": samplers_seeds.exp_heun_2_x0,
+        "exp_heun_2_x0_sde": samplers_seeds.exp_heun_2_x0_sde,
         "dpm_2": samplers_euler.dpm_2,
         "dpm_2_ancestral": samplers_euler.dpm_2_ancestral,
         "lms": samplers_multistep.lms,
         "dpm_fast": samplers_dpm_solver.dpm_fast,
         "dpm_adaptive": samplers_dpm_solver.dpm_adaptive,
         "dpmpp_2s_ancestral": samplers_dpmpp.dpmpp_2s_ancestral,
+        "dpmpp_2s_ancestral_cfg_pp": samplers_cfg_pp.dpmpp_2s_ancestral_cfg_pp,
         "dpmpp_sde": samplers_dpmpp.dpmpp_sde,
         "dpmpp_sde_gpu": samplers_dpmpp.dpmpp_sde_gpu,
         "dpmpp_2m": samplers_dpmpp.dpmpp_2m,
+        "dpmpp_2m_cfg_pp": samplers_cfg_pp.dpmpp_2m_cfg_pp,
         "dpmpp_2m_sde": samplers_dpmpp.dpmpp_2m_sde,
         "dpmpp_2m_sde_gpu": samplers_dpmpp.dpmpp_2m_sde_gpu,
+        "dpmpp_2m_sde_heun": samplers_dpmpp.dpmpp_2m_sde_heun,
+        "dpmpp_2m_sde_heun_gpu": samplers_dpmpp.dpmpp_2m_sde_heun_gpu,
         "dpmpp_3m_sde": samplers_dpmpp.dpmpp_3m_sde,
         "dpmpp_3m_sde_gpu": samplers_dpmpp.dpmpp_3m_sde_gpu,
         "ddpm": samplers_euler.ddpm,
@@ -104,11 +116,23 @@ def _build_registry() -> Mapping[str, SamplerSpec]:
         "ipndm": samplers_multistep.ipndm,
         "ipndm_v": samplers_multistep.ipndm_v,
         "deis": samplers_multistep.deis,
+        "res_multistep": samplers_res.res_multistep,
+        "res_multistep_cfg_pp": samplers_res.res_multistep_cfg_pp,
+        "res_multistep_ancestral": samplers_res.res_multistep_ancestral,
+        "res_multistep_ancestral_cfg_pp": samplers_res.res_multistep_ancestral_cfg_pp,
+        "gradient_estimation": samplers_res.gradient_estimation,
+        "gradient_estimation_cfg_pp": samplers_res.gradient_estimation_cfg_pp,
+        "er_sde": samplers_seeds.er_sde,
+        "seeds_2": samplers_seeds.seeds_2,
+        "seeds_3": samplers_seeds.seeds_3,
+        "sa_solver": sa_solver.sa_solver,
+        "sa_solver_pece": sa_solver.sa_solver_pece,
         "ddim": samplers_euler.euler,  # ComfyUI's "ddim" is Euler (the same update for eps models)
         "uni_pc": unipc.uni_pc,
         "uni_pc_bh2": unipc.uni_pc_bh2,
     }
-    ordered = [name for name in COMFYUI_SAMPLER_NAMES if name in functions]
+    if tuple(functions) != COMFYUI_SAMPLER_NAMES:
+        raise RuntimeError("the sampler registry must list ComfyUI's sampler names in order")
     return MappingProxyType(
         {
             name: SamplerSpec(
@@ -117,7 +141,7 @@ def _build_registry() -> Mapping[str, SamplerSpec]:
                 discard_penultimate_sigma=name in DISCARD_PENULTIMATE_SIGMA_SAMPLERS,
                 random_inpaint_noise=name == "ddim",
             )
-            for name in ordered
+            for name in functions
         }
     )
 
@@ -131,11 +155,6 @@ def get_sampler(name: str) -> SamplerSpec:
     spec = SAMPLERS.get(name)
     if spec is not None:
         return spec
-    if name in COMFYUI_SAMPLER_NAMES:
-        raise NotImplementedError(
-            f"sampler {name!r} is not implemented in Loom yet; "
-            f"implemented samplers: {', '.join(SAMPLER_NAMES)}"
-        )
     close = difflib.get_close_matches(name, SAMPLER_NAMES, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(

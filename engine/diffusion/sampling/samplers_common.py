@@ -10,13 +10,16 @@ Every sampler is ``sample(model, x, sigmas, *, extra_args, callback, noise, opti
 * ``noise`` hands out the randomness (``noise.SeededNoise`` reproduces ComfyUI's).
 * ``options`` holds the tunable settings; a field left at None means "this sampler's
   ComfyUI default".
+
+The CFG++ samplers (Chung et al. 2024, arXiv 2406.08070) also need the unconditional x0 of
+classifier-free guidance: ``denoise_with_uncond`` asks a ``GuidedDenoiser`` for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from torch import Tensor
 
@@ -25,7 +28,10 @@ from engine.diffusion.sampling.noise import NoiseSource, StepNoise
 Model = Callable[..., Tensor]
 Callback = Callable[[int, Tensor, Tensor, Tensor], None]
 
-SOLVER_TYPES: tuple[str, ...] = ("midpoint", "heun")
+DPMPP_SOLVER_TYPES: tuple[str, ...] = ("midpoint", "heun")  # dpmpp_2m_sde's correction
+SEEDS_SOLVER_TYPES: tuple[str, ...] = ("phi_1", "phi_2")  # seeds_2's second stage
+ER_SDE_SOLVER_TYPES: tuple[str, ...] = ("ER-SDE", "Reverse-time SDE", "ODE")  # er_sde's noise
+SOLVER_TYPES: tuple[str, ...] = DPMPP_SOLVER_TYPES + SEEDS_SOLVER_TYPES + ER_SDE_SOLVER_TYPES
 DEIS_MODES: tuple[str, ...] = ("tab", "rhoab")
 
 _Value = TypeVar("_Value")
@@ -37,8 +43,10 @@ class SamplerOptions:
 
     eta: float | None = None  # ancestral/SDE noise amount: 1.0 (dpm_fast/dpm_adaptive: 0.0)
     s_noise: float | None = None  # multiplier on every injected noise draw: 1.0
-    r: float | None = None  # dpmpp_sde intermediate step ratio: 0.5
-    solver_type: str | None = None  # dpmpp_2m_sde second-order correction: "midpoint"
+    r: float | None = None  # dpmpp_sde and seeds_2 intermediate step ratio: 0.5
+    # dpmpp_2m_sde: "midpoint" ("heun" for dpmpp_2m_sde_heun); seeds_2: "phi_1"
+    # (exp_heun_2_x0: "phi_2"); er_sde: "ER-SDE" (see samplers_seeds.er_sde)
+    solver_type: str | None = None
     order: int | None = None  # lms 4, ipndm/ipndm_v 4, deis 3 (max orders), dpm_adaptive 3
     deis_mode: str | None = None  # deis coefficients: "tab"
     s_churn: float | None = None  # Karras churn for euler/heun/dpm_2/heunpp2: 0.0 (off)
@@ -51,6 +59,19 @@ class SamplerOptions:
     icoeff: float | None = None
     dcoeff: float | None = None
     accept_safety: float | None = None  # dpm_adaptive step acceptance threshold: 0.81
+    ge_gamma: float | None = None  # gradient_estimation's gradient weight: 2.0
+    max_stage: int | None = None  # er_sde's highest stage, 1 to 3: 3
+    r_1: float | None = None  # seeds_3's two intermediate step ratios: 1/3 and 2/3
+    r_2: float | None = None
+    predictor_order: int | None = None  # sa_solver's Adams orders: predictor 3 (1 to 6),
+    corrector_order: int | None = None  # corrector 4 (0 to 6, 0 = none)
+    use_pece: bool | None = None  # sa_solver: re-evaluate the corrected state: False
+    simple_order_2: bool | None = None  # sa_solver: the paper's simple order-2 weights: False
+    # sa_solver's SDE interval: tau = eta while sde_end_sigma <= sigma <= sde_start_sigma,
+    # else 0. None: 20% and 80% of the model's schedule (KSampler fills them in from the
+    # MODEL; called directly, SD's standard schedule).
+    sde_start_sigma: float | None = None
+    sde_end_sigma: float | None = None
 
     def __post_init__(self) -> None:
         if self.solver_type is not None and self.solver_type not in SOLVER_TYPES:
@@ -61,6 +82,23 @@ class SamplerOptions:
             raise ValueError(f"deis_mode {self.deis_mode!r} is not one of {', '.join(DEIS_MODES)}")
         if self.order is not None and self.order < 1:
             raise ValueError(f"order must be at least 1, got {self.order}")
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"{name} must be from {low} to {high}, got {value}")
+
+
+# The bounded integer options' ranges (the limits of ComfyUI's sampler nodes).
+_INT_RANGES = (("max_stage", 1, 3), ("predictor_order", 1, 6), ("corrector_order", 0, 6))
+
+
+def solver_type(options: SamplerOptions, sampler: str, allowed: tuple[str, ...],
+                default: str) -> str:
+    """The options' solver_type, checked against what `sampler` supports."""
+    chosen = pick(options.solver_type, default)
+    if chosen not in allowed:
+        raise ValueError(f"{sampler} supports solver_type {', '.join(allowed)}, got {chosen!r}")
+    return chosen
 
 
 class SamplerFunction(Protocol):
@@ -77,6 +115,27 @@ class SamplerFunction(Protocol):
         noise: NoiseSource,
         options: SamplerOptions,
     ) -> Tensor: ...
+
+
+@runtime_checkable
+class GuidedDenoiser(Protocol):
+    """A model with classifier-free guidance that can also return its unconditional x0."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor: ...
+
+    def with_uncond(self, x: Tensor, sigma: Tensor, **extra: object) -> tuple[Tensor, Tensor]:
+        """(guided x0, unconditional x0), the uncond evaluated even at cfg 1."""
+        ...
+
+
+def denoise_with_uncond(model: Model, x: Tensor, sigma: Tensor,
+                        extra_args: Mapping[str, object]) -> tuple[Tensor, Tensor]:
+    """(x0, unconditional x0) for the CFG++ samplers; a model without guidance is its own
+    uncond (as a guided model at cfg 1 with equal prompts would be)."""
+    if isinstance(model, GuidedDenoiser):
+        return model.with_uncond(x, sigma, **extra_args)
+    denoised = model(x, sigma, **extra_args)
+    return denoised, denoised
 
 
 def pick(value: _Value | None, default: _Value) -> _Value:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from engine.diffusion.sampling.noise import NoiseSource, StepNoise
 from engine.diffusion.sampling.samplers_common import (
+    DPMPP_SOLVER_TYPES,
     Callback,
     Model,
     SamplerOptions,
@@ -21,6 +22,7 @@ from engine.diffusion.sampling.samplers_common import (
     notify,
     pick,
     sigma_at,
+    solver_type,
     to_d,
 )
 
@@ -193,6 +195,36 @@ def dpmpp_2m_sde_gpu(
     return _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, noise, options, 2, False)
 
 
+def dpmpp_2m_sde_heun(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: Mapping[str, object],
+    callback: Callback | None,
+    noise: NoiseSource,
+    options: SamplerOptions,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE with the Heun correction by default."""
+    return _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, noise, options, 2, True,
+                                default_solver="heun")
+
+
+def dpmpp_2m_sde_heun_gpu(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    extra_args: Mapping[str, object],
+    callback: Callback | None,
+    noise: NoiseSource,
+    options: SamplerOptions,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE, Heun correction, Brownian tree on the latent's device."""
+    return _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, noise, options, 2, False,
+                                default_solver="heun")
+
+
 def dpmpp_3m_sde(
     model: Model,
     x: Tensor,
@@ -231,11 +263,14 @@ def _dpmpp_multistep_sde(
     options: SamplerOptions,
     order: int,
     tree_on_cpu: bool,
+    default_solver: str = "midpoint",
 ) -> Tensor:
     if len(sigmas) <= 1:
         return x
     eta, s_noise = pick(options.eta, 1.0), pick(options.s_noise, 1.0)
-    solver_type = pick(options.solver_type, "midpoint")
+    solver = default_solver
+    if order == 2:
+        solver = solver_type(options, "dpmpp_2m_sde", DPMPP_SOLVER_TYPES, default_solver)
     draw = _brownian(x, sigmas, noise, tree_on_cpu)
     s_in = x.new_ones([x.shape[0]])
     denoised_1 = denoised_2 = h = h_1 = h_2 = None
@@ -262,7 +297,7 @@ def _dpmpp_multistep_sde(
                 x = x + (alpha_t * (h_eta.neg().expm1() / h_eta + 1)) * d
             elif order == 2 and denoised_1 is not None:
                 difference, r = denoised - denoised_1, h_1 / h
-                x = x + _second_order_correction(solver_type, r, h_eta, alpha_t, difference)
+                x = x + _second_order_correction(solver, r, h_eta, alpha_t, difference)
             if eta > 0 and s_noise > 0:
                 step_noise = draw(sigmas[i], sigmas[i + 1])
                 x = x + step_noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
@@ -272,10 +307,10 @@ def _dpmpp_multistep_sde(
 
 
 def _second_order_correction(
-    solver_type: str, r: Tensor, h_eta: Tensor, alpha_t: Tensor, difference: Tensor
+    solver: str, r: Tensor, h_eta: Tensor, alpha_t: Tensor, difference: Tensor
 ) -> Tensor:
     """The 2M SDE correction term for denoised - old_denoised (r = h_last / h)."""
-    if solver_type == "heun":
+    if solver == "heun":
         return alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * difference
     return 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * difference
 

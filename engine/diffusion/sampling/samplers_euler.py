@@ -1,9 +1,12 @@
-"""Single-step samplers on the Karras ODE: Euler, Heun, DPM-2, their ancestral forms, DDPM, LCM."""
+"""Single-step samplers on the Karras ODE: Euler, Heun, DPM-2, their ancestral forms, DDPM, LCM
+(and SamplerLCMUpscale's LCM that enlarges the latent as it goes)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -12,6 +15,7 @@ from engine.diffusion.sampling.samplers_common import (
     Callback,
     Churn,
     Model,
+    SamplerFunction,
     SamplerOptions,
     ancestral_step,
     notify,
@@ -252,3 +256,40 @@ def lcm(
                 fresh = fresh * s_noise
             x = fresh * sigmas[i + 1] + x  # ModelSampling.noise_scaling of the discrete models
     return x
+
+
+Upscale = Callable[[Tensor, int, int], Tensor]
+"""``upscale(latent, width, height)``: the latent resized to width x height cells."""
+
+
+def lcm_upscale(upscale: Upscale, total_upscale: float,
+                upscale_steps: int | None) -> SamplerFunction:
+    """SamplerLCMUpscale's sampler: LCM steps that also enlarge the x0 estimate.
+
+    Over the first ``upscale_steps`` steps (default: half of them plus one, at least 2) the
+    size grows evenly from 1x to ``total_upscale``x the starting latent; each step's x0 is
+    resized to its size before it is re-noised to the next sigma. The noise comes from the
+    sampler's seeded per-step stream (ComfyUI draws it from torch's global generator).
+    """
+
+    def sample(model: Model, x: Tensor, sigmas: Tensor, *, extra_args: Mapping[str, object],
+               callback: Callback | None, noise: NoiseSource, options: SamplerOptions) -> Tensor:
+        steps = max(len(sigmas) // 2 + 1, 2) if upscale_steps is None \
+            else min(upscale_steps + 1, len(sigmas) + 1)
+        scales = numpy.linspace(1.0, total_upscale, steps)[1:]
+        height, width = x.shape[-2:]
+        draw = noise.gaussian_shaped(x)
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            denoised = model(x, sigmas[i] * s_in, **extra_args)
+            notify(callback, i, x, denoised, sigmas[i])
+            x = denoised
+            if i < len(scales):
+                x = upscale(x, round(width * float(scales[i])), round(height * float(scales[i])))
+            if sigmas[i + 1] > 0:
+                x = x + sigmas[i + 1] * draw(x.shape)
+        return x
+
+    if not math.isfinite(total_upscale) or total_upscale <= 0:
+        raise ValueError(f"total_upscale must be a positive number, got {total_upscale}")
+    return sample

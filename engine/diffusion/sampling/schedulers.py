@@ -42,6 +42,23 @@ def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0
     return _append_zero(torch.exp(ramp * log_range + math.log(sigma_min)))
 
 
+def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> Tensor:
+    """The continuous VP-SDE (Song et al. 2021): sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t)
+    - 1) at n times evenly spaced from 1 down to eps_s."""
+    t = torch.linspace(1, eps_s, n)
+    return _append_zero(torch.sqrt(torch.special.expm1(beta_d * t**2 / 2 + beta_min * t)))
+
+
+def laplace(n: int, sigma_min: float, sigma_max: float, mu: float = 0.0,
+            beta: float = 0.5) -> Tensor:
+    """Tiankai et al. (2024): log(sigma) follows the quantiles of a Laplace(mu, beta) over n
+    even points of (0, 1), clamped to [sigma_min, sigma_max]. No 0 is appended (as ComfyUI)."""
+    epsilon = 1e-5  # keeps the log finite at the two ends
+    u = torch.linspace(0, 1, n)
+    log_sigmas = mu - beta * torch.sign(0.5 - u) * torch.log(1 - 2 * torch.abs(0.5 - u) + epsilon)
+    return torch.clamp(torch.exp(log_sigmas), min=sigma_min, max=sigma_max)
+
+
 def normal(model_sampling: ModelSampling, steps: int) -> Tensor:
     """Evenly spaced timesteps from t(sigma_max) to t(sigma_min), mapped back to sigmas."""
     return _timestep_spaced(model_sampling, steps, sgm=False)
@@ -93,6 +110,9 @@ def beta(
 
     Timestep ``rint(999 * F^-1(1 - i / steps))`` for i = 0..steps-1, repeats dropped.
     """
+    if not (alpha > 0 and beta > 0):
+        raise ValueError(f"the beta scheduler needs alpha and beta above 0, got alpha={alpha}, "
+                         f"beta={beta}; 0.6 and 0.6 are the usual values")
     last_index = len(model_sampling.sigmas) - 1
     quantiles = 1 - numpy.linspace(0, 1, steps, endpoint=False)
     timesteps = numpy.rint(
