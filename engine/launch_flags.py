@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 UNET_PRECISION = (("--fp32-unet", "run the diffusion model in fp32"),
@@ -196,7 +194,3 @@ def flag_names(parser: argparse.ArgumentParser) -> set[str]:
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
-
-def dtype_flags_given(args: Any, names: Iterable[str]) -> list[str]:
-    """Which of the flags `names` (without dashes, argparse's dests) are set."""
-    return [name for name in names if getattr(args, name, False)]
