@@ -153,11 +153,13 @@ class ModelManager:
             return entry.value
 
     def compute_device_for(self, module: nn.Module) -> torch.device:
-        """The policy's device, or its VAE device for modules whose class says
-        `compute_role = "vae"` (--cpu-vae keeps those on the CPU)."""
-        if getattr(module, COMPUTE_ROLE, None) == "vae":
+        """The policy's device; its VAE device for modules whose class says
+        `compute_role = "vae"` (--cpu-vae keeps those on the CPU); the CPU for modules marked
+        `compute_role = "cpu"` (CLIPLoader's device option)."""
+        role = getattr(module, COMPUTE_ROLE, None)
+        if role == "vae":
             return self.policy.vae_compute_device
-        return self.policy.device
+        return torch.device("cpu") if role == "cpu" else self.policy.device
 
     def _install_hooks(self, entry: Entry, module: nn.Module, placement: Placement) -> None:
         """Any forward through the module (or one of its top-level parts) marks it used and
