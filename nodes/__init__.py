@@ -12,8 +12,8 @@ from engine.node import Node
 BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.latent",
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
-                   "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale",
-                   "nodes.clip_vision")
+                   "nodes.lora", "nodes.model_merge", "nodes.model_save", "nodes.controlnet",
+                   "nodes.upscale", "nodes.clip_vision")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -184,6 +184,37 @@ def hf_to_openclip_state(hf: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def hf_text_encoder_state(encoder: nn.Module) -> dict[str, Tensor]:
+    """An encoder's weights in HF CLIPTextModel(WithProjection) naming: `text_model.*` (and
+    `text_projection.weight`); OpenCLIP towers are converted (in_proj split into q/k/v,
+    text_projection transposed), the inverse of hf_to_openclip_state."""
+    state = encoder.state_dict()
+    if isinstance(encoder, ClipTextModel):
+        return {f"text_model.{key}": value for key, value in state.items()}
+    top = {openclip: hf for hf, openclip in _HF_TO_OPENCLIP_TOP.items()}
+    layer = {openclip: hf for hf, openclip in _HF_TO_OPENCLIP_LAYER.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+        elif key in top:
+            out[f"text_model.{top[key]}"] = value
+        elif key.startswith("transformer.resblocks."):
+            out.update(_hf_layer_entries(key, value, layer))
+    return out
+
+
+def _hf_layer_entries(key: str, value: Tensor, layer: Mapping[str, str]) -> dict[str, Tensor]:
+    index, name = key.removeprefix("transformer.resblocks.").split(".", 1)
+    module, leaf = name.rsplit(".", 1)
+    base = f"text_model.encoder.layers.{index}"
+    if module == "attn" and leaf.startswith("in_proj_"):
+        kind = leaf.removeprefix("in_proj_")
+        return {f"{base}.self_attn.{part}_proj.{kind}": chunk
+                for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True)}
+    return {f"{base}.{layer.get(module, module)}.{leaf}": value}
+
+
 def _openclip_name(hf_key: str) -> str | None:
     """OpenCLIP name of one HF key; None for q/k/v (stacked separately)."""
     if hf_key in _HF_TO_OPENCLIP_TOP:
