@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
 from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, ClipTextModel, TextEncoderConfig
 from engine.diffusion.networks.openclip_text import VIT_BIGG_CONFIG, VIT_H_CONFIG, OpenClipTextModel
 from engine.diffusion.networks.unet import ADM_NUMBER_DIM, UNet, UNetConfig, UNetFamily
+from engine.diffusion.networks.upscalers import import_spandrel
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig
 
 KINDS = ("sd15", "sd15_inpaint", "sd21v", "sdxl_base", "sdxl_refiner")
@@ -210,3 +211,43 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _upscaler_architectures() -> dict[str, Callable[[], nn.Module]]:
+    """Tiny instances of the upscaler architectures (spandrel's classes, so their key layouts
+    are the released files')."""
+    import_spandrel()
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+    from spandrel.architectures.DAT.__arch.DAT import DAT
+    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
+    from spandrel.architectures.HAT.__arch.HAT import HAT
+    from spandrel.architectures.OmniSR.__arch.OmniSR import OmniSR
+    from spandrel.architectures.SPAN.__arch.span import SPAN
+    from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR
+
+    swin = {"embed_dim": 12, "depths": [1], "num_heads": [2], "window_size": 4, "upscale": 2,
+            "upsampler": "pixelshuffle", "img_size": 16}
+    return {
+        "esrgan": lambda: RRDBNet(num_filters=8, num_blocks=1, scale=4),
+        "compact": lambda: SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2),
+        "span": lambda: SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2),
+        "swinir": lambda: SwinIR(**swin),
+        "hat": lambda: HAT(**swin, compress_ratio=3, squeeze_factor=4),
+        "dat": lambda: DAT(embed_dim=30, depth=[2], num_heads=[2], split_size=[2, 4],
+                           upscale=2, img_size=16, expansion_factor=2),
+        "omnisr": lambda: OmniSR(num_feat=8, block_num=1, window_size=4, up_scale=2),
+    }
+
+
+UPSCALER_KINDS = ("esrgan", "compact", "span", "swinir", "hat", "dat", "omnisr")
+
+
+def random_upscaler(kind: str, seed: int = 0) -> dict[str, Tensor]:
+    """A tiny random upscale model of architecture `kind` (UPSCALER_KINDS), as its state dict."""
+    architectures = _upscaler_architectures()
+    if kind not in architectures:
+        raise ValueError(f"unknown upscaler kind {kind!r}; use one of {UPSCALER_KINDS}")
+    module = architectures[kind]()
+    randomize(module, torch.Generator().manual_seed(seed))
+    return {name: value.detach().clone().contiguous()
+            for name, value in module.state_dict().items()}
