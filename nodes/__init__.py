@@ -13,7 +13,7 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
                    "nodes.lora", "nodes.model_merge", "nodes.model_save", "nodes.controlnet",
-                   "nodes.upscale", "nodes.clip_vision")
+                   "nodes.upscale", "nodes.clip_vision", "nodes.unclip")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -44,9 +44,10 @@ def test_tiny_checkpoint_is_detected_and_loads(kind: str, tmp_path: Path, bpe) -
     opened = open_state_file(path)
     loaded = load_checkpoint(opened, FP32, bpe)
     expected_family = {"sd15": "sd1", "sd15_inpaint": "sd1", "sd21v": "sd2",
-                       "sdxl_base": "sdxl", "sdxl_refiner": "sdxl_refiner"}[kind]
+                       "sd21_unclip_h": "sd2", "sdxl_base": "sdxl",
+                       "sdxl_refiner": "sdxl_refiner"}[kind]
     assert loaded.layout.family == expected_family
-    assert loaded.layout.prediction == ("v" if kind == "sd21v" else "eps")
+    assert loaded.layout.prediction == ("v" if kind.startswith("sd21") else "eps")
     assert loaded.model.in_channels == (9 if kind == "sd15_inpaint" else 4)
     encoded = loaded.clip.encode("a photo of a cat")
     assert encoded.cond.shape[-1] == loaded.model.config.context_dim

@@ -7,6 +7,7 @@ manager copies them to the compute device when used); handles compute on the pol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -51,7 +52,10 @@ def unet_config_for(layout: CheckpointLayout, metadata: Mapping[str, str]) -> UN
         fields = json.loads(recorded)
         return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
                              for k, v in fields.items()})
-    return UNetConfig.preset(UNetFamily(layout.family), in_channels=layout.in_channels)
+    config = UNetConfig.preset(UNetFamily(layout.family), in_channels=layout.in_channels)
+    if layout.adm_in_channels != config.adm_in_channels:  # SD 2.1 unCLIP: an image-embedding y
+        config = dataclasses.replace(config, adm_in_channels=layout.adm_in_channels)
+    return config
 
 
 def build_unet(weights: Mapping[str, Tensor], config: UNetConfig, dtype: torch.dtype,
