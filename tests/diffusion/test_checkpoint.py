@@ -26,7 +26,10 @@ def bpe():
     return BpeCache().get()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+RECORDED_KINDS = [kind for kind in KINDS if kind != "sd21_unclip_h"]  # no unCLIP manifest
+
+
+@pytest.mark.parametrize("kind", RECORDED_KINDS)
 def test_full_size_writer_matches_the_reference_layout_exactly(kind: str) -> None:
     tensors, _ = random_checkpoint(kind, tiny=False, meta=True)
     ours = {name: (NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
