@@ -178,7 +178,7 @@ class ModelManager:
             if entry.evicted:
                 self._reload(entry)
             if (placement is not None and self.vram is not None
-                    and placement.compute != placement.offload_device):
+                    and placement.compute == self.policy.device):  # not a --cpu-vae module
                 placement.last_used = entry.last_used
                 if not placement.loaded:
                     self._load_to_compute(placement, self.vram)
