@@ -24,6 +24,14 @@ from engine.diffusion.memory.devices import DevicePolicy  # noqa: E402
 from engine.diffusion.memory.model_manager import ModelManager  # noqa: E402
 from engine.diffusion.memory.offload import VramSettings, cuda_memory_probe  # noqa: E402
 from engine.executor import Executor  # noqa: E402
+from engine.launch_flags import (  # noqa: E402
+    add_inert_flags,
+    add_launch_flags,
+    add_precision_flags,
+    add_tls_flags,
+    report_inert_flags,
+    settle_flags,
+)
 from engine.paths import PathError, Paths  # noqa: E402
 from engine.registry import NodeRegistry  # noqa: E402
 from nodes import builtin_node_types  # noqa: E402
@@ -48,8 +56,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     for name in ("output", "input", "temp", "user"):
         paths.add_argument(f"--{name}-directory", type=Path, default=None,
                            help=f"the {name} folder (default: BASE/{name})")
-    paths.add_argument("--extra-model-paths-config", type=Path, action="append", default=[],
-                       metavar="YAML", help="extra_model_paths.yaml to add (repeatable)")
+    paths.add_argument("--extra-model-paths-config", type=Path, nargs="+", action="extend",
+                       default=[], metavar="YAML",
+                       help="extra_model_paths.yaml files to add (repeatable)")
     custom = parser.add_argument_group("custom nodes")
     custom.add_argument("--disable-all-custom-nodes", action="store_true",
                         help="load no custom-node pack (except --whitelist-custom-nodes)")
@@ -83,13 +92,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     device.add_argument("--allow-pickle-checkpoints", action="store_true",
                         help="also load .ckpt/.pt files (torch.load with weights_only=True); "
                              "off by default because pickle files can carry code")
-    for flag, text in (("--force-fp32", "compute in fp32 everywhere"),
-                       ("--force-fp16", "compute in fp16 everywhere"),
-                       ("--bf16-unet", "run the UNet in bf16"),
-                       ("--fp32-vae", "run the VAE in fp32"),
-                       ("--bf16-vae", "run the VAE in bf16")):
-        device.add_argument(flag, action="store_true", help=text)
-    parser.add_argument("--verbose", action="store_true", help="debug logging and tracebacks")
+    add_precision_flags(parser)
+    add_launch_flags(parser)
+    add_inert_flags(parser)
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +111,7 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--auth-token", default=None)
     server.add_argument("--max-history-items", type=int, default=10000, metavar="N",
                         help="finished prompts kept in the history (oldest dropped first)")
+    add_tls_flags(parser)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -155,7 +161,7 @@ def model_ram_budget(args: argparse.Namespace) -> int:
 def build_app(args: argparse.Namespace) -> App:
     paths = Paths.from_base(args.base_directory, output=args.output_directory,
                             input=args.input_directory, temp=args.temp_directory,
-                            user=args.user_directory)
+                            user=args.user_directory, models=args.models_directory)
     for config in args.extra_model_paths_config:
         paths.load_extra_config(config)
     default_extra = args.base_directory / "extra_model_paths.yaml"
@@ -218,9 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser, run_parser = build_parser()
     command = argv.pop(0) if argv and argv[0] in ("run", "serve") else "serve"
     args = (run_parser if command == "run" else serve_parser).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    try:
+        settle_flags(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        stream=sys.stdout if args.log_stdout else sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     quiet_known_warnings()
+    report_inert_flags(args)
     try:
         app = build_app(args)
     except (PathError, ValueError) as exc:

@@ -74,13 +74,15 @@ class Paths:
 
     @classmethod
     def from_base(cls, base: Path, *, output: Path | None = None, input: Path | None = None,
-                  temp: Path | None = None, user: Path | None = None) -> Paths:
+                  temp: Path | None = None, user: Path | None = None,
+                  models: Path | None = None) -> Paths:
         base = base.resolve()
+        models_root = Path(models).resolve() if models is not None else base / "models"
         paths = cls(base=base, output=(output or base / "output").resolve(),
                     input=(input or base / "input").resolve(),
                     temp=(temp or base / "temp").resolve(), user=(user or base / "user").resolve())
         for kind, (subdirs, exts) in MODEL_FOLDERS.items():
-            paths.models[kind] = [base / "models" / sub for sub in subdirs]
+            paths.models[kind] = [models_root / sub for sub in subdirs]
             paths.extensions[kind] = exts
         paths.custom_nodes.append(base / "custom_nodes")
         return paths

@@ -13,8 +13,8 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
                    "nodes.custom_samplers", "nodes.custom_schedulers",
-                   "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale",
-                   "nodes.clip_vision")
+                   "nodes.lora", "nodes.model_merge", "nodes.model_save", "nodes.controlnet",
+                   "nodes.upscale", "nodes.clip_vision", "nodes.unclip")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -102,6 +102,49 @@ def append_tokens(conditioning: list[Any], tokens: torch.Tensor) -> list[list[An
     return appended
 
 
+def attention_bias_entry(cond: torch.Tensor, options: dict[str, Any], style_tokens: int,
+                         bias: float) -> dict[str, Any]:
+    """`options` with ComfyUI's "attention_mask" grown for `style_tokens` tokens appended after
+    the text: a float bias, log(bias) on the columns of the new tokens (an old mask keeps its
+    quadrants; a boolean one becomes 0 / -inf). ComfyUI's SD UNets, like Loom's, do not read
+    this mask; it is kept so that conditioning looks as ComfyUI's does."""
+    text = cond.shape[1]
+    ref_h, ref_w = options.get("attention_mask_img_shape", (1, 1))
+    ref = ref_h * ref_w
+    old = options.get("attention_mask")
+    if old is None:
+        old = torch.zeros((cond.shape[0], text + ref, text + ref), dtype=torch.float16)
+    if old.dtype == torch.bool:
+        old = torch.log(old.to(torch.float16))
+    size = text + style_tokens + ref
+    mask = torch.zeros((cond.shape[0], size, size), dtype=torch.float16)
+    after = text + style_tokens
+    mask[:, :text, :text] = old[:, :text, :text]
+    mask[:, :text, after:] = old[:, :text, text:]
+    mask[:, after:, :text] = old[:, text:, :text]
+    mask[:, after:, after:] = old[:, text:, text:]
+    log_bias = torch.log(torch.tensor(bias))
+    mask[:, :text, text:after] = log_bias
+    mask[:, after:, text:after] = log_bias
+    return {**options, "attention_mask": mask.to(cond.device),
+            "attention_mask_img_shape": (ref_h, ref_w)}
+
+
+def apply_style(conditioning: list[Any], tokens: torch.Tensor, strength: float,
+                strength_type: str) -> list[list[Any]]:
+    """ComfyUI's StyleModelApply: "multiply" scales the style tokens by `strength`;
+    "attn_bias" appends them unscaled and records log(strength) as an attention bias on them
+    (entries that already carry an attention mask always get theirs grown)."""
+    if strength_type == "multiply":
+        tokens = tokens * strength
+    bias = strength if strength_type == "attn_bias" else 1.0
+    appended = append_tokens(conditioning, tokens)
+    for entry, (cond, options) in zip(appended, conditioning, strict=True):
+        if "attention_mask" in options or (strength_type == "attn_bias" and strength != 1.0):
+            entry[1] = attention_bias_entry(cond, entry[1], tokens.shape[1], bias)
+    return appended
+
+
 class StyleModelApply(Node):
     schema = NodeSchema(
         "StyleModelApply",
@@ -112,18 +155,12 @@ class StyleModelApply(Node):
         (Output("CONDITIONING"),), category="conditioning/style_model",
         display_name="Apply Style Model")
 
-    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
-        if inputs.get("strength_type", "multiply") != "multiply":
-            return ("strength_type", f"strength_type {inputs['strength_type']!r} is not "
-                                     "supported by Loom yet; choose 'multiply'")
-        return None
-
     def execute(self, ctx: NodeContext, conditioning: list[Any], style_model: Any,
                 clip_vision_output: Any, strength: float,
                 strength_type: str) -> tuple[list[list[Any]]]:
         adapter = _require(style_model, StyleAdapter, "STYLE_MODEL", "StyleModelApply")
-        tokens = adapter.style_tokens(clip_vision_output["last_hidden_state"]) * strength
-        return (append_tokens(conditioning, tokens),)
+        tokens = adapter.style_tokens(clip_vision_output["last_hidden_state"])
+        return (apply_style(conditioning, tokens, strength, strength_type),)
 
 
 NODE_TYPES = (CLIPVisionLoader, CLIPVisionEncode, StyleModelLoader, StyleModelApply)

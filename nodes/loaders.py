@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
+
+import torch
 
 from engine.context import NodeContext
 from engine.diffusion.checkpoints.loader import load_checkpoint, load_unet_file, load_vae_file
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_files
-from engine.diffusion.memory.model_manager import ModelKey, ModelManager
+from engine.diffusion.memory.devices import storage_dtype
+from engine.diffusion.memory.model_manager import COMPUTE_ROLE, ModelKey, ModelManager
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.text.encoding import TextEncoderStack
@@ -23,12 +27,18 @@ from engine.node import Combo, FilesIn, Node, NodeSchema, Output
 
 T = TypeVar("T")
 UNET_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+# UNETLoader's weight dtypes -> the precision the weights are rounded to (memory.devices:
+# computed in the policy's UNet dtype; "_fast" only changes ComfyUI's GPU matmul kernel).
+UNET_STORAGE = MappingProxyType({"fp8_e4m3fn": "float8_e4m3fn",
+                                 "fp8_e4m3fn_fast": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"})
 CLIP_TYPES = ("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv",
               "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2",
               "qwen_image", "hunyuan_image", "flux2", "ovis")
 DUAL_CLIP_TYPES = ("sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image",
                    "hunyuan_video_15", "kandinsky5", "kandinsky5_image", "ltxv", "newbie")
-SUPPORTED_CLIP_TYPES = {"stable_diffusion": ("sd1", "sd2"), "sdxl": ("sdxl",)}
+# Types whose text encoders Loom runs -> the families they may hold (a lone bigG file under
+# "stable_diffusion" is the SDXL refiner's CLIP, as in ComfyUI).
+SUPPORTED_CLIP_TYPES = {"stable_diffusion": ("sd1", "sd2", "sdxl_refiner"), "sdxl": ("sdxl",)}
 
 
 def file_fingerprint(ctx: NodeContext, folder: str, name: str) -> Any:
@@ -115,17 +125,15 @@ class UNETLoader(Node):
     def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
         return file_fingerprint(ctx, "diffusion_models", inputs["unet_name"])
 
-    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
-        if inputs.get("weight_dtype", "default") != "default":
-            return ("weight_dtype", f"{inputs['weight_dtype']} weights are not supported by "
-                                    f"Loom yet; choose 'default'")
-        return None
-
     def execute(self, ctx: NodeContext, unet_name: str, weight_dtype: str) -> tuple[ModelHandle]:
+        """fp8 weight dtypes round the weights to fp8 (ComfyUI's numbers; the memory stays
+        that of the compute dtype)."""
+        storage = UNET_STORAGE.get(weight_dtype)
         return (load_model_file(
             ctx, "diffusion_models", unet_name, "unet",
             lambda models, path: load_unet_file(
-                open_state_file(path, allow_pickle=models.allow_pickle), models.policy),
+                open_state_file(path, allow_pickle=models.allow_pickle), models.policy,
+                storage_dtype(storage) if storage else None),
             manager(ctx).policy, weight_dtype),)
 
 
@@ -144,20 +152,30 @@ class VAELoader(Node):
             manager(ctx).policy),)
 
 
-def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str) -> TextEncoderStack:
-    """CLIPLoader/DualCLIPLoader: text encoder files -> a CLIP handle of a supported family."""
+def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
+                       device: str = "default") -> TextEncoderStack:
+    """CLIPLoader/DualCLIPLoader: text encoder files -> a CLIP handle of a supported family.
+    `device` "cpu" runs them on the CPU in fp32 (weights rounded to the policy's text dtype,
+    as ComfyUI's CPU text encoders)."""
     models = manager(ctx)
+    policy = models.policy
     paths = [ctx.paths.find_file("text_encoders", name) for name in names]
     key = ModelKey(";".join(str(p) for p in paths), sum(p.stat().st_size for p in paths),
                    max(p.stat().st_mtime_ns for p in paths), "text_encoders",
-                   (models.policy, clip_type))
+                   (policy, clip_type, device))
+    on_cpu = device == "cpu" and policy.device.type != "cpu"
+    dtype = torch.float32 if on_cpu else policy.text_dtype
+    storage = (policy.text_storage_dtype or policy.text_dtype) if on_cpu \
+        else policy.text_storage_dtype
 
     def load() -> TextEncoderStack:
         opened = [open_state_file(p, allow_pickle=models.allow_pickle).tensors for p in paths]
         clip = load_text_encoder_files(opened, ctx.services.bpe.get(),
-                                       find_embedding=embedding_finder(ctx),
-                                       dtype=models.policy.text_dtype,
-                                       device=models.policy.offload_device)
+                                       find_embedding=embedding_finder(ctx), dtype=dtype,
+                                       device=policy.offload_device, storage_dtype=storage)
+        if on_cpu:
+            for encoder in clip.encoders.values():
+                setattr(encoder, COMPUTE_ROLE, "cpu")
         if clip.family not in SUPPORTED_CLIP_TYPES[clip_type]:
             raise ValueError(f"the file(s) {names} hold a {clip.family} text encoder, which "
                              f"does not fit type {clip_type!r}")
@@ -167,10 +185,14 @@ def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str) -> Te
 
 
 def _clip_type_error(clip_type: str) -> tuple[str, str] | None:
+    """Types of model families Loom does not run (Flux, SD3, video, audio ...) are listed
+    because saved workflows name them; choosing one fails here, saying why."""
     if clip_type in SUPPORTED_CLIP_TYPES:
         return None
-    return ("type", f"text encoder type {clip_type!r} is not supported by Loom yet; use one of "
-                    f"{sorted(SUPPORTED_CLIP_TYPES)}")
+    return ("type", f"text encoder type {clip_type!r} belongs to a model family Loom does not "
+                    f"run (Loom runs Stable Diffusion 1.x, 2.x and XL); use "
+                    f"{' or '.join(repr(t) for t in SUPPORTED_CLIP_TYPES)} with SD text "
+                    f"encoder files")
 
 
 def _text_fingerprint(ctx: NodeContext, names: list[str]) -> Any:
@@ -192,7 +214,7 @@ class CLIPLoader(Node):
 
     def execute(self, ctx: NodeContext, clip_name: str, type: str,
                 device: str = "default") -> tuple[TextEncoderStack]:
-        return (load_text_encoders(ctx, [clip_name], type),)
+        return (load_text_encoders(ctx, [clip_name], type, device),)
 
 
 class DualCLIPLoader(Node):
@@ -211,7 +233,7 @@ class DualCLIPLoader(Node):
 
     def execute(self, ctx: NodeContext, clip_name1: str, clip_name2: str, type: str,
                 device: str = "default") -> tuple[TextEncoderStack]:
-        return (load_text_encoders(ctx, [clip_name1, clip_name2], type),)
+        return (load_text_encoders(ctx, [clip_name1, clip_name2], type, device),)
 
 
 NODE_TYPES = (CheckpointLoaderSimple, CheckpointLoader, UNETLoader, VAELoader, CLIPLoader,

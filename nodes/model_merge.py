@@ -5,7 +5,8 @@ own * w1 + other * w2, both read under their own handle's patches (a LoRA on eit
 merged too). ComfyUI's rules: ModelMergeSimple ratio r -> r * w1 + (1 - r) * w2 (r = 1 keeps
 model1); ModelMergeBlocks picks r by the longest matching name prefix among "input", "middle"
 and "out" (other weights take the first ratio); Add -> w1 + w2; Subtract m -> m * (w1 - w2);
-CLIPMergeSimple like ModelMergeSimple, leaving logit_scale alone."""
+CLIPMergeSimple like ModelMergeSimple, CLIPMergeAdd/Subtract like ModelMergeAdd/Subtract, all
+leaving logit_scale alone; ModelMergeSD1/SD2/SDXL take one ratio per UNet block."""
 
 from __future__ import annotations
 
@@ -80,13 +81,14 @@ class ModelMergeSubtract(Node):
         return (merge_models(model1, model2, MergeRule((multiplier, -multiplier))),)
 
 
-def merge_clips(clip1: TextEncoderStack, clip2: TextEncoderStack, ratio: float
-                ) -> TextEncoderStack:
-    """A clone of clip1 whose encoders blend ratio * own + (1 - ratio) * clip2's."""
+def merge_clips(clip1: TextEncoderStack, clip2: TextEncoderStack,
+                scales: tuple[float, float]) -> TextEncoderStack:
+    """A clone of clip1 whose encoders are own * scales[0] + clip2's * scales[1] (logit_scale
+    kept)."""
     if clip1.family != clip2.family:
         raise ValueError(f"cannot merge a {clip1.family} CLIP with a {clip2.family} CLIP; "
                          "merge text encoders of the same model family")
-    rule = MergeRule(_blend(ratio), skip=("logit_scale",))
+    rule = MergeRule(scales, skip=("logit_scale",))
     patches = {name: MergePatch(WeightSource.of(clip2.encoders[name],
                                                 clip2.patches.get(name, ()), encoder), rule)
                for name, encoder in clip1.encoders.items()}
@@ -101,7 +103,62 @@ class CLIPMergeSimple(Node):
 
     def execute(self, ctx: NodeContext, clip1: TextEncoderStack, clip2: TextEncoderStack,
                 ratio: float) -> tuple[TextEncoderStack]:
-        return (merge_clips(clip1, clip2, ratio),)
+        return (merge_clips(clip1, clip2, _blend(ratio)),)
+
+
+def _clips(kind: str, *extra: Any) -> NodeSchema:
+    return NodeSchema(kind, (Link("clip1", "CLIP"), Link("clip2", "CLIP"), *extra),
+                      (Output("CLIP"),), category=CATEGORY)
+
+
+class CLIPMergeAdd(Node):
+    schema = _clips("CLIPMergeAdd")
+
+    def execute(self, ctx: NodeContext, clip1: TextEncoderStack, clip2: TextEncoderStack
+                ) -> tuple[TextEncoderStack]:
+        return (merge_clips(clip1, clip2, (1.0, 1.0)),)
+
+
+class CLIPMergeSubtract(Node):
+    schema = _clips("CLIPMergeSubtract", Float("multiplier", 1.0, min=-10.0, max=10.0, step=0.01))
+
+    def execute(self, ctx: NodeContext, clip1: TextEncoderStack, clip2: TextEncoderStack,
+                multiplier: float) -> tuple[TextEncoderStack]:
+        return (merge_clips(clip1, clip2, (multiplier, -multiplier)),)
+
+
+def _block_prefixes(input_blocks: int, output_blocks: int, dot: str) -> tuple[str, ...]:
+    """The per-block ratio names of ComfyUI's model-specific merges, in widget order (SDXL's
+    block names have no trailing dot)."""
+    return ("time_embed.", "label_emb.", *(f"input_blocks.{i}{dot}" for i in range(input_blocks)),
+            *(f"middle_block.{i}{dot}" for i in range(3)),
+            *(f"output_blocks.{i}{dot}" for i in range(output_blocks)), "out.")
+
+
+class _BlockMerge(Node):
+    """ModelMergeBlocks with one ratio per UNet block: a weight takes the ratio of the longest
+    block name it starts with, else the first ratio (time_embed.); ratio r keeps r of model1."""
+
+    prefixes: tuple[str, ...] = ()
+
+    def execute(self, ctx: NodeContext, model1: ModelHandle, model2: ModelHandle,
+                **ratios: float) -> tuple[ModelHandle]:
+        by_prefix = tuple((prefix, *_blend(ratios[prefix])) for prefix in self.prefixes)
+        rule = MergeRule(_blend(ratios[self.prefixes[0]]), by_prefix)
+        return (merge_models(model1, model2, rule),)
+
+
+def _block_merge(name: str, prefixes: tuple[str, ...]) -> type[_BlockMerge]:
+    schema = NodeSchema(name, (Link("model1", "MODEL"), Link("model2", "MODEL"),
+                               *(Float(prefix, 1.0, **RATIO) for prefix in prefixes)),
+                        (Output("MODEL"),), category=f"{CATEGORY}/model_specific")
+    return type(name, (_BlockMerge,), {"schema": schema, "prefixes": prefixes,
+                                       "__doc__": _BlockMerge.__doc__})
+
+
+ModelMergeSD1 = _block_merge("ModelMergeSD1", _block_prefixes(12, 12, "."))
+ModelMergeSD2 = _block_merge("ModelMergeSD2", _block_prefixes(12, 12, "."))
+ModelMergeSDXL = _block_merge("ModelMergeSDXL", _block_prefixes(9, 9, ""))
 
 
 def save_metadata(prompt: Any, extra_pnginfo: Any) -> dict[str, str]:
@@ -134,4 +191,5 @@ class CheckpointSave(Node):
 
 
 NODE_TYPES = (ModelMergeSimple, ModelMergeBlocks, ModelMergeAdd, ModelMergeSubtract,
-              CLIPMergeSimple, CheckpointSave)
+              CLIPMergeSimple, CLIPMergeAdd, CLIPMergeSubtract, ModelMergeSD1, ModelMergeSD2,
+              ModelMergeSDXL, CheckpointSave)

@@ -1,4 +1,5 @@
-"""Model upscaling: UpscaleModelLoader reads an ESRGAN-family model from models/upscale_models,
+"""Model upscaling: UpscaleModelLoader reads any single-image model spandrel detects (ESRGAN /
+Real-ESRGAN, SwinIR, HAT, DAT, OmniSR, SPAN, Compact ...) from models/upscale_models;
 ImageUpscaleWithModel runs it over an IMAGE in overlapping tiles, as ComfyUI does.
 
 Upscale models are often .pth files: like every pickle they load only with
@@ -17,8 +18,8 @@ from engine.context import NodeContext
 from engine.diffusion.checkpoints.addon_files import read_upscale_state
 from engine.diffusion.memory.model_manager import ModelManager
 from engine.diffusion.memory.offload import compute_device
-from engine.diffusion.networks.esrgan import RRDBNet, build_rrdbnet
 from engine.diffusion.networks.tiling import tiled_apply
+from engine.diffusion.networks.upscalers import UpscaleNet, build_upscaler
 from engine.node import Combo, FilesIn, Link, Node, NodeSchema, Output
 from nodes.loaders import file_fingerprint, load_model_file, manager
 
@@ -29,12 +30,17 @@ MIN_TILE = 128  # below this, running out of memory is reported instead of retri
 
 @dataclass(frozen=True)
 class UpscaleModel:
-    """An UPSCALE_MODEL value: the network, its integer scale and the dtype it runs in."""
+    """An UPSCALE_MODEL value: the network (spandrel's), its integer scale and the dtype it
+    runs in. `module` is what the model manager places on the compute device."""
 
-    module: RRDBNet
+    net: UpscaleNet
     scale: int
     dtype: torch.dtype
     name: str
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.net.module
 
 
 def load_upscale_model(ctx: NodeContext, model_name: str) -> UpscaleModel:
@@ -43,8 +49,8 @@ def load_upscale_model(ctx: NodeContext, model_name: str) -> UpscaleModel:
 
     def build(models: ModelManager, path: Path) -> UpscaleModel:
         state = read_upscale_state(path, allow_pickle=models.allow_pickle)
-        net = build_rrdbnet(state, path.name, dtype, models.policy.offload_device)
-        return UpscaleModel(net, net.config.scale, dtype, path.name)
+        net = build_upscaler(state, path.name, dtype, models.policy.offload_device)
+        return UpscaleModel(net, net.scale, dtype, path.name)
 
     return load_model_file(ctx, "upscale_models", model_name, "upscale_model", build,
                            manager(ctx).policy.device, dtype)
@@ -57,10 +63,10 @@ def upscale_pixels(model: UpscaleModel, pixels: torch.Tensor, tile: int, overlap
 
     def run_tile(window: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model.module(window.to(device, model.dtype)).float()
+            return model.net(window.to(device, model.dtype)).float()
 
     return tiled_apply(run_tile, pixels, tile=tile, overlap=overlap, scale=model.scale,
-                       out_channels=model.module.config.out_nc, progress=progress)
+                       out_channels=model.net.out_channels, progress=progress)
 
 
 def upscale_image(ctx: NodeContext, model: UpscaleModel, image: torch.Tensor,
@@ -80,7 +86,7 @@ def upscale_image(ctx: NodeContext, model: UpscaleModel, image: torch.Tensor,
 
 
 def _check_channels(model: UpscaleModel, image: torch.Tensor) -> None:
-    channels = model.module.config.in_nc
+    channels = model.net.in_channels
     if image.ndim != 4 or image.shape[-1] != channels:
         raise ValueError(f"upscale model {model.name} takes [B, H, W, {channels}] images, got "
                          f"shape {tuple(image.shape)}; convert the image to {channels} "
@@ -92,8 +98,8 @@ class UpscaleModelLoader(Node):
         "UpscaleModelLoader",
         (Combo("model_name", FilesIn("upscale_models"), combo_style="v3"),),
         (Output("UPSCALE_MODEL"),), category="loaders", display_name="Load Upscale Model",
-        description="Loads an ESRGAN-family (RRDBNet) upscale model: ESRGAN, Real-ESRGAN "
-                    "x4plus/x2plus and their finetunes.")
+        description="Loads an upscale model of any architecture spandrel detects: ESRGAN, "
+                    "Real-ESRGAN, SwinIR, HAT, DAT, OmniSR, SPAN, Compact and more.")
 
     def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
         return file_fingerprint(ctx, "upscale_models", inputs["model_name"])

@@ -1,6 +1,6 @@
 """CLIP vision and style-model nodes: the vision tower matches transformers on the same
 weights, ComfyUI's preprocessing, the style adapter's shapes and strength, and the four
-nodes through the engine (loaders, encode, apply, and the unsupported attn_bias mode)."""
+nodes through the engine (loaders, encode, apply in both strength modes)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from engine.diffusion.networks.clip_vision import (
 )
 from engine.diffusion.networks.openclip_text import PackedQkvAttention
 from engine.diffusion.networks.style_model import StyleAdapter, StyleConfig
-from engine.validation import validate_prompt
-from nodes.clip_vision import StyleModelApply
+from nodes.clip_vision import StyleModelApply, apply_style
 from tests.model_engine import ModelEngine, node, probed
 
 TEXT_WIDTH = 64  # the tiny sd15 checkpoint's text encoder width
@@ -204,9 +203,38 @@ def test_style_model_apply_appends_style_tokens_for_each_image(engine: ModelEngi
     assert torch.equal(styled[0][0][:, : text[0][0].shape[1]], text[0][0])
 
 
-def test_attn_bias_is_refused_at_validation(engine: ModelEngine) -> None:
-    checked = validate_prompt(probed(style_workflow("attn_bias"), "7"), engine.registry,
-                              engine.services)
-    errors = checked.to_json()["node_errors"]["7"]["errors"]
-    assert errors[0]["extra_info"]["input_name"] == "strength_type"
-    assert "'attn_bias' is not supported by Loom yet" in errors[0]["details"]
+def test_attn_bias_appends_unscaled_tokens_with_a_log_bias_mask(engine: ModelEngine) -> None:
+    workflow = style_workflow("attn_bias")
+    workflow["7"]["inputs"]["strength"] = 0.5
+    result, _ = engine.run(probed(workflow, "2", "7"))
+    plain, _ = engine.run(probed(style_workflow("multiply"), "7"))
+    text_tokens = result.values["2"][0][0][0][0].shape[1]
+    cond, options = result.values["7"][0][0][0]
+    assert torch.equal(cond, plain.values["7"][0][0][0][0])  # tokens not scaled
+    mask = options["attention_mask"]
+    size = text_tokens + 16 + 1  # text, 2 images x 8 style tokens, one reference cell
+    assert mask.shape == (1, size, size) and mask.dtype == torch.float16
+    bias = float(torch.log(torch.tensor(0.5)).half())
+    assert torch.all(mask[:, :text_tokens, text_tokens:text_tokens + 16] == bias)
+    assert torch.all(mask[:, text_tokens + 16:, text_tokens:text_tokens + 16] == bias)
+    assert torch.all(mask[:, :, :text_tokens] == 0)
+    assert options["attention_mask_img_shape"] == (1, 1)
+
+
+def test_attn_bias_at_strength_one_adds_no_mask() -> None:
+    tokens = torch.randn(1, 4, TEXT_WIDTH)
+    conditioning = [[torch.randn(1, 77, TEXT_WIDTH), {}]]
+    out = apply_style(conditioning, tokens, 1.0, "attn_bias")
+    assert "attention_mask" not in out[0][1]
+    assert torch.equal(out[0][0][:, 77:], tokens)
+
+
+def test_an_existing_boolean_mask_becomes_a_bias_in_its_quadrants() -> None:
+    tokens = torch.randn(1, 2, TEXT_WIDTH)
+    old = torch.ones(1, 4, 4, dtype=torch.bool)
+    old[0, 0, 3] = False
+    conditioning = [[torch.randn(1, 3, TEXT_WIDTH), {"attention_mask": old}]]
+    mask = apply_style(conditioning, tokens, 1.0, "multiply")[0][1]["attention_mask"]
+    assert mask.shape == (1, 6, 6)
+    assert mask[0, 0, 5] == float("-inf")  # the old (text 0 -> reference cell) entry moved
+    assert torch.all(mask[:, :, 3:5] == 0)  # log(1) for the style tokens

@@ -104,4 +104,5 @@ def test_unsupported_text_encoder_type_is_refused_at_validation(engine: ModelEng
     api = probed({"1": node("CLIPLoader", clip_name="t5.safetensors", type="sd3")}, "1")
     error = validate_prompt(api, engine.registry, engine.services).node_errors["1"]["errors"][0]
     assert error["type"] == "custom_validation_failed"
-    assert "type - text encoder type 'sd3' is not supported" in error["details"]
+    assert "type - text encoder type 'sd3' belongs to a model family Loom does not run" \
+        in error["details"]

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -141,9 +142,23 @@ def listen_hosts(listen: str) -> list[str]:
     return hosts or ["127.0.0.1"]
 
 
-def url_for(host: str, port: int) -> str:
+def url_for(host: str, port: int, scheme: str = "http") -> str:
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"{scheme}://{shown}:{port}"
+
+
+def tls_context(args: Any) -> ssl.SSLContext | None:
+    """ComfyUI's --tls-keyfile/--tls-certfile: serve HTTPS with that key and certificate."""
+    keyfile, certfile = getattr(args, "tls_keyfile", None), getattr(args, "tls_certfile", None)
+    if not keyfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use --tls-certfile {certfile} with --tls-keyfile {keyfile}: "
+                         f"{exc}; give a PEM certificate and its private key") from exc
+    return context
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -167,6 +182,7 @@ def run_server(server: LoomServer) -> int:
     hosts = listen_hosts(server.args.listen)
     sockets: list[socket.socket] = []
     try:
+        tls = tls_context(server.args)
         for host in hosts:
             sockets.append(bind(host, server.args.port))
         app = create_app(server)
@@ -177,15 +193,22 @@ def run_server(server: LoomServer) -> int:
         logger.error("cannot serve on %s port %d: %s; pick another --port or stop the program "
                      "using it", ",".join(hosts), server.args.port, exc)
         return 1
+    except ValueError as exc:  # unusable TLS files
+        server.close()
+        logger.error("%s", exc)
+        return 1
     except BaseException:
         server.close()
         raise
 
+    scheme = "https" if tls is not None else "http"
+
     def announce(_: str) -> None:  # run_app calls this once it serves
         for host in hosts:
-            logger.info("Loom serving on %s", url_for(host, server.args.port))
+            logger.info("Loom serving on %s", url_for(host, server.args.port, scheme))
 
     access_log = logging.getLogger("aiohttp.access") if server.args.verbose else None
-    web.run_app(app, sock=sockets, print=announce, access_log=access_log, shutdown_timeout=5)
+    web.run_app(app, sock=sockets, print=announce, access_log=access_log, shutdown_timeout=5,
+                ssl_context=tls)
     logger.info("Loom stopped")
     return 0

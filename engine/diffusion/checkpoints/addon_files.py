@@ -3,7 +3,7 @@
 Each is opened like a checkpoint (state_files.py): .safetensors memory-mapped, pickles (.pt,
 .pth, .ckpt ...) refused unless Loom runs with --allow-pickle-checkpoints and then read only
 through torch.load(weights_only=True). What the tensors mean is the job of patches/lora.py,
-patches/hypernetwork.py and networks/esrgan.py."""
+patches/hypernetwork.py and networks/upscalers.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from engine.diffusion.checkpoints.safetensors_io import SafetensorsFile
 from engine.diffusion.checkpoints.state_files import is_safetensors, load_pickle, open_state_file
-from engine.diffusion.networks.esrgan import UpscaleModelError
+from engine.diffusion.networks.upscalers import UpscaleModelError
 from engine.diffusion.patches.hypernetwork import (
     Hypernetwork,
     HypernetworkError,

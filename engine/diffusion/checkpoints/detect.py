@@ -56,10 +56,15 @@ class CheckpointLayout:
     def is_inpaint(self) -> bool:
         return self.in_channels == 9
 
+    @property
+    def is_unclip(self) -> bool:
+        """SD 2.1 unCLIP: an SD2 UNet whose `y` is a noised CLIP image embedding."""
+        return self.family == "sd2" and self.adm_in_channels is not None
+
     def describe(self) -> str:
         names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL base", "sdxl_refiner":
                  "SDXL refiner"}
-        extra = " inpainting" if self.is_inpaint else ""
+        extra = " inpainting" if self.is_inpaint else " unCLIP" if self.is_unclip else ""
         return f"{names[self.family]}{extra} ({self.prediction}-prediction)"
 
 
@@ -105,9 +110,12 @@ def detect_unet(shapes: Mapping[str, tuple[int, ...]], prefix: str,
 
 def detect_prediction(state: Mapping[str, torch.Tensor], family: str, in_channels: int,
                       unet_prefix: str) -> tuple[str, bool]:
-    """(eps|v, zsnr): marker keys first, then ComfyUI's bias-spread rule for SD2."""
+    """(eps|v, zsnr): marker keys first, then SD2 unCLIP (always v), then ComfyUI's
+    bias-spread rule for SD2."""
     if "v_pred" in state:
         return "v", "ztsnr" in state
+    if family == "sd2" and unet_prefix + "label_emb.0.0.weight" in state:
+        return "v", False
     if family == "sd2" and in_channels == 4:
         probe = state.get(unet_prefix + V_PRED_PROBE)
         if probe is not None and float(probe.float().std(unbiased=False)) > V_PRED_STD:

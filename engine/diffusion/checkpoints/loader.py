@@ -7,6 +7,7 @@ manager copies them to the compute device when used); handles compute on the pol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from engine.diffusion.checkpoints.detect import (
 )
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_state
-from engine.diffusion.memory.devices import DevicePolicy
+from engine.diffusion.memory.devices import DevicePolicy, round_weights
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
@@ -51,7 +52,10 @@ def unet_config_for(layout: CheckpointLayout, metadata: Mapping[str, str]) -> UN
         fields = json.loads(recorded)
         return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
                              for k, v in fields.items()})
-    return UNetConfig.preset(UNetFamily(layout.family), in_channels=layout.in_channels)
+    config = UNetConfig.preset(UNetFamily(layout.family), in_channels=layout.in_channels)
+    if layout.adm_in_channels != config.adm_in_channels:  # SD 2.1 unCLIP: an image-embedding y
+        config = dataclasses.replace(config, adm_in_channels=layout.adm_in_channels)
+    return config
 
 
 def build_unet(weights: Mapping[str, Tensor], config: UNetConfig, dtype: torch.dtype,
@@ -97,7 +101,8 @@ def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
     if with_clip and layout.text_prefixes:
         clip = load_text_encoder_state(layout.family, opened.tensors, bpe,
                                        find_embedding=find_embedding, dtype=policy.text_dtype,
-                                       device=policy.offload_device)
+                                       device=policy.offload_device,
+                                       storage_dtype=policy.text_storage_dtype)
     vae = None
     if with_vae and layout.vae_prefix:
         vae = VAE.from_state_dict(opened.tensors, latent_scale=NODE_LATENT_SCALE,
@@ -106,21 +111,23 @@ def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
 
 
 def load_model_from(opened: StateFile, layout: CheckpointLayout, policy: DevicePolicy,
-                    dtype: torch.dtype | None = None) -> ModelHandle:
-    """The MODEL handle of a checkpoint or standalone UNet file with a detected layout."""
+                    storage_dtype: torch.dtype | None = None) -> ModelHandle:
+    """The MODEL handle of a checkpoint or standalone UNet file with a detected layout; its
+    weights rounded to `storage_dtype` (default: the policy's, e.g. --fp8_e4m3fn-unet)."""
     weights = strip_prefix(opened.tensors, layout.unet_prefix or "")
     config = unet_config_for(layout, opened.metadata)
-    unet = build_unet(weights, config, dtype or policy.unet_dtype, policy.offload_device,
+    unet = build_unet(weights, config, policy.unet_dtype, policy.offload_device,
                       opened.path.name)
+    round_weights(unet, storage_dtype or policy.unet_storage_dtype)
     return ModelHandle.create(unet, config, layout.family, layout.prediction, layout.zsnr,
                               name=opened.path.name, device=policy.device)
 
 
 def load_unet_file(opened: StateFile, policy: DevicePolicy,
-                   dtype: torch.dtype | None = None) -> ModelHandle:
+                   storage_dtype: torch.dtype | None = None) -> ModelHandle:
     """UNETLoader: a diffusion-model-only file (LDM names, with or without the prefix)."""
     layout = detect_unet_file(opened.tensors, opened.metadata.get(FAMILY_KEY))
-    return load_model_from(opened, layout, policy, dtype)
+    return load_model_from(opened, layout, policy, storage_dtype)
 
 
 def load_vae_file(opened: StateFile, policy: DevicePolicy) -> VAE:

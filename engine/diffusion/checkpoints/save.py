@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.detect import UNET_PREFIX, VAE_PREFIX
 from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
-from engine.diffusion.checkpoints.text_encoders import CHECKPOINT_PREFIXES
+from engine.diffusion.checkpoints.text_encoders import CHECKPOINT_PREFIXES, hf_text_encoder_state
 from engine.diffusion.networks.model_sampling import model_sampling
 from engine.diffusion.networks.unet import UNetConfig, UNetFamily
 from engine.diffusion.networks.vae_model import VAE
@@ -56,27 +56,48 @@ def checkpoint_metadata(model: ModelHandle, extra: Mapping[str, str]) -> dict[st
     return metadata
 
 
-@contextmanager
-def _all_patched(model: ModelHandle, clip: TextEncoderStack) -> Iterator[None]:
-    with ExitStack() as stack:
-        stack.enter_context(patched(model.unet, model.patches))
-        for name, encoder in clip.encoders.items():
-            stack.enter_context(patched(encoder, clip.patches.get(name, ())))
-        yield
-
-
-def save_checkpoint(path: Path, model: ModelHandle, clip: TextEncoderStack, vae: VAE,
-                    extra_metadata: Mapping[str, str]) -> Path:
-    """Write the three parts, patches applied, as one .safetensors checkpoint at `path`."""
-    if clip.family != model.family:
+def save_checkpoint(path: Path, model: ModelHandle, clip: TextEncoderStack | None,
+                    vae: VAE | None, extra_metadata: Mapping[str, str]) -> Path:
+    """Write the parts given, patches applied, as one .safetensors checkpoint at `path`
+    (ModelSave passes the model alone: `model.diffusion_model.*` keys, as ComfyUI's)."""
+    if clip is not None and clip.family != model.family:
         raise ValueError(f"the CLIP is a {clip.family} text encoder but the model is "
                          f"{model.family}; connect the CLIP that belongs to this model")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _all_patched(model, clip):  # tensors are read and written while the patches hold
+    clip_parts = clip.encoders.items() if clip is not None else ()
+    with ExitStack() as stack:  # tensors are read and written while the patches hold
+        stack.enter_context(patched(model.unet, model.patches))
         tensors = _module_tensors(model.unet, UNET_PREFIX)
-        for name, encoder in clip.encoders.items():
+        for name, encoder in clip_parts:
+            assert clip is not None
+            stack.enter_context(patched(encoder, clip.patches.get(name, ())))
             tensors.update(_module_tensors(encoder, CHECKPOINT_PREFIXES[(clip.family, name)][0]))
-        tensors.update(_module_tensors(vae.module, VAE_PREFIX))
+        if vae is not None:
+            tensors.update(_module_tensors(vae.module, VAE_PREFIX))
         tensors.update(_markers(model))
         save_file(tensors, str(path), metadata=checkpoint_metadata(model, extra_metadata))
     return path
+
+
+def save_vae(path: Path, vae: VAE, metadata: Mapping[str, str]) -> Path:
+    """VAESave: the VAE's weights in LDM naming (encoder.*, decoder.*, quant_conv ...)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_module_tensors(vae.module, ""), str(path), metadata=dict(metadata))
+    return path
+
+
+def save_text_encoders(path_for: Callable[[str], Path], clip: TextEncoderStack,
+                       metadata: Mapping[str, str]) -> list[Path]:
+    """CLIPSave: one file per encoder, named by `path_for("clip_l" | "clip_g" | "clip_h")`, in
+    HF CLIPTextModel(WithProjection) naming (`text_model.*`, `text_projection.weight`), as
+    ComfyUI writes them; patches (LoRA, merges) applied. CLIPLoader reads them back."""
+    written = []
+    for name, encoder in clip.encoders.items():
+        with patched(encoder, clip.patches.get(name, ())):
+            state = {key: value.detach().to("cpu").contiguous()
+                     for key, value in hf_text_encoder_state(encoder).items()}
+        path = path_for(f"clip_{name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path), metadata=dict(metadata))
+        written.append(path)
+    return written

@@ -12,6 +12,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from engine.diffusion.memory.devices import round_weights
 from engine.diffusion.networks.clip_text import ClipTextModel, TextEncoderConfig
 from engine.diffusion.networks.openclip_text import INITIAL_LOGIT_SCALE, OpenClipTextModel
 from engine.diffusion.text.encoding import EncoderSpec, TextEncoderStack, family_spec
@@ -50,12 +51,13 @@ _HF_TO_OPENCLIP_LAYER = MappingProxyType({
 def load_text_encoder_state(family: str, state_dict: Mapping[str, Tensor], bpe: ClipBpe, *,
                             find_embedding: EmbeddingFinder | None = None,
                             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                            configs: Mapping[str, TextEncoderConfig] | None = None
-                            ) -> TextEncoderStack:
+                            configs: Mapping[str, TextEncoderConfig] | None = None,
+                            storage_dtype: torch.dtype | None = None) -> TextEncoderStack:
     """The text side of a checkpoint (full state dict, prefixes as stored) as a CLIP handle.
 
     A one-encoder family also accepts a bare text-encoder state dict. `configs` (by encoder
-    name) overrides the shapes read from the weights (tiny test models).
+    name) overrides the shapes read from the weights (tiny test models); `storage_dtype`
+    rounds the weights to that precision (memory.devices.round_weights).
     """
     spec = family_spec(family)
     encoders = {}
@@ -63,7 +65,8 @@ def load_text_encoder_state(family: str, state_dict: Mapping[str, Tensor], bpe: 
         weights = _checkpoint_encoder_state(family, encoder, state_dict)
         config = None if configs is None else configs.get(encoder.name)
         encoders[encoder.name] = build_text_encoder(encoder.architecture, weights, dtype=dtype,
-                                                    device=device, config=config)
+                                                    device=device, config=config,
+                                                    storage_dtype=storage_dtype)
     return TextEncoderStack(family, encoders, bpe, find_embedding=find_embedding)
 
 
@@ -71,8 +74,8 @@ def load_text_encoder_files(state_dicts: list[Mapping[str, Tensor]], bpe: ClipBp
                             find_embedding: EmbeddingFinder | None = None,
                             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                             architectures: list[str] | None = None,
-                            configs: Mapping[str, TextEncoderConfig] | None = None
-                            ) -> TextEncoderStack:
+                            configs: Mapping[str, TextEncoderConfig] | None = None,
+                            storage_dtype: torch.dtype | None = None) -> TextEncoderStack:
     """A CLIP handle from separate text-encoder files (CLIPLoader, DualCLIPLoader).
 
     Each file is HF `CLIPTextModel(WithProjection)` naming (with or without `text_model.`) or
@@ -90,7 +93,7 @@ def load_text_encoder_files(state_dicts: list[Mapping[str, Tensor]], bpe: ClipBp
         config = None if configs is None else configs.get(encoder.name)
         encoders[encoder.name] = build_text_encoder(
             kind, standalone_encoder_state(state_dict, kind), dtype=dtype, device=device,
-            config=config)
+            config=config, storage_dtype=storage_dtype)
     return TextEncoderStack(family, encoders, bpe, find_embedding=find_embedding)
 
 
@@ -181,6 +184,37 @@ def hf_to_openclip_state(hf: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def hf_text_encoder_state(encoder: nn.Module) -> dict[str, Tensor]:
+    """An encoder's weights in HF CLIPTextModel(WithProjection) naming: `text_model.*` (and
+    `text_projection.weight`); OpenCLIP towers are converted (in_proj split into q/k/v,
+    text_projection transposed), the inverse of hf_to_openclip_state."""
+    state = encoder.state_dict()
+    if isinstance(encoder, ClipTextModel):
+        return {f"text_model.{key}": value for key, value in state.items()}
+    top = {openclip: hf for hf, openclip in _HF_TO_OPENCLIP_TOP.items()}
+    layer = {openclip: hf for hf, openclip in _HF_TO_OPENCLIP_LAYER.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key == "text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+        elif key in top:
+            out[f"text_model.{top[key]}"] = value
+        elif key.startswith("transformer.resblocks."):
+            out.update(_hf_layer_entries(key, value, layer))
+    return out
+
+
+def _hf_layer_entries(key: str, value: Tensor, layer: Mapping[str, str]) -> dict[str, Tensor]:
+    index, name = key.removeprefix("transformer.resblocks.").split(".", 1)
+    module, leaf = name.rsplit(".", 1)
+    base = f"text_model.encoder.layers.{index}"
+    if module == "attn" and leaf.startswith("in_proj_"):
+        kind = leaf.removeprefix("in_proj_")
+        return {f"{base}.self_attn.{part}_proj.{kind}": chunk
+                for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True)}
+    return {f"{base}.{layer.get(module, module)}.{leaf}": value}
+
+
 def _openclip_name(hf_key: str) -> str | None:
     """OpenCLIP name of one HF key; None for q/k/v (stacked separately)."""
     if hf_key in _HF_TO_OPENCLIP_TOP:
@@ -195,14 +229,17 @@ def _openclip_name(hf_key: str) -> str | None:
 
 def build_text_encoder(architecture: str, weights: Mapping[str, Tensor], *,
                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                       config: TextEncoderConfig | None = None) -> nn.Module:
-    """An encoder module with `weights` (this module's naming) loaded, in eval mode."""
+                       config: TextEncoderConfig | None = None,
+                       storage_dtype: torch.dtype | None = None) -> nn.Module:
+    """An encoder module with `weights` (this module's naming) loaded, in eval mode; weights
+    rounded to `storage_dtype` when given."""
     config = config or infer_text_encoder_config(architecture, weights)
     model_class = ClipTextModel if architecture == "clip_l" else OpenClipTextModel
     with torch.device("meta"):
         model = model_class(config)
     state = _prepared_state(model, weights, architecture, dtype, torch.device(device))
     model.load_state_dict(state, strict=True, assign=True)
+    round_weights(model, storage_dtype)
     return model.eval().requires_grad_(False)
 
 

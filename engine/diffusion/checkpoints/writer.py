@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +19,15 @@ from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.detect import V_PRED_PROBE
 from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
+from engine.diffusion.checkpoints.unclip import UNCLIP_VISION_PREFIX, hf_to_openclip_visual
 from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, ClipTextModel, TextEncoderConfig
+from engine.diffusion.networks.clip_vision import ClipVisionModel, VisionConfig
 from engine.diffusion.networks.openclip_text import VIT_BIGG_CONFIG, VIT_H_CONFIG, OpenClipTextModel
 from engine.diffusion.networks.unet import ADM_NUMBER_DIM, UNet, UNetConfig, UNetFamily
+from engine.diffusion.networks.upscalers import import_spandrel
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig
 
-KINDS = ("sd15", "sd15_inpaint", "sd21v", "sdxl_base", "sdxl_refiner")
+KINDS = ("sd15", "sd15_inpaint", "sd21v", "sd21_unclip_h", "sdxl_base", "sdxl_refiner")
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
                     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -53,6 +56,7 @@ class Recipe:
     model_ema: bool = False
     position_ids: str | None = None     # key of the CLIP-L position_ids buffer, if stored
     v_prediction: bool = False
+    unclip: bool = False                # a CLIP vision tower under embedder.model.visual.
 
 
 RECIPES = {
@@ -73,6 +77,12 @@ RECIPES = {
 FAMILIES = {UNetFamily.SD1: "sd1", UNetFamily.SD2: "sd2", UNetFamily.SDXL: "sdxl",
             UNetFamily.SDXL_REFINER: "sdxl_refiner"}
 RECIPES["sd15_inpaint"] = dataclasses.replace(RECIPES["sd15"], in_channels=9)
+RECIPES["sd21_unclip_h"] = dataclasses.replace(RECIPES["sd21v"], unclip=True)
+# The released unCLIP-H tower is OpenCLIP ViT-H/14 (1280 wide, 1024-dim image embeddings).
+FULL_UNCLIP_VISION = VisionConfig(width=1280, layers=32, heads=16, mlp_width=5120, patch_size=14,
+                                  image_size=224, projection_dim=1024, activation="gelu")
+TINY_UNCLIP_VISION = VisionConfig(width=64, layers=2, heads=1, mlp_width=128, patch_size=14,
+                                  image_size=28, projection_dim=32, activation="gelu")
 
 
 def text_config(kind: str, tiny: bool) -> TextEncoderConfig:
@@ -84,7 +94,11 @@ def text_config(kind: str, tiny: bool) -> TextEncoderConfig:
 def unet_config(recipe: Recipe, tiny: bool) -> UNetConfig:
     """The released layout, or the tiny one resized to the tiny text encoders' widths."""
     if not tiny:
-        return UNetConfig.preset(recipe.family, in_channels=recipe.in_channels)
+        config = UNetConfig.preset(recipe.family, in_channels=recipe.in_channels)
+        if recipe.unclip:
+            config = dataclasses.replace(config,
+                                         adm_in_channels=2 * FULL_UNCLIP_VISION.projection_dim)
+        return config
     widths = {kind: text_config(kind, True).width for _, kind in recipe.text}
     context = sum(widths.values())
     config = UNetConfig.tiny(recipe.family, in_channels=recipe.in_channels)
@@ -93,6 +107,8 @@ def unet_config(recipe: Recipe, tiny: bool) -> UNetConfig:
         adm = widths["g"] + 6 * ADM_NUMBER_DIM
     elif recipe.family == UNetFamily.SDXL_REFINER:
         adm = widths["g"] + 5 * ADM_NUMBER_DIM
+    elif recipe.unclip:  # noised image embedding + its noise level's embedding
+        adm = 2 * TINY_UNCLIP_VISION.projection_dim
     return dataclasses.replace(config, context_dim=context, adm_in_channels=adm)
 
 
@@ -157,12 +173,24 @@ def random_checkpoint(kind: str, *, tiny: bool = True, seed: int = 0, meta: bool
         for name, value in module.state_dict().items():
             tensors[prefix + name] = value.to(recipe.dtype) if value.is_floating_point() \
                 else value
+    if recipe.unclip:
+        tensors.update(_unclip_vision(tiny, generator, meta))
     _add_extras(tensors, recipe, generator)
     metadata = {"loom.kind": kind, "loom.size": "tiny" if tiny else "full",
                 FAMILY_KEY: FAMILIES[recipe.family]}
     if tiny:
         metadata[UNET_CONFIG_KEY] = json.dumps(dataclasses.asdict(unet_config(recipe, True)))
     return tensors, metadata
+
+
+def _unclip_vision(tiny: bool, generator: torch.Generator, meta: bool) -> dict[str, Tensor]:
+    """An unCLIP checkpoint's CLIP vision tower, in OpenCLIP naming under its prefix."""
+    with torch.device("meta" if meta else "cpu"):
+        tower = ClipVisionModel(TINY_UNCLIP_VISION if tiny else FULL_UNCLIP_VISION)
+    if not meta:
+        randomize(tower, generator)
+    return {UNCLIP_VISION_PREFIX + key: value for key, value
+            in hf_to_openclip_visual(tower.state_dict()).items()}
 
 
 def _add_extras(tensors: dict[str, Tensor], recipe: Recipe, generator: torch.Generator
@@ -210,3 +238,43 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _upscaler_architectures() -> dict[str, Callable[[], nn.Module]]:
+    """Tiny instances of the upscaler architectures (spandrel's classes, so their key layouts
+    are the released files')."""
+    import_spandrel()
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+    from spandrel.architectures.DAT.__arch.DAT import DAT
+    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet
+    from spandrel.architectures.HAT.__arch.HAT import HAT
+    from spandrel.architectures.OmniSR.__arch.OmniSR import OmniSR
+    from spandrel.architectures.SPAN.__arch.span import SPAN
+    from spandrel.architectures.SwinIR.__arch.SwinIR import SwinIR
+
+    swin = {"embed_dim": 12, "depths": [1], "num_heads": [2], "window_size": 4, "upscale": 2,
+            "upsampler": "pixelshuffle", "img_size": 16}
+    return {
+        "esrgan": lambda: RRDBNet(num_filters=8, num_blocks=1, scale=4),
+        "compact": lambda: SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2),
+        "span": lambda: SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2),
+        "swinir": lambda: SwinIR(**swin),
+        "hat": lambda: HAT(**swin, compress_ratio=3, squeeze_factor=4),
+        "dat": lambda: DAT(embed_dim=30, depth=[2], num_heads=[2], split_size=[2, 4],
+                           upscale=2, img_size=16, expansion_factor=2),
+        "omnisr": lambda: OmniSR(num_feat=8, block_num=1, window_size=4, up_scale=2),
+    }
+
+
+UPSCALER_KINDS = ("esrgan", "compact", "span", "swinir", "hat", "dat", "omnisr")
+
+
+def random_upscaler(kind: str, seed: int = 0) -> dict[str, Tensor]:
+    """A tiny random upscale model of architecture `kind` (UPSCALER_KINDS), as its state dict."""
+    architectures = _upscaler_architectures()
+    if kind not in architectures:
+        raise ValueError(f"unknown upscaler kind {kind!r}; use one of {UPSCALER_KINDS}")
+    module = architectures[kind]()
+    randomize(module, torch.Generator().manual_seed(seed))
+    return {name: value.detach().clone().contiguous()
+            for name, value in module.state_dict().items()}

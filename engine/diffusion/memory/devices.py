@@ -9,11 +9,14 @@ VRAM budget, memory/offload.py): the CPU on CUDA, the GPU itself with --gpu-only
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
+from torch import nn
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -34,9 +37,38 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     return bool((cpu_flags() if flags is None else flags) & BF16_CPU_FLAGS)
 
 
+# ComfyUI's precision flags (argparse dests) -> the dtype they pick
+UNET_FLAG_DTYPES = MappingProxyType({"fp32_unet": torch.float32, "fp64_unet": torch.float64,
+                    "bf16_unet": torch.bfloat16, "fp16_unet": torch.float16})
+UNET_STORAGE_FLAGS = MappingProxyType({
+    "fp8_e4m3fn_unet": "float8_e4m3fn", "fp8_e5m2_unet": "float8_e5m2",
+    "fp8_e8m0fnu_unet": "float8_e8m0fnu"})
+VAE_FLAG_DTYPES = MappingProxyType({"fp16_vae": torch.float16, "fp32_vae": torch.float32,
+                   "bf16_vae": torch.bfloat16})
+TEXT_STORAGE_FLAGS = MappingProxyType({
+    "fp8_e4m3fn_text_enc": "float8_e4m3fn", "fp8_e5m2_text_enc": "float8_e5m2",
+    "fp16_text_enc": "float16", "bf16_text_enc": "bfloat16", "fp32_text_enc": "float32"})
+PRECISION_FLAGS = ("cpu", "force_fp32", "force_fp16", "cpu_vae", "gpu_only",
+                   *UNET_FLAG_DTYPES, *UNET_STORAGE_FLAGS, *VAE_FLAG_DTYPES, *TEXT_STORAGE_FLAGS)
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """A torch dtype by name; a clear error where this PyTorch lacks it (fp8 variants)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"this PyTorch ({torch.__version__}) has no {name} dtype; drop the "
+                         f"flag or weight dtype that asks for it")
+    return dtype
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
-    """Where each model component runs and in which dtype."""
+    """Where each model component runs and in which dtype.
+
+    `*_storage_dtype` (None: as computed) is the precision weights are rounded to, ComfyUI's
+    "store weights in X" flags: the weights keep the compute dtype but hold only values X can
+    represent, so the numbers match ComfyUI casting X weights up per layer (the memory is that
+    of the compute dtype)."""
 
     device: torch.device
     unet_dtype: torch.dtype
@@ -44,16 +76,20 @@ class DevicePolicy:
     vae_dtype: torch.dtype
     reason: str = ""
     offload_device: torch.device = torch.device("cpu")  # where loaders put the weights
+    vae_device: torch.device | None = None  # None: `device` (--cpu-vae: the CPU)
+    unet_storage_dtype: torch.dtype | None = None
+    text_storage_dtype: torch.dtype | None = None
 
     @classmethod
-    def decide(cls, *, cpu: bool = False, force_fp32: bool = False, force_fp16: bool = False,
-               bf16_unet: bool = False, fp32_vae: bool = False, bf16_vae: bool = False,
-               gpu_only: bool = False, cuda_available: bool | None = None,
-               cpu_bf16: bool | None = None) -> DevicePolicy:
-        """Apply the defaults above, then the flags (names as ComfyUI's)."""
+    def decide(cls, *, cuda_available: bool | None = None, cpu_bf16: bool | None = None,
+               **flags: bool) -> DevicePolicy:
+        """Apply the defaults above, then ComfyUI's flags (argparse dests, PRECISION_FLAGS)."""
+        unknown = set(flags) - set(PRECISION_FLAGS)
+        if unknown:
+            raise TypeError(f"unknown precision flags {sorted(unknown)}; known: "
+                            f"{', '.join(PRECISION_FLAGS)}")
         use_cuda = (torch.cuda.is_available() if cuda_available is None else cuda_available)
-        use_cuda = use_cuda and not cpu
-        if use_cuda:
+        if use_cuda and not flags.get("cpu"):
             device = torch.device("cuda")
             vae = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
             unet = text = torch.float16
@@ -65,31 +101,63 @@ class DevicePolicy:
             vae = torch.float32
             reason = ("CPU with native bf16: bf16 UNet and text encoders, fp32 VAE" if native
                       else "CPU without native bf16: fp32 everywhere")
-        if force_fp16:
+        if flags.get("force_fp16"):
             unet = text = torch.float16
-        if bf16_unet:
-            unet = torch.bfloat16
-        if bf16_vae:
-            vae = torch.bfloat16
-        if fp32_vae:
-            vae = torch.float32
-        if force_fp32:
+        if flags.get("force_fp32"):
             unet = text = vae = torch.float32
-        offload = device if gpu_only else torch.device("cpu")
-        return cls(device, unet, text, vae, reason, offload)
+        unet = _flagged(flags, UNET_FLAG_DTYPES, unet)
+        vae_device = torch.device("cpu") if flags.get("cpu_vae") else None
+        vae = _flagged(flags, VAE_FLAG_DTYPES,
+                       torch.float32 if vae_device is not None else vae)
+        text_storage = _flagged_storage(flags, TEXT_STORAGE_FLAGS)
+        if text_storage is not None:  # ComfyUI computes its SD text encoders in fp32
+            text = torch.float32
+        offload = device if flags.get("gpu_only") else torch.device("cpu")
+        return cls(device, unet, text, vae, reason, offload, vae_device,
+                   _flagged_storage(flags, UNET_STORAGE_FLAGS), text_storage)
 
     @classmethod
     def from_args(cls, args: Any) -> DevicePolicy:
         """From main.py's parsed flags (missing flags count as not given)."""
-        flag = lambda name: bool(getattr(args, name, False))  # noqa: E731
-        return cls.decide(cpu=flag("cpu"), force_fp32=flag("force_fp32"),
-                          force_fp16=flag("force_fp16"), bf16_unet=flag("bf16_unet"),
-                          fp32_vae=flag("fp32_vae"), bf16_vae=flag("bf16_vae"),
-                          gpu_only=flag("gpu_only"))
+        return cls.decide(**{name: bool(getattr(args, name, False))
+                             for name in PRECISION_FLAGS})
+
+    @property
+    def vae_compute_device(self) -> torch.device:
+        return self.vae_device or self.device
 
     def describe(self) -> str:
-        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
         resting = ("" if self.offload_device == self.device
                    else f" (weights rest on {self.offload_device})")
-        return (f"device {self.device}{resting}, UNet {names.get(self.unet_dtype)}, text "
-                f"encoders {names.get(self.text_dtype)}, VAE {names.get(self.vae_dtype)}")
+        vae_place = f" on {self.vae_device}" if self.vae_device is not None else ""
+        return (f"device {self.device}{resting}, UNet "
+                f"{_dtype_text(self.unet_dtype, self.unet_storage_dtype)}, text encoders "
+                f"{_dtype_text(self.text_dtype, self.text_storage_dtype)}, VAE "
+                f"{_dtype_text(self.vae_dtype, None)}{vae_place}")
+
+
+def _flagged(flags: dict[str, bool], table: Mapping[str, torch.dtype],
+             default: torch.dtype) -> torch.dtype:
+    return next((dtype for name, dtype in table.items() if flags.get(name)), default)
+
+
+def _flagged_storage(flags: dict[str, bool], table: Mapping[str, str]) -> torch.dtype | None:
+    return next((storage_dtype(name) for flag, name in table.items() if flags.get(flag)), None)
+
+
+def _dtype_text(compute: torch.dtype, storage: torch.dtype | None) -> str:
+    name = str(compute).removeprefix("torch.")
+    if storage is None or storage == compute:
+        return name
+    return f"{name} (weights rounded to {str(storage).removeprefix('torch.')})"
+
+
+def round_weights(module: nn.Module, storage: torch.dtype | None) -> None:
+    """ComfyUI's "store weights in X" (fp16/bf16/fp8 weights cast up per layer for the math),
+    as numbers: every floating parameter is rounded to X and kept in its own dtype."""
+    if storage is None:
+        return
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.is_floating_point() and param.dtype != storage:
+                param.data = param.data.to(storage).to(param.dtype)

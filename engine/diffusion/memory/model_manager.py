@@ -42,6 +42,8 @@ logger = logging.getLogger("loom.models")
 # loads the weights (from the file if evicted, onto the compute device if offloaded) and keeps
 # them loaded and unmoved for the block (engine.diffusion.patches.patching.patched enters it).
 RESIDENT_HOOK = "_loom_ensure_resident"
+# Class attribute saying what a module is to the device policy ("vae": --cpu-vae applies).
+COMPUTE_ROLE = "compute_role"
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class ModelManager:
                 value = loader()
                 self.loads += 1
                 modules = modules_of(value)
-                placements = [Placement(module, self.policy.device, self.policy.offload_device,
+                placements = [Placement(module, self.compute_device_for(module),
+                                        self.policy.offload_device,
                                         f"{_entry_name(key)}/{type(module).__name__}")
                               for module in modules]
                 entry = Entry(key, value, loader, modules, placements,
@@ -149,6 +152,15 @@ class ModelManager:
             self._touch(entry)
             return entry.value
 
+    def compute_device_for(self, module: nn.Module) -> torch.device:
+        """The policy's device; its VAE device for modules whose class says
+        `compute_role = "vae"` (--cpu-vae keeps those on the CPU); the CPU for modules marked
+        `compute_role = "cpu"` (CLIPLoader's device option)."""
+        role = getattr(module, COMPUTE_ROLE, None)
+        if role == "vae":
+            return self.policy.vae_compute_device
+        return torch.device("cpu") if role == "cpu" else self.policy.device
+
     def _install_hooks(self, entry: Entry, module: nn.Module, placement: Placement) -> None:
         """Any forward through the module (or one of its top-level parts) marks it used and
         loads it first; patching.patched holds it loaded through the residency hook."""
@@ -158,14 +170,15 @@ class ModelManager:
         for part in (module, *module.children()):
             part.register_forward_pre_hook(on_use)
         setattr(module, RESIDENT_HOOK, lambda: self._hold(entry, placement))
-        setattr(module, COMPUTE_DEVICE, self.policy.device)
+        setattr(module, COMPUTE_DEVICE, placement.compute)
 
     def _touch(self, entry: Entry, placement: Placement | None = None) -> None:
         with self._lock:
             entry.last_used = next(self._clock)
             if entry.evicted:
                 self._reload(entry)
-            if placement is not None and self.vram is not None:
+            if (placement is not None and self.vram is not None
+                    and placement.compute == self.policy.device):  # not a --cpu-vae module
                 placement.last_used = entry.last_used
                 if not placement.loaded:
                     self._load_to_compute(placement, self.vram)

@@ -224,6 +224,8 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """LDM's KL autoencoder: `encoder`, `decoder`, `quant_conv`, `post_quant_conv`."""
 
+    compute_role = "vae"  # the model manager runs it on the policy's VAE device (--cpu-vae)
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config

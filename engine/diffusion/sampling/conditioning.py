@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.diffusion.networks.unet import sdxl_adm, sdxl_refiner_adm
+from engine.diffusion.networks.noise_augment import unclip_adm
+from engine.diffusion.networks.unet import ADM_NUMBER_DIM, sdxl_adm, sdxl_refiner_adm
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.image_ops import center_crop, repeat_to_batch
 
@@ -53,6 +54,8 @@ MIN_BOUNDS_AREA = 8  # "mask bounds" areas are at least this many latent cells o
 # when nothing was masked (ComfyUI's constants).
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 REFINER_AESTHETIC_SCORE = MappingProxyType({"positive": 6.0, "negative": 2.5})
+UNCLIP_SEED_OFFSET = 10  # ComfyUI draws unCLIP's embedding noise from seed - 10
+UNCLIP_MERGE_AUGMENTATION = 0.05  # several images: their sum is noised again at this level
 
 
 @runtime_checkable
@@ -125,6 +128,7 @@ class SamplingInputs:
     denoise_mask: Tensor | None  # (B, C, H, W) noise mask, or None
     device: torch.device
     sigmas: Tensor | None = None  # the run's schedule (what patches see as sample_sigmas)
+    seed: int = 0  # the run's noise seed (unCLIP's embedding noise is drawn from seed - 10)
 
 
 def prepare_entries(model: ModelHandle, conditioning: Conditioning, prompt_type: str,
@@ -171,7 +175,8 @@ def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,
     start, end = options.get("start_percent"), options.get("end_percent")
     model_inputs = ModelInputs(
         context=cond.to(inputs.device),
-        y=adm_vector(model, options, prompt_type, inputs.noise_shape, inputs.device),
+        y=adm_vector(model, options, prompt_type, inputs.noise_shape, inputs.device,
+                     inputs.seed),
         concat=inpaint_concat(model, options, inputs))
     return CondEntry(
         model_inputs, area=area, strength=float(options.get("strength", 1.0)), mask=mask,
@@ -237,11 +242,23 @@ def mask_bounds(mask: Tensor) -> Area:
 
 
 def adm_vector(model: ModelHandle, options: Mapping[str, Any], prompt_type: str,
-               noise_shape: torch.Size, device: torch.device) -> Tensor | None:
-    """SDXL's vector conditioning `y` for one entry; None for models without one."""
+               noise_shape: torch.Size, device: torch.device, seed: int = 0) -> Tensor | None:
+    """The vector conditioning `y` for one entry (SDXL's, or an unCLIP model's image
+    embedding); None for models without one. unCLIPConditioning entries replace SDXL's pooled
+    text with the noised image embedding (ComfyUI's "revision")."""
     if model.config.adm_in_channels is None:
         return None
+    unclip = options.get("unclip_conditioning")
+    if model.family == "sd2":  # SD 2.1 unCLIP: zeros without an image
+        if unclip is None:
+            return torch.zeros((1, model.config.adm_in_channels), device=device)
+        return unclip_adm(unclip, device, seed - UNCLIP_SEED_OFFSET,
+                          options.get("unclip_noise_augment_merge", UNCLIP_MERGE_AUGMENTATION))
     pooled = options.get("pooled_output")
+    if unclip is not None:
+        numbers = 5 if model.family == "sdxl_refiner" else 6  # size/crop/score numbers in y
+        width = model.config.adm_in_channels - numbers * ADM_NUMBER_DIM  # 1280 when released
+        pooled = unclip_adm(unclip, device, seed - UNCLIP_SEED_OFFSET)[:, :width]
     if pooled is None:
         raise ValueError(f"the {prompt_type} conditioning has no pooled_output, which an "
                          f"{model.family} model needs; encode the prompt with CLIPTextEncode "

@@ -202,7 +202,7 @@ def guided_sample(guider: SamplingGuider, sampler: SamplerChoice, sigmas: Tensor
     mask = None
     if latent.noise_mask is not None:
         mask = prepare_noise_mask(latent.noise_mask, noise.shape, device)
-    guided = guider.prepare(SamplingInputs(noise.shape, image, mask, device, sigmas))
+    guided = guider.prepare(SamplingInputs(noise.shape, image, mask, device, sigmas, seed))
     last: list[Tensor] = []
     try:
         denoiser: Callable[..., Tensor] = guided
