@@ -22,6 +22,12 @@ bootstrap() {
     want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         "$py" -m pip install --quiet -e ".[test]"
+        # spandrel pulls PyPI's torchvision, a CUDA build that cannot load beside the CPU torch
+        # and then breaks transformers' imports; Loom needs none of it (upscalers.py explains).
+        if ! "$py" -c "import torchvision" >/dev/null 2>&1; then
+            echo "removing PyPI's torchvision: it cannot load beside this CPU build of torch"
+            "$py" -m pip uninstall --quiet -y torchvision
+        fi
         echo "$want" > "$stamp"
     fi
 }

@@ -108,3 +108,16 @@ def test_upscale_nodes_run_through_the_engine(tmp_path: Path, kind: str) -> None
     scale = EXPECTED[kind][1]
     assert upscaled.shape == (2, 16 * scale, 24 * scale, 3)
     assert upscaled.min() >= 0.0 and upscaled.max() <= 1.0
+
+
+def test_spandrel_import_leaves_no_torchvision_stand_in_behind() -> None:
+    """Where torchvision cannot be imported, the stand-in exists only while spandrel imports,
+    so other importers (transformers, custom-node packs) see the environment as it is."""
+    import importlib.util
+    import sys
+
+    from engine.diffusion.networks.upscalers import import_spandrel
+
+    import_spandrel()
+    if importlib.util.find_spec("torchvision") is None:
+        assert not [name for name in sys.modules if name.split(".")[0] == "torchvision"]

@@ -4,18 +4,20 @@ Compact, ...) and builds the network; `UpscaleNet` keeps what the upscale nodes 
 
 spandrel imports torchvision for two architectures that are not upscalers (LaMa inpainting
 and RestoreFormer face restoration), and PyPI's torchvision wheels do not load beside a CPU
-build of torch. Where torchvision cannot be imported, `import_spandrel` registers a stand-in
-module holding the three names those two import: `normalize` (the plain per-channel formula)
-and `InterpolationMode` work; `rotate` raises, saying LaMa needs a working torchvision."""
+build of torch. Where torchvision cannot be imported, `import_spandrel` registers, only while
+spandrel imports, a stand-in module holding the three names those two import: `normalize`
+(the plain per-channel formula) and `InterpolationMode` work; `rotate` raises, saying LaMa
+needs a working torchvision."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib
 import logging
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,10 +54,8 @@ def _rotate(*_: Any, **__: Any) -> Tensor:
                             "for it to use the model")
 
 
-def _torchvision_stand_in() -> None:
-    """Register `torchvision.transforms.functional` with the names spandrel imports."""
-    for name in [key for key in sys.modules if key.split(".")[0] == "torchvision"]:
-        del sys.modules[name]  # a half-imported broken torchvision
+def _torchvision_stand_in() -> dict[str, types.ModuleType]:
+    """`torchvision.transforms.functional` holding the three names spandrel imports."""
     functional = types.ModuleType("torchvision.transforms.functional")
     functional.InterpolationMode = _InterpolationMode  # type: ignore[attr-defined]
     functional.normalize = _normalize  # type: ignore[attr-defined]
@@ -64,18 +64,39 @@ def _torchvision_stand_in() -> None:
     transforms.functional = functional  # type: ignore[attr-defined]
     package = types.ModuleType("torchvision")
     package.transforms = transforms  # type: ignore[attr-defined]
-    package.__loom_stand_in__ = True  # type: ignore[attr-defined]
-    sys.modules.update({"torchvision": package, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
+    return {"torchvision": package, "torchvision.transforms": transforms,
+            "torchvision.transforms.functional": functional}
+
+
+def _torchvision_entries() -> list[str]:
+    return [key for key in sys.modules if key.split(".")[0] == "torchvision"]
+
+
+@contextlib.contextmanager
+def _stand_in_while_importing() -> Iterator[None]:
+    """The stand-in is in sys.modules only while spandrel imports (its two modules bind the
+    names then): afterwards `import torchvision` elsewhere (transformers, packs) sees the real
+    state of the environment, not Loom's three names."""
+    for name in _torchvision_entries():
+        del sys.modules[name]  # a half-imported broken torchvision
+    sys.modules.update(_torchvision_stand_in())
+    try:
+        yield
+    finally:
+        for name in _torchvision_entries():
+            del sys.modules[name]
 
 
 def import_spandrel() -> types.ModuleType:
     """spandrel, with the torchvision stand-in (module docstring) where torchvision fails."""
+    if "spandrel" in sys.modules:
+        return sys.modules["spandrel"]
     try:
         importlib.import_module("torchvision.transforms.functional")
     except Exception as exc:  # noqa: BLE001 -- a broken torchvision raises RuntimeError etc.
         logger.debug("torchvision unavailable (%s); spandrel gets Loom's stand-in", exc)
-        _torchvision_stand_in()
+        with _stand_in_while_importing():
+            return importlib.import_module("spandrel")
     return importlib.import_module("spandrel")
 
 
