@@ -131,9 +131,12 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
 
     @routes.get("/queue")
     async def get_queue(request: web.Request) -> web.Response:
-        return web.json_response({
-            "queue_running": [item.to_json() for item in server.queue.running()],
-            "queue_pending": [item.to_json() for item in server.queue.pending()]})
+        reply = {"queue_running": [item.to_json() for item in server.queue.running()],
+                 "queue_pending": [item.to_json() for item in server.queue.pending()]}
+        cluster = server.worker.cluster_status()
+        if cluster is not None:
+            reply["loom_workers"] = cluster["workers"]
+        return web.json_response(reply)
 
     @routes.post("/queue")
     async def post_queue(request: web.Request) -> web.Response:
