@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ logger = logging.getLogger("loom.cluster")
 
 READY_POLL_S = 2.0  # how long one wait for a (re)starting worker blocks before checking stop
 HEALTH_TIMEOUT_S = 5.0
+RECENT_SHOWN = 16  # finished prompt ids each worker lists in /queue and /system_stats
 
 
 class Pool(Protocol):
@@ -44,6 +46,7 @@ class WorkerSlot:
     state: str = "starting"  # starting | ready | restarting | failed
     view: WorkerView | None = None
     running: set[str] = field(default_factory=set)
+    finished: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_SHOWN))
     restarts: int = 0
     error: str | None = None
 
@@ -54,7 +57,8 @@ class WorkerSlot:
     def to_json(self) -> dict[str, Any]:
         shown = self.view.report.to_json() if self.view is not None else {"label": self.label}
         return {"index": self.index, "state": self.state, **shown,
-                "running": sorted(self.running), "restarts": self.restarts, "error": self.error}
+                "running": sorted(self.running), "recent_prompts": list(self.finished),
+                "restarts": self.restarts, "error": self.error}
 
 
 class Dispatcher:
@@ -150,6 +154,8 @@ class Dispatcher:
     def _release(self, slot: WorkerSlot, prompt_id: str, report: WorkerReport | None) -> None:
         with self._changed:
             slot.running.discard(prompt_id)
+            if report is not None:
+                slot.finished.append(prompt_id)
             self._changed.notify_all()
         if report is not None:
             self._update(slot, report)

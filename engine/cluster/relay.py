@@ -37,7 +37,7 @@ class RelayListener(ExecutionListener):
         elif name == "executed" and isinstance(data.get("output"), dict):
             files = self.collect(data["output"])
         elif name == "execution_error":
-            data = {**data, "exception_message": f"{self.label}: {data.get('exception_message')}"}
+            data = labelled(data, self.label)
         self.stream.put((("event", name, data), files))
 
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
@@ -46,6 +46,11 @@ class RelayListener(ExecutionListener):
     def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
         if self.previews:
             self.stream.put((("preview", node_id, image), []))
+
+
+def labelled(error: dict[str, Any], label: str) -> dict[str, Any]:
+    """An execution_error payload whose message starts with the worker's label."""
+    return {**error, "exception_message": f"{label}: {error.get('exception_message')}"}
 
 
 def replay(batch: Batch, listener: ExecutionListener, prompt_id: str, rename: Rename) -> None:

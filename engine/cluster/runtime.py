@@ -25,7 +25,7 @@ from typing import Any
 from engine.cache import OutputCache
 from engine.cluster.affinity import available_model_files, loaded_model_files, structural_keys
 from engine.cluster.protocol import Batch, Call, Job, Outcome, ShippedFile, WorkerReport
-from engine.cluster.relay import RelayListener
+from engine.cluster.relay import RelayListener, labelled
 from engine.cluster.shipping import OutputCollector, stage_inputs
 from engine.events import timestamp_ms
 from engine.executor import Executor
@@ -155,8 +155,9 @@ class WorkerRuntime:
         keys = structural_keys(checked.prompt)
         self.recent.append(frozenset(keys[node_id] for node_id in needed))
         self.prompts_run += 1
-        return Outcome(job.prompt_id, result.status, result.outputs, result.error,
-                       result.executed, result.cached, result.timings)
+        error = labelled(result.error, self.label) if result.status == "error" else result.error
+        return Outcome(job.prompt_id, result.status, result.outputs, error, result.executed,
+                       result.cached, result.timings)
 
     def _invalid(self, job: Job, listener: RelayListener, problem: dict[str, Any]) -> Outcome:
         """The prompt does not validate here (a model missing on this machine, a custom node
@@ -180,7 +181,7 @@ class WorkerRuntime:
             listener.event("execution_start", {"prompt_id": job.prompt_id,
                                                "timestamp": payload["timestamp"]})
         listener.event("execution_error", payload)
-        return Outcome(job.prompt_id, "error", {}, payload, [], [], {})
+        return Outcome(job.prompt_id, "error", {}, labelled(payload, self.label), [], [], {})
 
     # -- requests from the server ----------------------------------------------------------
     def interrupt(self, prompt_id: str | None = None) -> list[str]:
