@@ -18,7 +18,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 import ray  # noqa: E402
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError  # noqa: E402
+from ray.exceptions import (  # noqa: E402
+    ActorUnavailableError,
+    GetTimeoutError,
+    RayActorError,
+    RayTaskError,
+)
 
 from engine.cluster.protocol import (  # noqa: E402
     Batch,
@@ -28,12 +33,13 @@ from engine.cluster.protocol import (  # noqa: E402
     WorkerLost,
     WorkerReport,
 )
-from engine.cluster.runtime import APP_FACTORY, WorkerRuntime  # noqa: E402
+from engine.cluster.runtime import APP_FACTORY, UnknownJob, WorkerRuntime  # noqa: E402
 
 logger = logging.getLogger("loom.cluster")
 
 NAMESPACE = "loom"
 CONTROL_CALLS = 2  # interrupt/report/free calls an actor answers while its slots are busy
+POLL_S = 1.0  # longest a poll waits on the worker for a running prompt's next events
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,11 @@ class LoomWorkerActor:
                             else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.runtime = WorkerRuntime(index, args, capacity=capacity, factory=factory)
 
-    def run(self, job: Job) -> Any:
-        yield from self.runtime.run(job)
+    def start(self, job: Job) -> None:
+        self.runtime.start(job)
+
+    def poll(self, prompt_id: str, timeout: float) -> list[Batch | Outcome]:
+        return self.runtime.poll(prompt_id, timeout)
 
     def interrupt(self, prompt_id: str | None) -> list[str]:
         return self.runtime.interrupt(prompt_id)
@@ -110,7 +119,7 @@ class WorkerPool:
         self._connect()
         actor_class = ray.remote(
             num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker,
-            max_concurrency=self.config.prompts_per_worker + CONTROL_CALLS,
+            max_concurrency=2 * self.config.prompts_per_worker + CONTROL_CALLS,
             max_restarts=-1, max_task_retries=0)(LoomWorkerActor)
         self.actors = [actor_class.remote(index, self.args, self.config.prompts_per_worker,
                                           self.config.factory)
@@ -122,14 +131,16 @@ class WorkerPool:
     def _connect(self) -> None:
         if ray.is_initialized():
             return  # the embedding program (a test, a notebook) already connected
-        options: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver":
-                                   self.config.log_to_driver, "include_dashboard": False}
-        if self.config.address:
-            ray.init(address=self.config.address, **options)
+        options: dict[str, Any] = {"namespace": NAMESPACE,
+                                   "log_to_driver": self.config.log_to_driver}
+        if self.config.address.startswith("ray://"):
+            ray.init(address=self.config.address, **options)  # Ray Client: no local options
+        elif self.config.address:
+            ray.init(address=self.config.address, include_dashboard=False, **options)
         else:
             cpus = max(os.cpu_count() or 1,
                        math.ceil(self.config.workers * self.config.cpus_per_worker))
-            ray.init(address="local", num_cpus=cpus, **options)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
         self._started_ray = True
 
     def wait_ready(self, index: int, timeout: float | None = None) -> WorkerReport | None:
@@ -167,16 +178,20 @@ class WorkerPool:
             ) -> Outcome:
         """Run `job` on worker `index`, handing each Batch to `on_batch` as it arrives.
         Raises WorkerLost when the worker dies or its node leaves the cluster."""
-        stream = self.actors[index].run.remote(job)
+        actor = self.actors[index]
         try:
-            for ref in stream:
-                item = ray.get(ref)
-                if isinstance(item, Outcome):
-                    return item
-                on_batch(item)
+            ray.get(actor.start.remote(job))
+            while True:
+                for item in ray.get(actor.poll.remote(job.prompt_id, POLL_S)):
+                    if isinstance(item, Outcome):
+                        return item
+                    on_batch(item)
         except RayActorError as exc:
             raise WorkerLost(index, label, type(exc).__name__) from exc
-        raise WorkerLost(index, label, "its stream ended without an outcome")
+        except RayTaskError as exc:
+            if isinstance(exc.cause, UnknownJob):
+                raise WorkerLost(index, label, str(exc.cause)) from exc
+            raise
 
     def interrupt(self, index: int, prompt_id: str | None) -> None:
         self.actors[index].interrupt.remote(prompt_id)

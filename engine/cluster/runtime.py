@@ -1,6 +1,7 @@
 """The body of one worker actor, free of Ray so it can be tested in process: it builds its own
 Loom (registry with built-in and custom nodes, model manager, executors with their output
-caches) from the server's flags, runs jobs, and streams their events and output files back.
+caches) from the server's flags, runs jobs, and hands their events and output files back to the
+server's polls (plain calls, which Ray Client supports, unlike streaming generators).
 
 Input, output and temp folders are private staging folders of the worker; models and custom
 nodes come from the worker machine's own base directory (`LOOM_BASE_DIRECTORY` in the worker's
@@ -18,13 +19,13 @@ import tempfile
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engine.cache import OutputCache
 from engine.cluster.affinity import available_model_files, loaded_model_files, structural_keys
-from engine.cluster.protocol import Batch, Call, Job, Outcome, ShippedFile, WorkerReport
+from engine.cluster.protocol import Batch, Job, Outcome, WorkerReport
 from engine.cluster.relay import RelayListener, labelled
 from engine.cluster.shipping import OutputCollector, stage_inputs
 from engine.events import timestamp_ms
@@ -35,8 +36,6 @@ from engine.validation import validate_prompt
 APP_FACTORY = "main:build_app"  # module:function building (registry, services, executor)
 BASE_ENV = "LOOM_BASE_DIRECTORY"
 RECENT_PROMPTS = 8  # prompts whose node keys a non-classic cache may still hold
-
-Item = tuple[Call, list[ShippedFile]]
 
 
 def resolve_factory(name: str) -> Callable[[argparse.Namespace], Any]:
@@ -79,6 +78,7 @@ class WorkerRuntime:
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.label = f"worker {index} ({self.host} pid {self.pid})"
         self.running: dict[str, Executor] = {}
+        self._streams: dict[str, queue.Queue[Any]] = {}
         self.cancelled: set[str] = set()
         keep = 1 if app.executor.cache.policy == "classic" else RECENT_PROMPTS
         self.recent: deque[frozenset[str]] = deque(maxlen=keep * capacity)
@@ -93,29 +93,38 @@ class WorkerRuntime:
         return Executor(first.registry, services, twin)
 
     # -- running a job ---------------------------------------------------------------------
-    def run(self, job: Job) -> Iterator[Batch | Outcome]:
-        """Run `job`; yields Batches of its events as they happen, then its Outcome."""
+    def start(self, job: Job) -> None:
+        """Start running `job`; its events and outcome are then read with `poll`."""
         stream: queue.Queue[Any] = queue.Queue()
+        with self._lock:
+            if job.prompt_id in self._streams:
+                raise ValueError(f"prompt {job.prompt_id} is already running on {self.label}; "
+                                 f"give each job its own prompt id")
+            self._streams[job.prompt_id] = stream
         threading.Thread(target=self._execute, args=(job, stream), daemon=True,
                          name=f"loom-job-{job.prompt_id[:8]}").start()
-        while True:
-            first = stream.get()
-            if isinstance(first, Outcome):
-                yield first
-                return
-            batch = Batch([first[0]], list(first[1]))
-            while True:
-                try:
-                    item = stream.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, Outcome):
-                    yield batch
-                    yield item
-                    return
-                batch.calls.append(item[0])
-                batch.files.extend(item[1])
-            yield batch
+
+    def poll(self, prompt_id: str, timeout: float) -> list[Batch | Outcome]:
+        """What job `prompt_id` did since the last poll: a Batch of its listener calls (waits up
+        to `timeout` seconds for the first), then its Outcome once it is over."""
+        with self._lock:
+            stream = self._streams.get(prompt_id)
+        if stream is None:
+            raise UnknownJob(f"{self.label} runs no prompt {prompt_id} (it restarted since, or "
+                             f"the prompt was never started here)")
+        try:
+            items = [stream.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not isinstance(items[-1], Outcome):
+            try:
+                items.append(stream.get_nowait())
+            except queue.Empty:
+                break
+        if isinstance(items[-1], Outcome):
+            with self._lock:
+                self._streams.pop(prompt_id, None)
+        return merged(items)
 
     def _execute(self, job: Job, stream: queue.Queue[Any]) -> None:
         executor = self.idle.get()
@@ -228,6 +237,18 @@ class WorkerRuntime:
             len(self.registry), self.capacity, running, loaded_model_files(manager, paths),
             available_model_files(paths), frozenset().union(*self.recent), self.prompts_run,
             manager.stats() if hasattr(manager, "stats") else None)
+
+
+class UnknownJob(KeyError):
+    """A poll for a prompt this worker is not running (typically: it restarted since)."""
+
+
+def merged(items: list[Any]) -> list[Batch | Outcome]:
+    """Stream items, (call, files) pairs and a final Outcome, as one Batch (and the Outcome)."""
+    calls = [item for item in items if not isinstance(item, Outcome)]
+    batch = Batch([call for call, _ in calls], [f for _, files in calls for f in files])
+    ending = [item for item in items if isinstance(item, Outcome)]
+    return ([batch] if calls else []) + ending
 
 
 def error_payload(prompt_id: str, message: str, exception_type: str) -> dict[str, Any]:

@@ -3,15 +3,14 @@ streams a job's events with the files its outputs wrote, and names itself in its
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.cluster.protocol import Batch, Job, Outcome, ShippedFile
-from engine.cluster.runtime import WorkerRuntime
+from engine.cluster.runtime import UnknownJob, WorkerRuntime
 from main import build_parser
 from tests.web.inprocess import png_bytes
 from tests.web.prompt_helpers import base_with_test_pack, image_workflow, slow_workflow
@@ -24,11 +23,17 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> WorkerRuntime:
     return WorkerRuntime(3, args)
 
 
-def run(runtime: WorkerRuntime, job: Job) -> tuple[list[Batch], Outcome]:
-    items = list(runtime.run(job))
-    *batches, outcome = items
-    assert isinstance(outcome, Outcome)
-    return batches, outcome
+def run(runtime: WorkerRuntime, job: Job,
+        on_batch: Callable[[Batch], None] = lambda batch: None) -> tuple[list[Batch], Outcome]:
+    """Start `job` and poll it to its end, as the server does through Ray."""
+    runtime.start(job)
+    batches: list[Batch] = []
+    while True:
+        for item in runtime.poll(job.prompt_id, timeout=1.0):
+            if isinstance(item, Outcome):
+                return batches, item
+            batches.append(item)
+            on_batch(item)
 
 
 def events(batches: list[Batch]) -> list[tuple[str, dict[str, Any]]]:
@@ -79,25 +84,20 @@ def test_a_model_missing_on_the_worker_is_an_error_naming_the_worker(
 
 def test_an_interrupt_reaches_the_running_prompt(runtime: WorkerRuntime) -> None:
     job = Job("p5", slow_workflow(1, steps=200, delay=0.05), ["3"], {})
-    stream: Iterator[Batch | Outcome] = runtime.run(job)
-    first_progress = threading.Event()
+    reached: list[list[str]] = []
 
-    def consume() -> list[Batch | Outcome]:
-        items = []
-        for item in stream:
-            items.append(item)
-            if isinstance(item, Batch) and any(c[1] == "progress" for c in item.calls):
-                first_progress.set()
-        return items
+    def interrupt_at_first_progress(batch: Batch) -> None:
+        if not reached and any(call[1] == "progress" for call in batch.calls):
+            reached.append(runtime.interrupt("p5"))
 
-    results: list[list[Batch | Outcome]] = []
-    reader = threading.Thread(target=lambda: results.append(consume()))
-    reader.start()
-    assert first_progress.wait(60)
-    assert runtime.interrupt("p5") == ["p5"]
-    reader.join(60)
-    outcome = results[0][-1]
-    assert isinstance(outcome, Outcome) and outcome.status == "interrupted"
+    _, outcome = run(runtime, job, interrupt_at_first_progress)
+    assert reached == [["p5"]] and outcome.status == "interrupted"
+
+
+def test_a_poll_for_a_prompt_the_worker_does_not_run_is_refused(
+        runtime: WorkerRuntime) -> None:
+    with pytest.raises(UnknownJob, match="runs no prompt nope"):
+        runtime.poll("nope", timeout=0.0)
 
 
 def test_an_interrupt_for_another_prompt_reaches_nothing(runtime: WorkerRuntime) -> None:
