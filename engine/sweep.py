@@ -167,18 +167,21 @@ def expand(api: dict[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Sweep
     check_count(len(rows))
     items = []
     for index, row in enumerate(rows):
-        for target in row:
-            node_id, _ = split_target(target, "sweep")
-            if node_id not in api:
-                known = ", ".join(sorted(api, key=lambda n: (len(n), n)))
-                raise SweepError(f"sweep {target}: the workflow has no node {node_id!r} (its "
-                                 f"nodes: {known})")
-        overrides = [Override(*split_target(target, "sweep"), value)
-                     for target, value in row.items()]
+        overrides = [override_for(api, target, value) for target, value in row.items()]
         label = label_for(row)
-        prompt = named_outputs(apply_overrides(api, overrides), label)
-        items.append(SweepItem(index, dict(row), label, prompt))
+        prompt = apply_overrides(api, overrides)
+        items.append(SweepItem(index, dict(row), label,
+                               named_outputs(prompt, label) if label else prompt))
     return items
+
+
+def override_for(api: dict[str, Any], target: str, value: Any) -> Override:
+    node_id, input_name = split_target(target, "sweep")
+    if node_id not in api:
+        known = ", ".join(sorted(api, key=lambda n: (len(n), n)))
+        raise SweepError(f"sweep {target}: the workflow has no node {node_id!r} (its nodes: "
+                         f"{known})")
+    return Override(node_id, input_name, value)
 
 
 def rows_from_request(sweep: Any) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.cluster.affinity import prompt_needs
 from engine.cluster.dispatcher import Dispatcher, WorkerSlot
-from engine.cluster.protocol import Batch, Job, Outcome, WorkerFailed, WorkerLost
+from engine.cluster.protocol import Batch, Job, Outcome, WorkerLost
 from engine.cluster.relay import replay
 from engine.cluster.runtime import error_payload
 from engine.cluster.shipping import FileLanding, input_files
@@ -184,8 +184,11 @@ class ClusterWorker(Worker):
         except WorkerLost as lost:
             self._worker_lost(slot, item, job, prompt, lost)
             return
-        except WorkerFailed as exc:
-            self._record_failure(item, error_payload(item.prompt_id, str(exc), "WorkerFailed"))
+        except Exception as exc:  # noqa: BLE001 - the prompt fails, the server carries on
+            logger.exception("prompt %s failed on %s outside any node", item.prompt_id,
+                             slot.label)
+            self._record_failure(item, error_payload(item.prompt_id, f"{slot.label}: {exc}",
+                                                     type(exc).__name__))
             return
         finally:
             self._listeners.pop(item.prompt_id, None)

@@ -12,7 +12,7 @@ from collections import deque
 from engine.batch import BatchJob, BatchRow, Done, error_text, output_files
 from engine.cluster.affinity import prompt_needs
 from engine.cluster.dispatcher import Dispatcher, WorkerSlot
-from engine.cluster.protocol import Job, WorkerFailed, WorkerLost
+from engine.cluster.protocol import Job, WorkerLost
 from engine.cluster.shipping import FileLanding, input_files
 from engine.paths import Paths
 from engine.registry import NodeRegistry
@@ -89,8 +89,13 @@ class ClusterBatchRunner:
         try:
             outcome = self.dispatcher.run(
                 slot, work, lambda batch: self.landing.land(slot.index, batch.files))
-        except (WorkerLost, WorkerFailed) as exc:
+        except WorkerLost as exc:
             self._lost(slot, job, deaths, exc, on_done)
+            return
+        except Exception as exc:  # noqa: BLE001 - this prompt fails, the batch goes on
+            logger.exception("%s failed on %s outside any node", job_id(job), slot.label)
+            self._done(BatchRow(job, "error", time.perf_counter() - started, slot.label,
+                                error=f"{type(exc).__name__}: {exc}"), on_done)
             return
         outputs = {node: self.landing.rename(slot.index, ui)
                    for node, ui in outcome.outputs.items()}

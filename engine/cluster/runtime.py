@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import os
 import queue
+import shutil
 import socket
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from engine.validation import validate_prompt
 APP_FACTORY = "main:build_app"  # module:function building (registry, services, executor)
 BASE_ENV = "LOOM_BASE_DIRECTORY"
 RECENT_PROMPTS = 8  # prompts whose node keys a non-classic cache may still hold
+STAGING_PREFIX = "loom-worker-"  # + pid: the staging folder of a worker process
 
 
 def resolve_factory(name: str) -> Callable[[argparse.Namespace], Any]:
@@ -65,7 +67,9 @@ class WorkerRuntime:
     def __init__(self, index: int, args: argparse.Namespace, *, capacity: int = 1,
                  factory: str = APP_FACTORY) -> None:
         self.index = index
-        self.staging = Path(tempfile.mkdtemp(prefix=f"loom-worker-{index}-"))
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        remove_stale_staging(Path(tempfile.gettempdir()))
+        self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{self.pid}-"))
         app = resolve_factory(factory)(worker_namespace(args, self.staging))
         self.registry, self.services = app.registry, app.services
         self.capacity = capacity
@@ -75,7 +79,6 @@ class WorkerRuntime:
         for executor in self.executors:
             self.idle.put(executor)
         self.collector = OutputCollector(self.services.paths)
-        self.host, self.pid = socket.gethostname(), os.getpid()
         self.label = f"worker {index} ({self.host} pid {self.pid})"
         self.running: dict[str, Executor] = {}
         self._streams: dict[str, queue.Queue[Any]] = {}
@@ -237,6 +240,25 @@ class WorkerRuntime:
             len(self.registry), self.capacity, running, loaded_model_files(manager, paths),
             available_model_files(paths), frozenset().union(*self.recent), self.prompts_run,
             manager.stats() if hasattr(manager, "stats") else None)
+
+
+def remove_stale_staging(temp: Path) -> None:
+    """Delete the staging folders of worker processes that are gone (killed workers cannot
+    clean up after themselves)."""
+    for folder in temp.glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 class UnknownJob(KeyError):

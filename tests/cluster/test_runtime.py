@@ -3,6 +3,7 @@ streams a job's events with the files its outputs wrote, and names itself in its
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,43 @@ def test_a_worker_takes_its_base_directory_from_its_environment(
     values = worker_namespace(args, tmp_path / "staging")
     assert values.base_directory == tmp_path / "here"
     assert values.output_directory == tmp_path / "staging" / "output"
+
+
+def test_a_worker_with_two_slots_runs_two_prompts_at_once(tmp_path: Path) -> None:
+    base = base_with_test_pack(tmp_path / "base")
+    args = build_parser()[0].parse_args(["--base-directory", str(base)])
+    runtime = WorkerRuntime(0, args, capacity=2)
+    jobs = [Job(f"slot-{value}", slow_workflow(value, steps=400, delay=0.01), ["3"], {})
+            for value in (1, 2)]
+    for job in jobs:
+        runtime.start(job)
+    progressed: set[str] = set()
+    while progressed != {"slot-1", "slot-2"}:  # both report steps before either is over
+        for job in jobs:
+            for item in runtime.poll(job.prompt_id, timeout=0.05):
+                assert isinstance(item, Batch), "a prompt ended before the other one started"
+                if any(call[1] == "progress" for call in item.calls):
+                    progressed.add(job.prompt_id)
+    assert len({id(executor) for executor in runtime.running.values()}) == 2
+    assert sorted(runtime.interrupt(None)) == ["slot-1", "slot-2"]
+    for job in jobs:
+        ends: list[Batch | Outcome] = []
+        while not any(isinstance(item, Outcome) for item in ends):
+            ends = runtime.poll(job.prompt_id, timeout=1.0)
+        assert isinstance(ends[-1], Outcome) and ends[-1].status == "interrupted"
+
+
+def test_staging_folders_of_dead_worker_processes_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from engine.cluster.runtime import remove_stale_staging
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = tmp_path / f"loom-worker-{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"loom-worker-{os.getpid()}-def"
+    for folder in (dead, alive):
+        (folder / "output").mkdir(parents=True)
+    remove_stale_staging(tmp_path)
+    assert not dead.exists() and alive.exists()
