@@ -25,13 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from engine.cache import OutputCache
-from engine.cluster.affinity import available_model_files, loaded_model_files, structural_keys
+from engine.cluster.affinity import (
+    available_model_files,
+    loaded_model_files,
+    model_files,
+    structural_keys,
+)
 from engine.cluster.protocol import Batch, Job, Outcome, WorkerReport
 from engine.cluster.relay import RelayListener, labelled
 from engine.cluster.shipping import OutputCollector, stage_inputs
 from engine.events import timestamp_ms
 from engine.executor import Executor
-from engine.graph import GraphPlanner
+from engine.graph import GraphPlanner, Prompt
 from engine.validation import validate_prompt
 
 APP_FACTORY = "main:build_app"  # module:function building (registry, services, executor)
@@ -176,10 +181,21 @@ class WorkerRuntime:
         not installed): an execution_error naming this worker and every problem."""
         error = problem.get("error") or {}
         message = (f"the prompt does not validate on this worker: {error.get('message', '')} "
-                   f"{error.get('details', '')}; put the missing files or custom nodes on this "
-                   f"machine (its own models folders or extra_model_paths.yaml)")
+                   f"{error.get('details', '')}{self._missing_models(job)}; put the missing "
+                   f"files or custom nodes on this machine (its own models folders or "
+                   f"extra_model_paths.yaml)")
         return self._fail(job, listener, message, "WorkerValidationError",
                           node_errors=problem.get("node_errors", {}))
+
+    def _missing_models(self, job: Job) -> str:
+        """"; missing here: checkpoints/x.safetensors (looked in /models/checkpoints)"."""
+        paths = self.services.paths
+        wanted = model_files(Prompt.parse(job.prompt), self.registry)
+        missing = sorted((kind, name) for kind, name in wanted
+                         if name not in paths.list_files(kind))
+        shown = [f"{kind}/{name} (looked in {', '.join(map(str, paths.folder_dirs(kind)))})"
+                 for kind, name in missing]
+        return f"; missing here: {'; '.join(shown)}" if shown else ""
 
     def _failure(self, job: Job, listener: RelayListener, exc: Exception) -> Outcome:
         """A failure outside any node (a bug, a full disk): the prompt's error, not the actor's."""

@@ -80,6 +80,8 @@ def test_a_model_missing_on_the_worker_is_an_error_naming_the_worker(
     message = outcome.error["exception_message"]
     assert message.startswith(f"worker 3 ({runtime.host} pid {runtime.pid})")
     assert "absent.safetensors" in str(outcome.error["node_errors"])
+    checkpoints = runtime.services.paths.folder_dirs("checkpoints")[0]
+    assert f"missing here: checkpoints/absent.safetensors (looked in {checkpoints}" in message
     assert [name for name, _ in events(batches)] == ["execution_start", "execution_error"]
 
 
