@@ -35,7 +35,6 @@ logger = logging.getLogger("loom.web.cluster")
 POLL_S = 1.0
 HEALTH_EVERY_S = 5.0
 CONNECT_RETRY_S = 5.0
-MAX_WORKER_DEATHS = 2  # a prompt running on this many workers that died fails instead
 
 
 class ClusterWorker(Worker):
@@ -47,7 +46,6 @@ class ClusterWorker(Worker):
         self.address = address
         self.landing = FileLanding(server.services.paths)
         self._listeners: dict[str, SocketListener] = {}
-        self._deaths: dict[str, list[str]] = {}
         self._runs: list[threading.Thread] = []
         self._connected = threading.Event()
         self._stop_deadline = 0.0
@@ -212,25 +210,19 @@ class ClusterWorker(Worker):
                                      "success" if outcome.ok else "error", listener.messages,
                                      listener.timings)
         self.server.queue.finish(item.prompt_id, record)
-        self._deaths.pop(item.prompt_id, None)
+        self.dispatcher.finished(item.prompt_id)
         listener.send_end_marker()
 
     def _worker_lost(self, slot: WorkerSlot, item: QueueItem, job: Job, prompt: Prompt,
                      lost: WorkerLost) -> None:
-        self.dispatcher.lost(slot)
+        deaths = self.dispatcher.lost(slot, item.prompt_id)
         self.landing.forget(slot.index)
-        deaths = self._deaths.setdefault(item.prompt_id, [])
-        deaths.append(lost.label)
         if self._stopping.is_set():
             return  # still marked running: it runs first after a restart
-        if len(deaths) >= MAX_WORKER_DEATHS:
-            self._deaths.pop(item.prompt_id, None)
-            message = (f"prompt {item.prompt_id} was running on {' and then '.join(deaths)} "
-                       f"when each of them died (process killed or machine lost); it is not "
-                       f"tried a third time. Check those workers' logs (out of memory?) and "
-                       f"queue it again once the cause is fixed")
-            logger.error("%s", message)
-            self._record_failure(item, error_payload(item.prompt_id, message, "WorkerLost"))
+        reason = self.dispatcher.gave_up(item.prompt_id, deaths)
+        if reason is not None:
+            logger.error("%s", reason)
+            self._record_failure(item, error_payload(item.prompt_id, reason, "WorkerLost"))
             return
         logger.warning("%s died while running prompt %s (%s); the prompt goes back to the "
                        "front of the queue", lost.label, item.prompt_id, lost.reason)

@@ -20,7 +20,6 @@ from engine.registry import NodeRegistry
 logger = logging.getLogger("loom.cluster.batch")
 
 ROOM_POLL_S = 1.0
-MAX_WORKER_DEATHS = 2
 
 
 class ClusterBatchRunner:
@@ -32,11 +31,11 @@ class ClusterBatchRunner:
         self.paths = paths
         self.landing = FileLanding(paths)
         self._changed = threading.Condition()
-        self._pending: deque[tuple[BatchJob, int]] = deque()  # (job, deaths so far)
+        self._pending: deque[BatchJob] = deque()
         self._rows: list[BatchRow] = []
 
     def run(self, jobs: list[BatchJob], on_done: Done) -> list[BatchRow]:
-        self._pending.extend((job, 0) for job in jobs)
+        self._pending.extend(jobs)
         self.dispatcher.start()
         threads: list[threading.Thread] = []
         try:
@@ -62,7 +61,7 @@ class ClusterBatchRunner:
         errors = "; ".join(slot.error or slot.label for slot in self.dispatcher.slots)
         with self._changed:
             pending, self._pending = list(self._pending), deque()
-        for job, _ in pending:
+        for job in pending:
             self._done(BatchRow(job, "error", 0.0, "-", error=f"no worker could start: "
                                 f"{errors}"), on_done)
 
@@ -71,18 +70,18 @@ class ClusterBatchRunner:
         with self._changed:
             if not self._pending:
                 return []
-            job, deaths = self._pending[0]
+            job = self._pending[0]
         slot = self.dispatcher.acquire(prompt_needs(job.prompt, self.registry), job_id(job))
         if slot is None:
             return []
         with self._changed:
             self._pending.popleft()
-        thread = threading.Thread(target=self._run_one, args=(slot, job, deaths, on_done),
+        thread = threading.Thread(target=self._run_one, args=(slot, job, on_done),
                                   daemon=True, name=f"loom-batch-{job.item.index}")
         thread.start()
         return [thread]
 
-    def _run_one(self, slot: WorkerSlot, job: BatchJob, deaths: int, on_done: Done) -> None:
+    def _run_one(self, slot: WorkerSlot, job: BatchJob, on_done: Done) -> None:
         work = Job(job_id(job), job.prompt.raw, job.outputs, job.extra_data,
                    input_files(job.prompt, self.paths), previews=False)
         started = time.perf_counter()
@@ -90,30 +89,29 @@ class ClusterBatchRunner:
             outcome = self.dispatcher.run(
                 slot, work, lambda batch: self.landing.land(slot.index, batch.files))
         except WorkerLost as exc:
-            self._lost(slot, job, deaths, exc, on_done)
+            self._lost(slot, job, exc, on_done)
             return
         except Exception as exc:  # noqa: BLE001 - this prompt fails, the batch goes on
             logger.exception("%s failed on %s outside any node", job_id(job), slot.label)
             self._done(BatchRow(job, "error", time.perf_counter() - started, slot.label,
                                 error=f"{type(exc).__name__}: {exc}"), on_done)
             return
+        self.dispatcher.finished(job_id(job))
         outputs = {node: self.landing.rename(slot.index, ui)
                    for node, ui in outcome.outputs.items()}
         self._done(BatchRow(job, outcome.status, time.perf_counter() - started, slot.label,
                             output_files(outputs), error_text(outcome.error)), on_done)
 
-    def _lost(self, slot: WorkerSlot, job: BatchJob, deaths: int, exc: Exception,
-              on_done: Done) -> None:
-        self.dispatcher.lost(slot)
+    def _lost(self, slot: WorkerSlot, job: BatchJob, exc: WorkerLost, on_done: Done) -> None:
+        deaths = self.dispatcher.lost(slot, job_id(job))
         self.landing.forget(slot.index)
-        if deaths + 1 >= MAX_WORKER_DEATHS:
-            self._done(BatchRow(job, "error", 0.0, slot.label, error=f"{exc}; the prompt was "
-                                f"running on two workers that died, it is not tried again"),
-                       on_done)
+        reason = self.dispatcher.gave_up(job_id(job), deaths)
+        if reason is not None:
+            self._done(BatchRow(job, "error", 0.0, slot.label, error=reason), on_done)
             return
-        logger.warning("%s; %s runs again on another worker", exc, job.item.label or "prompt")
+        logger.warning("%s; %s runs again on another worker", exc, job_id(job))
         with self._changed:
-            self._pending.appendleft((job, deaths + 1))
+            self._pending.appendleft(job)
             self._changed.notify_all()
 
     def _done(self, row: BatchRow, on_done: Done) -> None:

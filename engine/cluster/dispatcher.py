@@ -19,6 +19,7 @@ logger = logging.getLogger("loom.cluster")
 
 READY_POLL_S = 2.0  # how long one wait for a (re)starting worker blocks before checking stop
 HEALTH_TIMEOUT_S = 5.0
+MAX_WORKER_DEATHS = 2  # a prompt running on this many workers that died fails instead
 RECENT_SHOWN = 16  # finished prompt ids each worker lists in /queue and /system_stats
 
 
@@ -69,6 +70,7 @@ class Dispatcher:
         self.slots = [WorkerSlot(index) for index in range(pool.size)]
         self._changed = threading.Condition()
         self._stopping = threading.Event()
+        self._deaths: dict[str, list[str]] = {}  # prompt id -> workers that died running it
 
     # -- lifetime ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,14 +167,33 @@ class Dispatcher:
             if slot.state == "ready":
                 slot.view = WorkerView(slot.index, report)
 
-    def lost(self, slot: WorkerSlot) -> None:
-        """The worker died: no prompt goes to it until Ray has restarted it."""
+    def lost(self, slot: WorkerSlot, prompt_id: str | None = None) -> list[str]:
+        """The worker died (running `prompt_id`): no prompt goes to it until Ray has restarted
+        it. Returns the labels of every worker that died running `prompt_id` so far."""
         with self._changed:
-            if slot.state != "ready":
-                return
-            slot.restarts += 1
-            slot.running.clear()
-        self._await_ready(slot, "restarting")
+            deaths = self._deaths.setdefault(prompt_id, []) if prompt_id else []
+            deaths.append(slot.label)
+            if slot.state == "ready":
+                slot.restarts += 1
+                slot.running.clear()
+                self._await_ready(slot, "restarting")
+            return list(deaths)
+
+    def gave_up(self, prompt_id: str, deaths: list[str]) -> str | None:
+        """Why `prompt_id` is not tried again after `deaths`, or None while it may be."""
+        if len(deaths) < MAX_WORKER_DEATHS:
+            return None
+        with self._changed:
+            self._deaths.pop(prompt_id, None)
+        return (f"prompt {prompt_id} was running on {' and then '.join(deaths)} when each of "
+                f"them died (process killed or machine lost); it is not tried a third time. "
+                f"Check those workers' logs (out of memory?) and queue it again once the cause "
+                f"is fixed")
+
+    def finished(self, prompt_id: str) -> None:
+        """`prompt_id` ended (its earlier worker deaths no longer count)."""
+        with self._changed:
+            self._deaths.pop(prompt_id, None)
 
     def check_health(self) -> list[WorkerSlot]:
         """Ask idle ready workers for a report; those found dead are marked restarting."""
