@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from tests.web.conftest import ServerProcess, start_server
 from tests.web.prompt_helpers import base_with_test_pack
 
