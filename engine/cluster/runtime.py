@@ -213,8 +213,12 @@ class WorkerRuntime:
 
     # -- requests from the server ----------------------------------------------------------
     def interrupt(self, prompt_id: str | None = None) -> list[str]:
-        """Interrupt `prompt_id` (every running prompt when None); returns those reached."""
+        """Interrupt `prompt_id` (every running prompt when None); returns the running ones
+        reached. A named prompt whose start has not arrived yet (calls to a threaded actor are
+        not ordered) is stopped as soon as it starts."""
         with self._lock:
+            if prompt_id is not None:
+                self.cancelled.add(prompt_id)
             targets = [p for p in self.running if prompt_id is None or p == prompt_id]
             for target in targets:
                 self.cancelled.add(target)

@@ -103,8 +103,13 @@ def test_a_poll_for_a_prompt_the_worker_does_not_run_is_refused(
         runtime.poll("nope", timeout=0.0)
 
 
-def test_an_interrupt_for_another_prompt_reaches_nothing(runtime: WorkerRuntime) -> None:
-    assert runtime.interrupt("not-running") == []
+def test_an_interrupt_that_arrives_before_its_prompt_stops_it_at_the_start(
+        runtime: WorkerRuntime) -> None:
+    assert runtime.interrupt("early") == []
+    batches, outcome = run(runtime, Job("early", slow_workflow(1, steps=50, delay=0.05),
+                                        ["3"], {}))
+    assert outcome.status == "interrupted"
+    assert not any(call[1] == "progress" for batch in batches for call in batch.calls)
 
 
 def test_a_worker_takes_its_base_directory_from_its_environment(
