@@ -4,12 +4,14 @@ workflow headless. Both take ComfyUI's flags for paths, custom nodes, caching an
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.process_tuning import tune_before_torch
 
@@ -97,6 +99,24 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     add_inert_flags(parser)
 
 
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """--ray and its sizing flags (serving and `run`); see README "Running on a Ray cluster"."""
+    ray = parser.add_argument_group("Ray cluster (needs the ray extra: pip install loom[ray])")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run prompts on Ray worker actors: ADDRESS of a running cluster "
+                          "(auto, HOST:6379, ray://HOST:10001); without one, a local Ray "
+                          "runtime is started")
+    ray.add_argument("--ray-workers", type=int, default=1, metavar="N",
+                     help="worker actors to start (default 1)")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1.0, metavar="N",
+                     help="CPUs Ray reserves for each worker (default 1)")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=0.0, metavar="N",
+                     help="GPUs Ray gives each worker (default 0; 1 = a GPU each)")
+    ray.add_argument("--ray-prompts-per-worker", type=int, default=1, metavar="N",
+                     help="prompts one worker runs at once, each with its own executor and "
+                          "cache, sharing its models (default 1)")
+
+
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1",
@@ -118,6 +138,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     serve = argparse.ArgumentParser(prog="main.py", description=__doc__)
     add_common_flags(serve)
     add_server_flags(serve)
+    add_ray_flags(serve)
     run = argparse.ArgumentParser(prog="main.py run",
                                   description="Run a saved workflow (API JSON, editor JSON or a "
                                               "PNG with workflow chunks) without a server.")
@@ -127,7 +148,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument("--dry-run", action="store_true",
                      help="validate and print the execution order; run nothing")
     run.add_argument("--quiet", action="store_true", help="print only errors")
+    run.add_argument("--sweep", dest="sweeps", action="append", default=[],
+                     metavar="NODE_ID.INPUT=SPEC",
+                     help="run the workflow once per value: SPEC is A..B[:STEP] (integers), "
+                          "[JSON list], @FILE (one value per line) or a value; several "
+                          "--sweep make a grid; outputs are named by their overrides")
+    run.add_argument("--sweep-zip", action="store_true",
+                     help="pair the i-th values of the --sweep axes instead of a grid")
     add_common_flags(run)
+    add_ray_flags(run)
     return serve, run
 
 
@@ -240,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     warn_cpu_memory_flags(args, app.services.model_manager.policy)
+    if command == "run" and (args.sweeps or args.ray is not None) and not args.dry_run:
+        return run_batch_command(args, app)
     if command == "run":
         return run_workflow(args.workflow, app.registry, app.services, app.executor,
                             overrides=args.overrides, dry_run=args.dry_run,
@@ -247,13 +278,54 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args, app)
 
 
+def cluster_dispatcher(args: argparse.Namespace, log_to_driver: bool) -> Any:
+    """The Dispatcher over Ray worker actors that --ray asks for (Ray is imported here only).
+    ValueError when Ray is not installed or a --ray-* value is bad."""
+    from engine.cluster.dispatcher import Dispatcher
+
+    try:
+        from engine.cluster.pool import ClusterConfig, WorkerPool
+    except ImportError as exc:
+        raise ValueError(f"--ray needs Ray, which cannot be imported ({exc}); install it with "
+                         f"pip install 'loom[ray]'") from exc
+    config = ClusterConfig.from_args(args, log_to_driver=log_to_driver)
+    return Dispatcher(WorkerPool(config, args))
+
+
+def run_batch_command(args: argparse.Namespace, app: App) -> int:
+    """`run --sweep` and `run --ray`: the prompts of a sweep, in process or on the cluster."""
+    from engine.batch import InProcessRunner, run_batch
+
+    runner: Any = InProcessRunner(app.executor)
+    if args.ray is not None:
+        from engine.cluster.batch_runner import ClusterBatchRunner
+
+        try:
+            dispatcher = cluster_dispatcher(args, log_to_driver=args.verbose)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        runner = ClusterBatchRunner(dispatcher, app.registry, app.services.paths)
+    return run_batch(args.workflow, app.registry, app.services, runner,
+                     overrides=args.overrides, sweeps=args.sweeps, zipped=args.sweep_zip,
+                     quiet=args.quiet)
+
+
 def serve(args: argparse.Namespace, app: App) -> int:
     """Serve the HTTP/WebSocket API and the editor until Ctrl-C."""
     from web.server import LoomServer, run_server  # aiohttp is needed only to serve
     from web.store import StoreError
+    from web.worker import Worker
 
+    worker: Any = Worker
     try:
-        server = LoomServer(app.registry, app.services, app.executor, args)
+        if args.ray is not None:
+            from web.cluster_worker import ClusterWorker
+
+            dispatcher = cluster_dispatcher(args, log_to_driver=True)
+            worker = functools.partial(ClusterWorker, dispatcher=dispatcher,
+                                       address=dispatcher.pool.config.shown_address)
+        server = LoomServer(app.registry, app.services, app.executor, args, worker)
     except (StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID

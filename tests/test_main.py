@@ -60,3 +60,45 @@ def test_gpu_memory_flags_on_the_cpu_are_accepted_and_said_to_have_no_effect(
     assert done.returncode == 0, done.stderr
     assert "--lowvram, --reserve-vram: GPU memory flags, without effect when models run on " \
            "the cpu" in done.stderr
+
+
+def test_run_sweep_writes_one_image_per_value_named_by_it(tmp_path: Path) -> None:
+    done = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path),
+                   "--sweep", "4.scale_by=[0.25, 0.5]")
+    assert done.returncode == 0, done.stderr
+    for scale in ("0.25", "0.5"):
+        assert (tmp_path / "output" / f"loom_example_4.scale_by={scale}_00001_.png").is_file()
+    assert "2 of 2 prompt(s) succeeded" in done.stdout
+    assert "in process" in done.stdout
+
+
+def test_an_invalid_sweep_point_stops_the_run_before_any_prompt(tmp_path: Path) -> None:
+    done = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path),
+                   "--sweep", '4.upscale_method=["bicubic", "cubic"]')
+    assert done.returncode == 2
+    assert "sweep item 4.upscale_method=cubic" in done.stderr
+    assert not (tmp_path / "output").exists()
+
+
+NO_RAY_SCRIPT = """
+import sys
+from pathlib import Path
+import main
+base = Path(sys.argv[1])
+assert main.main(["run", sys.argv[2], "--base-directory", str(base), "--quiet"]) == 0
+assert main.main(["run", sys.argv[2], "--base-directory", str(base), "--quiet",
+                  "--sweep", "4.scale_by=[0.5, 1.0]"]) == 0
+from tests.web.inprocess import serving
+with serving(base / "served") as (client, server):
+    assert client.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+    assert "loom_cluster" not in client.get("/system_stats").json()
+assert "ray" not in sys.modules, "ray was imported"
+print("no ray")
+"""
+
+
+def test_without_ray_flags_ray_is_never_imported(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", NO_RAY_SCRIPT, str(tmp_path), str(EXAMPLE)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "no ray" in done.stdout

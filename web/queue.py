@@ -122,6 +122,15 @@ class PromptQueue:
             self.history.insert(db, record)
         self._changed()
 
+    def requeue(self, prompt_id: str) -> None:
+        """A running prompt goes back to pending, ahead of everything else (its worker died)."""
+        with self._wakeup:
+            with self.store.transaction() as db:
+                db.execute("UPDATE queue SET running = 0, front = 1 WHERE prompt_id = ?",
+                           (prompt_id,))
+            self._changed()
+            self._wakeup.notify_all()
+
     def wake(self) -> None:
         """Wake a waiting `take` (used when stopping)."""
         with self._wakeup:

@@ -99,7 +99,7 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
             return error("job_ids must be a list of job ids")
         cancelled = server.queue.delete(ids)
         server.worker.forget(cancelled)
-        running = server.worker.running_prompt_id
-        if running in ids and server.worker.interrupt(running):
-            cancelled.append(running)
+        for running in server.worker.running_prompt_ids:
+            if running in ids and server.worker.interrupt(running):
+                cancelled.append(running)
         return web.json_response({"cancelled": cancelled})

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine.events import timestamp_ms
+from engine.sweep import SweepError, SweepItem, expand, rows_from_request
 from engine.validation import ValidationResult, error_entry, validate_prompt
 from engine.workflow import WorkflowFormatError, is_ui_format, to_api_prompt
 from web.queue import QueueItem
@@ -122,6 +123,8 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
         if server.pack_server is not None:  # packs' PromptServer.add_on_prompt_handler hooks
             body = server.pack_server.trigger_on_prompt(body)
         try:
+            if "loom_sweep" in body:
+                return await submit_sweep(server, body)
             return await submit(server, body)
         except BadRequest as exc:
             return rejection("invalid_prompt", "Invalid request", str(exc))
@@ -131,9 +134,12 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
 
     @routes.get("/queue")
     async def get_queue(request: web.Request) -> web.Response:
-        return web.json_response({
-            "queue_running": [item.to_json() for item in server.queue.running()],
-            "queue_pending": [item.to_json() for item in server.queue.pending()]})
+        reply = {"queue_running": [item.to_json() for item in server.queue.running()],
+                 "queue_pending": [item.to_json() for item in server.queue.pending()]}
+        cluster = server.worker.cluster_status()
+        if cluster is not None:
+            reply["loom_workers"] = cluster["workers"]
+        return web.json_response(reply)
 
     @routes.post("/queue")
     async def post_queue(request: web.Request) -> web.Response:
@@ -186,6 +192,53 @@ async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
         raise BadRequest(str(exc)) from exc
     return web.json_response({"prompt_id": prompt_id, "number": number,
                               "node_errors": validation.node_errors})
+
+
+async def submit_sweep(server: LoomServer, body: dict[str, Any]) -> web.Response:
+    """POST /prompt with `loom_sweep` (Loom's extension, see README): one prompt per grid point
+    or list entry, validated all before any is queued, each queued as by a plain POST /prompt
+    with its outputs named by its overrides; the reply lists every prompt id."""
+    try:
+        rows = rows_from_request(body["loom_sweep"])
+    except SweepError as exc:
+        raise BadRequest(str(exc)) from exc
+    prompt = body.get("prompt")
+    if not isinstance(prompt, dict):
+        return rejection("no_prompt", "No prompt provided", "a sweep needs a prompt to expand")
+    extra_data = dict(body.get("extra_data") or {})
+    if is_ui_format(prompt):
+        extra_data["extra_pnginfo"] = {"workflow": prompt,
+                                       **(extra_data.get("extra_pnginfo") or {})}
+        prompt = await server.run_in_validation_thread(
+            to_api_prompt, prompt, server.registry.object_info(server.validation_services))
+    try:
+        items = expand(prompt, rows)
+    except SweepError as exc:
+        raise BadRequest(str(exc)) from exc
+    bodies = [sweep_body(body, item, extra_data, len(items)) for item in items]
+    for item, item_body in zip(items, bodies, strict=True):
+        checked = await server.run_in_validation_thread(prepare_submission, server, item_body)
+        if checked.validation.error is not None:
+            reply = checked.validation.to_json()
+            reply["error"]["message"] = f"sweep item {item.label}: {reply['error']['message']}"
+            return web.json_response(reply, status=400)
+    replies = [json.loads((await submit(server, item_body)).body) for item_body in bodies]
+    return web.json_response({**replies[0], "loom_sweep": {
+        "prompt_ids": [reply["prompt_id"] for reply in replies],
+        "numbers": [reply["number"] for reply in replies],
+        "labels": [item.label for item in items]}})
+
+
+def sweep_body(body: dict[str, Any], item: SweepItem, extra_data: dict[str, Any],
+               count: int) -> dict[str, Any]:
+    """The POST /prompt body of one sweep item (prompt ids get a -<n> suffix)."""
+    single = {key: value for key, value in body.items() if key not in ("loom_sweep",
+                                                                        "prompt_id")}
+    if body.get("prompt_id"):
+        single["prompt_id"] = f"{body['prompt_id']}-{item.index + 1}"
+    sweep = {"index": item.index, "count": count, "label": item.label,
+             "overrides": item.overrides}
+    return {**single, "prompt": item.prompt, "extra_data": {**extra_data, "loom_sweep": sweep}}
 
 
 async def request_object(request: web.Request) -> dict[str, Any]:

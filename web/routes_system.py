@@ -139,7 +139,11 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
 
     @routes.get("/system_stats")
     async def stats(request: web.Request) -> web.StreamResponse:
-        return web.json_response(system_stats(server.args, server.services.model_manager))
+        stats = system_stats(server.args, server.services.model_manager)
+        cluster = server.worker.cluster_status()
+        if cluster is not None:
+            stats["loom_cluster"] = cluster
+        return web.json_response(stats)
 
     @routes.get("/features")
     async def features(request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,7 +48,8 @@ class LoomServer:
     """Everything the routes share: the engine objects, the queue, the sockets, the worker."""
 
     def __init__(self, registry: NodeRegistry, services: Services, executor: Executor,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace,
+                 worker: Callable[[LoomServer], Worker] = Worker) -> None:
         self.registry = registry
         self.services = services
         self.executor = executor
@@ -56,7 +58,7 @@ class LoomServer:
         self.history = History(self.store, getattr(args, "max_history_items", DEFAULT_MAX_ITEMS))
         self.sockets = SocketHub()
         self.queue = PromptQueue(self.store, self.history, on_change=self.broadcast_status)
-        self.worker = Worker(self)
+        self.worker = worker(self)  # with --ray, web.cluster_worker.ClusterWorker
         # POST /prompt converts and validates off the event loop, one prompt at a time, with a
         # planner of its own (the worker thread uses the executor's).
         self.validation_services = dataclasses.replace(services, graph_planner=GraphPlanner())

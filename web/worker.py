@@ -72,6 +72,15 @@ class Worker:
         running = self._running
         return running.prompt_id if running is not None else None
 
+    @property
+    def running_prompt_ids(self) -> list[str]:
+        running = self.running_prompt_id
+        return [running] if running is not None else []
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """The workers of a --ray server (see web/cluster_worker.py); None in one process."""
+        return None
+
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Interrupt the running prompt (only if it is `prompt_id`, when given)."""
         running = self.running_prompt_id
