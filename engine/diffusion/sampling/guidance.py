@@ -93,8 +93,7 @@ class Guider:
             positive, negative = pair_entries(positive, negative)
         _prepare_controls(self.model, [*positive, *(negative or ())], inputs)
         return GuidedModel(self.model, tuple(positive),
-                           None if negative is None else tuple(negative), self.cfg,
-                           inputs.sigmas)
+                           None if negative is None else tuple(negative), self.cfg, inputs)
 
 
 def distinct_controls(entries: Sequence[CondEntry]) -> list[ControlProvider]:
@@ -128,11 +127,20 @@ class GuidedModel:
     positive: tuple[CondEntry, ...]
     negative: tuple[CondEntry, ...] | None
     cfg: float
-    sample_sigmas: Tensor | None = None
+    inputs: SamplingInputs | None = None
 
     @property
     def model_sampling(self) -> ModelSampling:
         return self.model.sampling
+
+    def prepare_conditioning(self, conditioning: Conditioning, prompt_type: str = "negative"
+                             ) -> tuple[CondEntry, ...]:
+        """Another CONDITIONING resolved against the latent being sampled (PerpNeg's empty
+        prompt), ready for calc_cond_batch."""
+        if self.inputs is None:
+            raise ValueError("this guided model was made without its sampling inputs; build it "
+                             "with Guider.prepare")
+        return tuple(prepare_entries(self.model, conditioning, prompt_type, self.inputs))
 
     def cleanup(self) -> None:
         """Each distinct control's optional ``cleanup()`` (after the sampling run)."""
@@ -146,7 +154,8 @@ class GuidedModel:
         """Each side's weighted x0 (ComfyUI's calc_cond_batch), under `model_patches` (default:
         the model's own; PerturbedAttentionGuidance re-runs the cond with an extra one)."""
         patches = self.model.model_patches if model_patches is None else model_patches
-        run_options = {} if self.sample_sigmas is None else {"sample_sigmas": self.sample_sigmas}
+        sigmas = None if self.inputs is None else self.inputs.sigmas
+        run_options = {} if sigmas is None else {"sample_sigmas": sigmas}
         return predict(self.model, conds, x, sigma, patches, run_options)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
