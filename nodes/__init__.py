@@ -12,7 +12,8 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
                    "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale",
-                   "nodes.clip_vision", "nodes.model_guidance", "nodes.model_unet_patches")
+                   "nodes.clip_vision", "nodes.model_guidance", "nodes.model_unet_patches",
+                   "nodes.conditioning_extras")
 
 
 def builtin_node_types() -> list[type[Node]]:

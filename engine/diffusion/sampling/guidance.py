@@ -56,12 +56,15 @@ class Chunk:
     concat: Tensor | None
     control: ControlProvider | None
     side: int  # 0 = cond, 1 = uncond
+    control_context: Tensor | None = None  # (B, T, D) the ControlNet's tokens, if not context
 
     def fits(self, other: Chunk) -> bool:
         """Whether the two can share one UNet batch."""
         if self.x.shape != other.x.shape or self.control is not other.control:
             return False
         if not _same_shape(self.y, other.y) or not _same_shape(self.concat, other.concat):
+            return False
+        if (self.control_context is None) != (other.control_context is None):
             return False
         mine, theirs = self.context.shape, other.context.shape
         if mine[0] != theirs[0] or mine[2] != theirs[2]:
@@ -226,8 +229,12 @@ def make_chunk(entry: CondEntry, x: Tensor, sigma: Tensor, side: int) -> Chunk |
     if concat is not None:
         concat = repeat_to_batch(concat if area is None else crop(concat, area), batch)
     y = None if inputs.y is None else repeat_to_batch(inputs.y, batch)
+    control_context = inputs.control_context
+    if control_context is not None:
+        control_context = repeat_to_batch(control_context, batch)
     return Chunk(x_part, chunk_weight(entry, x_part, area, x.shape), area,
-                 repeat_to_batch(inputs.context, batch), y, concat, entry.control, side)
+                 repeat_to_batch(inputs.context, batch), y, concat, entry.control, side,
+                 control_context)
 
 
 def clamp_area(area: Area | None, shape: torch.Size) -> Area | None:
@@ -290,7 +297,9 @@ def run_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
         "c_concat": None if first.concat is None else torch.cat(
             [chunk.concat for chunk in batch]),  # type: ignore[misc]
         "y": None if first.y is None else torch.cat([chunk.y for chunk in batch]),  # type: ignore[misc]
-        "control": first.control}
+        "control": first.control,
+        "crossattn_controlnet": None if first.control_context is None else _cat_tokens(
+            [chunk.control_context for chunk in batch])}  # type: ignore[misc]
     if patches is None or patches.empty:
         return apply_model(model, None, x, sigmas, **c).chunk(len(batch))
     cond_or_uncond = [chunk.side for chunk in batch]
@@ -307,12 +316,14 @@ def run_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
 def apply_model(model: ModelHandle, unet_patches: UNetPatches | None, x: Tensor, t: Tensor,
                 c_crossattn: Tensor, c_concat: Tensor | None = None, y: Tensor | None = None,
                 control: ControlProvider | None = None,
-                transformer_options: TransformerOptions | None = None) -> Tensor:
+                transformer_options: TransformerOptions | None = None,
+                crossattn_controlnet: Tensor | None = None) -> Tensor:
     """x0 for the noisy latent `x` at sigmas `t` (ComfyUI's apply_model, its argument names)."""
     call = None
     if unet_patches is not None and not unet_patches.empty:
         call = UNetCall(unet_patches, {} if transformer_options is None else transformer_options)
-    network = partial(_network, model, c_crossattn, y, c_concat, control, t, call=call)
+    network = partial(_network, model, c_crossattn, y, c_concat, control, t, call=call,
+                      control_context=crossattn_controlnet)
     return Denoiser(network, model.sampling)(x, t)
 
 
@@ -325,14 +336,16 @@ def _cat_tokens(contexts: Sequence[Tensor]) -> Tensor:
 
 def _network(model: ModelHandle, context: Tensor, y: Tensor | None, concat: Tensor | None,
              control: ControlProvider | None, sigma: Tensor, x_in: Tensor,
-             timestep: Tensor, call: UNetCall | None = None) -> Tensor:
+             timestep: Tensor, call: UNetCall | None = None,
+             control_context: Tensor | None = None) -> Tensor:
     """The raw UNet output for c_in-scaled input: ControlNet residuals, inpaint channels."""
     down, mid, extra = (None, None, None)
     if control is not None:
-        down, mid = control.residuals(x_in, timestep, context, y, sigma)
+        tokens = context if control_context is None else control_context
+        down, mid = control.residuals(x_in, timestep, tokens, y, sigma)
         input_residuals = getattr(control, "input_residuals", None)  # T2I-Adapters
         if input_residuals is not None:
-            extra = input_residuals(x_in, timestep, context, y, sigma)
+            extra = input_residuals(x_in, timestep, tokens, y, sigma)
     if concat is not None:
         x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)
     return model.unet(x_in, timestep, context, y, down_residuals=down, mid_residual=mid,
