@@ -12,6 +12,7 @@ from torch import Tensor
 from engine.context import NodeContext
 from engine.diffusion.networks.model_sampling import continuous_model_sampling
 from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.patches.token_patches import HyperTile, TokenMerging
 from engine.diffusion.patches.unet_tweaks import FreeU, scaled_parameters, scaled_rows
 from engine.diffusion.patches.weight_patches import WeightDeltaPatch
 from engine.diffusion.text.encoding import TextEncoderStack
@@ -166,6 +167,33 @@ class CLIPAttentionMultiply(Node):
         return (clip.clone_with_patches(patches),)
 
 
+class HyperTileNode(Node):
+    schema = NodeSchema(
+        "HyperTile",
+        (MODEL_IN, Int("tile_size", 256, min=1, max=2048), Int("swap_size", 2, min=1, max=128),
+         Int("max_depth", 0, min=0, max=10), Boolean("scale_depth", False)),
+        (Output("MODEL"),), category=UNET_CATEGORY)
+
+    def execute(self, ctx: NodeContext, model: Any, tile_size: int, swap_size: int,
+                max_depth: int, scale_depth: bool) -> tuple[ModelHandle]:
+        tiles = HyperTile(tile_size, swap_size, max_depth, scale_depth)
+        return (require_model(model, "HyperTile").patching(
+            lambda p: p.adding_unet_patch("attn1_patch", tiles.split)
+            .adding_unet_patch("attn1_output_patch", tiles.join)),)
+
+
+class TomePatchModel(Node):
+    schema = NodeSchema(
+        "TomePatchModel", (MODEL_IN, Float("ratio", 0.3, min=0.0, max=1.0, step=0.01)),
+        (Output("MODEL"),), category=UNET_CATEGORY)
+
+    def execute(self, ctx: NodeContext, model: Any, ratio: float) -> tuple[ModelHandle]:
+        merging = TokenMerging(ratio)
+        return (require_model(model, "TomePatchModel").patching(
+            lambda p: p.adding_unet_patch("attn1_patch", merging.merge)
+            .adding_unet_patch("attn1_output_patch", merging.restore)),)
+
+
 def _sigma_input(name: str, default: float) -> Any:
     return Float(name, default, min=0.0, max=1000.0, step=0.001, round=False)
 
@@ -210,4 +238,4 @@ class ModelSamplingContinuousV(Node):
 
 NODE_TYPES = (FreeUNode, FreeUV2, PatchModelAddDownscale, UNetSelfAttentionMultiply,
               UNetCrossAttentionMultiply, CLIPAttentionMultiply, ModelSamplingContinuousEDM,
-              ModelSamplingContinuousV)
+              ModelSamplingContinuousV, HyperTileNode, TomePatchModel)

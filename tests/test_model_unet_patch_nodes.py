@@ -14,12 +14,19 @@ import pytest
 import torch
 from torch import Tensor
 
+from engine.diffusion.networks.attention import CrossAttention
 from engine.diffusion.networks.clip_text import TINY_CLIP_L_CONFIG, ClipTextModel
 from engine.diffusion.networks.openclip_text import TINY_OPENCLIP_CONFIG, OpenClipTextModel
 from engine.diffusion.networks.unet import UNet, UNetFamily
 from engine.diffusion.networks.unet_patches import UNetCall
 from engine.diffusion.patches.model_handle import SD1_LATENT, ModelHandle
 from engine.diffusion.patches.patching import patched
+from engine.diffusion.patches.token_patches import (
+    HyperTile,
+    bipartite_matching,
+    hw_for_tokens,
+    random_divisor,
+)
 from engine.diffusion.patches.unet_tweaks import FreeU
 from engine.diffusion.sampling import model_sampling, sigmas_for
 from engine.diffusion.sampling.guidance import Guider
@@ -203,3 +210,68 @@ def test_continuous_v_schedule_maps_sigma_by_arctangent_and_schedules_karras() -
 def test_continuous_edm_refuses_families_loom_does_not_run() -> None:
     problem = nodes.ModelSamplingContinuousEDM().validate(None, sampling="cosmos_rflow")
     assert problem is not None and problem[0] == "sampling" and "Cosmos" in problem[1]
+
+
+def test_hypertile_tiles_are_spatial_and_join_restores_the_layout() -> None:
+    tiles = HyperTile(tile_size=32, swap_size=1, max_depth=0, scale_depth=False)
+    grid = torch.arange(8 * 8, dtype=torch.float32).view(1, 64, 1)  # token t holds t
+    n, _, _ = tiles.split(grid, grid, grid, {"original_shape": [1, 4, 8, 8]})
+    # tile 32 px = 4 cells: 2 x 2 tiles of 4 x 4 cells, row-major
+    first_tile = [row * 8 + col for row in range(4) for col in range(4)]
+    assert n.shape == (4, 16, 1) and n[0, :, 0].tolist() == first_tile
+    assert torch.equal(tiles.join(n, {}), grid)
+
+
+def test_hypertile_skips_deeper_levels_than_max_depth() -> None:
+    tiles = HyperTile(tile_size=32, swap_size=1, max_depth=0, scale_depth=False)
+    deep = torch.randn(1, 16, 4)  # a 4 x 4 map of an 8 x 8 latent: depth 1
+    assert tiles.split(deep, deep, deep, {"original_shape": [1, 4, 8, 8]})[0] is deep
+    assert tiles.join(deep, {}) is deep
+
+
+def test_random_divisor_and_token_grids() -> None:
+    assert random_divisor(64, 32, 1, counter=5) == 2  # smallest divisor >= 32 is 32
+    assert random_divisor(12, 100, 3, counter=0) == 1  # min_value capped at the value
+    assert hw_for_tokens(4096, 1.0) == (64, 64)
+    # ComfyUI's first guess is h = sqrt(tokens * w / h) (so for wide maps h > w), kept as is
+    assert hw_for_tokens(24, 1.5) == (6, 4) and hw_for_tokens(12, 1.5) == (4, 3)
+
+
+def test_attention_over_fewer_key_batches_reads_runs_of_consecutive_tokens() -> None:
+    attention = CrossAttention(8, 8, heads=2, dim_head=4)
+    q, k, v = torch.randn(4, 3, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    together = attention.attend(q, k, v)
+    for index in range(4):
+        sample, run = divmod(index, 2)
+        keys = slice(run * 3, run * 3 + 3)
+        alone = attention.attend(q[index:index + 1], k[sample:sample + 1, keys],
+                                 v[sample:sample + 1, keys])
+        assert torch.allclose(together[index], alone[0], atol=1e-6)
+
+
+def test_hypertile_node_runs_a_real_unet() -> None:
+    model = handle_for(tiny_unet(UNetFamily.SD1))
+    (tiled,) = nodes.HyperTileNode().execute(None, model, tile_size=32, swap_size=1,
+                                             max_depth=0, scale_depth=False)
+    inputs = unet_inputs(model.config)
+    out = run_unet(tiled, inputs)
+    assert torch.isfinite(out).all() and not torch.allclose(out, run_unet(model, inputs))
+
+
+def test_token_merging_round_trip_is_exact_for_tokens_equal_within_each_cell() -> None:
+    cells = torch.randn(1, 4, 4, 6)  # one vector per 2 x 2 cell of an 8 x 8 map
+    x = cells.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(1, 64, 6)
+    merge, unmerge = bipartite_matching(x, 8, 8, 2, r=32, generator=torch.Generator())
+    merged = merge(x)
+    assert merged.shape == (1, 32, 6)
+    assert torch.allclose(unmerge(merged), x, atol=1e-6)
+
+
+def test_token_merging_leaves_lower_resolutions_and_ratio_zero_alone() -> None:
+    model = handle_for(tiny_unet(UNetFamily.SD1))
+    (unmerged,) = nodes.TomePatchModel().execute(None, model, ratio=0.0)
+    inputs = unet_inputs(model.config)
+    assert torch.allclose(run_unet(unmerged, inputs), run_unet(model, inputs), atol=1e-6)
+    (merged,) = nodes.TomePatchModel().execute(None, model, ratio=0.5)
+    out = run_unet(merged, inputs)
+    assert torch.isfinite(out).all() and not torch.allclose(out, run_unet(model, inputs))
