@@ -1,7 +1,8 @@
 """Guidance patch nodes (ComfyUI's comfy_extras: nodes_model_advanced RescaleCFG, nodes_cfg,
-nodes_apg, nodes_tcfg, nodes_mahiro, nodes_fresca, nodes_eps, nodes_pag, nodes_perpneg,
-nodes_differential_diffusion): each returns a clone of the MODEL with one guidance function on
-its ModelPatches (engine/diffusion/sampling/guidance_patches.py has the equations)."""
+nodes_apg, nodes_tcfg, nodes_mahiro, nodes_fresca, nodes_eps, nodes_pag, nodes_sag,
+nodes_perpneg, nodes_differential_diffusion): each returns a clone of the MODEL with its guidance
+functions on its ModelPatches (engine/diffusion/sampling/guidance_patches.py, perp_neg.py and
+self_attention_guidance.py have the equations)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from engine.diffusion.patches.model_patches import ModelPatches
 from engine.diffusion.sampling import guidance_patches as patches
 from engine.diffusion.sampling.conditioning import Conditioning
 from engine.diffusion.sampling.perp_neg import PerpNegGuider, perp_neg_cfg_function
+from engine.diffusion.sampling.self_attention_guidance import SelfAttentionGuidance
 from engine.node import Float, Int, Link, Node, NodeSchema, Output
 from nodes.sampling import cfg_input, require_model
 
@@ -156,6 +158,22 @@ class DifferentialDiffusion(Node):
             patches.differential_diffusion(strength)))
 
 
+class SelfAttentionGuidanceNode(Node):
+    schema = NodeSchema(
+        "SelfAttentionGuidance",
+        (MODEL_IN, Float("scale", 0.5, min=-2.0, max=5.0, step=0.01),
+         Float("blur_sigma", 2.0, min=0.0, max=10.0, step=0.1)),
+        (Output("MODEL"),), category="_for_testing", display_name="Self-Attention Guidance",
+        experimental=True)
+
+    def execute(self, ctx: NodeContext, model: Any, scale: float,
+                blur_sigma: float) -> tuple[ModelHandle]:
+        guidance = SelfAttentionGuidance(scale, blur_sigma)
+        return patched(model, "SelfAttentionGuidance", lambda p: p.replacing_attention(
+            "attn1", ("middle", 0, 0), guidance.record).adding_post_cfg(
+            guidance.post_cfg, disable_cfg1_optimization=True))
+
+
 def neg_scale_input() -> Any:
     return Float("neg_scale", 1.0, min=0.0, max=100.0, step=0.01)
 
@@ -189,4 +207,4 @@ class PerpNegGuiderNode(Node):
 
 NODE_TYPES = (RescaleCFG, CFGZeroStar, CFGNorm, APG, TCFG, Mahiro, FreSca, EpsilonScaling,
               TemporalScoreRescaling, PerturbedAttentionGuidance, DifferentialDiffusion, PerpNeg,
-              PerpNegGuiderNode)
+              PerpNegGuiderNode, SelfAttentionGuidanceNode)

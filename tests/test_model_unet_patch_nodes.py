@@ -30,6 +30,11 @@ from engine.diffusion.patches.token_patches import (
 from engine.diffusion.patches.unet_tweaks import FreeU
 from engine.diffusion.sampling import model_sampling, sigmas_for
 from engine.diffusion.sampling.guidance import Guider
+from engine.diffusion.sampling.self_attention_guidance import (
+    attention_with_probabilities,
+    blur_where_attended,
+    gaussian_blur,
+)
 from engine.diffusion.text.encoding import TextEncoderStack
 from engine.diffusion.text.tokenizer import ClipBpe
 from nodes import model_guidance
@@ -275,3 +280,59 @@ def test_token_merging_leaves_lower_resolutions_and_ratio_zero_alone() -> None:
     (merged,) = nodes.TomePatchModel().execute(None, model, ratio=0.5)
     out = run_unet(merged, inputs)
     assert torch.isfinite(out).all() and not torch.allclose(out, run_unet(model, inputs))
+
+
+def test_attention_with_probabilities_matches_sdpa_and_rows_sum_to_one() -> None:
+    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    out, probabilities = attention_with_probabilities(q, k, v, heads=2)
+    reference = CrossAttention(8, 8, heads=2, dim_head=4).attend(q, k, v)
+    assert torch.allclose(out, reference, atol=1e-5) and probabilities.shape == (4, 5, 7)
+    assert torch.allclose(probabilities.sum(-1), torch.ones(4, 5))
+
+
+def test_gaussian_blur_keeps_constants_and_weights_by_the_normal_density() -> None:
+    flat = torch.full((1, 2, 12, 12), 3.0)
+    assert torch.allclose(gaussian_blur(flat, 9, 2.0), flat)
+    impulse = torch.zeros(1, 1, 21, 21)
+    impulse[0, 0, 10, 10] = 1.0
+    offsets = np.arange(-4, 5)
+    density = np.exp(-0.5 * (offsets / 2.0) ** 2)
+    kernel = np.outer(density, density) / density.sum() ** 2
+    assert np.allclose(gaussian_blur(impulse, 9, 2.0)[0, 0, 6:15, 6:15].numpy(), kernel,
+                       atol=1e-6)
+
+
+def test_sag_blurs_only_where_attention_gathers() -> None:
+    x0 = torch.randn(1, 4, 8, 8)
+    probabilities = torch.full((2, 16, 16), 1 / 16)  # 2 heads over a 4 x 4 map, uniform
+    probabilities[:, :, 0] = 0.5  # every query gives token 0 (the top-left cell) half its mass
+    probabilities[:, :, 1:] = 0.5 / 15
+    out = blur_where_attended(x0, probabilities, sigma=1.0)
+    blurred = gaussian_blur(x0, 9, 1.0)
+    assert torch.allclose(out[..., :2, :2], blurred[..., :2, :2])  # token 0 -> cells 0..1
+    assert torch.equal(out[..., 2:, :], x0[..., 2:, :]) and torch.equal(out[..., :, 2:],
+                                                                         x0[..., :, 2:])
+
+
+def test_sag_node_records_the_negative_middle_attention_and_guides_with_it() -> None:
+    unet = tiny_unet(UNetFamily.SD1)
+    model = handle_for(unet)
+    context = torch.randn(1, 7, unet.config.context_dim, generator=torch.Generator().manual_seed(4))
+    positive, negative = [[context, {}]], [[context * 0.5, {}]]
+    x, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.ones(1)
+    from tests.diffusion.test_guidance import inputs_for
+
+    def guided_with(node_model: ModelHandle, cfg: float) -> Tensor:
+        return Guider(node_model, positive, negative, cfg).prepare(inputs_for((1, 4, 8, 8)))(
+            x, sigma)
+
+    with torch.no_grad():
+        (off,) = model_guidance.SelfAttentionGuidanceNode().execute(None, model, scale=0.0,
+                                                                    blur_sigma=2.0)
+        assert torch.allclose(guided_with(off, 4.0), guided_with(model, 4.0), atol=1e-5)
+        (sag,) = model_guidance.SelfAttentionGuidanceNode().execute(None, model, scale=0.8,
+                                                                    blur_sigma=2.0)
+        out = guided_with(sag, 1.0)  # cfg 1 still evaluates the negative for SAG
+    recorder = sag.model_patches.unet.attn1_replace[("middle", 0, 0)].__self__
+    assert recorder.probabilities.shape == (2, 16, 16)  # the negative pass, 2 heads
+    assert torch.isfinite(out).all() and not torch.allclose(out, guided_with(model, 1.0))
