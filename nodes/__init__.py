@@ -13,7 +13,7 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
                    "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale",
                    "nodes.clip_vision", "nodes.model_guidance", "nodes.model_unet_patches",
-                   "nodes.conditioning_extras")
+                   "nodes.conditioning_extras", "nodes.hooks")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -25,6 +25,10 @@ pair becomes a ``CondEntry`` resolved against the latent being sampled:
   uncond are weighted alike in the region.
 * ``cross_attn_controlnet`` (CLIPTextEncodeControlnet) replaces the text tokens the entry's
   ControlNet sees; the UNet keeps the entry's own.
+* ``hooks`` (ConditioningSetProperties ...) are weight hooks applied while the entry runs;
+  ``default`` entries (ConditioningSetDefaultCombine) only fill the weight the side's other
+  entries leave (1 - their summed weights, clipped at 0); ``clip_start_percent`` /
+  ``clip_end_percent`` (a scheduled CLIP encoding) narrow the entry's range further.
 * A positive entry marked ``control_apply_to_uncond`` lends its ControlNet to an area-less
   negative entry that has none.
 """
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.diffusion.networks.unet import sdxl_adm, sdxl_refiner_adm
+from engine.diffusion.patches.hooks import HookGroup
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.image_ops import center_crop, repeat_to_batch
 
@@ -114,6 +119,8 @@ class CondEntry:
     sigma_end: float | None = None  # ... and sigma >= sigma_end
     control: ControlProvider | None = None
     control_to_uncond: bool = False
+    hooks: HookGroup | None = None  # weight hooks applied while this entry is evaluated
+    default: bool = False  # used only where the side's other entries leave weight uncovered
 
     def active_at(self, sigma: float) -> bool:
         """Whether the entry's timestep range includes this sigma."""
@@ -166,6 +173,9 @@ def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,
             area = mask_bounds(mask)
     sampling = model.sampling
     start, end = options.get("start_percent"), options.get("end_percent")
+    if "clip_start_percent" in options:  # one range of a scheduled CLIP encoding (hooks)
+        start = max(float(options["clip_start_percent"]), float(start or 0.0))
+        end = min(float(options["clip_end_percent"]), 1.0 if end is None else float(end))
     model_inputs = ModelInputs(
         context=cond.to(inputs.device),
         y=adm_vector(model, options, prompt_type, inputs.noise_shape, inputs.device),
@@ -177,7 +187,8 @@ def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,
         sigma_start=None if start is None else sampling.percent_to_sigma(float(start)),
         sigma_end=None if end is None else sampling.percent_to_sigma(float(end)),
         control=options.get("control"),
-        control_to_uncond=bool(options.get("control_apply_to_uncond", False)))
+        control_to_uncond=bool(options.get("control_apply_to_uncond", False)),
+        hooks=options.get("hooks"), default=bool(options.get("default", False)))
 
 
 def _on(value: Tensor | None, device: torch.device) -> Tensor | None:

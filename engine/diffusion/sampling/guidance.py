@@ -15,6 +15,7 @@ ControlNets plug in through ``conditioning.ControlProvider``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ import torch
 from torch import Tensor
 
 from engine.diffusion.networks.unet_patches import TransformerOptions, UNetCall, UNetPatches
+from engine.diffusion.patches.hooks import HookGroup, HookSchedule
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.patches.model_patches import ModelPatches
+from engine.diffusion.patches.patching import patched
 from engine.diffusion.sampling import Denoiser, ModelSampling
 from engine.diffusion.sampling.conditioning import (
     Area,
@@ -57,10 +60,13 @@ class Chunk:
     control: ControlProvider | None
     side: int  # 0 = cond, 1 = uncond
     control_context: Tensor | None = None  # (B, T, D) the ControlNet's tokens, if not context
+    hooks: HookGroup | None = None
 
     def fits(self, other: Chunk) -> bool:
         """Whether the two can share one UNet batch."""
         if self.x.shape != other.x.shape or self.control is not other.control:
+            return False
+        if self.hooks != other.hooks:
             return False
         if not _same_shape(self.y, other.y) or not _same_shape(self.concat, other.concat):
             return False
@@ -131,6 +137,12 @@ class GuidedModel:
     negative: tuple[CondEntry, ...] | None
     cfg: float
     inputs: SamplingInputs | None = None
+    hook_schedule: HookSchedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.hook_schedule is None:  # one per sampling run: hooks' keyframes start over
+            object.__setattr__(self, "hook_schedule",
+                               HookSchedule(self.model.sampling.percent_to_sigma))
 
     @property
     def model_sampling(self) -> ModelSampling:
@@ -159,7 +171,7 @@ class GuidedModel:
         patches = self.model.model_patches if model_patches is None else model_patches
         sigmas = None if self.inputs is None else self.inputs.sigmas
         run_options = {} if sigmas is None else {"sample_sigmas": sigmas}
-        return predict(self.model, conds, x, sigma, patches, run_options)
+        return predict(self.model, conds, x, sigma, patches, run_options, self.hook_schedule)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
         patches = self.model.model_patches
@@ -193,17 +205,19 @@ class GuidedModel:
 
 def predict(model: ModelHandle, sides: Sides, x: Tensor, sigma: Tensor,
             patches: ModelPatches | None = None,
-            run_options: Mapping[str, Any] | None = None) -> list[Tensor]:
+            run_options: Mapping[str, Any] | None = None,
+            hook_schedule: HookSchedule | None = None) -> list[Tensor]:
     """The weighted x0 prediction of each side (ComfyUI's calc_cond_batch)."""
     totals = [torch.zeros_like(x) for _ in sides]
     weights = [torch.ones_like(x) * EMPTY_WEIGHT for _ in sides]
     pending = [chunk for side, entries in enumerate(sides) for entry in entries or ()
-               if (chunk := make_chunk(entry, x, sigma, side)) is not None]
+               if not entry.default and (chunk := make_chunk(entry, x, sigma, side)) is not None]
+    pending += default_chunks(sides, pending, x, sigma)
     while pending:
         first = pending[0]
         fitting = [index for index, chunk in enumerate(pending) if chunk.fits(first)]
         batch = [pending.pop(index) for index in reversed(fitting)]
-        outputs = run_batch(model, batch, sigma, patches, run_options)
+        outputs = run_hooked_batch(model, batch, sigma, patches, run_options, hook_schedule)
         for chunk, denoised in zip(batch, outputs, strict=True):
             total, weight = totals[chunk.side], weights[chunk.side]
             if chunk.area is not None:
@@ -213,6 +227,44 @@ def predict(model: ModelHandle, sides: Sides, x: Tensor, sigma: Tensor,
     for total, weight in zip(totals, weights, strict=True):
         total /= weight
     return totals
+
+
+def default_chunks(sides: Sides, chunks: Sequence[Chunk], x: Tensor,
+                   sigma: Tensor) -> list[Chunk]:
+    """Each side's default entries, weighted by what its other entries leave uncovered
+    (1 - their summed weights, clipped at 0); none where nothing is left."""
+    found = []
+    for side, entries in enumerate(sides):
+        defaults = [entry for entry in entries or () if entry.default]
+        if not defaults:
+            continue
+        uncovered = torch.ones_like(x)
+        for chunk in chunks:
+            if chunk.side == side:
+                region = uncovered if chunk.area is None else crop(uncovered, chunk.area)
+                region -= chunk.mult
+        uncovered.clamp_(min=0.0)
+        if float(uncovered.max()) == 0.0:
+            continue
+        for entry in defaults:
+            chunk = make_chunk(entry, x, sigma, side)
+            if chunk is not None:
+                mult = uncovered if chunk.area is None else crop(uncovered, chunk.area)
+                found.append(dataclasses.replace(chunk, mult=mult))
+    return found
+
+
+def run_hooked_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
+                     patches: ModelPatches | None, run_options: Mapping[str, Any] | None,
+                     hook_schedule: HookSchedule | None) -> tuple[Tensor, ...]:
+    """run_batch with the batch's weight hooks applied at their current strengths."""
+    hooks = batch[0].hooks
+    if hooks is None or not hooks.hooks:
+        return run_batch(model, batch, sigma, patches, run_options)
+    schedule = hook_schedule or HookSchedule(model.sampling.percent_to_sigma)
+    hook_patches = schedule.patches_for(hooks, model.unet, float(sigma[0]))
+    with patched(model.unet, hook_patches):
+        return run_batch(model, batch, sigma, patches, run_options)
 
 
 def make_chunk(entry: CondEntry, x: Tensor, sigma: Tensor, side: int) -> Chunk | None:
@@ -234,7 +286,7 @@ def make_chunk(entry: CondEntry, x: Tensor, sigma: Tensor, side: int) -> Chunk |
         control_context = repeat_to_batch(control_context, batch)
     return Chunk(x_part, chunk_weight(entry, x_part, area, x.shape), area,
                  repeat_to_batch(inputs.context, batch), y, concat, entry.control, side,
-                 control_context)
+                 control_context, entry.hooks)
 
 
 def clamp_area(area: Area | None, shape: torch.Size) -> Area | None:

@@ -59,7 +59,7 @@ class PerpNegGuider(Guider):
         guided = super().prepare(inputs)
         empty = prepare_entries(self.model, self.empty_conditioning, "negative", inputs)
         return PerpNegGuidedModel(guided.model, guided.positive, guided.negative, guided.cfg,
-                                  inputs, tuple(empty), self.neg_scale)
+                                  inputs, empty=tuple(empty), neg_scale=self.neg_scale)
 
 
 @dataclass(frozen=True, eq=False)
