@@ -1,6 +1,7 @@
-"""Guidance patch nodes (ComfyUI's comfy_extras: nodes_model_advanced RescaleCFG, nodes_cfg,
-nodes_apg, nodes_tcfg, nodes_mahiro, nodes_fresca, nodes_eps, nodes_pag, nodes_sag,
-nodes_perpneg, nodes_differential_diffusion): each returns a clone of the MODEL with its guidance
+"""Guidance patch nodes (ComfyUI's comfy_extras: nodes_model_advanced RescaleCFG, nodes_lumina2
+RenormCFG (model-independent, so offered for SD too), nodes_cfg, nodes_apg, nodes_tcfg,
+nodes_mahiro, nodes_fresca, nodes_eps, nodes_pag, nodes_sag, nodes_perpneg,
+nodes_differential_diffusion): each returns a clone of the MODEL with its guidance
 functions on its ModelPatches (engine/diffusion/sampling/guidance_patches.py, perp_neg.py and
 self_attention_guidance.py have the equations)."""
 
@@ -37,6 +38,20 @@ class RescaleCFG(Node):
     def execute(self, ctx: NodeContext, model: Any, multiplier: float) -> tuple[ModelHandle]:
         return patched(model, "RescaleCFG",
                        lambda p: p.with_cfg_function(patches.rescale_cfg(multiplier)))
+
+
+class RenormCFG(Node):
+    schema = NodeSchema(
+        "RenormCFG",
+        (MODEL_IN, Float("cfg_trunc", 100, min=0.0, max=100.0, step=0.01),
+         Float("renorm_cfg", 1.0, min=0.0, max=100.0, step=0.01)),
+        (Output("MODEL"),), category="advanced/model")
+
+    def execute(self, ctx: NodeContext, model: Any, cfg_trunc: float,
+                renorm_cfg: float) -> tuple[ModelHandle]:
+        handle = require_model(model, "RenormCFG")
+        function = patches.renorm_cfg(cfg_trunc, renorm_cfg, handle.config.in_channels)
+        return (handle.patching(lambda p: p.with_cfg_function(function)),)
 
 
 class CFGZeroStar(Node):
@@ -205,6 +220,6 @@ class PerpNegGuiderNode(Node):
                               empty_conditioning, neg_scale),)
 
 
-NODE_TYPES = (RescaleCFG, CFGZeroStar, CFGNorm, APG, TCFG, Mahiro, FreSca, EpsilonScaling,
-              TemporalScoreRescaling, PerturbedAttentionGuidance, DifferentialDiffusion, PerpNeg,
-              PerpNegGuiderNode, SelfAttentionGuidanceNode)
+NODE_TYPES = (RescaleCFG, RenormCFG, CFGZeroStar, CFGNorm, APG, TCFG, Mahiro, FreSca,
+              EpsilonScaling, TemporalScoreRescaling, PerturbedAttentionGuidance,
+              DifferentialDiffusion, PerpNeg, PerpNegGuiderNode, SelfAttentionGuidanceNode)

@@ -56,6 +56,25 @@ def test_rescale_cfg_rescales_the_v_prediction_std_to_the_positive() -> None:
     assert np.allclose(got, expected, atol=1e-10)
 
 
+def test_renorm_cfg_caps_the_guided_norm_at_a_multiple_of_the_positive() -> None:
+    args = post_args()
+    args["timestep"] = args["sigma"]
+    x, c0, u0 = (np_(args[k]) for k in ("input", "cond_denoised", "uncond_denoised"))
+    guided = u0 + 5.0 * (c0 - u0)
+    limit = 1.5 * np.sqrt((c0**2).reshape(2, -1).sum(1)).reshape(-1, 1, 1, 1)
+    norm = np.sqrt((guided**2).reshape(2, -1).sum(1)).reshape(-1, 1, 1, 1)
+    expected = np.where(norm >= limit, guided * limit / norm, guided)
+    got = x - np_(patches.renorm_cfg(100.0, 1.5, 4)(args))
+    assert np.allclose(got, expected, atol=1e-10)
+
+
+def test_renorm_cfg_above_the_truncation_sigma_keeps_the_positive() -> None:
+    args = post_args()
+    args["timestep"] = args["sigma"]
+    got = args["input"] - patches.renorm_cfg(0.5, 1.5, 4)(args)  # sigmas 2.5, 0.7 >= 0.5
+    assert torch.allclose(got, args["cond_denoised"])
+
+
 def test_cfg_zero_star_scales_the_uncond_by_the_optimal_projection() -> None:
     args = post_args()
     x, c0, u0 = (np_(args[k]) for k in ("input", "cond_denoised", "uncond_denoised"))
@@ -230,6 +249,7 @@ def guided_out(model: Any, cfg: float = 5.0, negative: float = 3.0) -> Tensor:
 
 @pytest.mark.parametrize(("node", "inputs", "field"), [
     (nodes.RescaleCFG, {"multiplier": 0.7}, "sampler_cfg_function"),
+    (nodes.RenormCFG, {"cfg_trunc": 100.0, "renorm_cfg": 1.0}, "sampler_cfg_function"),
     (nodes.CFGZeroStar, {}, "sampler_post_cfg_function"),
     (nodes.CFGNorm, {"strength": 1.0}, "sampler_post_cfg_function"),
     (nodes.APG, {"eta": 1.0, "norm_threshold": 5.0, "momentum": 0.0},

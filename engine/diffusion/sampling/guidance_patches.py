@@ -45,6 +45,26 @@ def rescale_cfg(multiplier: float) -> Callable[[Args], Tensor]:
     return cfg_function
 
 
+def renorm_cfg(cfg_trunc: float, renorm: float, in_channels: int) -> Callable[[Args], Tensor]:
+    """RenormCFG (Lumina-Image 2.0): below sigma `cfg_trunc`, CFG on the first `in_channels`
+    channels with each sample's norm capped at `renorm` x the positive's; above it the
+    positive alone. The channels past `in_channels` always come from the positive."""
+    def cfg_function(args: Args) -> Tensor:
+        cond, uncond = args["cond_denoised"], args["uncond_denoised"]
+        cond_main, rest = cond[:, :in_channels], cond[:, in_channels:]
+        guided = cond_main
+        if float(args["timestep"][0]) < cfg_trunc:
+            guided = uncond[:, :in_channels] + args["cond_scale"] * (cond_main
+                                                                     - uncond[:, :in_channels])
+            if renorm > 0.0:
+                dims = tuple(range(1, cond_main.ndim))
+                limit = torch.linalg.vector_norm(cond_main, dim=dims, keepdim=True) * renorm
+                norm = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+                guided = torch.where(norm >= limit, guided * (limit / norm), guided)
+        return args["input"] - torch.cat([guided, rest], dim=1)
+    return cfg_function
+
+
 def optimized_scale(positive: Tensor, negative: Tensor) -> Tensor:
     """CFG-Zero* (Fan et al. 2025) s* = <v_cond, v_uncond> / |v_uncond|^2 per sample."""
     positive_flat = positive.reshape(positive.shape[0], -1)
