@@ -46,85 +46,76 @@ def _keyframes_out() -> tuple[Output, ...]:
 # --- creating hooks -----------------------------------------------------------------------
 
 
-def _lora_hook(ctx: NodeContext, lora_name: str, strength_model: float, strength_clip: float,
+class _CreateHook(Node):
+    """A HOOKS value: the previous hooks plus one made from a file of `folder`."""
+
+    folder = "loras"
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        name = inputs["lora_name" if self.folder == "loras" else "ckpt_name"]
+        return file_fingerprint(ctx, self.folder, name)
+
+    def create(self, ctx: NodeContext, name: str, strength_model: float, strength_clip: float,
                prev_hooks: HookGroup | None) -> tuple[HookGroup]:
-    previous = prev_hooks or HookGroup()
-    if strength_model == 0 and strength_clip == 0:
-        return (previous,)
-    return (previous.combined(new_hook(strength_model, strength_clip,
-                                       lora=lora_file(ctx, lora_name))),)
+        previous = prev_hooks or HookGroup()
+        if strength_model == 0 and strength_clip == 0:
+            return (previous,)
+        if self.folder == "loras":
+            hook = new_hook(strength_model, strength_clip, lora=lora_file(ctx, name))
+        else:
+            model, clip, _ = load_checkpoint_file(ctx, name)
+            text = None if clip is None else dict(clip.encoders)
+            hook = new_hook(strength_model, strength_clip, unet_weights=model.unet,
+                            text_weights=text)
+        return (previous.combined(hook),)
 
 
-class CreateHookLora(Node):
-    schema = NodeSchema(
-        "CreateHookLora",
-        (Combo("lora_name", FilesIn("loras")), Float("strength_model", 1.0, **HOOK_STRENGTH),
-         Float("strength_clip", 1.0, **HOOK_STRENGTH), _optional("prev_hooks", "HOOKS")),
-        _hooks_out(), category="advanced/hooks/create", display_name="Create Hook LoRA",
-        experimental=True)
+def _create_schema(name: str, display_name: str, file_input: Input, with_clip: bool
+                   ) -> NodeSchema:
+    strengths = [Float("strength_model", 1.0, **HOOK_STRENGTH)]
+    if with_clip:
+        strengths.append(Float("strength_clip", 1.0, **HOOK_STRENGTH))
+    return NodeSchema(name, (file_input, *strengths, _optional("prev_hooks", "HOOKS")),
+                      _hooks_out(), category="advanced/hooks/create", display_name=display_name,
+                      experimental=True)
 
-    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx, "loras", inputs["lora_name"])
+
+class CreateHookLora(_CreateHook):
+    schema = _create_schema("CreateHookLora", "Create Hook LoRA",
+                            Combo("lora_name", FilesIn("loras")), with_clip=True)
 
     def execute(self, ctx: NodeContext, lora_name: str, strength_model: float,
                 strength_clip: float, prev_hooks: HookGroup | None = None) -> tuple[HookGroup]:
-        return _lora_hook(ctx, lora_name, strength_model, strength_clip, prev_hooks)
+        return self.create(ctx, lora_name, strength_model, strength_clip, prev_hooks)
 
 
-class CreateHookLoraModelOnly(Node):
-    schema = NodeSchema(
-        "CreateHookLoraModelOnly",
-        (Combo("lora_name", FilesIn("loras")), Float("strength_model", 1.0, **HOOK_STRENGTH),
-         _optional("prev_hooks", "HOOKS")),
-        _hooks_out(), category="advanced/hooks/create", display_name="Create Hook LoRA (MO)",
-        experimental=True)
-
-    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx, "loras", inputs["lora_name"])
+class CreateHookLoraModelOnly(_CreateHook):
+    schema = _create_schema("CreateHookLoraModelOnly", "Create Hook LoRA (MO)",
+                            Combo("lora_name", FilesIn("loras")), with_clip=False)
 
     def execute(self, ctx: NodeContext, lora_name: str, strength_model: float,
                 prev_hooks: HookGroup | None = None) -> tuple[HookGroup]:
-        return _lora_hook(ctx, lora_name, strength_model, 0.0, prev_hooks)
+        return self.create(ctx, lora_name, strength_model, 0.0, prev_hooks)
 
 
-def _model_hook(ctx: NodeContext, ckpt_name: str, strength_model: float, strength_clip: float,
-                prev_hooks: HookGroup | None) -> tuple[HookGroup]:
-    model, clip, _ = load_checkpoint_file(ctx, ckpt_name)
-    text = None if clip is None else dict(clip.encoders)
-    hook = new_hook(strength_model, strength_clip, unet_weights=model.unet, text_weights=text)
-    return ((prev_hooks or HookGroup()).combined(hook),)
-
-
-class CreateHookModelAsLora(Node):
-    schema = NodeSchema(
-        "CreateHookModelAsLora",
-        (Combo("ckpt_name", FilesIn("checkpoints")), Float("strength_model", 1.0, **HOOK_STRENGTH),
-         Float("strength_clip", 1.0, **HOOK_STRENGTH), _optional("prev_hooks", "HOOKS")),
-        _hooks_out(), category="advanced/hooks/create", display_name="Create Hook Model as LoRA",
-        experimental=True)
-
-    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx, "checkpoints", inputs["ckpt_name"])
+class CreateHookModelAsLora(_CreateHook):
+    schema = _create_schema("CreateHookModelAsLora", "Create Hook Model as LoRA",
+                            Combo("ckpt_name", FilesIn("checkpoints")), with_clip=True)
+    folder = "checkpoints"
 
     def execute(self, ctx: NodeContext, ckpt_name: str, strength_model: float,
                 strength_clip: float, prev_hooks: HookGroup | None = None) -> tuple[HookGroup]:
-        return _model_hook(ctx, ckpt_name, strength_model, strength_clip, prev_hooks)
+        return self.create(ctx, ckpt_name, strength_model, strength_clip, prev_hooks)
 
 
-class CreateHookModelAsLoraModelOnly(Node):
-    schema = NodeSchema(
-        "CreateHookModelAsLoraModelOnly",
-        (Combo("ckpt_name", FilesIn("checkpoints")), Float("strength_model", 1.0, **HOOK_STRENGTH),
-         _optional("prev_hooks", "HOOKS")),
-        _hooks_out(), category="advanced/hooks/create",
-        display_name="Create Hook Model as LoRA (MO)", experimental=True)
-
-    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx, "checkpoints", inputs["ckpt_name"])
+class CreateHookModelAsLoraModelOnly(_CreateHook):
+    schema = _create_schema("CreateHookModelAsLoraModelOnly", "Create Hook Model as LoRA (MO)",
+                            Combo("ckpt_name", FilesIn("checkpoints")), with_clip=False)
+    folder = "checkpoints"
 
     def execute(self, ctx: NodeContext, ckpt_name: str, strength_model: float,
                 prev_hooks: HookGroup | None = None) -> tuple[HookGroup]:
-        return _model_hook(ctx, ckpt_name, strength_model, 0.0, prev_hooks)
+        return self.create(ctx, ckpt_name, strength_model, 0.0, prev_hooks)
 
 
 # --- scheduling ---------------------------------------------------------------------------

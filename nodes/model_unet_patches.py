@@ -33,29 +33,24 @@ def _freeu_inputs(b1: float, b2: float) -> tuple[Any, ...]:
             Float("s2", 0.2, min=0.0, max=10.0, step=0.01))
 
 
-def _freeu(model: Any, node: str, b1: float, b2: float, s1: float, s2: float,
-           v2: bool) -> tuple[ModelHandle]:
-    handle = require_model(model, node)
-    patch = FreeU.for_model(handle.config.model_channels, b1, b2, s1, s2, v2)
-    return (handle.patching(lambda p: p.adding_unet_patch("output_block_patch", patch)),)
-
-
 class FreeUNode(Node):
+    """FreeU's output_block_patch on a clone; FreeU_V2 scales by the backbone's mean map."""
+
     schema = NodeSchema("FreeU", _freeu_inputs(1.1, 1.2), (Output("MODEL"),),
                         category=UNET_CATEGORY)
+    v2 = False
 
     def execute(self, ctx: NodeContext, model: Any, b1: float, b2: float, s1: float,
                 s2: float) -> tuple[ModelHandle]:
-        return _freeu(model, "FreeU", b1, b2, s1, s2, v2=False)
+        handle = require_model(model, self.schema.name)
+        patch = FreeU.for_model(handle.config.model_channels, b1, b2, s1, s2, self.v2)
+        return (handle.patching(lambda p: p.adding_unet_patch("output_block_patch", patch)),)
 
 
-class FreeUV2(Node):
+class FreeUV2(FreeUNode):
     schema = NodeSchema("FreeU_V2", _freeu_inputs(1.3, 1.4), (Output("MODEL"),),
                         category=UNET_CATEGORY)
-
-    def execute(self, ctx: NodeContext, model: Any, b1: float, b2: float, s1: float,
-                s2: float) -> tuple[ModelHandle]:
-        return _freeu(model, "FreeU_V2", b1, b2, s1, s2, v2=True)
+    v2 = True
 
 
 @dataclass(frozen=True)
@@ -123,30 +118,34 @@ def _multiplier_inputs(first: Any) -> tuple[Any, ...]:
                      for name in ("q", "k", "v", "out")))
 
 
-def _multiply_attention(model: Any, node: str, attention: str, q: float, k: float, v: float,
-                        out: float) -> tuple[ModelHandle]:
-    handle = require_model(model, node)
-    patch = scaled_parameters(handle.unet, {f"{attention}.to_q": q, f"{attention}.to_k": k,
-                                            f"{attention}.to_v": v, f"{attention}.to_out.0": out})
-    return (handle.replace(patches=handle.patches + (patch,)),)
+class _UNetAttentionMultiply(Node):
+    """Multiplies the q/k/v/out projection weights of every self- ("attn1") or cross-attention
+    ("attn2") block, as a weight patch on a clone."""
 
-
-class UNetSelfAttentionMultiply(Node):
-    schema = NodeSchema("UNetSelfAttentionMultiply", _multiplier_inputs(MODEL_IN),
-                        (Output("MODEL"),), category=ATTENTION_CATEGORY, experimental=True)
+    attention = "attn1"
 
     def execute(self, ctx: NodeContext, model: Any, q: float, k: float, v: float,
                 out: float) -> tuple[ModelHandle]:
-        return _multiply_attention(model, "UNetSelfAttentionMultiply", "attn1", q, k, v, out)
+        handle = require_model(model, self.schema.name)
+        name = self.attention
+        patch = scaled_parameters(handle.unet, {f"{name}.to_q": q, f"{name}.to_k": k,
+                                                f"{name}.to_v": v, f"{name}.to_out.0": out})
+        return (handle.replace(patches=handle.patches + (patch,)),)
 
 
-class UNetCrossAttentionMultiply(Node):
-    schema = NodeSchema("UNetCrossAttentionMultiply", _multiplier_inputs(MODEL_IN),
-                        (Output("MODEL"),), category=ATTENTION_CATEGORY, experimental=True)
+def _attention_multiply_schema(name: str) -> NodeSchema:
+    return NodeSchema(name, _multiplier_inputs(MODEL_IN), (Output("MODEL"),),
+                      category=ATTENTION_CATEGORY, experimental=True)
 
-    def execute(self, ctx: NodeContext, model: Any, q: float, k: float, v: float,
-                out: float) -> tuple[ModelHandle]:
-        return _multiply_attention(model, "UNetCrossAttentionMultiply", "attn2", q, k, v, out)
+
+class UNetSelfAttentionMultiply(_UNetAttentionMultiply):
+    schema = _attention_multiply_schema("UNetSelfAttentionMultiply")
+    attention = "attn1"
+
+
+class UNetCrossAttentionMultiply(_UNetAttentionMultiply):
+    schema = _attention_multiply_schema("UNetCrossAttentionMultiply")
+    attention = "attn2"
 
 
 class CLIPAttentionMultiply(Node):
