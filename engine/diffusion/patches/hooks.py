@@ -82,6 +82,14 @@ class WeightHook:
     text_weights: Mapping[str, nn.Module] | None = field(default=None, compare=False)
     keyframes: HookKeyframes = HookKeyframes()
 
+    def __loom_digest__(self) -> None:
+        """Not content-hashable (a hook is itself, not its numbers): caches use the node key."""
+        return None
+
+    def __loom_nbytes__(self) -> int:
+        """The LoRA file and checkpoints are accounted by the model manager that loaded them."""
+        return 0
+
     def unet_patch(self, unet: nn.Module) -> HookPatch | None:
         """The patch for `unet` at strength_model (before the keyframe strength)."""
         if self.strength_model == 0:
