@@ -4,13 +4,16 @@ At every model evaluation each active entry (see ``conditioning.CondEntry``) yie
 the latent (cropped to its area), a weight ``mult`` (mask * mask_strength, or ones, times
 strength; area edges without a mask fade in over min(8, size // 4) cells) and its model inputs.
 Chunks that fit together (same crop shape, same ControlNet object, equal vector/concat shapes,
-token counts whose least common multiple is at most 4x the shorter) run as one batch, the
-cross-attention tokens repeated up to that multiple (repeating tokens leaves attention
-unchanged). Each prediction's x0 is added into its side's sum with its weight, and every side
-is divided by its summed weights (plus 1e-37). The result is
+token counts whose least common multiple is at most 4x the shorter, the same weight hooks)
+run as one batch, the cross-attention tokens repeated up to that multiple (repeating tokens
+leaves attention unchanged). Each prediction's x0 is added into its side's sum with its weight,
+and every side is divided by its summed weights (plus 1e-37). The result is
 ``uncond + (cond - uncond) * cfg``; with cfg == 1 the uncond is not evaluated at all.
 
-ControlNets plug in through ``conditioning.ControlProvider``.
+ControlNets plug in through ``conditioning.ControlProvider``; the MODEL's behaviour patches
+(patches/model_patches.py: model function wrapper, pre-CFG / CFG / post-CFG functions, UNet
+patch points) and weight hooks (patches/hooks.py) run here too. Default entries join a batch
+with the weight their side's other entries leave.
 """
 
 from __future__ import annotations
