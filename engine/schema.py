@@ -39,8 +39,9 @@ def input_spec(spec: Input, env: Any = None) -> list[Any] | str:
 
 def object_info_entry(schema: NodeSchema, env: Any = None) -> dict[str, Any]:
     """The full `/object_info/{class}` value for one node type."""
-    sections: dict[str, dict[str, Any]] = {}
-    order: dict[str, list[str]] = {}
+    # ComfyUI always lists a "required" section, empty when every input is optional
+    sections: dict[str, dict[str, Any]] = {"required": {}}
+    order: dict[str, list[str]] = {"required": []}
     for spec in schema.inputs:
         section = "hidden" if spec.hidden else "optional" if spec.optional else "required"
         sections.setdefault(section, {})[spec.name] = input_spec(spec, env)
@@ -59,9 +60,6 @@ def object_info_entry(schema: NodeSchema, env: Any = None) -> dict[str, Any]:
         "category": schema.category,
         "output_node": schema.output_node,
     }
-    if not entry["input"]:
-        entry["input"] = {"required": {}}
-        entry["input_order"] = {"required": []}
     tooltips = [out.tooltip or "" for out in schema.outputs]
     if any(tooltips):
         entry["output_tooltips"] = tooltips

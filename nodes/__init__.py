@@ -14,7 +14,8 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
                    "nodes.custom_samplers", "nodes.custom_schedulers",
                    "nodes.lora", "nodes.model_merge", "nodes.model_save", "nodes.controlnet",
-                   "nodes.upscale", "nodes.clip_vision", "nodes.unclip")
+                   "nodes.upscale", "nodes.clip_vision", "nodes.unclip", "nodes.model_guidance",
+                   "nodes.model_unet_patches", "nodes.conditioning_extras", "nodes.hooks")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from engine.context import NodeContext
-from engine.diffusion.text.encoding import TextEncoderStack
+from engine.diffusion.text.encoding import PromptTokens, TextEncoderStack
 from engine.node import Float, Int, Link, Node, NodeSchema, Output, String
 from nodes.imaging import MAX_RESOLUTION
 
@@ -29,6 +29,14 @@ def _require_clip(clip: Any, node: str) -> TextEncoderStack:
     return clip
 
 
+def conditioning_for(clip: TextEncoderStack, tokens: PromptTokens,
+                     options: dict[str, Any] | None = None) -> Conditioning:
+    """CONDITIONING for tokens: one entry, or one per keyframe range of the CLIP's scheduled
+    hooks (SetClipHooks), each with `options` and what the hooks add."""
+    return [[encoded.cond, {"pooled_output": encoded.pooled, **(options or {}), **added}]
+            for encoded, added in clip.encode_scheduled(tokens)]
+
+
 class CLIPTextEncode(Node):
     schema = NodeSchema(
         "CLIPTextEncode", (_prompt("text"), Link("clip", "CLIP")), (Output("CONDITIONING"),),
@@ -37,8 +45,8 @@ class CLIPTextEncode(Node):
 
     def execute(self, ctx: NodeContext, text: str, clip: TextEncoderStack
                 ) -> tuple[Conditioning]:
-        encoded = _require_clip(clip, "CLIPTextEncode").encode(text)
-        return ([[encoded.cond, {"pooled_output": encoded.pooled}]],)
+        clip = _require_clip(clip, "CLIPTextEncode")
+        return (conditioning_for(clip, clip.tokenize(text)),)
 
 
 class CLIPTextEncodeSDXL(Node):
@@ -53,11 +61,10 @@ class CLIPTextEncodeSDXL(Node):
                 crop_w: int, crop_h: int, target_width: int, target_height: int, text_g: str,
                 text_l: str) -> tuple[Conditioning]:
         clip = _require_clip(clip, "CLIPTextEncodeSDXL")
-        encoded = clip.encode_tokens(clip.tokenize_per_encoder({"g": text_g, "l": text_l}))
-        options = {"pooled_output": encoded.pooled, "width": width, "height": height,
-                   "crop_w": crop_w, "crop_h": crop_h, "target_width": target_width,
-                   "target_height": target_height}
-        return ([[encoded.cond, options]],)
+        options = {"width": width, "height": height, "crop_w": crop_w, "crop_h": crop_h,
+                   "target_width": target_width, "target_height": target_height}
+        tokens = clip.tokenize_per_encoder({"g": text_g, "l": text_l})
+        return (conditioning_for(clip, tokens, options),)
 
 
 class CLIPTextEncodeSDXLRefiner(Node):
@@ -69,10 +76,9 @@ class CLIPTextEncodeSDXLRefiner(Node):
 
     def execute(self, ctx: NodeContext, ascore: float, width: int, height: int, text: str,
                 clip: TextEncoderStack) -> tuple[Conditioning]:
-        encoded = _require_clip(clip, "CLIPTextEncodeSDXLRefiner").encode(text)
-        options = {"pooled_output": encoded.pooled, "aesthetic_score": ascore, "width": width,
-                   "height": height}
-        return ([[encoded.cond, options]],)
+        clip = _require_clip(clip, "CLIPTextEncodeSDXLRefiner")
+        options = {"aesthetic_score": ascore, "width": width, "height": height}
+        return (conditioning_for(clip, clip.tokenize(text), options),)
 
 
 class CLIPSetLastLayer(Node):

@@ -7,6 +7,7 @@ sigma = 1 a prompt of value v gives x0 = -v everywhere."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -132,8 +133,8 @@ def test_cfg_one_leaves_the_uncond_out_unless_a_patch_disables_that() -> None:
 def test_unet_call_options_carry_guidance_run_and_model_entries() -> None:
     guidance, unet = patched(lambda p: p.adding_unet_patch("middle_block_patch", lambda h, o: h)
                              .with_transformer_options(pack_setting=7))
-    guidance = GuidedModel(guidance.model, guidance.positive, guidance.negative, guidance.cfg,
-                           torch.tensor([2.0, 1.0, 0.0]))
+    guidance = Guider(guidance.model, [prompt(1)], [prompt(3)], 5.0).prepare(
+        dataclasses.replace(inputs_for(SHAPE), sigmas=torch.tensor([2.0, 1.0, 0.0])))
     at_unit_sigma(guidance)
     call = unet.unet_calls[0]  # type: ignore[attr-defined]
     assert call is not None and call.patches is guidance.model.model_patches.unet

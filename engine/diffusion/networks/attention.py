@@ -55,8 +55,14 @@ class CrossAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Scaled dot-product attention of projected (B, T, heads * dim_head) q, k, v; the
-        result has q's shape, before to_out."""
+        result has q's shape, before to_out.
+
+        When a patch regrouped q into more, shorter sequences (HyperTile's tiles) and left k
+        and v whole, k and v are split into as many runs of consecutive tokens: the reading
+        ComfyUI's attention gives such inputs, which patches written for it rely on."""
         batch, tokens, _ = q.shape
+        if k.shape[0] != batch:
+            k, v = _follow_batch(k, batch), _follow_batch(v, batch)
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if native_attention.supports(q, k, v):  # bf16 on a CPU with AVX512-BF16
             out = native_attention.attention(q, k, v)  # (B, heads, T, dim_head)
@@ -68,6 +74,16 @@ class CrossAttention(nn.Module):
         batch, tokens, inner = t.shape
         heads = self.heads
         return t.view(batch, tokens, heads, inner // heads).transpose(1, 2)  # (B, heads, T, d)
+
+
+def _follow_batch(t: Tensor, batch: int) -> Tensor:
+    """(b, T, C) -> (batch, b * T / batch, C), consecutive tokens kept together."""
+    total = t.shape[0] * t.shape[1]
+    if batch < t.shape[0] or total % batch:
+        raise ValueError(f"attention got q with batch {batch} but k/v of shape "
+                         f"{tuple(t.shape)}; a patch must return k and v with q's batch or one "
+                         "that divides its token runs evenly")
+    return t.reshape(batch, total // batch, t.shape[-1])
 
 
 class GEGLU(nn.Module):

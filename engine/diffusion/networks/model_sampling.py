@@ -35,6 +35,10 @@ import torch
 from torch import Tensor
 
 PREDICTIONS: tuple[str, ...] = ("eps", "v_prediction", "lcm", "x0", "img_to_img")
+# EDM's own parameterisation (Karras et al. 2022): c_out = +sigma * sigma_data / sqrt(...)
+CONTINUOUS_PREDICTIONS: tuple[str, ...] = ("eps", "v_prediction", "edm")
+CONTINUOUS_STEPS = 1000  # entries of a continuous schedule's sigma table (for the schedulers)
+EDM_TIMESTEP_SCALE = 0.25  # EDM's c_noise = ln(sigma) / 4
 
 # Zero-terminal-SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
 # Flawed") drives the last alphas_cumprod to 0; ComfyUI pins it to this tiny value instead so
@@ -83,7 +87,7 @@ class ModelSampling:
     sigma_data: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
+        if self.prediction not in PREDICTIONS + CONTINUOUS_PREDICTIONS:
             raise ValueError(
                 f"prediction {self.prediction!r} is not one of {', '.join(PREDICTIONS)}; "
                 "pick the type the checkpoint was trained with (SD2-768 is v_prediction)"
@@ -140,10 +144,12 @@ class ModelSampling:
         if self.prediction == "lcm":
             return self._lcm_denoised(sigma, model_output, x)
         sigma = _view_sigma(sigma, model_output.ndim)
-        if self.prediction == "v_prediction":
+        if self.prediction in ("v_prediction", "edm"):
             sigma_data = self.sigma_data
             variance = sigma**2 + sigma_data**2
-            return x * sigma_data**2 / variance - model_output * sigma * sigma_data / variance**0.5
+            sign = 1.0 if self.prediction == "edm" else -1.0
+            return (x * sigma_data**2 / variance
+                    + sign * model_output * sigma * sigma_data / variance**0.5)
         return x - model_output * sigma
 
     def _lcm_denoised(self, sigma: Tensor, model_output: Tensor, x: Tensor) -> Tensor:
@@ -196,6 +202,49 @@ def model_sampling(
     stride = timesteps // LCM_TRAINING_TIMESTEPS
     kept = sigmas.float()[stride - 1 :: stride]  # timesteps 19, 39, ..., 999
     return ModelSampling(prediction, kept, kept.log().float(), timestep_stride=stride)
+
+
+@dataclass(frozen=True, eq=False)
+class ContinuousModelSampling(ModelSampling):
+    """A continuous sigma range (ModelSamplingContinuousEDM / ...V): the network's timestep is
+    EDM's ln(sigma) / 4 (`timestep_kind` "edm") or 2 / pi * atan(sigma) ("v", the
+    cosine-schedule v-models); the table holds 1000 log-spaced sigmas for the schedulers."""
+
+    timestep_kind: str = "edm"
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        if self.timestep_kind == "v":
+            return sigma.atan() / math.pi * 2
+        return EDM_TIMESTEP_SCALE * sigma.log()
+
+    def sigma(self, timestep: Tensor) -> Tensor:
+        if self.timestep_kind == "v":
+            return (timestep * math.pi / 2).tan()
+        return (timestep / EDM_TIMESTEP_SCALE).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """Log-linear between sigma_max (0) and sigma_min (1)."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        log_min = math.log(float(self.sigma_min))
+        return math.exp((math.log(float(self.sigma_max)) - log_min) * (1.0 - percent) + log_min)
+
+
+def continuous_model_sampling(prediction: str, sigma_min: float, sigma_max: float,
+                              sigma_data: float = 1.0, timestep_kind: str = "edm"
+                              ) -> ContinuousModelSampling:
+    """A continuous schedule from sigma_min to sigma_max with one of CONTINUOUS_PREDICTIONS."""
+    if prediction not in CONTINUOUS_PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r} is not one of "
+                         f"{', '.join(CONTINUOUS_PREDICTIONS)} for a continuous schedule")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min {sigma_min} and sigma_max {sigma_max} must satisfy "
+                         "0 < sigma_min < sigma_max; e.g. 0.002 and 120 (EDM)")
+    sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), CONTINUOUS_STEPS).exp()
+    return ContinuousModelSampling(prediction, sigmas, sigmas.log(), sigma_data=sigma_data,
+                                   timestep_kind=timestep_kind)
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,8 @@ def lora_patches(lora: LoraFile, *, unet: UNet | None, encoders: Mapping[str, nn
         if target is None:
             if not encoders and module_name.startswith(TEXT_PREFIXES):
                 found.skipped_text += len(adapter.keys)
+            elif unet is None and not module_name.startswith(TEXT_PREFIXES):
+                continue  # the UNet's part, when only text encoders are patched (CLIP hooks)
             else:
                 found.reject(adapter, f"no module {module_name!r} in this model")
             continue

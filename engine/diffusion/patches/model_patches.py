@@ -100,22 +100,27 @@ class ModelPatches:
 
     def adding_pre_cfg(self, function: PreCfgFunction,
                        disable_cfg1_optimization: bool = False) -> ModelPatches:
-        return dataclasses.replace(
-            self, sampler_pre_cfg_function=(*self.sampler_pre_cfg_function,
-                                            _callable(function, "pre-CFG function")),
-            disable_cfg1_optimization=self.disable_cfg1_optimization or disable_cfg1_optimization)
+        return self._with_guidance("sampler_pre_cfg_function", function, "pre-CFG function",
+                                   disable_cfg1_optimization)
 
     def with_cfg_function(self, function: CfgFunction,
                           disable_cfg1_optimization: bool = False) -> ModelPatches:
-        return dataclasses.replace(
-            self, sampler_cfg_function=_callable(function, "CFG function"),
-            disable_cfg1_optimization=self.disable_cfg1_optimization or disable_cfg1_optimization)
+        return self._with_guidance("sampler_cfg_function", function, "CFG function",
+                                   disable_cfg1_optimization)
 
     def adding_post_cfg(self, function: PostCfgFunction,
                         disable_cfg1_optimization: bool = False) -> ModelPatches:
+        return self._with_guidance("sampler_post_cfg_function", function, "post-CFG function",
+                                   disable_cfg1_optimization)
+
+    def _with_guidance(self, name: str, function: Any, what: str,
+                       disable_cfg1_optimization: bool) -> ModelPatches:
+        """`function` set (the CFG function) or appended (pre/post lists) at `name`."""
+        _callable(function, what)
+        current = getattr(self, name)
+        value = (*current, function) if isinstance(current, tuple) else function
         return dataclasses.replace(
-            self, sampler_post_cfg_function=(*self.sampler_post_cfg_function,
-                                             _callable(function, "post-CFG function")),
+            self, **{name: value},
             disable_cfg1_optimization=self.disable_cfg1_optimization or disable_cfg1_optimization)
 
     def with_transformer_options(self, **entries: Any) -> ModelPatches:

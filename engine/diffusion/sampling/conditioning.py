@@ -14,6 +14,8 @@ pair becomes a ``CondEntry`` resolved against the latent being sampled:
 * SDXL's vector ``y``: pooled output plus the size keys; width/height default to the latent
   size * 8, crops to 0, target sizes to width/height; the refiner's ``aesthetic_score``
   defaults to 6 for positive and 2.5 for negative prompts.
+* An 8-channel instruct-pix2pix UNet gets the cond's ``concat_latent_image`` (unscaled) or
+  zeros after its 4 latent channels.
 * A 9-channel inpainting UNet gets ``cat(mask, masked-image latent)`` after its 4 latent
   channels: the cond's ``concat_mask``/``concat_latent_image`` (InpaintModelConditioning; the
   image is scaled like any latent going in), else the latent's noise mask and the latent itself
@@ -21,6 +23,12 @@ pair becomes a ``CondEntry`` resolved against the latent being sampled:
 * Each area entry on one side gets a twin on the other side with the same area (and strength,
   mask, range) but the text of the smallest entry there containing that area, so cond and
   uncond are weighted alike in the region.
+* ``cross_attn_controlnet`` (CLIPTextEncodeControlnet) replaces the text tokens the entry's
+  ControlNet sees; the UNet keeps the entry's own.
+* ``hooks`` (ConditioningSetProperties ...) are weight hooks applied while the entry runs;
+  ``default`` entries (ConditioningSetDefaultCombine) only fill the weight the side's other
+  entries leave (1 - their summed weights, clipped at 0); ``clip_start_percent`` /
+  ``clip_end_percent`` (a scheduled CLIP encoding) narrow the entry's range further.
 * A positive entry marked ``control_apply_to_uncond`` lends its ControlNet to an area-less
   negative entry that has none.
 """
@@ -41,6 +49,7 @@ from torch import Tensor
 
 from engine.diffusion.networks.noise_augment import unclip_adm
 from engine.diffusion.networks.unet import ADM_NUMBER_DIM, sdxl_adm, sdxl_refiner_adm
+from engine.diffusion.patches.hooks import HookGroup
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.image_ops import center_crop, repeat_to_batch
 
@@ -56,6 +65,7 @@ BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 REFINER_AESTHETIC_SCORE = MappingProxyType({"positive": 6.0, "negative": 2.5})
 UNCLIP_SEED_OFFSET = 10  # ComfyUI draws unCLIP's embedding noise from seed - 10
 UNCLIP_MERGE_AUGMENTATION = 0.05  # several images: their sum is noised again at this level
+IP2P_IN_CHANNELS = 8  # latent + the source image's latent
 
 
 @runtime_checkable
@@ -96,6 +106,7 @@ class ModelInputs:
     context: Tensor  # (1, T, D) cross-attention tokens
     y: Tensor | None = None  # (1, adm) SDXL vector conditioning
     concat: Tensor | None = None  # (B, 5, H, W) inpainting channels at the full latent size
+    control_context: Tensor | None = None  # (1, T, D) tokens a ControlNet gets instead
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +122,8 @@ class CondEntry:
     sigma_end: float | None = None  # ... and sigma >= sigma_end
     control: ControlProvider | None = None
     control_to_uncond: bool = False
+    hooks: HookGroup | None = None  # weight hooks applied while this entry is evaluated
+    default: bool = False  # used only where the side's other entries leave weight uncovered
 
     def active_at(self, sigma: float) -> bool:
         """Whether the entry's timestep range includes this sigma."""
@@ -173,18 +186,27 @@ def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,
             area = mask_bounds(mask)
     sampling = model.sampling
     start, end = options.get("start_percent"), options.get("end_percent")
+    if "clip_start_percent" in options:  # one range of a scheduled CLIP encoding (hooks)
+        start = max(float(options["clip_start_percent"]), float(start or 0.0))
+        end = min(float(options["clip_end_percent"]), 1.0 if end is None else float(end))
     model_inputs = ModelInputs(
         context=cond.to(inputs.device),
         y=adm_vector(model, options, prompt_type, inputs.noise_shape, inputs.device,
                      inputs.seed),
-        concat=inpaint_concat(model, options, inputs))
+        concat=concat_channels(model, options, inputs),
+        control_context=_on(options.get("cross_attn_controlnet"), inputs.device))
     return CondEntry(
         model_inputs, area=area, strength=float(options.get("strength", 1.0)), mask=mask,
         mask_strength=float(options.get("mask_strength", 1.0)),
         sigma_start=None if start is None else sampling.percent_to_sigma(float(start)),
         sigma_end=None if end is None else sampling.percent_to_sigma(float(end)),
         control=options.get("control"),
-        control_to_uncond=bool(options.get("control_apply_to_uncond", False)))
+        control_to_uncond=bool(options.get("control_apply_to_uncond", False)),
+        hooks=options.get("hooks"), default=bool(options.get("default", False)))
+
+
+def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if value is None else value.to(device)
 
 
 def _split_pair(pair: Sequence[Any], prompt_type: str) -> tuple[Tensor, Mapping[str, Any]]:
@@ -277,6 +299,28 @@ def adm_vector(model: ModelHandle, options: Mapping[str, Any], prompt_type: str,
     return sdxl_adm(pooled, width=width, height=height, crop_w=crop_w, crop_h=crop_h,
                     target_width=options.get("target_width", width),
                     target_height=options.get("target_height", height))
+
+
+def concat_channels(model: ModelHandle, options: Mapping[str, Any],
+                    inputs: SamplingInputs) -> Tensor | None:
+    """The extra input channels of an inpainting (9) or instruct-pix2pix (8) UNet, else None."""
+    if model.in_channels == IP2P_IN_CHANNELS:
+        return ip2p_concat(options, inputs)
+    return inpaint_concat(model, options, inputs)
+
+
+def ip2p_concat(options: Mapping[str, Any], inputs: SamplingInputs) -> Tensor:
+    """instruct-pix2pix's 4 extra channels: the cond's source-image latent as the VAE gave it
+    (InstructPixToPixConditioning; ComfyUI does not scale it for these models), resized to the
+    latent, or zeros when the cond has none."""
+    shape = inputs.noise_shape
+    image = options.get("concat_latent_image")
+    if image is None:
+        return torch.zeros((shape[0], 4, *shape[2:]), device=inputs.device)
+    image = image.to(inputs.device, torch.float32)
+    if tuple(image.shape[-2:]) != tuple(shape[-2:]):
+        image = resize_center(image, shape[-2], shape[-1])
+    return repeat_to_batch(image, shape[0])
 
 
 def inpaint_concat(model: ModelHandle, options: Mapping[str, Any],

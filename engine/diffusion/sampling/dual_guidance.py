@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from engine.diffusion.patches.hooks import HookSchedule
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.sampling.conditioning import (
     CondEntry,
@@ -68,7 +69,7 @@ class DualCFGGuider:
         prepare_controls(self.model, [*positive, *middle, *negative], inputs)
         return DualGuidedModel(self.model, tuple(positive), tuple(middle), tuple(negative),
                                self.cfg_conds, self.cfg_cond2_negative, self.style == "nested",
-                               inputs.sigmas)
+                               inputs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +83,13 @@ class DualGuidedModel:
     cfg_conds: float
     cfg_cond2_negative: float
     nested: bool
-    sample_sigmas: Tensor | None = None
+    inputs: SamplingInputs | None = None
+    hook_schedule: HookSchedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.hook_schedule is None:  # one per sampling run: hooks' keyframes start over
+            object.__setattr__(self, "hook_schedule",
+                               HookSchedule(self.model.sampling.percent_to_sigma))
 
     def cleanup(self) -> None:
         cleanup_controls((*self.positive, *self.middle, *self.negative))
@@ -116,11 +123,12 @@ class DualGuidedModel:
              scale: float) -> GuidedModel:
         """A plain CFG over two of the prompts, for its combine step (CFG/post-CFG functions)."""
         return GuidedModel(self.model, tuple(cond or ()),
-                           None if uncond is None else tuple(uncond), scale, self.sample_sigmas)
+                           None if uncond is None else tuple(uncond), scale, self.inputs,
+                           self.hook_schedule)
 
     def _predict(self, x: Tensor, sigma: Tensor, negative: Sequence[CondEntry] | None,
                  middle: Sequence[CondEntry] | None) -> list[Tensor]:
         """The (negative, middle, positive) x0 predictions, batched as ComfyUI orders them."""
-        run_options = {} if self.sample_sigmas is None else {"sample_sigmas": self.sample_sigmas}
+        run_options = {} if self.inputs is None else {"sample_sigmas": self.inputs.sigmas}
         return predict(self.model, (negative, middle, self.positive), x, sigma,
-                       self.model.model_patches, run_options)
+                       self.model.model_patches, run_options, self.hook_schedule)

@@ -4,19 +4,23 @@ At every model evaluation each active entry (see ``conditioning.CondEntry``) yie
 the latent (cropped to its area), a weight ``mult`` (mask * mask_strength, or ones, times
 strength; area edges without a mask fade in over min(8, size // 4) cells) and its model inputs.
 Chunks that fit together (same crop shape, same ControlNet object, equal vector/concat shapes,
-token counts whose least common multiple is at most 4x the shorter) run as one batch, the
-cross-attention tokens repeated up to that multiple (repeating tokens leaves attention
-unchanged). Each prediction's x0 is added into its side's sum with its weight, and every side
-is divided by its summed weights (plus 1e-37). The result is
+token counts whose least common multiple is at most 4x the shorter, the same weight hooks)
+run as one batch, the cross-attention tokens repeated up to that multiple (repeating tokens
+leaves attention unchanged). Each prediction's x0 is added into its side's sum with its weight,
+and every side is divided by its summed weights (plus 1e-37). The result is
 ``uncond + (cond - uncond) * cfg``; with cfg == 1 the uncond is not evaluated at all, except
 for the CFG++ samplers, which ask for it (``GuidedModel.with_uncond``). A side without any
 entry (no negative prompt: BasicGuider) predicts zeros.
 
-ControlNets plug in through ``conditioning.ControlProvider``.
+ControlNets plug in through ``conditioning.ControlProvider``; the MODEL's behaviour patches
+(patches/model_patches.py: model function wrapper, pre-CFG / CFG / post-CFG functions, UNet
+patch points) and weight hooks (patches/hooks.py) run here too. Default entries join a batch
+with the weight their side's other entries leave.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +31,10 @@ import torch
 from torch import Tensor
 
 from engine.diffusion.networks.unet_patches import TransformerOptions, UNetCall, UNetPatches
+from engine.diffusion.patches.hooks import HookGroup, HookSchedule
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.patches.model_patches import ModelPatches
+from engine.diffusion.patches.patching import patched
 from engine.diffusion.sampling import Denoiser, ModelSampling
 from engine.diffusion.sampling.conditioning import (
     Area,
@@ -58,12 +64,18 @@ class Chunk:
     concat: Tensor | None
     control: ControlProvider | None
     side: int  # 0 = cond, 1 = uncond
+    control_context: Tensor | None = None  # (B, T, D) the ControlNet's tokens, if not context
+    hooks: HookGroup | None = None
 
     def fits(self, other: Chunk) -> bool:
         """Whether the two can share one UNet batch."""
         if self.x.shape != other.x.shape or self.control is not other.control:
             return False
+        if self.hooks != other.hooks:
+            return False
         if not _same_shape(self.y, other.y) or not _same_shape(self.concat, other.concat):
+            return False
+        if (self.control_context is None) != (other.control_context is None):
             return False
         mine, theirs = self.context.shape, other.context.shape
         if mine[0] != theirs[0] or mine[2] != theirs[2]:
@@ -95,8 +107,7 @@ class Guider:
             positive, negative = pair_entries(positive, negative)
         prepare_controls(self.model, [*positive, *(negative or ())], inputs)
         return GuidedModel(self.model, tuple(positive),
-                           None if negative is None else tuple(negative), self.cfg,
-                           inputs.sigmas)
+                           None if negative is None else tuple(negative), self.cfg, inputs)
 
 
 def distinct_controls(entries: Sequence[CondEntry]) -> list[ControlProvider]:
@@ -130,11 +141,26 @@ class GuidedModel:
     positive: tuple[CondEntry, ...]
     negative: tuple[CondEntry, ...] | None
     cfg: float
-    sample_sigmas: Tensor | None = None
+    inputs: SamplingInputs | None = None
+    hook_schedule: HookSchedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.hook_schedule is None:  # one per sampling run: hooks' keyframes start over
+            object.__setattr__(self, "hook_schedule",
+                               HookSchedule(self.model.sampling.percent_to_sigma))
 
     @property
     def model_sampling(self) -> ModelSampling:
         return self.model.sampling
+
+    def prepare_conditioning(self, conditioning: Conditioning, prompt_type: str = "negative"
+                             ) -> tuple[CondEntry, ...]:
+        """Another CONDITIONING resolved against the latent being sampled (PerpNeg's empty
+        prompt), ready for calc_cond_batch."""
+        if self.inputs is None:
+            raise ValueError("this guided model was made without its sampling inputs; build it "
+                             "with Guider.prepare")
+        return tuple(prepare_entries(self.model, conditioning, prompt_type, self.inputs))
 
     def cleanup(self) -> None:
         """Each distinct control's optional ``cleanup()`` (after the sampling run)."""
@@ -145,8 +171,9 @@ class GuidedModel:
         """Each side's weighted x0 (ComfyUI's calc_cond_batch), under `model_patches` (default:
         the model's own; PerturbedAttentionGuidance re-runs the cond with an extra one)."""
         patches = self.model.model_patches if model_patches is None else model_patches
-        run_options = {} if self.sample_sigmas is None else {"sample_sigmas": self.sample_sigmas}
-        return predict(self.model, conds, x, sigma, patches, run_options)
+        sigmas = None if self.inputs is None else self.inputs.sigmas
+        run_options = {} if sigmas is None else {"sample_sigmas": sigmas}
+        return predict(self.model, conds, x, sigma, patches, run_options, self.hook_schedule)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra: object) -> Tensor:
         return self.guide(x, sigma, need_uncond=False)[0]
@@ -198,17 +225,19 @@ def cleanup_controls(entries: Sequence[CondEntry]) -> None:
 
 def predict(model: ModelHandle, sides: Sides, x: Tensor, sigma: Tensor,
             patches: ModelPatches | None = None,
-            run_options: Mapping[str, Any] | None = None) -> list[Tensor]:
+            run_options: Mapping[str, Any] | None = None,
+            hook_schedule: HookSchedule | None = None) -> list[Tensor]:
     """The weighted x0 prediction of each side (ComfyUI's calc_cond_batch)."""
     totals = [torch.zeros_like(x) for _ in sides]
     weights = [torch.ones_like(x) * EMPTY_WEIGHT for _ in sides]
     pending = [chunk for side, entries in enumerate(sides) for entry in entries or ()
-               if (chunk := make_chunk(entry, x, sigma, side)) is not None]
+               if not entry.default and (chunk := make_chunk(entry, x, sigma, side)) is not None]
+    pending += default_chunks(sides, pending, x, sigma)
     while pending:
         first = pending[0]
         fitting = [index for index, chunk in enumerate(pending) if chunk.fits(first)]
         batch = [pending.pop(index) for index in reversed(fitting)]
-        outputs = run_batch(model, batch, sigma, patches, run_options)
+        outputs = run_hooked_batch(model, batch, sigma, patches, run_options, hook_schedule)
         for chunk, denoised in zip(batch, outputs, strict=True):
             total, weight = totals[chunk.side], weights[chunk.side]
             if chunk.area is not None:
@@ -218,6 +247,44 @@ def predict(model: ModelHandle, sides: Sides, x: Tensor, sigma: Tensor,
     for total, weight in zip(totals, weights, strict=True):
         total /= weight
     return totals
+
+
+def default_chunks(sides: Sides, chunks: Sequence[Chunk], x: Tensor,
+                   sigma: Tensor) -> list[Chunk]:
+    """Each side's default entries, weighted by what its other entries leave uncovered
+    (1 - their summed weights, clipped at 0); none where nothing is left."""
+    found = []
+    for side, entries in enumerate(sides):
+        defaults = [entry for entry in entries or () if entry.default]
+        if not defaults:
+            continue
+        uncovered = torch.ones_like(x)
+        for chunk in chunks:
+            if chunk.side == side:
+                region = uncovered if chunk.area is None else crop(uncovered, chunk.area)
+                region -= chunk.mult
+        uncovered.clamp_(min=0.0)
+        if float(uncovered.max()) == 0.0:
+            continue
+        for entry in defaults:
+            chunk = make_chunk(entry, x, sigma, side)
+            if chunk is not None:
+                mult = uncovered if chunk.area is None else crop(uncovered, chunk.area)
+                found.append(dataclasses.replace(chunk, mult=mult))
+    return found
+
+
+def run_hooked_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
+                     patches: ModelPatches | None, run_options: Mapping[str, Any] | None,
+                     hook_schedule: HookSchedule | None) -> tuple[Tensor, ...]:
+    """run_batch with the batch's weight hooks applied at their current strengths."""
+    hooks = batch[0].hooks
+    if hooks is None or not hooks.hooks:
+        return run_batch(model, batch, sigma, patches, run_options)
+    schedule = hook_schedule or HookSchedule(model.sampling.percent_to_sigma)
+    hook_patches = schedule.patches_for(hooks, model.unet, float(sigma[0]))
+    with patched(model.unet, hook_patches):
+        return run_batch(model, batch, sigma, patches, run_options)
 
 
 def make_chunk(entry: CondEntry, x: Tensor, sigma: Tensor, side: int) -> Chunk | None:
@@ -234,8 +301,12 @@ def make_chunk(entry: CondEntry, x: Tensor, sigma: Tensor, side: int) -> Chunk |
     if concat is not None:
         concat = repeat_to_batch(concat if area is None else crop(concat, area), batch)
     y = None if inputs.y is None else repeat_to_batch(inputs.y, batch)
+    control_context = inputs.control_context
+    if control_context is not None:
+        control_context = repeat_to_batch(control_context, batch)
     return Chunk(x_part, chunk_weight(entry, x_part, area, x.shape), area,
-                 repeat_to_batch(inputs.context, batch), y, concat, entry.control, side)
+                 repeat_to_batch(inputs.context, batch), y, concat, entry.control, side,
+                 control_context, entry.hooks)
 
 
 def clamp_area(area: Area | None, shape: torch.Size) -> Area | None:
@@ -298,7 +369,9 @@ def run_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
         "c_concat": None if first.concat is None else torch.cat(
             [chunk.concat for chunk in batch]),  # type: ignore[misc]
         "y": None if first.y is None else torch.cat([chunk.y for chunk in batch]),  # type: ignore[misc]
-        "control": first.control}
+        "control": first.control,
+        "crossattn_controlnet": None if first.control_context is None else _cat_tokens(
+            [chunk.control_context for chunk in batch])}  # type: ignore[misc]
     if patches is None or patches.empty:
         return apply_model(model, None, x, sigmas, **c).chunk(len(batch))
     cond_or_uncond = [chunk.side for chunk in batch]
@@ -315,12 +388,14 @@ def run_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
 def apply_model(model: ModelHandle, unet_patches: UNetPatches | None, x: Tensor, t: Tensor,
                 c_crossattn: Tensor, c_concat: Tensor | None = None, y: Tensor | None = None,
                 control: ControlProvider | None = None,
-                transformer_options: TransformerOptions | None = None) -> Tensor:
+                transformer_options: TransformerOptions | None = None,
+                crossattn_controlnet: Tensor | None = None) -> Tensor:
     """x0 for the noisy latent `x` at sigmas `t` (ComfyUI's apply_model, its argument names)."""
     call = None
     if unet_patches is not None and not unet_patches.empty:
         call = UNetCall(unet_patches, {} if transformer_options is None else transformer_options)
-    network = partial(_network, model, c_crossattn, y, c_concat, control, t, call=call)
+    network = partial(_network, model, c_crossattn, y, c_concat, control, t, call=call,
+                      control_context=crossattn_controlnet)
     return Denoiser(network, model.sampling)(x, t)
 
 
@@ -333,14 +408,16 @@ def _cat_tokens(contexts: Sequence[Tensor]) -> Tensor:
 
 def _network(model: ModelHandle, context: Tensor, y: Tensor | None, concat: Tensor | None,
              control: ControlProvider | None, sigma: Tensor, x_in: Tensor,
-             timestep: Tensor, call: UNetCall | None = None) -> Tensor:
+             timestep: Tensor, call: UNetCall | None = None,
+             control_context: Tensor | None = None) -> Tensor:
     """The raw UNet output for c_in-scaled input: ControlNet residuals, inpaint channels."""
     down, mid, extra = (None, None, None)
     if control is not None:
-        down, mid = control.residuals(x_in, timestep, context, y, sigma)
+        tokens = context if control_context is None else control_context
+        down, mid = control.residuals(x_in, timestep, tokens, y, sigma)
         input_residuals = getattr(control, "input_residuals", None)  # T2I-Adapters
         if input_residuals is not None:
-            extra = input_residuals(x_in, timestep, context, y, sigma)
+            extra = input_residuals(x_in, timestep, tokens, y, sigma)
     if concat is not None:
         x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)
     return model.unet(x_in, timestep, context, y, down_residuals=down, mid_residual=mid,

@@ -28,13 +28,14 @@ import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from engine.diffusion.memory.offload import compute_device
 from engine.diffusion.networks.clip_text import END_TOKEN
+from engine.diffusion.patches.hooks import HookGroup, clip_schedule, scaled
 from engine.diffusion.patches.patching import Patch, patched
 from engine.diffusion.text.prompt_weights import EmbeddingFinder
 from engine.diffusion.text.tokenizer import (
@@ -125,6 +126,11 @@ class TextEncoderStack:
         # per encoder, applied around every use (LoRA, merges); see patches/patching.py
         self.patches: Mapping[str, tuple[Patch, ...]] = MappingProxyType(
             {name: tuple(found) for name, found in (patches or {}).items()})
+        # SetClipHooks: weight hooks applied while encoding (per range when scheduled), and
+        # the hooks every encoded entry carries into sampling (patches/hooks.py)
+        self.hooks: HookGroup | None = None
+        self.hooks_to_conds: HookGroup | None = None
+        self.schedule_hooks = False
 
     def clone_with_layer(self, layer_idx: int | None) -> TextEncoderStack:
         """The same encoders with another clip skip (CLIPSetLastLayer's stop_at_clip_layer)."""
@@ -143,6 +149,38 @@ class TextEncoderStack:
             name: self.patches.get(name, ()) + ((patches[name],) if name in patches else ())
             for name in self.encoders})
         return clone
+
+    def clone_with_hooks(self, hooks: HookGroup, apply_to_conds: bool,
+                         schedule: bool) -> TextEncoderStack:
+        """The same encoders encoding under `hooks` (SetClipHooks); without `schedule` their
+        keyframes are dropped (constant strength), with it every keyframe range is encoded."""
+        clone = copy.copy(self)
+        clone.hooks = hooks if schedule else hooks.with_keyframes(None)
+        clone.hooks_to_conds = hooks if apply_to_conds else None
+        clone.schedule_hooks = schedule
+        return clone
+
+    def encode_scheduled(self, tokens: PromptTokens) -> list[tuple[EncodedPrompt, dict[str, Any]]]:
+        """One encoding, or one per range of the hooks' keyframe schedule, each with the
+        options it adds to its CONDITIONING entry (hooks, clip_start/end_percent)."""
+        carried = {} if self.hooks_to_conds is None else {"hooks": self.hooks_to_conds}
+        if self.hooks is None or not self.schedule_hooks:
+            return [(self.encode_tokens(tokens), carried)]
+        return [(self.encode_tokens(tokens, strengths),
+                 {"clip_start_percent": start, "clip_end_percent": end, **carried})
+                for (start, end), strengths in clip_schedule(self.hooks)]
+
+    def _hook_patches(self, name: str, strengths: Mapping[object, float] | None
+                      ) -> tuple[Patch, ...]:
+        if self.hooks is None:
+            return ()
+        found: list[Patch] = []
+        for hook in self.hooks.hooks:
+            patch = hook.text_patches({name: self.encoders[name]}).get(name)
+            strength = 1.0 if strengths is None else strengths.get(hook.ref, 1.0)
+            if patch is not None and strength != 0:
+                found.append(scaled(patch, strength))
+        return tuple(found)
 
     def tokenize(self, text: str) -> PromptTokens:
         """The same text for every encoder (CLIPTextEncode); window counts may differ, and
@@ -172,10 +210,13 @@ class TextEncoderStack:
     def encode(self, text: str) -> EncodedPrompt:
         return self.encode_tokens(self.tokenize(text))
 
-    def encode_tokens(self, tokens: PromptTokens) -> EncodedPrompt:
+    def encode_tokens(self, tokens: PromptTokens,
+                      hook_strengths: Mapping[object, float] | None = None) -> EncodedPrompt:
+        """Every encoder's windows, concatenated; hooks (if any) at `hook_strengths` by ref."""
         conds, pooled = [], None
         for spec in self.spec.encoders:
-            cond, encoder_pooled = self._encode_windows(spec, tokens.windows[spec.name])
+            cond, encoder_pooled = self._encode_windows(spec, tokens.windows[spec.name],
+                                                        hook_strengths)
             conds.append(cond)
             if spec.name == self.spec.pooled_from:
                 pooled = encoder_pooled
@@ -191,15 +232,17 @@ class TextEncoderStack:
             return None, True
         return layer_idx, spec.normalize_hidden
 
-    def _encode_windows(self, spec: EncoderSpec, windows: tuple[Window, ...]
+    def _encode_windows(self, spec: EncoderSpec, windows: tuple[Window, ...],
+                        hook_strengths: Mapping[object, float] | None = None
                         ) -> tuple[Tensor, Tensor]:
         model = self.encoders[spec.name]
+        patches = self.patches.get(spec.name, ()) + self._hook_patches(spec.name, hook_strengths)
         weighted = any(weight != 1.0 for window in windows for _, weight in window)
         batch = list(windows)
         if weighted:
             batch.append(self.tokenizers[spec.name].empty().windows[0])
         layer_idx, normalize_hidden = self.layer_choice(spec)
-        with torch.no_grad(), patched(model, self.patches.get(spec.name, ())):
+        with torch.no_grad(), patched(model, patches):
             ids, token_embeds = window_inputs(model, batch)
             out = model(ids, token_embeds=token_embeds, layer_idx=layer_idx,
                         normalize_hidden=normalize_hidden)
