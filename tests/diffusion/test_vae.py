@@ -3,8 +3,6 @@ conversion, the node-facing `VAE` wrapper and tiled encode/decode."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +10,8 @@ import torch.nn.functional as F
 from engine.diffusion.networks.tiling import blend_weights, tile_starts, tiled_apply
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
 from engine.diffusion.networks.vae_model import VAE, crop_to_multiple, latent_scale_for
+from tests.diffusion.manifests import manifest
 
-FORMATS = Path(__file__).resolve().parents[3] / "shared" / "formats"
 PREFIX = "first_stage_model."
 # a 4-level (downscale 8) model as small as GroupNorm(32) allows, for the wrapper and tiling
 TINY_F8 = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
@@ -81,18 +79,11 @@ def assert_parity_with_diffusers(model: AutoencoderKL, pixels: torch.Tensor) -> 
 
 
 def checkpoint_vae_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    path = FORMATS / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    shapes = {}
-    for line in path.read_text().splitlines()[1:]:
-        key, _dtype, shape = line.split("\t")
-        if key.startswith(PREFIX):
-            shapes[key] = tuple(int(n) for n in shape.split("x"))
-    return shapes
+    return {key: shape for key, (_dtype, shape) in manifest(name).items()
+            if key.startswith(PREFIX)}
 
 
-@pytest.mark.parametrize("tsv", ["sd15.tsv", "sd21v.tsv", "sdxl_base.tsv"])
+@pytest.mark.parametrize("tsv", ["sd15", "sd21v", "sdxl_base"])
 def test_full_size_keys_and_shapes_equal_the_checkpoint_vae(tsv: str) -> None:
     with torch.device("meta"):
         model = AutoencoderKL(VAEConfig())
