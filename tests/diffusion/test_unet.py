@@ -20,14 +20,11 @@ from engine.diffusion.networks.unet import (
     timestep_embedding,
 )
 from tests.diffusion.manifests import manifest
+from tests.numerics import rel_err
 
 PARITY_TOLERANCE = 1e-4
 # SDXL size/crop numbers used with both implementations (diffusers takes them as time_ids).
 SIZES = {"width": 1024, "height": 768, "crop_w": 16, "crop_h": 32}
-
-
-def rel_err(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

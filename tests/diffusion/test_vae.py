@@ -11,6 +11,7 @@ from engine.diffusion.networks.tiling import blend_weights, tile_starts, tiled_a
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
 from engine.diffusion.networks.vae_model import VAE, crop_to_multiple, latent_scale_for
 from tests.diffusion.manifests import manifest
+from tests.numerics import rel_err
 
 PREFIX = "first_stage_model."
 # a 4-level (downscale 8) model as small as GroupNorm(32) allows, for the wrapper and tiling
@@ -31,10 +32,6 @@ def randomized(config: VAEConfig, seed: int = 0) -> AutoencoderKL:
             else:
                 param.copy_(noise / param[0].numel() ** 0.5)  # unit-variance activations
     return model.eval()
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours - reference).abs().max() / reference.abs().max())
 
 
 def diffusers_twin(model: AutoencoderKL):
@@ -70,9 +67,9 @@ def assert_parity_with_diffusers(model: AutoencoderKL, pixels: torch.Tensor) -> 
         ours_image = model.decode(latent)
         posterior = twin.encode(pixels).latent_dist
         reference_image = twin.decode(latent).sample
-    assert relative_error(ours_mean, posterior.mean) <= 1e-4
-    assert relative_error(ours_moments, posterior.parameters) <= 1e-4
-    assert relative_error(ours_image, reference_image) <= 1e-4
+    assert rel_err(ours_mean, posterior.mean) <= 1e-4
+    assert rel_err(ours_moments, posterior.parameters) <= 1e-4
+    assert rel_err(ours_image, reference_image) <= 1e-4
 
 
 # ---- layout -------------------------------------------------------------------------------
@@ -311,7 +308,7 @@ def test_overlapping_tiles_stay_close_to_untiled() -> None:
     decoded, decoded_tiled = vae.decode(latent), vae.decode_tiled(latent, 48, 16)
     assert (encoded_tiled - encoded).abs().mean() <= 0.1 * encoded.abs().mean()
     assert (decoded_tiled - decoded).abs().mean() <= 0.02  # in 0..1 image units
-    assert relative_error(decoded_tiled, decoded) <= 0.1
+    assert rel_err(decoded_tiled, decoded) <= 0.1
 
 
 def test_tiled_nodes_cap_the_overlap_at_a_quarter_tile() -> None:
