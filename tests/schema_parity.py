@@ -1,22 +1,21 @@
 """Compare a node type's generated `/object_info` entry with ComfyUI's recorded one
-(shared/compat/object_info_core.json, or tests/data/compat/object_info_full.json: all 445
+(tests/data/compat/object_info_core.json, or object_info_full.json beside it: all 445
 built-ins of ComfyUI 0.8), field by field. Shared by every node family's tests."""
 
 from __future__ import annotations
 
-import json
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from engine.node import ChoiceSource, Input, Node, NodeSchema
 from engine.schema import object_info_entry
+from tests.recorded import data_json
 
-COMPAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "compat"
-REFERENCE_FILE = COMPAT_DIR / "object_info_core.json"
-FULL_REFERENCE_FILE = Path(__file__).resolve().parent / "data" / "compat" / "object_info_full.json"
+# Recordings under tests/data: the 90 core node types, and all 445 built-ins of ComfyUI 0.8.
+REFERENCE_FILE = "compat/object_info_core.json"
+FULL_REFERENCE_FILE = "compat/object_info_full.json"
 # Top-level fields compared as they are (display_name has its own rule).
 PLAIN_FIELDS = ("output", "output_is_list", "output_name", "name", "category", "output_node")
 # Option keys the recording left out (tooltips were stripped from it).
@@ -24,17 +23,16 @@ UNRECORDED_OPTIONS = frozenset({"tooltip"})
 
 
 @cache
-def _load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+def reference_entries(reference: str = REFERENCE_FILE) -> dict[str, Any]:
+    """Every entry of tests/data/<reference> by class type (read once; do not change it)."""
+    return data_json(reference)
 
 
-def reference_entry(class_type: str, reference: Path = REFERENCE_FILE) -> dict[str, Any]:
-    """ComfyUI's recorded entry for `class_type`; skips the test when the file is absent."""
-    if not reference.is_file():
-        pytest.skip(f"reference schemas not found at {reference} (shared folder absent)")
-    entries = _load(reference)
+def reference_entry(class_type: str, reference: str = REFERENCE_FILE) -> dict[str, Any]:
+    """ComfyUI's recorded entry for `class_type` in tests/data/<reference>."""
+    entries = reference_entries(reference)
     if class_type not in entries:
-        pytest.fail(f"{class_type!r} is not in {reference.name}; check the node name")
+        pytest.fail(f"{class_type!r} is not in {reference}; check the node name")
     return entries[class_type]
 
 
@@ -125,7 +123,7 @@ def schema_differences(schema: NodeSchema, recorded: dict[str, Any]) -> list[str
     return problems
 
 
-def assert_matches_reference(node_type: type[Node], reference: Path = REFERENCE_FILE) -> None:
+def assert_matches_reference(node_type: type[Node], reference: str = REFERENCE_FILE) -> None:
     """Fail with every difference between the node's schema and ComfyUI's recorded entry."""
     recorded = reference_entry(node_type.schema.name, reference)
     problems = schema_differences(node_type.schema, recorded)

@@ -26,6 +26,7 @@ from engine.diffusion.networks.openclip_text import PackedQkvAttention
 from engine.diffusion.networks.style_model import StyleAdapter, StyleConfig
 from nodes.clip_vision import StyleModelApply, apply_style
 from tests.model_engine import ModelEngine, node, probed
+from tests.numerics import rel_err
 
 TEXT_WIDTH = 64  # the tiny sd15 checkpoint's text encoder width
 
@@ -43,10 +44,6 @@ def hf_vision(heads: int, activation: str, seed: int = 0) -> CLIPVisionModelWith
                               num_attention_heads=heads, image_size=28, patch_size=14,
                               projection_dim=32, hidden_act=activation)
     return randomized(CLIPVisionModelWithProjection(config), seed)
-
-
-def max_rel_err(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours - reference).abs().max() / reference.abs().max())
 
 
 def tiny_style_state(width: int = 64, context_dim: int = TEXT_WIDTH) -> dict[str, torch.Tensor]:
@@ -69,9 +66,9 @@ def test_vision_tower_matches_transformers(activation: str) -> None:
     with torch.no_grad():
         expected = reference(pixel_values=pixels, output_hidden_states=True)
         out = ours(pixels)
-    assert max_rel_err(out.image_embeds, expected.image_embeds) <= 1e-4
-    assert max_rel_err(out.last_hidden_state, expected.last_hidden_state) <= 1e-4
-    assert max_rel_err(out.penultimate_hidden_states, expected.hidden_states[-2]) <= 1e-4
+    assert rel_err(out.image_embeds, expected.image_embeds) <= 1e-4
+    assert rel_err(out.last_hidden_state, expected.last_hidden_state) <= 1e-4
+    assert rel_err(out.penultimate_hidden_states, expected.hidden_states[-2]) <= 1e-4
 
 
 def test_config_is_read_from_the_weights() -> None:
@@ -131,7 +128,7 @@ def test_style_attention_matches_torch_multihead_attention() -> None:
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         expected, _ = reference(x, x, x, need_weights=False)
-        assert max_rel_err(ours(x), expected) <= 1e-5
+        assert rel_err(ours(x), expected) <= 1e-5
 
 
 def test_style_model_gives_its_tokens_for_every_image_in_one_row() -> None:

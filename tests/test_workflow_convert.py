@@ -18,8 +18,7 @@ from engine.workflow import (
     to_api_prompt,
     ui_to_api,
 )
-
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
+from tests.recorded import data_json
 
 
 def _schema(required: dict[str, Any], outputs: list[str], *, optional: dict[str, Any] | None = None,
@@ -92,12 +91,6 @@ def sampler(node_id: int, model_link: int | None, **kw: Any) -> dict[str, Any]:
                 **kw)
 
 
-def _compat_file(name: str) -> Any:
-    if not COMPAT.is_dir():
-        pytest.skip(f"shared compat data not found at {COMPAT}; it lives beside the repo")
-    return json.loads((COMPAT / name).read_text(encoding="utf-8"))
-
-
 # --- the real editor output ---------------------------------------------------------------
 
 
@@ -107,8 +100,8 @@ def _compat_file(name: str) -> Any:
 ])
 def test_default_workflows_convert_exactly_as_the_editor_saves_them(ui_name: str,
                                                                     api_name: str) -> None:
-    schemas = _compat_file("object_info_core.json")
-    assert ui_to_api(_compat_file(ui_name), schemas) == _compat_file(api_name)
+    schemas = data_json("compat/object_info_core.json")
+    assert ui_to_api(data_json(f"compat/{ui_name}"), schemas) == data_json(f"compat/{api_name}")
 
 
 # --- widgets --------------------------------------------------------------------------------

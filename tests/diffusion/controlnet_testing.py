@@ -27,10 +27,6 @@ SIZES = {"width": 1024, "height": 768, "crop_w": 16, "crop_h": 32, "target_width
 TIME_IDS = (768.0, 1024.0, 32.0, 16.0, 768.0, 1024.0)
 
 
-def rel_err(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
-
-
 def tiny_controlnet(kind: str = "sd15", seed: int = 0) -> ControlNet:
     network = ControlNet(controlnet_config(kind))
     randomize(network, torch.Generator().manual_seed(seed))

@@ -1,26 +1,22 @@
-"""The reference checkpoint layouts of shared/formats/*.tsv: key -> (dtype, shape)."""
+"""The real checkpoint layouts recorded in tests/data/formats/*.tsv: key -> (dtype, shape)."""
 
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
-import pytest
 import torch
 
-FORMATS_DIR = Path(__file__).resolve().parents[3] / "shared" / "formats"
+from tests.recorded import data_text
+
 TSV_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I32": torch.int32, "I64": torch.int64}
 
 
 @cache
 def manifest(name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Entries of formats/<name>.tsv; skips the test when the shared folder is absent."""
-    path = FORMATS_DIR / f"{name}.tsv"
-    if not path.is_file():
-        pytest.skip(f"reference layout {path} not found (shared folder absent)")
+    """Entries of tests/data/formats/<name>.tsv (sd15, sdxl_base, lora_sd15_kohya ...)."""
     entries = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in data_text(f"formats/{name}.tsv").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         key, dtype, shape = line.split("\t")

@@ -1,10 +1,9 @@
 """Loading text encoders from checkpoints (every prefix form) and from separate files; module
-names checked against the real checkpoint layouts in shared/formats."""
+names checked against the real checkpoint layouts in tests/data/formats."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +26,9 @@ from engine.diffusion.networks.openclip_text import (
     OpenClipTextModel,
 )
 from engine.diffusion.text.tokenizer import ClipBpe
+from tests.diffusion.manifests import manifest
 from tests.diffusion.test_clip_text import openclip_to_hf, randomize
 
-FORMATS = Path(__file__).resolve().parents[3] / "shared" / "formats"
 TINY_G = replace(TINY_OPENCLIP_CONFIG, width=48, heads=3)
 
 
@@ -164,29 +163,21 @@ def test_family_from_file_kinds() -> None:
         family_for_architectures(["clip_l", "vit_h"])
 
 
-# --- layouts of the real checkpoints (shared/formats/*.tsv) -------------------------------------
+# --- layouts of the real checkpoints (tests/data/formats/*.tsv) ---------------------------------
 
 
 def _layout(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
-    path = FORMATS / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found (shared folder absent)")
-    layout = {}
-    for line in path.read_text().splitlines()[1:]:
-        key, _, shape = line.split("\t")
-        if key.startswith(prefix) and not key.endswith("position_ids"):
-            layout[key[len(prefix):]] = () if shape == "scalar" else tuple(
-                int(n) for n in shape.split("x"))
-    return layout
+    return {key[len(prefix):]: shape for key, (_dtype, shape) in manifest(name).items()
+            if key.startswith(prefix) and not key.endswith("position_ids")}
 
 
 @pytest.mark.parametrize(("file", "prefix", "model_class", "config"), [
-    ("sd15.tsv", "cond_stage_model.transformer.text_model.", ClipTextModel, CLIP_L_CONFIG),
-    ("sd21v.tsv", "cond_stage_model.model.", OpenClipTextModel, VIT_H_CONFIG),
-    ("sdxl_base.tsv", "conditioner.embedders.0.transformer.text_model.", ClipTextModel,
+    ("sd15", "cond_stage_model.transformer.text_model.", ClipTextModel, CLIP_L_CONFIG),
+    ("sd21v", "cond_stage_model.model.", OpenClipTextModel, VIT_H_CONFIG),
+    ("sdxl_base", "conditioner.embedders.0.transformer.text_model.", ClipTextModel,
      CLIP_L_CONFIG),
-    ("sdxl_base.tsv", "conditioner.embedders.1.model.", OpenClipTextModel, VIT_BIGG_CONFIG),
-    ("sdxl_refiner.tsv", "conditioner.embedders.0.model.", OpenClipTextModel, VIT_BIGG_CONFIG),
+    ("sdxl_base", "conditioner.embedders.1.model.", OpenClipTextModel, VIT_BIGG_CONFIG),
+    ("sdxl_refiner", "conditioner.embedders.0.model.", OpenClipTextModel, VIT_BIGG_CONFIG),
 ])
 def test_module_names_mirror_checkpoint_keys(file, prefix, model_class, config) -> None:
     layout = _layout(file, prefix)

@@ -16,6 +16,7 @@ from engine.diffusion.networks.openclip_text import (
     VIT_H_CONFIG,
     OpenClipTextModel,
 )
+from tests.numerics import rel_err
 
 
 def _transformers():
@@ -25,10 +26,6 @@ def _transformers():
 TOLERANCE = 1e-4
 TINY_CLIP_L = replace(TINY_CLIP_L_CONFIG, layers=3)
 TINY_OPENCLIP = replace(TINY_OPENCLIP_CONFIG, layers=3)
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours - reference).abs().max() / reference.abs().max())
 
 
 def hf_config(config: TextEncoderConfig):
@@ -123,7 +120,7 @@ def check_parity(ours: torch.nn.Module, reference, tokens: torch.Tensor, pooled_
         }
     for name, (mine, theirs) in cases.items():
         assert mine.shape == theirs.shape, name
-        assert relative_error(mine, theirs) <= TOLERANCE, f"{name}: {relative_error(mine, theirs)}"
+        assert rel_err(mine, theirs) <= TOLERANCE, f"{name}: {rel_err(mine, theirs)}"
 
 
 def test_clip_l_matches_transformers() -> None:
@@ -166,8 +163,8 @@ def test_bfloat16_stays_close_to_float32() -> None:
         full = ours(tokens)
         half = ours.to(torch.bfloat16)(tokens)
     assert half.hidden.dtype == torch.bfloat16
-    assert relative_error(half.hidden.float(), full.hidden) < 3e-2
-    assert relative_error(half.pooled.float(), full.pooled) < 3e-2
+    assert rel_err(half.hidden.float(), full.hidden) < 3e-2
+    assert rel_err(half.pooled.float(), full.pooled) < 3e-2
 
 
 @pytest.mark.slow

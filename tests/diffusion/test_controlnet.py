@@ -29,7 +29,6 @@ from tests.diffusion.controlnet_testing import (
     diffusers_kwargs,
     diffusers_twin,
     load,
-    rel_err,
     run_diffusers,
     run_ours,
     save,
@@ -37,6 +36,7 @@ from tests.diffusion.controlnet_testing import (
     tiny_model,
 )
 from tests.diffusion.manifests import manifest
+from tests.numerics import rel_err
 
 PARITY_TOLERANCE = 1e-4
 KINDS = ("sd15", "sd21v", "sdxl_base")

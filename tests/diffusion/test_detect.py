@@ -29,7 +29,7 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_reference_layout_is_detected(name: str) -> None:
     state = meta_state(name)
-    if name == "sd21v":  # the real 768-v file's probe bias has a wide spread (formats/README)
+    if name == "sd21v":  # the real 768-v probe bias is wide (tests/data/formats/README.md)
         state["model.diffusion_model." + V_PRED_PROBE] = torch.randn(320) * 0.2
     layout = detect_checkpoint(state)
     family, channels, prediction, scale, encoders = EXPECTED[name]

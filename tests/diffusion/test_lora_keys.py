@@ -1,5 +1,5 @@
 """The LoRA name table, checked against full-size networks built on the meta device (no memory):
-every module of the reference SD1.5 kohya LoRA (shared/formats/lora_sd15_kohya.tsv) matches a
+every module of the reference SD1.5 kohya LoRA (tests/data/formats/lora_sd15_kohya.tsv) matches a
 weight of the right shape, and our diffusers/HF names are exactly the module names of diffusers'
 UNet2DConditionModel and transformers' CLIP text models."""
 

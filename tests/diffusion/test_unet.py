@@ -4,7 +4,6 @@ identical random weights, SDXL vector conditioning, ControlNet residual hooks, d
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,15 +19,12 @@ from engine.diffusion.networks.unet import (
     sdxl_refiner_adm,
     timestep_embedding,
 )
+from tests.diffusion.manifests import manifest
+from tests.numerics import rel_err
 
-FORMATS = Path(__file__).resolve().parents[3] / "shared" / "formats"
 PARITY_TOLERANCE = 1e-4
 # SDXL size/crop numbers used with both implementations (diffusers takes them as time_ids).
 SIZES = {"width": 1024, "height": 768, "crop_w": 16, "crop_h": 32}
-
-
-def rel_err(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -299,25 +295,16 @@ def test_channels_last_input_gives_the_same_result() -> None:
 
 
 def unet_shapes_in_format(name: str) -> dict[str, tuple[int, ...]]:
-    path = FORMATS / name
-    if not path.exists():
-        pytest.skip(f"shared format list {path} not found (it lives next to the repository)")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.startswith(CHECKPOINT_PREFIX):
-            continue
-        key, _dtype, shape = line.split("\t")
-        dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
-        shapes[key.removeprefix(CHECKPOINT_PREFIX)] = dims
-    return shapes
+    return {key.removeprefix(CHECKPOINT_PREFIX): shape
+            for key, (_dtype, shape) in manifest(name).items() if key.startswith(CHECKPOINT_PREFIX)}
 
 
 @pytest.mark.parametrize(("format_name", "family", "in_channels"), [
-    ("sd15.tsv", UNetFamily.SD1, 4),
-    ("sd15_inpaint.tsv", UNetFamily.SD1, 9),
-    ("sd21v.tsv", UNetFamily.SD2, 4),
-    ("sdxl_base.tsv", UNetFamily.SDXL, 4),
-    ("sdxl_refiner.tsv", UNetFamily.SDXL_REFINER, 4),
+    ("sd15", UNetFamily.SD1, 4),
+    ("sd15_inpaint", UNetFamily.SD1, 9),
+    ("sd21v", UNetFamily.SD2, 4),
+    ("sdxl_base", UNetFamily.SDXL, 4),
+    ("sdxl_refiner", UNetFamily.SDXL_REFINER, 4),
 ])
 def test_full_size_state_dict_matches_the_checkpoint_layout(format_name, family,
                                                             in_channels) -> None:

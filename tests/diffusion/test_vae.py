@@ -3,8 +3,6 @@ conversion, the node-facing `VAE` wrapper and tiled encode/decode."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +10,9 @@ import torch.nn.functional as F
 from engine.diffusion.networks.tiling import blend_weights, tile_starts, tiled_apply
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
 from engine.diffusion.networks.vae_model import VAE, crop_to_multiple, latent_scale_for
+from tests.diffusion.manifests import manifest
+from tests.numerics import rel_err
 
-FORMATS = Path(__file__).resolve().parents[3] / "shared" / "formats"
 PREFIX = "first_stage_model."
 # a 4-level (downscale 8) model as small as GroupNorm(32) allows, for the wrapper and tiling
 TINY_F8 = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
@@ -33,10 +32,6 @@ def randomized(config: VAEConfig, seed: int = 0) -> AutoencoderKL:
             else:
                 param.copy_(noise / param[0].numel() ** 0.5)  # unit-variance activations
     return model.eval()
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours - reference).abs().max() / reference.abs().max())
 
 
 def diffusers_twin(model: AutoencoderKL):
@@ -72,27 +67,20 @@ def assert_parity_with_diffusers(model: AutoencoderKL, pixels: torch.Tensor) -> 
         ours_image = model.decode(latent)
         posterior = twin.encode(pixels).latent_dist
         reference_image = twin.decode(latent).sample
-    assert relative_error(ours_mean, posterior.mean) <= 1e-4
-    assert relative_error(ours_moments, posterior.parameters) <= 1e-4
-    assert relative_error(ours_image, reference_image) <= 1e-4
+    assert rel_err(ours_mean, posterior.mean) <= 1e-4
+    assert rel_err(ours_moments, posterior.parameters) <= 1e-4
+    assert rel_err(ours_image, reference_image) <= 1e-4
 
 
 # ---- layout -------------------------------------------------------------------------------
 
 
 def checkpoint_vae_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    path = FORMATS / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    shapes = {}
-    for line in path.read_text().splitlines()[1:]:
-        key, _dtype, shape = line.split("\t")
-        if key.startswith(PREFIX):
-            shapes[key] = tuple(int(n) for n in shape.split("x"))
-    return shapes
+    return {key: shape for key, (_dtype, shape) in manifest(name).items()
+            if key.startswith(PREFIX)}
 
 
-@pytest.mark.parametrize("tsv", ["sd15.tsv", "sd21v.tsv", "sdxl_base.tsv"])
+@pytest.mark.parametrize("tsv", ["sd15", "sd21v", "sdxl_base"])
 def test_full_size_keys_and_shapes_equal_the_checkpoint_vae(tsv: str) -> None:
     with torch.device("meta"):
         model = AutoencoderKL(VAEConfig())
@@ -320,7 +308,7 @@ def test_overlapping_tiles_stay_close_to_untiled() -> None:
     decoded, decoded_tiled = vae.decode(latent), vae.decode_tiled(latent, 48, 16)
     assert (encoded_tiled - encoded).abs().mean() <= 0.1 * encoded.abs().mean()
     assert (decoded_tiled - decoded).abs().mean() <= 0.02  # in 0..1 image units
-    assert relative_error(decoded_tiled, decoded) <= 0.1
+    assert rel_err(decoded_tiled, decoded) <= 0.1
 
 
 def test_tiled_nodes_cap_the_overlap_at_a_quarter_tile() -> None:

@@ -23,6 +23,7 @@ from engine.diffusion.sampling import (
     model_sampling,
     sigmas_for,
 )
+from tests.recorded import data_json
 from tests.sampling import (
     MU,
     exact_denoiser,
@@ -33,7 +34,6 @@ from tests.sampling import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = REPO.parent / "shared" / "compat" / "object_info_core.json"
 SAMPLING = model_sampling()
 
 STOCHASTIC = {
@@ -72,9 +72,8 @@ def run(name: str, x: torch.Tensor, sigmas: torch.Tensor, seed: int = 0, **optio
 
 
 def test_sampler_names_are_comfyuis_in_comfyuis_order() -> None:
-    if OBJECT_INFO.exists():
-        ksampler = json.loads(OBJECT_INFO.read_text())["KSampler"]["input"]["required"]
-        assert tuple(ksampler["sampler_name"][0]) == COMFYUI_SAMPLER_NAMES
+    ksampler = data_json("compat/object_info_core.json")["KSampler"]["input"]["required"]
+    assert tuple(ksampler["sampler_name"][0]) == COMFYUI_SAMPLER_NAMES
     assert SAMPLER_NAMES == COMFYUI_SAMPLER_NAMES
 
 

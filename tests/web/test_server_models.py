@@ -10,17 +10,16 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
 from engine.diffusion.checkpoints.writer import write_random_checkpoint
+from tests.recorded import data_json
 from tests.web.conftest import ServerProcess, start_server
 from tests.web.prompt_helpers import submit, wait_history
 
-COMPAT = Path(__file__).resolve().parents[3] / "shared" / "compat"
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 
 
@@ -46,13 +45,6 @@ def small_editor(workflow: dict[str, Any]) -> dict[str, Any]:
     return workflow
 
 
-def load(name: str) -> dict[str, Any]:
-    path = COMPAT / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found (shared folder absent)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("models") / "base"
@@ -71,7 +63,7 @@ def saved_png(server: ServerProcess, entry: dict[str, Any]) -> Image.Image:
 
 
 def test_default_workflow_in_api_format_runs(server: ServerProcess) -> None:
-    reply = submit(server, small(load("default_workflow_api.json")))
+    reply = submit(server, small(data_json("compat/default_workflow_api.json")))
     entry = wait_history(server, reply["prompt_id"], timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     png = saved_png(server, entry)
@@ -80,7 +72,7 @@ def test_default_workflow_in_api_format_runs(server: ServerProcess) -> None:
 
 
 def test_default_workflow_in_editor_format_runs_and_is_embedded(server: ServerProcess) -> None:
-    workflow = small_editor(load("default_workflow.json"))
+    workflow = small_editor(data_json("compat/default_workflow.json"))
     reply = submit(server, workflow)
     entry = wait_history(server, reply["prompt_id"], timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -100,7 +92,7 @@ def test_uploaded_image_feeds_load_image_and_img2img(server: ServerProcess) -> N
         "Content-Type": f"multipart/form-data; boundary={boundary}"})
     with urllib.request.urlopen(request, timeout=30) as reply:
         uploaded = json.loads(reply.read())
-    api = small(load("default_workflow_api.json"))
+    api = small(data_json("compat/default_workflow_api.json"))
     api["10"] = {"class_type": "LoadImage", "inputs": {"image": uploaded["name"]}}
     api["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
     api["3"]["inputs"].update(latent_image=["11", 0], denoise=0.5)
@@ -109,7 +101,7 @@ def test_uploaded_image_feeds_load_image_and_img2img(server: ServerProcess) -> N
 
 
 def test_interrupt_stops_a_run_mid_sampling(server: ServerProcess) -> None:
-    api = small(load("default_workflow_api.json"), steps=400, size=32)
+    api = small(data_json("compat/default_workflow_api.json"), steps=400, size=32)
     api["3"]["inputs"]["seed"] = 12345  # not cached from the earlier tests
     prompt_id = submit(server, api)["prompt_id"]
     deadline = time.monotonic() + 120
