@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from web.history import History, HistoryRecord
-from web.store import Store, dumps
+from web.jsonio import dumps
+from web.store import Store
 
 logger = logging.getLogger("loom.web.queue")
 

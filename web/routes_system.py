@@ -4,7 +4,6 @@ expects from features Loom does not have (translations, global subgraphs, templa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -17,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from web import routes_models, static
+from web.jsonio import json_response, read_json
 from web.logs import LogBuffer
 from web.routing import ApiRoutes
 
@@ -111,39 +111,29 @@ def server_log_buffer(server: Any) -> LogBuffer:
     return existing if isinstance(existing, LogBuffer) else LogBuffer().install()
 
 
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise web.HTTPBadRequest(text=f"the body is not JSON: {exc}") from exc
-
-
 def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
     @routes.get("/object_info")
     async def object_info(request: web.Request) -> web.StreamResponse:
-        return web.json_response(server.object_info())
+        return json_response(server.object_info())
 
     @routes.get("/object_info/{node_class}")
     async def object_info_one(request: web.Request) -> web.StreamResponse:
         node_class = request.match_info["node_class"]
         entry = server.object_info().get(node_class)
-        return web.json_response({} if entry is None else {node_class: entry})
+        return json_response({} if entry is None else {node_class: entry})
 
     @routes.get("/extensions")
     async def extensions(request: web.Request) -> web.StreamResponse:
         folders = static.extension_folders(static.frontend_root(server.args), server.registry)
-        return web.json_response(static.extension_urls(folders))
+        return json_response(static.extension_urls(folders))
 
     @routes.get("/system_stats")
     async def stats(request: web.Request) -> web.StreamResponse:
-        return web.json_response(system_stats(server.args, server.services.model_manager))
+        return json_response(system_stats(server.args, server.services.model_manager))
 
     @routes.get("/features")
     async def features(request: web.Request) -> web.StreamResponse:
-        return web.json_response(server.feature_flags())
+        return json_response(server.feature_flags())
 
     @routes.get("/loom/custom_nodes")
     async def custom_nodes(request: web.Request) -> web.StreamResponse:
@@ -154,7 +144,7 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
 
     @routes.post("/free")
     async def free(request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await read_json(request, {})
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(text='expected {"unload_models": bool, "free_memory": bool}')
         server.free(unload_models=bool(body.get("unload_models", False)),
@@ -162,7 +152,7 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
         return web.Response()
 
     async def empty_object(request: web.Request) -> web.StreamResponse:
-        return web.json_response({})
+        return json_response({})
 
     for path in ("/i18n", "/global_subgraphs", "/workflow_templates"):
         routes.get(path)(empty_object)
@@ -174,7 +164,7 @@ def _add_internal_routes(routes: ApiRoutes, server: Any) -> None:
 
     @routes.get("/internal/folder_paths", api_twin=False)
     async def folder_paths(request: web.Request) -> web.StreamResponse:
-        return web.json_response({kind: [str(directory) for directory in dirs]
+        return json_response({kind: [str(directory) for directory in dirs]
                                   for kind, dirs in sorted(paths.models.items())})
 
     @routes.get("/internal/files/{directory_type}", api_twin=False)
@@ -182,19 +172,19 @@ def _add_internal_routes(routes: ApiRoutes, server: Any) -> None:
         kind = request.match_info["directory_type"]
         if kind not in FILE_LIST_TYPES:
             raise web.HTTPBadRequest(text=f"unknown type {kind!r}; use one of {FILE_LIST_TYPES}")
-        return web.json_response(newest_first(paths.folder_dirs(kind)[0]))
+        return json_response(newest_first(paths.folder_dirs(kind)[0]))
 
     @routes.get("/internal/logs", api_twin=False)
     async def log_text(request: web.Request) -> web.StreamResponse:
-        return web.json_response(logs.text())
+        return json_response(logs.text())
 
     @routes.get("/internal/logs/raw", api_twin=False)
     async def log_raw(request: web.Request) -> web.StreamResponse:
-        return web.json_response(logs.raw())
+        return json_response(logs.raw())
 
     @routes.route("PATCH", "/internal/logs/subscribe", api_twin=False)
     async def log_subscribe(request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await read_json(request, {})
         client_id = body.get("clientId") if isinstance(body, dict) else None
         if not isinstance(client_id, str) or not client_id:
             raise web.HTTPBadRequest(text='expected {"enabled": bool, "clientId": "<id>"}')

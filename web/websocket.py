@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from web.jsonio import dumps
 from web.previews import preview_frame, preview_metadata
 from web.routing import ApiRoutes
-from web.store import dumps
 
 if TYPE_CHECKING:
     from web.server import LoomServer
@@ -161,7 +161,7 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
         # Sent before registering, so no broadcast can reach the client ahead of it.
-        await ws.send_json({"type": "status", "data": {**server.status_data(), "sid": sid}})
+        await ws.send_str(dumps({"type": "status", "data": {**server.status_data(), "sid": sid}}))
         server.sockets.register(sid, ws)
         server.worker.greet(sid)
         try:
