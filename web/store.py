@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS history (
     workflow_id TEXT
 );
 CREATE INDEX IF NOT EXISTS history_create_time ON history (create_time);
+CREATE TABLE IF NOT EXISTS journal (       -- outputs a running prompt already saved (a crash
+    prompt_id TEXT NOT NULL,               -- resumes it without writing them again)
+    node_id TEXT NOT NULL,
+    ui TEXT NOT NULL,                      -- the node's `executed` output as JSON
+    PRIMARY KEY (prompt_id, node_id)
+);
 """
 
 
