@@ -25,6 +25,8 @@ logger = logging.getLogger("loom.web.system")
 # The ComfyUI server release whose wire protocol Loom speaks (../shared/compat/API.md).
 COMFYUI_COMPAT_VERSION = "0.8.0"
 FILE_LIST_TYPES = ("input", "output", "temp")
+SECRET_FLAG = re.compile(r"token|key|secret|passw", re.IGNORECASE)
+REDACTED = "<redacted>"
 
 
 def loom_version() -> str:
@@ -78,6 +80,23 @@ def torch_devices(use_cpu: bool, ram: tuple[int, int], vram: Any = None,
         "torch_vram_free": torch_free}]
 
 
+def redacted_argv(argv: list[str]) -> list[str]:
+    """The command line with the value of every secret-bearing flag (--auth-token, and any flag
+    naming a token, key, secret or password) replaced by '<redacted>'."""
+    shown, hide_next = [], False
+    for arg in argv:
+        flag, equals, _ = arg.partition("=")
+        secret = arg.startswith("--") and SECRET_FLAG.search(flag) is not None
+        if hide_next and not arg.startswith("--"):
+            shown.append(REDACTED)
+        elif secret and equals:
+            shown.append(f"{flag}={REDACTED}")
+        else:
+            shown.append(arg)
+        hide_next = secret and not equals
+    return shown
+
+
 def system_stats(args: Any, model_manager: Any = None) -> dict[str, Any]:
     """`GET /system_stats` in ComfyUI's shape, plus `loom_version` and `loom_models` (the model
     manager's figures: loaded/evicted models, weight bytes per device, the RAM budget, the VRAM
@@ -91,7 +110,7 @@ def system_stats(args: Any, model_manager: Any = None) -> dict[str, Any]:
         "comfyui_version": COMFYUI_COMPAT_VERSION, "loom_version": loom_version(),
         "required_frontend_version": static.FRONTEND_VERSION,
         "python_version": sys.version, "pytorch_version": torch_version,
-        "embedded_python": False, "argv": list(sys.argv),
+        "embedded_python": False, "argv": redacted_argv(sys.argv),
         "platform": platform.platform()}, "devices": devices,
         "loom_models": model_manager.stats() if hasattr(model_manager, "stats") else None}
 

@@ -68,6 +68,13 @@ class SocketHub:
             await ws.close(code=1001, message=b"server shutdown")
 
     def register(self, sid: str, ws: web.WebSocketResponse) -> None:
+        """Deliver `sid`'s messages to `ws`. A second socket with an id already connected takes
+        the messages over (ComfyUI's behaviour: a reloaded tab keeps its id); logged, since a
+        page that guessed another client's id gets its events the same way."""
+        earlier = self._sockets.get(sid)
+        if earlier is not None and earlier is not ws and not earlier.closed:
+            logger.warning("WebSocket clientId %s connected again while its earlier connection "
+                           "is open; the new connection now receives its events", sid)
         self._sockets[sid] = ws
 
     def unregister(self, sid: str, ws: web.WebSocketResponse) -> None:
