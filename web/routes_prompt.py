@@ -47,13 +47,18 @@ def rejection(kind: str, message: str, details: str = "",
 
 
 def query_int(request: web.Request, name: str, default: int | None) -> int | None:
+    """An integer query parameter (at most 64 bits, as SQLite takes them)."""
     text = request.query.get(name)
     if text is None or text == "":
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError as exc:
-        raise BadRequest(f"query parameter {name}={text!r} is not an integer") from exc
+        raise BadRequest(f"query parameter {name}={text[:40]!r} is not an integer") from exc
+    if abs(value) >= 2**63:
+        raise BadRequest(f"query parameter {name}={text[:40]!r} is out of range; use a number "
+                         f"below 2**63")
+    return value
 
 
 def prepare_submission(server: LoomServer, body: dict[str, Any]) -> Submission:
