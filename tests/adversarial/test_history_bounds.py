@@ -75,3 +75,13 @@ def test_a_bad_max_items_is_a_400(served: tuple[SyncClient, list[str]]) -> None:
     client, _ = served
     reply = client.get("/history?max_items=lots")
     assert reply.status == 400 and "max_items" in reply.json()["error"]["details"]
+
+
+@pytest.mark.parametrize("path", ["/history?offset=99999999999999999999",
+                                  "/history?max_items=-99999999999999999999",
+                                  "/api/jobs?limit=99999999999999999999"])
+def test_a_number_beyond_64_bits_is_a_400(served: tuple[SyncClient, list[str]],
+                                          path: str) -> None:
+    client, _ = served
+    reply = client.get(path)
+    assert reply.status == 400 and "out of range" in reply.text
