@@ -7,7 +7,6 @@ to every client, a prompt's execution messages only to the client that submitted
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from web.jsonio import dumps
+from web.jsonio import JsonBodyError, dumps, parse
 from web.previews import preview_frame, preview_metadata
 from web.routing import ApiRoutes
 
@@ -185,9 +184,9 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
 def handle_client_message(server: LoomServer, sid: str, text: str) -> None:
     """Clients send one message: `feature_flags`, answered with the server's flags."""
     try:
-        message = json.loads(text)
-    except json.JSONDecodeError as exc:
-        logger.info("WebSocket client %s sent non-JSON text (%s); ignored", sid, exc)
+        message = parse(text)
+    except JsonBodyError as exc:
+        logger.info("WebSocket client %s sent unacceptable JSON (%s); ignored", sid, exc)
         return
     if not isinstance(message, dict):
         logger.info("WebSocket client %s sent %r; expected an object", sid, message)

@@ -17,14 +17,15 @@ LONG = "a" * 300 + ".png"
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> Path:
-    return tmp_path / "base"
+def client(tmp_path: Path) -> Iterator[SyncClient]:
+    with serving(tmp_path / "base") as (client, _):
+        yield client
 
 
 @pytest.fixture
-def client(base: Path) -> Iterator[SyncClient]:
-    with serving(base) as (client, _):
-        yield client
+def base(client: SyncClient, tmp_path: Path) -> Path:
+    """The served base folder (the server is started first)."""
+    return tmp_path / "base"
 
 
 def structured_400(reply: Reply) -> str:

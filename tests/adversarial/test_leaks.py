@@ -53,3 +53,19 @@ def test_a_clientid_takeover_is_logged_and_the_new_socket_gets_the_events(
         message = client.loop.run_until_complete(connect_twice(client.client, server))
     assert message == {"type": "probe", "data": {"n": 1}}
     assert "clientId tab-1 connected again" in caplog.text
+
+
+def test_a_hostile_websocket_message_is_ignored_and_the_socket_stays(tmp_path: Path) -> None:
+    async def send_hostile(client: TestClient) -> dict:
+        ws = await client.ws_connect("/ws?clientId=tab-2")
+        await ws.receive_json()
+        await ws.send_str("[" * 100_000 + "]" * 100_000)
+        await ws.send_str('{"type": "feature_flags", "data": {"x": NaN}}')
+        await ws.send_str('{"type": "feature_flags", "data": {}}')
+        reply = await ws.receive_json(timeout=10)
+        await ws.close()
+        return reply
+
+    with serving(tmp_path / "base") as (client, _):
+        reply = client.loop.run_until_complete(send_hostile(client.client))
+    assert reply["type"] == "feature_flags"
