@@ -46,14 +46,16 @@ def _eight_bit_view(frame: Image.Image) -> Image.Image:
     return frame.point(lambda value: value * (1 / 255)) if frame.mode == "I" else frame
 
 
-def frame_pixels(frame: Image.Image) -> torch.Tensor:
-    """One frame as RGB floats [H, W, 3] in 0..1 (16-bit grey keeps its precision); one float
-    copy, divided in place."""
+def frame_pixels(frame: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One frame as RGB floats [H, W, 3] in 0..1 (16-bit grey keeps its precision), written
+    into `out` when given (a slot of the batch: no float copy besides it)."""
     if frame.mode.startswith("I;16"):
         grey = np.asarray(frame).astype(np.float32) / 65535.0
-        return torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
-    rgb = np.asarray(_eight_bit_view(frame).convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(rgb).div_(255.0)
+        pixels = torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
+        return pixels if out is None else out.copy_(pixels)
+    rgb = torch.from_numpy(np.array(_eight_bit_view(frame).convert("RGB")))
+    target = torch.empty(rgb.shape, dtype=torch.float32) if out is None else out
+    return target.copy_(rgb).div_(255.0)
 
 
 def frame_mask(frame: Image.Image) -> torch.Tensor:
@@ -88,10 +90,9 @@ def load_image_file(path: Path, budget: ImageBudget) -> tuple[torch.Tensor, torc
             if raw.size != size:
                 continue  # ComfyUI skips frames whose size differs from the first (undecoded)
             frame = ImageOps.exif_transpose(raw)
-            pixels = frame_pixels(frame)
-            if images is None:  # one batch tensor, filled in place: no second copy to stack
-                images = torch.empty((frames, *pixels.shape), dtype=torch.float32)
-            images[kept] = pixels
+            if images is None:  # one batch tensor, filled in place: no copies to stack
+                images = torch.empty((frames, frame.height, frame.width, 3))
+            frame_pixels(frame, images[kept])
             masks.append(frame_mask(frame))
             kept += 1
             if first_frame_only:
