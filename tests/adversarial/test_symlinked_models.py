@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from engine.diffusion.checkpoint_writer import write_random_checkpoint
 
+from engine.diffusion.checkpoints.writer import write_random_checkpoint
 from engine.paths import InvalidName, PathError, Paths
 from tests.model_engine import ModelEngine, node, probed
 from tests.web.inprocess import serving
