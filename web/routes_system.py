@@ -158,8 +158,8 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
     async def custom_nodes(request: web.Request) -> web.StreamResponse:
         """The packs that loaded and those that failed (with why), for the editor."""
         registry = server.registry
-        return web.json_response({"loaded": list(registry.loaded_packs),
-                                  "failed": [error.to_json() for error in registry.pack_errors]})
+        return json_response({"loaded": list(registry.loaded_packs),
+                              "failed": [error.to_json() for error in registry.pack_errors]})
 
     @routes.post("/free")
     async def free(request: web.Request) -> web.StreamResponse:
