@@ -26,6 +26,7 @@ from engine.diffusion.memory.devices import DevicePolicy  # noqa: E402
 from engine.diffusion.memory.model_manager import ModelManager  # noqa: E402
 from engine.diffusion.memory.offload import VramSettings, cuda_memory_probe  # noqa: E402
 from engine.executor import Executor  # noqa: E402
+from engine.image_budget import ImageBudget  # noqa: E402
 from engine.launch_flags import (  # noqa: E402
     add_inert_flags,
     add_launch_flags,
@@ -97,6 +98,10 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     add_precision_flags(parser)
     add_launch_flags(parser)
     add_inert_flags(parser)
+    parser.add_argument("--max-image-megapixels", type=float, default=None, metavar="MP",
+                        help="largest decoded size of one image file, all frames counted, "
+                             "at upload and when loaded (default: an eighth of RAM at 16 "
+                             "bytes per pixel)")
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +134,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--preview-method", default="auto",
                         choices=["auto", "latent2rgb", "taesd", "none"])
     server.add_argument("--auth-token", default=None)
+    server.add_argument("--allowed-hosts", action="append", default=[], metavar="NAME[,NAME]",
+                        help="host names this server answers to besides loopback names and "
+                             "the --listen address (a reverse proxy's or LAN name; '*' for "
+                             "any); without a token other Host values are refused (DNS "
+                             "rebinding)")
     server.add_argument("--max-history-items", type=int, default=10000, metavar="N",
                         help="finished prompts kept in the history (oldest dropped first)")
     add_tls_flags(parser)
@@ -199,6 +209,7 @@ def build_app(args: argparse.Namespace) -> App:
     policy = DevicePolicy.from_args(args)
     logging.getLogger("loom").info("models: %s (%s)", policy.describe(), policy.reason)
     services = Services(paths=paths, args=args,
+                        image_budget=ImageBudget.from_megapixels(args.max_image_megapixels),
                         model_manager=ModelManager(policy,
                                                    allow_pickle=args.allow_pickle_checkpoints,
                                                    ram_budget=model_ram_budget(args),

@@ -11,6 +11,7 @@ from typing import Any
 from engine.diffusion.memory.model_manager import ModelManager
 from engine.diffusion.text.tokenizer import BpeCache
 from engine.graph import GraphPlanner
+from engine.image_budget import ImageBudget
 from engine.paths import Paths
 
 
@@ -48,6 +49,7 @@ class Services:
     model_manager: ModelManager | None = None
     bpe: BpeCache = field(default_factory=BpeCache)  # the CLIP vocabulary, read on first use
     graph_planner: GraphPlanner = field(default_factory=GraphPlanner)
+    image_budget: ImageBudget = field(default_factory=lambda: ImageBudget.from_megapixels(None))
 
 
 # progress sink: (node_id, value, total, preview image or None)

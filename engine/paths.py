@@ -1,9 +1,16 @@
 """Where models, inputs, outputs and user files live: ComfyUI's folder layout, plus the folders
-an `extra_model_paths.yaml` adds (so an existing A1111 or ComfyUI model folder works as is)."""
+an `extra_model_paths.yaml` adds (so an existing A1111 or ComfyUI model folder works as is).
+
+Names that arrive in a request never leave their folder by themselves. Two rules for links:
+model folders follow the links their owner placed inside them (a file or a whole sub-folder
+shared with ComfyUI or A1111), since their files are only loaded, never served or written; in
+input/, output/, temp/ and user/, which the API reads, writes and serves, a link must stay inside
+the folder once resolved (point the folder itself elsewhere with --output-directory etc.)."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +47,58 @@ MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
 FOLDER_ALIASES = {"clip": "text_encoders", "unet": "diffusion_models", "t2i_adapter": "controlnet"}
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, APFS, NTFS in UTF-16 units)
+PATH_MAX = 4096  # bytes in a whole path (Linux)
+_SEPARATORS = re.compile(r"[/\\]")
+
+
 class PathError(ValueError):
     """A file name that is unknown or points outside the folder it must stay in."""
+
+
+class InvalidName(PathError):
+    """A name no folder can hold: empty, with a NUL byte or a lone surrogate, or too long."""
 
 
 def canonical_folder(kind: str) -> str:
     return FOLDER_ALIASES.get(kind, kind)
 
 
-def confine(root: Path, relative: str) -> Path:
-    """`root / relative` with symlinks resolved, refusing anything that escapes `root`."""
+def name_parts(relative: str) -> list[str]:
+    """The '/'- or '\\'-separated parts of a requested name; InvalidName when no file system
+    could hold it (so the request fails as a bad name, not deep inside an OS call)."""
     if not relative or "\x00" in relative:
-        raise PathError(f"invalid file name {relative!r}")
+        raise InvalidName(f"invalid file name {relative!r}: give a non-empty name without NUL")
+    try:
+        size = len(relative.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidName(f"invalid file name {relative[:60]!r}: {exc.reason}") from exc
+    if size > PATH_MAX:
+        raise InvalidName(f"the name {relative[:40]!r}... is {size} bytes long; at most "
+                          f"{PATH_MAX} are accepted")
+    parts = _SEPARATORS.split(relative)
+    for part in parts:
+        if len(part.encode("utf-8")) > NAME_MAX:
+            raise InvalidName(f"{part[:40]!r}... is {len(part.encode('utf-8'))} bytes long; a "
+                              f"file or folder name holds at most {NAME_MAX}: shorten it")
+    return parts
+
+
+def within(root: Path, relative: str) -> Path:
+    """`root / relative` for a model folder: the name may not climb out by itself (absolute, a
+    drive, any '..' part), but links the folder's owner placed inside are followed wherever they
+    point (ComfyUI does the same for shared model stores)."""
+    parts = name_parts(relative)
+    if relative.startswith(("/", "\\")) or relative[1:2] == ":" or ".." in parts:
+        raise PathError(f"{relative!r} points outside {root}; use a name inside that folder "
+                        f"(no '..', no absolute path)")
+    return root / relative
+
+
+def confine(root: Path, relative: str) -> Path:
+    """`root / relative` with symlinks resolved, refusing anything that escapes `root` (the rule
+    for input/, output/, temp/ and user/)."""
+    name_parts(relative)
     base = root.resolve()
     target = (base / relative).resolve()
     if target != base and base not in target.parents:
@@ -119,10 +166,12 @@ class Paths:
         return _walk_files(directory, exts, recurse=kind not in ("input",))
 
     def find_file(self, kind: str, name: str) -> Path:
-        """The first existing file `name` in the folders of a kind, confined to that folder."""
+        """The first existing file `name` in the folders of a kind, confined to that folder
+        (model folders follow their owner's links; see the module docstring)."""
         dirs = self.folder_dirs(kind)
+        place = confine if kind in ("input", "output", "temp") else within
         for directory in dirs:
-            candidate = confine(directory, name)
+            candidate = place(directory, name)
             if candidate.is_file():
                 return candidate
         where = ", ".join(str(d) for d in dirs)
@@ -144,7 +193,13 @@ def _walk_files(directory: Path, exts: Iterable[str], *, recurse: bool) -> list[
         return []
     exts = frozenset(exts)
     names = []
+    seen: set[tuple[int, int]] = set()  # folders already walked: a link loop ends here
     for root, dirnames, filenames in os.walk(directory, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recurse else []
         rel_root = Path(root).relative_to(directory)
         for filename in filenames:

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from engine.context import NodeContext
+from engine.image_budget import ImageBudget, ImageTooLarge
 from engine.node import (
     Combo,
     FilesIn,
@@ -27,7 +28,7 @@ from engine.node import (
     Output,
     String,
 )
-from nodes.filenames import InputFileNode, find_annotated, prepare_save
+from nodes.filenames import InputFileNode, annotated_exists, find_annotated, prepare_save
 from nodes.imaging import image_to_pil
 
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
@@ -45,13 +46,16 @@ def _eight_bit_view(frame: Image.Image) -> Image.Image:
     return frame.point(lambda value: value * (1 / 255)) if frame.mode == "I" else frame
 
 
-def frame_pixels(frame: Image.Image) -> torch.Tensor:
-    """One frame as RGB floats [H, W, 3] in 0..1 (16-bit grey keeps its precision)."""
+def frame_pixels(frame: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One frame as RGB floats [H, W, 3] in 0..1 (16-bit grey keeps its precision), written
+    into `out` when given (a slot of the batch: no float copy besides it)."""
     if frame.mode.startswith("I;16"):
         grey = np.asarray(frame).astype(np.float32) / 65535.0
-        return torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
-    rgb = _eight_bit_view(frame).convert("RGB")
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)
+        pixels = torch.from_numpy(np.repeat(grey[..., None], 3, axis=-1))
+        return pixels if out is None else out.copy_(pixels)
+    rgb = torch.from_numpy(np.array(_eight_bit_view(frame).convert("RGB")))
+    target = torch.empty(rgb.shape, dtype=torch.float32) if out is None else out
+    return target.copy_(rgb).div_(255.0)
 
 
 def frame_mask(frame: Image.Image) -> torch.Tensor:
@@ -72,29 +76,38 @@ def _stack_masks(masks: list[torch.Tensor], height: int, width: int) -> torch.Te
     return torch.stack(masks)
 
 
-def load_image_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """IMAGE [B, H, W, 3] and MASK [B, H, W]: every frame the size of the first, EXIF-rotated."""
-    images: list[torch.Tensor] = []
+def load_image_file(path: Path, budget: ImageBudget) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE [B, H, W, 3] and MASK [B, H, W]: every frame the size of the first, EXIF-rotated.
+    ImageTooLarge, before anything is decoded, when the frames do not fit `budget`."""
     masks: list[torch.Tensor] = []
     with Image.open(path) as source:
+        budget.check(source, path.name)
+        first_frame_only = source.format in _FIRST_FRAME_ONLY
+        frames = 1 if first_frame_only else getattr(source, "n_frames", 1)
+        size, kept = source.size, 0
+        images: torch.Tensor | None = None
         for raw in ImageSequence.Iterator(source):
+            if raw.size != size:
+                continue  # ComfyUI skips frames whose size differs from the first (undecoded)
             frame = ImageOps.exif_transpose(raw)
-            pixels = frame_pixels(frame)
-            if images and pixels.shape != images[0].shape:
-                continue  # ComfyUI skips frames whose size differs from the first
-            images.append(pixels)
+            if images is None:  # one batch tensor, filled in place: no copies to stack
+                images = torch.empty((frames, frame.height, frame.width, 3))
+            frame_pixels(frame, images[kept])
             masks.append(frame_mask(frame))
-            if source.format in _FIRST_FRAME_ONLY:
+            kept += 1
+            if first_frame_only:
                 break
-    height, width = images[0].shape[:2]
-    return torch.stack(images), _stack_masks(masks, height, width)
+    assert images is not None
+    height, width = images.shape[1:3]
+    return images[:kept], _stack_masks(masks, height, width)
 
 
-def load_mask_file(path: Path, channel: str) -> torch.Tensor:
+def load_mask_file(path: Path, channel: str, budget: ImageBudget) -> torch.Tensor:
     """MASK [1, H, W] from one channel of the first frame; alpha gives 1 - alpha."""
     if channel not in MASK_CHANNELS:
         raise ValueError(f"LoadImageMask: unknown channel {channel!r}; use one of {MASK_CHANNELS}")
     with Image.open(path) as source:
+        budget.check(source, path.name, all_frames=False)
         frame = ImageOps.exif_transpose(source)
         if frame.mode.startswith("I;16"):  # 16-bit grey: opaque, every colour channel = grey
             grey = frame_pixels(frame)[..., 0]
@@ -106,25 +119,50 @@ def load_mask_file(path: Path, channel: str) -> torch.Tensor:
     return (1.0 - values if channel == "alpha" else values).unsqueeze(0)
 
 
-class LoadImage(InputFileNode):
-    """An image from the input folder, and its transparency as a mask (1 = transparent)."""
+def oversized(ctx: NodeContext, name: Any, *, all_frames: bool) -> tuple[str, str] | None:
+    """("image", why) when the existing image file `name` decodes beyond the image budget."""
+    paths = getattr(ctx.services, "paths", None)
+    budget = getattr(ctx.services, "image_budget", None)
+    if paths is None or budget is None or not annotated_exists(paths, name):
+        return None
+    try:
+        with Image.open(find_annotated(paths, name)) as image:
+            budget.check(image, str(name), all_frames=all_frames)
+    except ImageTooLarge as exc:
+        return "image", str(exc)
+    except OSError:
+        return None  # not an image Pillow reads: execute reports it, as before
+    return None
+
+
+class ImageFileNode(InputFileNode):
+    """An input-folder image node: missing files and images beyond the decoded-size budget
+    are refused at validation."""
 
     file_input = "image"
     invalid_message = "Invalid image file"
+    decodes_all_frames = True
+
+    def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
+        return (super().validate(ctx, **inputs)
+                or oversized(ctx, inputs.get("image"), all_frames=self.decodes_all_frames))
+
+
+class LoadImage(ImageFileNode):
+    """An image from the input folder, and its transparency as a mask (1 = transparent)."""
 
     schema = NodeSchema(
         name="LoadImage", display_name="Load Image", category="image",
         inputs=(_image_choice(),), outputs=(Output("IMAGE"), Output("MASK")))
 
     def execute(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_image_file(find_annotated(ctx.paths, image))
+        return load_image_file(find_annotated(ctx.paths, image), ctx.services.image_budget)
 
 
-class LoadImageMask(InputFileNode):
+class LoadImageMask(ImageFileNode):
     """One channel of an input-folder image as a mask."""
 
-    file_input = "image"
-    invalid_message = "Invalid image file"
+    decodes_all_frames = False
 
     schema = NodeSchema(
         name="LoadImageMask", display_name="Load Image (as Mask)", category="mask",
@@ -132,7 +170,8 @@ class LoadImageMask(InputFileNode):
         outputs=(Output("MASK"),))
 
     def execute(self, ctx: NodeContext, image: str, channel: str) -> tuple[torch.Tensor]:
-        return (load_mask_file(find_annotated(ctx.paths, image), channel),)
+        return (load_mask_file(find_annotated(ctx.paths, image), channel,
+                               ctx.services.image_budget),)
 
 
 def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from web.jobs import history_job
-from web.store import Store, dumps
+from web.jsonio import dumps
+from web.store import Store
 
 DEFAULT_MAX_ITEMS = 10000
+# GET /history without max_items answers the newest this many (the editor asks for 200; other
+# clients page with max_items and offset), so the reply stays small however long the history.
+DEFAULT_REPLY_ITEMS = 200
+PAGE_ROWS = 64  # rows read from SQLite per step of a streamed reply
 
 
 @dataclass
@@ -69,15 +74,25 @@ class History:
     def count(self) -> int:
         return self.store.rows("SELECT COUNT(*) FROM history")[0][0]
 
-    def get(self, max_items: int | None = None, offset: int = -1) -> dict[str, Any]:
-        """GET /history: oldest first; `max_items` alone gives the most recent ones, with
-        `offset` that many from position `offset` (counted from the oldest)."""
-        if offset < 0 and max_items is not None:
-            offset = self.count() - max_items
-        limit = -1 if max_items is None else max(max_items, 0)
-        rows = self.store.rows("SELECT prompt_id, entry FROM history ORDER BY seq "
-                               "LIMIT ? OFFSET ?", (limit, max(offset, 0)))
-        return {prompt_id: json.loads(entry) for prompt_id, entry in rows}
+    def pages(self, max_items: int | None = None, offset: int = -1,
+              ) -> Iterator[list[tuple[str, str]]]:
+        """GET /history's (prompt id, entry JSON text) rows, oldest first, a page at a time so a
+        reply never holds the whole history: the newest `max_items` (DEFAULT_REPLY_ITEMS when
+        None), or with `offset` that many from position `offset` (counted from the oldest)."""
+        wanted = DEFAULT_REPLY_ITEMS if max_items is None else max(max_items, 0)
+        if offset < 0:
+            offset = max(self.count() - wanted, 0)
+        start = self.store.rows("SELECT seq FROM history ORDER BY seq LIMIT 1 OFFSET ?",
+                                (offset,))
+        after = start[0][0] - 1 if start else None
+        while after is not None and wanted > 0:
+            rows = self.store.rows("SELECT seq, prompt_id, entry FROM history WHERE seq > ? "
+                                   "ORDER BY seq LIMIT ?", (after, min(wanted, PAGE_ROWS)))
+            if not rows:
+                return
+            wanted -= len(rows)
+            after = rows[-1][0]
+            yield [(prompt_id, entry) for _, prompt_id, entry in rows]
 
     def entry(self, prompt_id: str) -> dict[str, Any] | None:
         rows = self.store.rows("SELECT entry FROM history WHERE prompt_id = ?", (prompt_id,))

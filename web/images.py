@@ -1,6 +1,7 @@
-"""Pillow work behind /view and /upload: checking an upload is a real image of a sane size,
-putting a mask's alpha onto its original image, and the preview/channel re-encodes of /view.
-Everything here is blocking; the routes run it in a worker thread."""
+"""Pillow work behind /view and /upload: checking an upload is a real image whose decoded size
+(every frame) fits the image budget, putting a mask's alpha onto its original image, and the
+preview/channel re-encodes of /view. Everything here is blocking; the routes run it in a worker
+thread."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from engine.image_budget import ImageBudget, ImageTooLarge
+
 PREVIEW_FORMATS = {"webp": ("WEBP", "image/webp"), "jpeg": ("JPEG", "image/jpeg")}
 DEFAULT_PREVIEW_QUALITY = 90
 
@@ -18,21 +21,17 @@ class ImageError(ValueError):
     """An upload or file that is not a usable image (the message says why, for a 400)."""
 
 
-def _check_pixels(image: Image.Image, what: str) -> None:
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
-        raise ImageError(f"{what} is {image.width}x{image.height} pixels, more than the "
-                         f"{limit} pixels Loom decodes (a possible decompression bomb)")
-
-
-def open_checked(data: bytes, what: str) -> Image.Image:
-    """Open `data` as an image after Pillow's decompression-bomb guard and a full verify."""
+def open_checked(data: bytes, what: str, budget: ImageBudget) -> Image.Image:
+    """Open `data` as an image after Pillow's decompression-bomb guard, the decoded-size
+    budget (every frame counted: LoadImage decodes them all) and a full verify."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            _check_pixels(probe, what)
+            budget.check(probe, what)
             probe.verify()
         image = Image.open(io.BytesIO(data))
         image.load()
+    except ImageTooLarge as exc:
+        raise ImageError(str(exc)) from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{what} refused: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -40,9 +39,9 @@ def open_checked(data: bytes, what: str) -> Image.Image:
     return image
 
 
-def verify_upload(data: bytes) -> None:
-    """Raise ImageError unless `data` decodes as an image within the pixel limit."""
-    open_checked(data, "the uploaded file").close()
+def verify_upload(data: bytes, budget: ImageBudget) -> None:
+    """Raise ImageError unless `data` decodes as an image within the budget."""
+    open_checked(data, "the uploaded file", budget).close()
 
 
 def _text_chunks(image: Image.Image) -> PngImagePlugin.PngInfo:
@@ -52,11 +51,11 @@ def _text_chunks(image: Image.Image) -> PngImagePlugin.PngInfo:
     return info
 
 
-def apply_mask(original: Path, mask_data: bytes) -> bytes:
+def apply_mask(original: Path, mask_data: bytes, budget: ImageBudget) -> bytes:
     """The original image (RGBA) with its alpha channel replaced by the mask's alpha, as PNG,
     keeping the original's PNG text chunks (workflow metadata): what the mask editor saves."""
-    mask = open_checked(mask_data, "the uploaded mask")
-    base = open_checked(original.read_bytes(), f"the original image {original.name}")
+    mask = open_checked(mask_data, "the uploaded mask", budget)
+    base = open_checked(original.read_bytes(), f"the original image {original.name}", budget)
     try:
         alpha = mask.convert("RGBA").getchannel("A")
         if alpha.size != base.size:
@@ -101,9 +100,10 @@ def _select_channel(image: Image.Image, channel: str) -> Image.Image:
     return image
 
 
-def render(path: Path, channel: str, preview: tuple[str, int] | None) -> Rendition:
+def render(path: Path, channel: str, preview: tuple[str, int] | None,
+           budget: ImageBudget) -> Rendition:
     """The file at `path` reduced to a channel ("rgb", "a", "rgba") and/or re-encoded."""
-    image = open_checked(path.read_bytes(), path.name)
+    image = open_checked(path.read_bytes(), path.name, budget)
     try:
         selected = _select_channel(image, channel)
         buffer = io.BytesIO()

@@ -1,5 +1,6 @@
 """The prompt queue, persisted in SQLite: pending prompts survive a restart and run after it, and
-a prompt that was running when the process died runs first on the next start.
+a prompt that was running when the process died runs first on the next start, keeping the outputs
+it had already saved (journaled as each output node finished).
 
 Queue items are ComfyUI's tuple `[number, prompt_id, {API graph}, {extra_data}, [output ids]]`;
 pending ones run in `number` order (a `front` prompt has a negative number)."""
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from web.history import History, HistoryRecord
-from web.store import Store, dumps
+from web.jsonio import dumps
+from web.store import Store
 
 logger = logging.getLogger("loom.web.queue")
 
@@ -116,9 +118,11 @@ class PromptQueue:
         return rows[0] if rows else None
 
     def finish(self, prompt_id: str, record: HistoryRecord) -> None:
-        """The prompt ended: drop it from the queue and add its history entry, atomically."""
+        """The prompt ended: drop it from the queue and its journal and add its history entry,
+        atomically."""
         with self.store.transaction() as db:
             db.execute("DELETE FROM queue WHERE prompt_id = ?", (prompt_id,))
+            db.execute("DELETE FROM journal WHERE prompt_id = ?", (prompt_id,))
             self.history.insert(db, record)
         self._changed()
 
@@ -130,6 +134,19 @@ class PromptQueue:
                            (prompt_id,))
             self._changed()
             self._wakeup.notify_all()
+
+    # -- the output journal of running prompts ------------------------------------------------
+    def journal_output(self, prompt_id: str, node_id: str, ui: dict[str, Any]) -> None:
+        """Record that output node `node_id` of the running prompt saved `ui` (its files)."""
+        with self.store.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO journal (prompt_id, node_id, ui) VALUES (?, ?, ?)",
+                       (prompt_id, node_id, dumps(ui)))
+
+    def journaled_outputs(self, prompt_id: str) -> dict[str, dict[str, Any]]:
+        """What a cut-off run of `prompt_id` saved, by output node id ({} for a fresh prompt)."""
+        rows = self.store.rows("SELECT node_id, ui FROM journal WHERE prompt_id = ? ORDER BY "
+                               "rowid", (prompt_id,))
+        return {node_id: json.loads(ui) for node_id, ui in rows}
 
     def wake(self) -> None:
         """Wake a waiting `take` (used when stopping)."""
@@ -165,7 +182,9 @@ class PromptQueue:
             for prompt_id in wanted:
                 done = db.execute("DELETE FROM queue WHERE prompt_id = ? AND running = 0",
                                   (prompt_id,))
-                removed.extend([prompt_id] if done.rowcount else [])
+                if done.rowcount:
+                    db.execute("DELETE FROM journal WHERE prompt_id = ?", (prompt_id,))
+                    removed.append(prompt_id)
         if removed:
             self._changed()
         return removed
@@ -176,6 +195,7 @@ class PromptQueue:
             ids = [row[0] for row in db.execute(
                 "SELECT prompt_id FROM queue WHERE running = 0").fetchall()]
             db.execute("DELETE FROM queue WHERE running = 0")
+            db.execute("DELETE FROM journal WHERE prompt_id NOT IN (SELECT prompt_id FROM queue)")
         if ids:
             self._changed()
         return ids

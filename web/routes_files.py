@@ -16,9 +16,12 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
-from engine.paths import PathError, Paths, confine, split_annotation
+from engine.image_budget import ImageBudget
+from engine.paths import InvalidName, PathError, Paths, confine, name_parts, split_annotation
 from web import images
+from web.errors import bad_request, invalid_name, path_refusal
 from web.fileio import atomic_write, max_upload_bytes, same_bytes, too_large, write_new
+from web.jsonio import error_response, json_response
 from web.routing import ApiRoutes
 
 logger = logging.getLogger("loom.web.files")
@@ -37,11 +40,16 @@ def root_for(paths: Paths, kind: str) -> Path:
 
 
 def check_filename(filename: str) -> None:
-    """400 for names that try to leave their folder by themselves ('..', absolute)."""
+    """400 for names that try to leave their folder by themselves ('..', absolute) or that no
+    folder can hold (too long, NUL)."""
     if not filename or ".." in filename or filename.startswith(("/", "\\")) or \
             "\x00" in filename or (len(filename) > 1 and filename[1] == ":"):
         raise web.HTTPBadRequest(text=f"invalid file name {filename!r}: give a plain name inside "
                                       f"the folder, without '..' or an absolute path")
+    try:
+        name_parts(filename)
+    except InvalidName as exc:
+        raise invalid_name(exc) from exc
 
 
 def confined_dir(root: Path, subfolder: str) -> Path:
@@ -51,7 +59,7 @@ def confined_dir(root: Path, subfolder: str) -> Path:
     try:
         return confine(root, subfolder)
     except PathError as exc:
-        raise web.HTTPForbidden(text=str(exc)) from exc
+        raise path_refusal(exc) from exc
 
 
 def confined_file(directory: Path, filename: str) -> Path:
@@ -59,7 +67,7 @@ def confined_file(directory: Path, filename: str) -> Path:
     try:
         return confine(directory, filename)
     except PathError as exc:
-        raise web.HTTPForbidden(text=str(exc)) from exc
+        raise path_refusal(exc) from exc
 
 
 def content_disposition(name: str) -> str:
@@ -82,7 +90,7 @@ def view_path(paths: Paths, query: Any) -> Path:
     return path
 
 
-async def view(request: web.Request, paths: Paths) -> web.StreamResponse:
+async def view(request: web.Request, paths: Paths, budget: ImageBudget) -> web.StreamResponse:
     path = view_path(paths, request.query)
     channel = request.query.get("channel", "rgba").lower()
     if channel not in CHANNELS:
@@ -93,7 +101,7 @@ async def view(request: web.Request, paths: Paths) -> web.StreamResponse:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return web.FileResponse(path, headers={**headers, "Content-Type": content_type})
     try:
-        rendition = await asyncio.to_thread(images.render, path, channel, preview)
+        rendition = await asyncio.to_thread(images.render, path, channel, preview, budget)
     except images.ImageError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from exc
     return web.Response(body=rendition.data, content_type=rendition.content_type,
@@ -126,17 +134,23 @@ async def read_upload_form(request: web.Request, limit: int) -> UploadForm:
     if not request.content_type.startswith("multipart/"):
         raise web.HTTPBadRequest(text="send the image as multipart/form-data (field 'image')")
     form, used = UploadForm(), 0
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise web.HTTPBadRequest(text="nested multipart bodies are not accepted")
-        if part.name == "image" and part.filename is not None:
-            form.filename, form.data = part.filename, await _read_part(part, limit - used, limit)
-            used += len(form.data)
-        elif part.name:
-            raw = await _read_part(part, min(limit - used, FORM_FIELD_LIMIT), limit)
-            used += len(raw)
-            form.fields[part.name] = raw.decode("utf-8", errors="replace")
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise web.HTTPBadRequest(text="nested multipart bodies are not accepted")
+            if part.name == "image" and part.filename is not None:
+                form.filename = part.filename
+                form.data = await _read_part(part, limit - used, limit)
+                used += len(form.data)
+            elif part.name:
+                raw = await _read_part(part, min(limit - used, FORM_FIELD_LIMIT), limit)
+                used += len(raw)
+                form.fields[part.name] = raw.decode("utf-8", errors="replace")
+    except ValueError as exc:  # no boundary, a broken part header (aiohttp's own checks)
+        raise bad_request("invalid_request", "The request could not be parsed",
+                          f"malformed multipart/form-data body ({exc}); send the image as a "
+                          f"multipart form with the field 'image'") from exc
     return form
 
 
@@ -177,7 +191,8 @@ def _is_true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("true", "1", "yes")
 
 
-async def upload(request: web.Request, paths: Paths, limit: int, mask: bool) -> web.Response:
+async def upload(request: web.Request, paths: Paths, limit: int, budget: ImageBudget,
+                 mask: bool) -> web.Response:
     form = await read_upload_form(request, limit)
     if form.data is None or not form.filename:
         raise web.HTTPBadRequest(text="")
@@ -192,30 +207,31 @@ async def upload(request: web.Request, paths: Paths, limit: int, mask: bool) -> 
         if mask:
             data = await asyncio.to_thread(images.apply_mask,
                                            mask_original(paths, form.fields.get("original_ref")),
-                                           form.data)
+                                           form.data, budget)
         else:
-            await asyncio.to_thread(images.verify_upload, form.data)
+            await asyncio.to_thread(images.verify_upload, form.data, budget)
             data = form.data
     except images.ImageError as exc:
-        raise web.HTTPBadRequest(text=str(exc)) from exc
+        return error_response(400, "invalid_image", "The image was refused", str(exc))
     name = await asyncio.to_thread(store_upload, directory, form.filename, data,
                                    _is_true(form.fields.get("overwrite")))
     logger.info("uploaded %s to %s/%s", name, kind, subfolder)
-    return web.json_response({"name": name, "subfolder": subfolder, "type": kind})
+    return json_response({"name": name, "subfolder": subfolder, "type": kind})
 
 
 def add_routes(routes: ApiRoutes, server: Any) -> None:
     paths: Paths = server.services.paths
+    budget: ImageBudget = server.services.image_budget
     limit = max_upload_bytes(server.args)
 
     @routes.get("/view")
     async def view_file(request: web.Request) -> web.StreamResponse:
-        return await view(request, paths)
+        return await view(request, paths, budget)
 
     @routes.post("/upload/image")
     async def upload_image(request: web.Request) -> web.StreamResponse:
-        return await upload(request, paths, limit, mask=False)
+        return await upload(request, paths, limit, budget, mask=False)
 
     @routes.post("/upload/mask")
     async def upload_mask(request: web.Request) -> web.StreamResponse:
-        return await upload(request, paths, limit, mask=True)
+        return await upload(request, paths, limit, budget, mask=True)

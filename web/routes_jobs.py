@@ -14,6 +14,7 @@ from web.jobs import (
     queue_job,
     sort_key,
 )
+from web.jsonio import json_response
 from web.routes_prompt import BadRequest, query_int, request_object
 from web.routing import ApiRoutes
 
@@ -24,7 +25,7 @@ SORT_FIELDS = ("created_at", "execution_duration")
 
 
 def error(message: str) -> web.Response:
-    return web.json_response({"error": message}, status=400)
+    return json_response({"error": message}, status=400)
 
 
 def list_jobs(server: LoomServer, statuses: set[str], workflow_id: str | None, sort_by: str,
@@ -80,7 +81,7 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
             return error(f"sort_order must be asc or desc, got {sort_order!r}")
         if (limit is not None and limit < 0) or offset < 0:
             return error("limit and offset must not be negative")
-        return web.json_response(list_jobs(server, statuses, request.query.get("workflow_id"),
+        return json_response(list_jobs(server, statuses, request.query.get("workflow_id"),
                                            sort_by, sort_order == "desc", limit, offset))
 
     @routes.get("/jobs/{job_id}")
@@ -88,8 +89,8 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
         job_id = request.match_info["job_id"]
         job = find_job(server, job_id)
         if job is None:
-            return web.json_response({"error": f"Job not found: {job_id}"}, status=404)
-        return web.json_response(job)
+            return json_response({"error": f"Job not found: {job_id}"}, status=404)
+        return json_response(job)
 
     @routes.post("/jobs/cancel")
     async def cancel_jobs(request: web.Request) -> web.Response:
@@ -102,4 +103,4 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
         for running in server.worker.running_prompt_ids:
             if running in ids and server.worker.interrupt(running):
                 cancelled.append(running)
-        return web.json_response({"cancelled": cancelled})
+        return json_response({"cancelled": cancelled})

@@ -9,7 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from engine.diffusion.checkpoints.safetensors_io import SafetensorsError, read_header
-from engine.paths import PathError, Paths, confine
+from engine.paths import PathError, Paths, within
+from web.errors import path_refusal
+from web.jsonio import json_response
 from web.routing import ApiRoutes
 
 # Folders the model library does not offer (not models).
@@ -58,7 +60,7 @@ def preview_image(directory: Path, model_name: str) -> Path | None:
     confined to the model's directory."""
     stem = model_name.rsplit(".", 1)[0] if "." in Path(model_name).name else model_name
     for suffix in PREVIEW_SUFFIXES:
-        candidate = confine(directory, stem + suffix)
+        candidate = within(directory, stem + suffix)
         if candidate.is_file():
             return candidate
     return None
@@ -70,27 +72,27 @@ def add_routes(routes: ApiRoutes, server: Any) -> None:
     @routes.get("/embeddings")
     async def embeddings(request: web.Request) -> web.StreamResponse:
         names = (name.rsplit(".", 1)[0] for name in paths.list_files("embeddings"))
-        return web.json_response(sorted(set(names)))
+        return json_response(sorted(set(names)))
 
     @routes.get("/models")
     async def model_kinds(request: web.Request) -> web.StreamResponse:
-        return web.json_response(sorted(paths.models))
+        return json_response(sorted(paths.models))
 
     @routes.get("/models/{folder}")
     async def model_files(request: web.Request) -> web.StreamResponse:
         folder = request.match_info["folder"]
         _folder_dirs(paths, folder)
-        return web.json_response(paths.list_files(folder))
+        return json_response(paths.list_files(folder))
 
     @routes.get("/experiment/models")
     async def library_folders(request: web.Request) -> web.StreamResponse:
-        return web.json_response([
+        return json_response([
             {"name": kind, "folders": [str(directory) for directory in dirs]}
             for kind, dirs in sorted(paths.models.items()) if kind not in LIBRARY_HIDDEN_FOLDERS])
 
     @routes.get("/experiment/models/{folder}")
     async def library_files(request: web.Request) -> web.StreamResponse:
-        return web.json_response(model_library_files(paths, request.match_info["folder"]))
+        return json_response(model_library_files(paths, request.match_info["folder"]))
 
     @routes.get("/experiment/models/preview/{folder}/{path_index}/{filename:.+}")
     async def library_preview(request: web.Request) -> web.StreamResponse:
@@ -101,7 +103,7 @@ def add_routes(routes: ApiRoutes, server: Any) -> None:
         try:
             preview = preview_image(dirs[int(index)], request.match_info["filename"])
         except PathError as exc:
-            raise web.HTTPForbidden(text=str(exc)) from exc
+            raise path_refusal(exc) from exc
         if preview is None:
             raise web.HTTPNotFound(text="this model has no preview image")
         return web.FileResponse(preview)
@@ -120,4 +122,4 @@ def add_routes(routes: ApiRoutes, server: Any) -> None:
             raise web.HTTPBadRequest(text=str(exc)) from exc
         if metadata is None:
             raise web.HTTPNotFound(text=f"{filename} has no metadata")
-        return web.json_response(metadata)
+        return json_response(metadata)

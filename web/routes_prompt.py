@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,8 +16,9 @@ from aiohttp import web
 
 from engine.events import timestamp_ms
 from engine.sweep import SweepError, SweepItem, expand, rows_from_request
-from engine.validation import ValidationResult, error_entry, validate_prompt
+from engine.validation import ValidationResult, validate_prompt
 from engine.workflow import WorkflowFormatError, is_ui_format, to_api_prompt
+from web.jsonio import error_response, json_response, read_json, strict_text
 from web.queue import QueueItem
 from web.routing import ApiRoutes
 
@@ -42,29 +44,22 @@ class Submission:
 def rejection(kind: str, message: str, details: str = "",
               node_errors: dict[str, Any] | None = None) -> web.Response:
     """HTTP 400 in ComfyUI's {"error", "node_errors"} shape."""
-    return web.json_response({"error": error_entry(kind, message, details),
-                              "node_errors": node_errors or {}}, status=400)
-
-
-async def json_body(request: web.Request, default: Any = None) -> Any:
-    """The request's JSON body; `default` when it is empty. BadRequest when it is not JSON."""
-    raw = await request.read()
-    if not raw.strip():
-        return default
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON ({exc}); send a JSON object") from exc
+    return error_response(400, kind, message, details, node_errors)
 
 
 def query_int(request: web.Request, name: str, default: int | None) -> int | None:
+    """An integer query parameter (at most 64 bits, as SQLite takes them)."""
     text = request.query.get(name)
     if text is None or text == "":
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError as exc:
-        raise BadRequest(f"query parameter {name}={text!r} is not an integer") from exc
+        raise BadRequest(f"query parameter {name}={text[:40]!r} is not an integer") from exc
+    if abs(value) >= 2**63:
+        raise BadRequest(f"query parameter {name}={text[:40]!r} is out of range; use a number "
+                         f"below 2**63")
+    return value
 
 
 def prepare_submission(server: LoomServer, body: dict[str, Any]) -> Submission:
@@ -96,9 +91,13 @@ def queue_number(server: LoomServer, body: dict[str, Any]) -> int | float:
     value, negative with `front` so it runs before everything pending."""
     if "number" in body:
         try:
-            return float(body["number"])
-        except (TypeError, ValueError) as exc:
+            number = float(body["number"])
+        except (TypeError, ValueError, OverflowError) as exc:
             raise BadRequest(f"number {body['number']!r} is not a number") from exc
+        if not math.isfinite(number):
+            raise BadRequest(f"number {body['number']!r} is not finite; send a finite number "
+                             f"or leave it out")
+        return number
     number = server.queue.next_number()
     return -number if body.get("front") else number
 
@@ -108,15 +107,11 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
 
     @routes.get("/prompt")
     async def get_prompt(request: web.Request) -> web.Response:
-        return web.json_response({"exec_info": {"queue_remaining": server.queue_remaining()}})
+        return json_response({"exec_info": {"queue_remaining": server.queue_remaining()}})
 
     @routes.post("/prompt")
     async def post_prompt(request: web.Request) -> web.Response:
-        try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            logger.warning("POST /prompt with a body that is not JSON: %s", exc)
-            return web.Response(status=500, text="500 Internal Server Error")
+        body = await read_json(request)  # JsonBodyError: a 400 (web/errors.py)
         if not isinstance(body, dict):
             return rejection("invalid_prompt", "The request body must be a JSON object",
                              f"got {type(body).__name__}")
@@ -139,7 +134,7 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
         cluster = server.worker.cluster_status()
         if cluster is not None:
             reply["loom_workers"] = cluster["workers"]
-        return web.json_response(reply)
+        return json_response(reply)
 
     @routes.post("/queue")
     async def post_queue(request: web.Request) -> web.Response:
@@ -178,7 +173,7 @@ async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
     if validation.error is not None:
         logger.info("prompt rejected: %s %s", validation.error["message"],
                     validation.error["details"])
-        return web.json_response(validation.to_json(), status=400)
+        return json_response(validation.to_json(), status=400)
     extra_data = submission.extra_data
     if "client_id" in body:
         extra_data["client_id"] = body["client_id"]
@@ -187,11 +182,13 @@ async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
     server.worker.remember(prompt_id, validation.prompt, validation.outputs)
     try:
         server.queue.put(item)
-    except ValueError as exc:
-        server.worker.forget([prompt_id])
-        raise BadRequest(str(exc)) from exc
-    return web.json_response({"prompt_id": prompt_id, "number": number,
-                              "node_errors": validation.node_errors})
+    except BaseException as exc:
+        server.worker.forget([prompt_id])  # refused or failed: nothing may keep it prepared
+        if isinstance(exc, ValueError):
+            raise BadRequest(str(exc)) from exc
+        raise
+    return json_response({"prompt_id": prompt_id, "number": number,
+                          "node_errors": validation.node_errors})
 
 
 async def submit_sweep(server: LoomServer, body: dict[str, Any]) -> web.Response:
@@ -221,9 +218,9 @@ async def submit_sweep(server: LoomServer, body: dict[str, Any]) -> web.Response
         if checked.validation.error is not None:
             reply = checked.validation.to_json()
             reply["error"]["message"] = f"sweep item {item.label}: {reply['error']['message']}"
-            return web.json_response(reply, status=400)
+            return json_response(reply, status=400)
     replies = [json.loads((await submit(server, item_body)).body) for item_body in bodies]
-    return web.json_response({**replies[0], "loom_sweep": {
+    return json_response({**replies[0], "loom_sweep": {
         "prompt_ids": [reply["prompt_id"] for reply in replies],
         "numbers": [reply["number"] for reply in replies],
         "labels": [item.label for item in items]}})
@@ -242,12 +239,9 @@ def sweep_body(body: dict[str, Any], item: SweepItem, extra_data: dict[str, Any]
 
 
 async def request_object(request: web.Request) -> dict[str, Any]:
-    """A body that should be a JSON object; an empty or unreadable body counts as {}."""
-    try:
-        body = await json_body(request, {})
-    except BadRequest as exc:
-        logger.info("%s %s: %s; treated as {}", request.method, request.path, exc)
-        return {}
+    """A body that should be a JSON object; an empty body or another JSON value counts as {}
+    (JsonBodyError, a 400, when it is not JSON)."""
+    body = await read_json(request, {})
     return body if isinstance(body, dict) else {}
 
 
@@ -258,15 +252,15 @@ def add_history_routes(routes: ApiRoutes, server: LoomServer) -> None:
             max_items = query_int(request, "max_items", None)
             offset = query_int(request, "offset", -1)
         except BadRequest as exc:
-            return web.json_response({"error": str(exc)}, status=400)
+            return rejection("invalid_query", "Invalid query parameter", str(exc))
         assert offset is not None
-        return web.json_response(server.history.get(max_items, offset))
+        return await stream_history(request, server, max_items, offset)
 
     @routes.get("/history/{prompt_id}")
     async def get_history_entry(request: web.Request) -> web.Response:
         prompt_id = request.match_info["prompt_id"]
         entry = server.history.entry(prompt_id)
-        return web.json_response({prompt_id: entry} if entry is not None else {})
+        return json_response({prompt_id: entry} if entry is not None else {})
 
     @routes.post("/history")
     async def post_history(request: web.Request) -> web.Response:
@@ -276,3 +270,19 @@ def add_history_routes(routes: ApiRoutes, server: LoomServer) -> None:
         if isinstance(body.get("delete"), list):
             server.history.delete(body["delete"])
         return web.Response(status=200)
+
+
+async def stream_history(request: web.Request, server: LoomServer, max_items: int | None,
+                         offset: int) -> web.StreamResponse:
+    """GET /history written a page of rows at a time, straight from the stored JSON text, so
+    the server never holds the whole reply (see History.pages for the window)."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+    await response.prepare(request)
+    separator = "{"
+    for rows in server.history.pages(max_items, offset):
+        text = ", ".join(f"{json.dumps(prompt_id)}: {strict_text(entry)}"
+                         for prompt_id, entry in rows)
+        await response.write((separator + text).encode("utf-8"))
+        separator = ", "
+    await response.write_eof(b"{}" if separator == "{" else b"}")
+    return response

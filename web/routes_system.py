@@ -4,7 +4,6 @@ expects from features Loom does not have (translations, global subgraphs, templa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -17,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from web import routes_models, static
+from web.jsonio import json_response, read_json
 from web.logs import LogBuffer
 from web.routing import ApiRoutes
 
@@ -25,6 +25,8 @@ logger = logging.getLogger("loom.web.system")
 # The ComfyUI server release whose wire protocol Loom speaks (../shared/compat/API.md).
 COMFYUI_COMPAT_VERSION = "0.8.0"
 FILE_LIST_TYPES = ("input", "output", "temp")
+SECRET_FLAG = re.compile(r"token|key|secret|passw", re.IGNORECASE)
+REDACTED = "<redacted>"
 
 
 def loom_version() -> str:
@@ -78,6 +80,23 @@ def torch_devices(use_cpu: bool, ram: tuple[int, int], vram: Any = None,
         "torch_vram_free": torch_free}]
 
 
+def redacted_argv(argv: list[str]) -> list[str]:
+    """The command line with the value of every secret-bearing flag (--auth-token, and any flag
+    naming a token, key, secret or password) replaced by '<redacted>'."""
+    shown, hide_next = [], False
+    for arg in argv:
+        flag, equals, _ = arg.partition("=")
+        secret = arg.startswith("--") and SECRET_FLAG.search(flag) is not None
+        if hide_next and not arg.startswith("--"):
+            shown.append(REDACTED)
+        elif secret and equals:
+            shown.append(f"{flag}={REDACTED}")
+        else:
+            shown.append(arg)
+        hide_next = secret and not equals
+    return shown
+
+
 def system_stats(args: Any, model_manager: Any = None) -> dict[str, Any]:
     """`GET /system_stats` in ComfyUI's shape, plus `loom_version` and `loom_models` (the model
     manager's figures: loaded/evicted models, weight bytes per device, the RAM budget, the VRAM
@@ -91,7 +110,7 @@ def system_stats(args: Any, model_manager: Any = None) -> dict[str, Any]:
         "comfyui_version": COMFYUI_COMPAT_VERSION, "loom_version": loom_version(),
         "required_frontend_version": static.FRONTEND_VERSION,
         "python_version": sys.version, "pytorch_version": torch_version,
-        "embedded_python": False, "argv": list(sys.argv),
+        "embedded_python": False, "argv": redacted_argv(sys.argv),
         "platform": platform.platform()}, "devices": devices,
         "loom_models": model_manager.stats() if hasattr(model_manager, "stats") else None}
 
@@ -111,31 +130,21 @@ def server_log_buffer(server: Any) -> LogBuffer:
     return existing if isinstance(existing, LogBuffer) else LogBuffer().install()
 
 
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise web.HTTPBadRequest(text=f"the body is not JSON: {exc}") from exc
-
-
 def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
     @routes.get("/object_info")
     async def object_info(request: web.Request) -> web.StreamResponse:
-        return web.json_response(server.object_info())
+        return json_response(server.object_info())
 
     @routes.get("/object_info/{node_class}")
     async def object_info_one(request: web.Request) -> web.StreamResponse:
         node_class = request.match_info["node_class"]
         entry = server.object_info().get(node_class)
-        return web.json_response({} if entry is None else {node_class: entry})
+        return json_response({} if entry is None else {node_class: entry})
 
     @routes.get("/extensions")
     async def extensions(request: web.Request) -> web.StreamResponse:
         folders = static.extension_folders(static.frontend_root(server.args), server.registry)
-        return web.json_response(static.extension_urls(folders))
+        return json_response(static.extension_urls(folders))
 
     @routes.get("/system_stats")
     async def stats(request: web.Request) -> web.StreamResponse:
@@ -143,22 +152,22 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
         cluster = server.worker.cluster_status()
         if cluster is not None:
             stats["loom_cluster"] = cluster
-        return web.json_response(stats)
+        return json_response(stats)
 
     @routes.get("/features")
     async def features(request: web.Request) -> web.StreamResponse:
-        return web.json_response(server.feature_flags())
+        return json_response(server.feature_flags())
 
     @routes.get("/loom/custom_nodes")
     async def custom_nodes(request: web.Request) -> web.StreamResponse:
         """The packs that loaded and those that failed (with why), for the editor."""
         registry = server.registry
-        return web.json_response({"loaded": list(registry.loaded_packs),
-                                  "failed": [error.to_json() for error in registry.pack_errors]})
+        return json_response({"loaded": list(registry.loaded_packs),
+                              "failed": [error.to_json() for error in registry.pack_errors]})
 
     @routes.post("/free")
     async def free(request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await read_json(request, {})
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(text='expected {"unload_models": bool, "free_memory": bool}')
         server.free(unload_models=bool(body.get("unload_models", False)),
@@ -166,7 +175,7 @@ def _add_info_routes(routes: ApiRoutes, server: Any) -> None:
         return web.Response()
 
     async def empty_object(request: web.Request) -> web.StreamResponse:
-        return web.json_response({})
+        return json_response({})
 
     for path in ("/i18n", "/global_subgraphs", "/workflow_templates"):
         routes.get(path)(empty_object)
@@ -178,7 +187,7 @@ def _add_internal_routes(routes: ApiRoutes, server: Any) -> None:
 
     @routes.get("/internal/folder_paths", api_twin=False)
     async def folder_paths(request: web.Request) -> web.StreamResponse:
-        return web.json_response({kind: [str(directory) for directory in dirs]
+        return json_response({kind: [str(directory) for directory in dirs]
                                   for kind, dirs in sorted(paths.models.items())})
 
     @routes.get("/internal/files/{directory_type}", api_twin=False)
@@ -186,19 +195,19 @@ def _add_internal_routes(routes: ApiRoutes, server: Any) -> None:
         kind = request.match_info["directory_type"]
         if kind not in FILE_LIST_TYPES:
             raise web.HTTPBadRequest(text=f"unknown type {kind!r}; use one of {FILE_LIST_TYPES}")
-        return web.json_response(newest_first(paths.folder_dirs(kind)[0]))
+        return json_response(newest_first(paths.folder_dirs(kind)[0]))
 
     @routes.get("/internal/logs", api_twin=False)
     async def log_text(request: web.Request) -> web.StreamResponse:
-        return web.json_response(logs.text())
+        return json_response(logs.text())
 
     @routes.get("/internal/logs/raw", api_twin=False)
     async def log_raw(request: web.Request) -> web.StreamResponse:
-        return web.json_response(logs.raw())
+        return json_response(logs.raw())
 
     @routes.route("PATCH", "/internal/logs/subscribe", api_twin=False)
     async def log_subscribe(request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await read_json(request, {})
         client_id = body.get("clientId") if isinstance(body, dict) else None
         if not isinstance(client_id, str) or not client_id:
             raise web.HTTPBadRequest(text='expected {"enabled": bool, "clientId": "<id>"}')

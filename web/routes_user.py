@@ -16,7 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from engine.paths import PathError, confine
+from web.errors import path_refusal
 from web.fileio import atomic_write, max_upload_bytes, read_limited
+from web.jsonio import json_response, parse
 from web.routing import ApiRoutes
 
 logger = logging.getLogger("loom.web.user")
@@ -38,7 +40,7 @@ class UserFiles:
         try:
             return confine(self.root, relative)
         except PathError as exc:
-            raise web.HTTPForbidden(text=str(exc)) from exc
+            raise path_refusal(exc) from exc
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root.resolve()).as_posix()
@@ -134,22 +136,22 @@ def _bad_name_is_400(path: Path) -> Iterator[None]:
 
 
 def _saved_reply(files: UserFiles, path: Path, full_info: bool) -> web.Response:
-    return web.json_response(files.info(path) if full_info else files.relative(path))
+    return json_response(files.info(path) if full_info else files.relative(path))
 
 
 def _add_settings_routes(routes: ApiRoutes, files: UserFiles, limit: int) -> None:
     @routes.get("/users")
     async def users(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"storage": "server", "migrated": True})
+        return json_response({"storage": "server", "migrated": True})
 
     @routes.post("/users")
     async def create_user(request: web.Request) -> web.StreamResponse:
-        return web.json_response({"error": "Loom has a single user; no users can be added"},
+        return json_response({"error": "Loom has a single user; no users can be added"},
                                  status=400)
 
     @routes.get("/settings")
     async def get_settings(request: web.Request) -> web.StreamResponse:
-        return web.json_response(files.read_settings())
+        return json_response(files.read_settings())
 
     @routes.post("/settings")
     async def post_settings(request: web.Request) -> web.StreamResponse:
@@ -161,7 +163,7 @@ def _add_settings_routes(routes: ApiRoutes, files: UserFiles, limit: int) -> Non
 
     @routes.get("/settings/{id}")
     async def get_setting(request: web.Request) -> web.StreamResponse:
-        return web.json_response(files.read_settings().get(request.match_info["id"]))
+        return json_response(files.read_settings().get(request.match_info["id"]))
 
     @routes.post("/settings/{id}")
     async def post_setting(request: web.Request) -> web.StreamResponse:
@@ -171,21 +173,18 @@ def _add_settings_routes(routes: ApiRoutes, files: UserFiles, limit: int) -> Non
 
 
 async def _json(request: web.Request, limit: int) -> Any:
-    raw = await read_limited(request, limit)
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise web.HTTPBadRequest(text=f"the body is not JSON: {exc}") from exc
+    """The body as strict JSON (JsonBodyError, a 400, when it is not), at most `limit` bytes."""
+    return parse(await read_limited(request, limit))
 
 
 def _add_file_routes(routes: ApiRoutes, files: UserFiles, limit: int) -> None:
     @routes.get("/userdata")
     async def list_files(request: web.Request) -> web.StreamResponse:
-        return web.json_response(listing(files, request))
+        return json_response(listing(files, request))
 
     @routes.get("/v2/userdata")
     async def list_tree(request: web.Request) -> web.StreamResponse:
-        return web.json_response(tree(files, request.query.get("path", "")))
+        return json_response(tree(files, request.query.get("path", "")))
 
     @routes.get("/userdata/{file}")
     async def get_file(request: web.Request) -> web.StreamResponse:

@@ -1,6 +1,7 @@
 """Safe defaults: cross-site state-changing requests are refused unless --enable-cors-header
-allows the origin, and a server listening on a non-loopback address wants a token on every
-HTTP and WebSocket request."""
+allows the origin, a server listening on a non-loopback address wants a token on every
+HTTP and WebSocket request, and a server without a token answers only requests whose Host names
+it (so a page whose host name re-resolves to 127.0.0.1, DNS rebinding, gets nothing)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ TOKEN_COOKIE = "loom_token"
 TOKEN_QUERY = "token"
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_ALLOWED_HEADERS = "Content-Type, Authorization"
+# Names that always mean this machine: browsers resolve them (and *.localhost) to loopback
+# themselves, so no other site can make them point elsewhere.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
+                            "ip6-loopback"})
+ANY_HOST = "*"
 
 
 def is_loopback(listen: str) -> bool:
@@ -77,6 +83,55 @@ def is_cross_site(request: web.Request) -> bool:
 def _changes_state(request: web.Request) -> bool:
     upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
     return request.method in STATE_CHANGING_METHODS or upgrade
+
+
+def host_name(host: str) -> str:
+    """The name part of a Host header value, lower case: 'A.b:8188' -> 'a.b', '[::1]:80' ->
+    '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host
+
+
+def allowed_host_names(args: Any) -> frozenset[str]:
+    """The --listen addresses and the --allowed-hosts names (each comma-separated)."""
+    listen = getattr(args, "listen", None) or "127.0.0.1"
+    given = [listen, *(getattr(args, "allowed_hosts", None) or [])]
+    return frozenset(host_name(part) for value in given for part in value.split(",")
+                     if part.strip())
+
+
+def names_this_server(name: str, allowed: frozenset[str]) -> bool:
+    """Whether Host name `name` is a loopback name or address, or one of `allowed`."""
+    if ANY_HOST in allowed or name in allowed or name in LOOPBACK_NAMES:
+        return True
+    if name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_middleware(allowed: frozenset[str]) -> Any:
+    """403 for a request whose Host header names another server (only used without a token:
+    a token already keeps other sites' pages out)."""
+
+    @web.middleware
+    async def check_host(request: web.Request, handler: Any) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is None or names_this_server(host_name(host), allowed):
+            return await handler(request)  # no Host: not a browser (HTTP/1.0 scripts)
+        logger.warning("refused %s %s for Host %r (not a name of this server)", request.method,
+                       request.path, host)
+        return web.Response(status=403, text=(
+            f"403 Forbidden: Host {host!r} does not name this server (a page on another site "
+            f"may be using DNS rebinding). If you reach Loom under that name, start it with "
+            f"--allowed-hosts {host_name(host)}"))
+
+    return check_host
 
 
 def _cors_allows(allowed: str | None, origin: str | None) -> bool:
@@ -165,5 +220,6 @@ def middlewares(server: Any) -> list[Any]:
     """The security middlewares, outermost first (CORS preflight is answered before auth)."""
     args = server.args
     token = resolve_auth_token(args)
-    return [origin_middleware(getattr(args, "enable_cors_header", None)),
-            auth_middleware(token)]
+    guards = [origin_middleware(getattr(args, "enable_cors_header", None)),
+              auth_middleware(token)]
+    return guards if token else [host_middleware(allowed_host_names(args)), *guards]

@@ -21,6 +21,7 @@ from engine.executor import Executor
 from engine.graph import GraphPlanner
 from engine.registry import NodeRegistry
 from web import (
+    errors,
     routes_files,
     routes_jobs,
     routes_prompt,
@@ -118,7 +119,7 @@ class LoomServer:
 
 def create_app(server: LoomServer) -> web.Application:
     """The aiohttp application: API routes (bare and under /api), /ws, then the editor."""
-    app = web.Application(middlewares=security.middlewares(server),
+    app = web.Application(middlewares=[*security.middlewares(server), errors.client_errors],
                           client_max_size=int(server.args.max_upload_size * 2**20) + 2**20)
     server.app = app
     routes = ApiRoutes()

@@ -13,6 +13,8 @@ from urllib.parse import quote
 from aiohttp import web
 
 from engine.paths import PathError, confine
+from web.errors import path_refusal
+from web.jsonio import json_response
 
 logger = logging.getLogger("loom.web.static")
 
@@ -109,7 +111,7 @@ def _extension_handler(folders: dict[str, Path]) -> Any:
         try:
             path = confine(directory, request.match_info["path"])
         except PathError as exc:
-            raise web.HTTPForbidden(text=str(exc)) from exc
+            raise path_refusal(exc) from exc
         if not path.is_file():
             raise web.HTTPNotFound()
         return web.FileResponse(path)
@@ -119,7 +121,7 @@ def _extension_handler(folders: dict[str, Path]) -> Any:
 async def _no_templates(request: web.Request) -> web.StreamResponse:
     """Loom ships no workflow-template package: the template browser stays empty."""
     if request.match_info.get("name") == "index.json":
-        return web.json_response([])
+        return json_response([])
     raise web.HTTPNotFound(text="Loom ships no workflow templates")
 
 

@@ -4,7 +4,6 @@ the execution worker can share it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -39,20 +38,13 @@ CREATE TABLE IF NOT EXISTS history (
     workflow_id TEXT
 );
 CREATE INDEX IF NOT EXISTS history_create_time ON history (create_time);
+CREATE TABLE IF NOT EXISTS journal (       -- outputs a running prompt already saved (a crash
+    prompt_id TEXT NOT NULL,               -- resumes it without writing them again)
+    node_id TEXT NOT NULL,
+    ui TEXT NOT NULL,                      -- the node's `executed` output as JSON
+    PRIMARY KEY (prompt_id, node_id)
+);
 """
-
-
-def dumps(value: Any) -> str:
-    """JSON text; a value JSON cannot express (say a tensor in a node's UI dict) is written as
-    its repr, so one odd output never stops a prompt from being recorded or reported."""
-    return json.dumps(value, default=_unserialisable)
-
-
-def _unserialisable(value: Any) -> str:
-    text = repr(value)
-    logger.warning("%s is not JSON; sent and stored as its repr %.80s", type(value).__name__,
-                   text)
-    return text
 
 
 class StoreError(RuntimeError):

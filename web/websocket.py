@@ -7,7 +7,6 @@ to every client, a prompt's execution messages only to the client that submitted
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -15,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from web.jsonio import JsonBodyError, dumps, parse
 from web.previews import preview_frame, preview_metadata
 from web.routing import ApiRoutes
-from web.store import dumps
 
 if TYPE_CHECKING:
     from web.server import LoomServer
@@ -68,6 +67,13 @@ class SocketHub:
             await ws.close(code=1001, message=b"server shutdown")
 
     def register(self, sid: str, ws: web.WebSocketResponse) -> None:
+        """Deliver `sid`'s messages to `ws`. A second socket with an id already connected takes
+        the messages over (ComfyUI's behaviour: a reloaded tab keeps its id); logged, since a
+        page that guessed another client's id gets its events the same way."""
+        earlier = self._sockets.get(sid)
+        if earlier is not None and earlier is not ws and not earlier.closed:
+            logger.warning("WebSocket clientId %s connected again while its earlier connection "
+                           "is open; the new connection now receives its events", sid)
         self._sockets[sid] = ws
 
     def unregister(self, sid: str, ws: web.WebSocketResponse) -> None:
@@ -161,7 +167,7 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
         # Sent before registering, so no broadcast can reach the client ahead of it.
-        await ws.send_json({"type": "status", "data": {**server.status_data(), "sid": sid}})
+        await ws.send_str(dumps({"type": "status", "data": {**server.status_data(), "sid": sid}}))
         server.sockets.register(sid, ws)
         server.worker.greet(sid)
         try:
@@ -178,9 +184,9 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
 def handle_client_message(server: LoomServer, sid: str, text: str) -> None:
     """Clients send one message: `feature_flags`, answered with the server's flags."""
     try:
-        message = json.loads(text)
-    except json.JSONDecodeError as exc:
-        logger.info("WebSocket client %s sent non-JSON text (%s); ignored", sid, exc)
+        message = parse(text)
+    except JsonBodyError as exc:
+        logger.info("WebSocket client %s sent unacceptable JSON (%s); ignored", sid, exc)
         return
     if not isinstance(message, dict):
         logger.info("WebSocket client %s sent %r; expected an object", sid, message)

@@ -18,6 +18,7 @@ from engine.validation import validate_prompt
 from web.history import HistoryRecord
 from web.listener import SocketListener
 from web.queue import QueueItem
+from web.resume import Resume
 
 if TYPE_CHECKING:
     from web.server import LoomServer
@@ -139,7 +140,7 @@ class Worker:
         if self.server.pack_server is not None:  # server.PromptServer.instance.client_id
             self.server.pack_server.client_id = item.client_id
         try:
-            result = self._execute(item, listener)
+            result = self._execute(item, listener, Resume(self.server.queue, item.prompt_id))
         finally:
             self._running = None
         listener.finish()
@@ -153,16 +154,21 @@ class Worker:
         self.server.queue.finish(item.prompt_id, record)
         listener.send_end_marker()
 
-    def _execute(self, item: QueueItem, listener: SocketListener) -> ExecutionResult:
-        """Run the item; an exception outside any node (a bug) becomes an execution_error."""
+    def _execute(self, item: QueueItem, listener: SocketListener,
+                 resume: Resume) -> ExecutionResult:
+        """Run the item (keeping what a cut-off run of it saved); an exception outside any node
+        (a bug) becomes an execution_error."""
         try:
             prepared = self._prepared_prompt(item)
             if isinstance(prepared, ExecutionResult):
                 self._report(listener, prepared)
                 return prepared
             prompt, outputs = prepared
-            return self.server.executor.execute(prompt, outputs, prompt_id=item.prompt_id,
-                                                extra_data=item.extra_data, listener=listener)
+            result = self.server.executor.execute(prompt, resume.targets(prompt, outputs),
+                                                  prompt_id=item.prompt_id,
+                                                  extra_data=item.extra_data,
+                                                  listener=resume.listener(listener))
+            return resume.merge(result)
         except Exception as exc:  # noqa: BLE001 - reported to the client and history, logged
             logger.exception("prompt %s failed outside any node", item.prompt_id)
             result = failed_result(item.prompt_id, exc)

@@ -20,6 +20,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from engine.paths import PathError, within
+
 logger = logging.getLogger("loom.clip")
 
 EmbeddingFinder = Callable[[str], Path | None]
@@ -242,9 +244,9 @@ class EmbeddingFolders:
 
 
 def _find_in(folder: Path, name: str) -> Path | None:
-    base = folder.resolve()
-    candidate = (base / name).resolve()
-    if "\0" in name or (candidate != base and base not in candidate.parents):
+    try:
+        candidate = within(folder, name)  # the owner's links inside the folder are followed
+    except PathError:
         return None
     if candidate.is_file():
         return candidate
