@@ -1,5 +1,6 @@
 """Compare a node type's generated `/object_info` entry with ComfyUI's recorded one
-(shared/compat/object_info_core.json), field by field. Shared by every node family's tests."""
+(tests/data/compat/object_info_full.json: all 445 built-ins of ComfyUI 0.8), field by field.
+Shared by every node family's tests."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 from engine.node import ChoiceSource, Input, Node, NodeSchema
 from engine.schema import object_info_entry
 
-COMPAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "compat"
-REFERENCE_FILE = COMPAT_DIR / "object_info_core.json"
+COMPAT_DIR = Path(__file__).resolve().parent / "data" / "compat"
+REFERENCE_FILE = COMPAT_DIR / "object_info_full.json"
 # Top-level fields compared as they are (display_name has its own rule).
 PLAIN_FIELDS = ("output", "output_is_list", "output_name", "name", "category", "output_node")
+# Fields compared where the recording kept them (its 90 core entries were stripped of them);
+# a classic node's entry leaves them out, read as the value beside.
+OPTIONAL_FIELDS = (("deprecated", False), ("experimental", False), ("output_matchtypes", None))
 # Option keys the recording left out (tooltips were stripped from it).
 UNRECORDED_OPTIONS = frozenset({"tooltip"})
 
@@ -116,6 +120,10 @@ def schema_differences(schema: NodeSchema, recorded: dict[str, Any]) -> list[str
     for key in PLAIN_FIELDS:
         if entry[key] != recorded[key]:
             problems.append(f"{key}: {entry[key]!r} != reference {recorded[key]!r}")
+    for key, absent in OPTIONAL_FIELDS:
+        if key in recorded and entry.get(key, absent) != recorded[key]:
+            problems.append(f"{key}: {entry.get(key, absent)!r} != reference "
+                            f"{recorded.get(key, absent)!r}")
     # A null display_name (nodes declared without one) is shown as the class name.
     expected_display = recorded["display_name"] or recorded["name"]
     if entry["display_name"] != expected_display:
