@@ -13,7 +13,8 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.loaders", "nodes.vae_nodes", "nodes.text", "nodes.conditioning",
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
                    "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale",
-                   "nodes.clip_vision")
+                   "nodes.clip_vision", "nodes.mask", "nodes.compositing",
+                   "nodes.postprocess", "nodes.transform", "nodes.image_batch")
 
 
 def builtin_node_types() -> list[type[Node]]:
