@@ -57,7 +57,7 @@ def input_spec(spec: Input, env: Any = None, v3: bool = False) -> list[Any] | st
     if spec.hidden:
         return [spec.type] if v3 else spec.type
     opts = input_options(spec, env)
-    if spec.type == "COMBO" and spec.combo_style != "v3":
+    if spec.type == "COMBO" and spec.combo_style == "legacy":
         return [spec.resolved_choices(env) or [], opts]
     return [spec.type, opts]
 

@@ -14,7 +14,9 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.inpaint", "nodes.sampling", "nodes.custom_sampling",
                    "nodes.lora", "nodes.model_merge", "nodes.controlnet", "nodes.upscale",
                    "nodes.clip_vision", "nodes.mask", "nodes.compositing",
-                   "nodes.postprocess", "nodes.transform", "nodes.image_batch")
+                   "nodes.postprocess", "nodes.transform", "nodes.image_batch",
+                   "nodes.latent_ops", "nodes.latent_operations",
+                   "nodes.strings", "nodes.logic", "nodes.animation")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -3,6 +3,8 @@ and the YUV (YCbCr) split and merge ComfyUI files under image/batch."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from engine.context import NodeContext
@@ -15,9 +17,10 @@ from nodes.imaging import repeat_batch
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
-def _batch_schema(name: str, inputs: tuple[Input, ...], outputs: tuple[Output, ...] = (
-        Output("IMAGE"),), category: str = "image/batch", **kw: object) -> NodeSchema:
-    return NodeSchema(name, inputs, outputs, category=category, comfy_v3=True, **kw)
+def _batch_schema(name: str, inputs: tuple[Input, ...], outputs: tuple[Output, ...] | None = None,
+                  category: str = "image/batch", **kw: Any) -> NodeSchema:
+    return NodeSchema(name, inputs, (Output("IMAGE"),) if outputs is None else outputs,
+                      category=category, comfy_v3=True, **kw)
 
 
 class RepeatImageBatch(Node):

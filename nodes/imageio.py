@@ -1,5 +1,5 @@
-"""Image files in and out: LoadImage, LoadImageMask, SaveImage and PreviewImage, with
-ComfyUI's file naming and the `prompt`/`workflow` PNG text chunks."""
+"""Image files in and out: LoadImage, LoadImageMask, LoadImageOutput, SaveImage and
+PreviewImage, with ComfyUI's file naming and the `prompt`/`workflow` PNG text chunks."""
 
 from __future__ import annotations
 
@@ -135,6 +135,27 @@ class LoadImageMask(InputFileNode):
         return (load_mask_file(find_annotated(ctx.paths, image), channel),)
 
 
+class LoadImageOutput(InputFileNode):
+    """An image from the output folder (the editor lists it newest first, through
+    /internal/files/output); names tagged " [input]" or " [temp]" read those folders."""
+
+    file_input = "image"
+    invalid_message = "Invalid image file"
+    default_folder = "output"
+
+    schema = NodeSchema(
+        name="LoadImageOutput", display_name="Load Image (from Outputs)", category="image",
+        experimental=True,
+        inputs=(Combo("image", FilesIn("output"), combo_style="typed", options={
+            "image_folder": "output", "image_upload": True,
+            "remote": {"control_after_refresh": "first", "refresh_button": True,
+                       "route": "/internal/files/output"}}),),
+        outputs=(Output("IMAGE"), Output("MASK")))
+
+    def execute(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_image_file(find_annotated(ctx.paths, image, self.default_folder))
+
+
 def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:
     """Text chunks: "prompt" (the API graph) and one per extra_pnginfo key, as JSON."""
     info = PngInfo()
@@ -196,4 +217,4 @@ class PreviewImage(Node):
         return NodeResult(ui={"images": entries})
 
 
-NODE_TYPES = (LoadImage, LoadImageMask, SaveImage, PreviewImage)
+NODE_TYPES = (LoadImage, LoadImageMask, LoadImageOutput, SaveImage, PreviewImage)

@@ -32,10 +32,10 @@ CHANNELS = ("red", "green", "blue", "alpha")
 OPERATIONS = ("multiply", "add", "subtract", "and", "or", "xor")
 
 
-def _mask_schema(name: str, inputs: tuple[Input, ...], outputs: tuple[Output, ...] = (
-        Output("MASK"),), display_name: str | None = None, **kw: Any) -> NodeSchema:
-    return NodeSchema(name, inputs, outputs, category="mask", display_name=display_name,
-                      comfy_v3=True, **kw)
+def _mask_schema(name: str, inputs: tuple[Input, ...], outputs: tuple[Output, ...] | None = None,
+                 display_name: str | None = None, **kw: Any) -> NodeSchema:
+    return NodeSchema(name, inputs, (Output("MASK"),) if outputs is None else outputs,
+                      category="mask", display_name=display_name, comfy_v3=True, **kw)
 
 
 def _offset(name: str, default: int = 0, low: int = 0) -> Input:

@@ -88,7 +88,7 @@ def _input_differences(where: str, spec: Input, ours: Any, recorded: Any) -> lis
     recorded_options = recorded[1] if len(recorded) > 1 else {}
     head = recorded[0]
     if isinstance(head, list):
-        if spec.type != "COMBO" or spec.combo_style == "v3":
+        if spec.type != "COMBO" or spec.combo_style != "legacy":
             return [f"{where}: reference is a legacy combo, ours is {ours[0]!r}"]
         problems = _choice_differences(where, spec, head)
         return problems + _option_differences(where, ours_options, recorded_options)
