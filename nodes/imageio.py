@@ -16,10 +16,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from engine.context import NodeContext
 from engine.node import (
+    Boolean,
     Combo,
     FilesIn,
     Hidden,
     Input,
+    Int,
     Link,
     Node,
     NodeResult,
@@ -156,6 +158,25 @@ class LoadImageOutput(InputFileNode):
         return load_image_file(find_annotated(ctx.paths, image, self.default_folder))
 
 
+class WebcamCapture(InputFileNode):
+    """The frame the editor's webcam widget uploaded (it sends the file's name); width and
+    height size the capture in the editor."""
+
+    file_input = "image"
+    invalid_message = "Invalid image file"
+
+    schema = NodeSchema(
+        name="WebcamCapture", display_name="Webcam Capture", category="image",
+        inputs=(Input("image", "WEBCAM"), Int("width", 0, min=0, max=16384, step=1),
+                Int("height", 0, min=0, max=16384, step=1),
+                Boolean("capture_on_queue", True)),
+        outputs=(Output("IMAGE"),))
+
+    def execute(self, ctx: NodeContext, image: str, width: int, height: int,
+                capture_on_queue: bool) -> tuple[torch.Tensor]:
+        return (load_image_file(find_annotated(ctx.paths, image))[0],)
+
+
 def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:
     """Text chunks: "prompt" (the API graph) and one per extra_pnginfo key, as JSON."""
     info = PngInfo()
@@ -217,4 +238,4 @@ class PreviewImage(Node):
         return NodeResult(ui={"images": entries})
 
 
-NODE_TYPES = (LoadImage, LoadImageMask, LoadImageOutput, SaveImage, PreviewImage)
+NODE_TYPES = (LoadImage, LoadImageMask, LoadImageOutput, WebcamCapture, SaveImage, PreviewImage)
