@@ -6,22 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 
 from engine.context import NodeContext
 from nodes.animation import SaveAnimatedPNG, SaveAnimatedWEBP
 from nodes.imageio import LoadImageOutput, WebcamCapture
-from tests.node_testing import make_ctx, run_node, run_ui
+from tests.node_testing import run_node, run_ui
 
 PROMPT = {"1": {"class_type": "EmptyImage", "inputs": {}}}
 EXTRA = {"workflow": {"nodes": []}}
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
 
 
 def frames(count: int = 3) -> torch.Tensor:

@@ -3,8 +3,6 @@ the operators' definitions on premultiplied colour), and alpha split/join."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,12 +16,7 @@ from nodes.compositing import (
     PorterDuffImageComposite,
     SplitImageWithAlpha,
 )
-from tests.node_testing import make_ctx, run_node
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
+from tests.node_testing import run_node
 
 
 def paste(ctx: NodeContext, destination: torch.Tensor, source: torch.Tensor, x: int = 0,

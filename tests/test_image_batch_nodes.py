@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,12 +15,7 @@ from nodes.image_batch import (
     RebatchImages,
     RepeatImageBatch,
 )
-from tests.node_testing import make_ctx, run_node
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
+from tests.node_testing import run_node
 
 
 def labelled(count: int) -> torch.Tensor:

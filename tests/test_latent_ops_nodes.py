@@ -3,8 +3,6 @@ with reference values worked out from the definitions."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -28,12 +26,7 @@ from nodes.latent_ops import (
     LatentSubtract,
     RebatchLatents,
 )
-from tests.node_testing import make_ctx, run_node
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
+from tests.node_testing import run_node
 
 
 def filled(value: float, batch: int = 1, size: int = 2) -> Latent:

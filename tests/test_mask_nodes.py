@@ -3,8 +3,6 @@ scipy's grey morphology, which ComfyUI calls)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
@@ -24,12 +22,7 @@ from nodes.mask import (
     SolidMask,
     ThresholdMask,
 )
-from tests.node_testing import make_ctx, run_node, run_ui
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
+from tests.node_testing import run_node, run_ui
 
 
 def test_mask_to_image_repeats_the_mask_in_three_channels(ctx: NodeContext) -> None:

@@ -5,7 +5,6 @@ library ComfyUI's nodes call; a test-only dependency)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,12 +22,7 @@ from nodes.postprocess import (
     Morphology,
     bayer_matrix,
 )
-from tests.node_testing import make_ctx, run_node
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
+from tests.node_testing import run_node
 
 
 def constant(value: float, size: int = 5) -> torch.Tensor:

@@ -24,13 +24,8 @@ from nodes.strings import (
     StringSubstring,
     StringTrim,
 )
-from tests.node_testing import make_ctx, run_node, run_ui
+from tests.node_testing import run_node, run_ui
 from tests.stubs import Engine, node
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
 
 
 def one(node_type: type, ctx: NodeContext, **inputs: Any) -> Any:

@@ -3,7 +3,6 @@ expected pixels or sizes worked out by hand from ComfyUI's rules."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,12 +19,7 @@ from nodes.transform import (
     ResizeAndPadImage,
     ResizeImageMaskNode,
 )
-from tests.node_testing import make_ctx, run_node
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> NodeContext:
-    return make_ctx(tmp_path)
+from tests.node_testing import run_node
 
 
 def numbered(height: int = 2, width: int = 3) -> torch.Tensor:
