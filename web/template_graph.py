@@ -119,7 +119,7 @@ class GraphBuilder:
                 "version": WORKFLOW_VERSION}
 
 
-THUMBNAIL_SIZE = 256
+THUMBNAIL_SIZE, THUMBNAIL_MARGIN = 256, 12
 THUMBNAIL_BACKGROUND, NODE_FILL, NODE_EDGE, LINK_COLOUR = "#202124", "#353a40", "#8ab4f8", "#9aa0a6"
 
 
@@ -130,11 +130,12 @@ def thumbnail_png(workflow: Mapping[str, Any]) -> bytes:
     top = min(node["pos"][1] for node in nodes.values())
     right = max(node["pos"][0] + node["size"][0] for node in nodes.values())
     bottom = max(node["pos"][1] + node["size"][1] for node in nodes.values())
-    margin = 12
-    scale = (THUMBNAIL_SIZE - 2 * margin) / max(right - left, bottom - top)
+    scale = (THUMBNAIL_SIZE - 2 * THUMBNAIL_MARGIN) / max(right - left, bottom - top)
+    start_x = (THUMBNAIL_SIZE - (right - left) * scale) / 2  # the sketch centred
+    start_y = (THUMBNAIL_SIZE - (bottom - top) * scale) / 2
 
     def point(x: float, y: float) -> tuple[float, float]:
-        return margin + (x - left) * scale, margin + (y - top) * scale
+        return start_x + (x - left) * scale, start_y + (y - top) * scale
 
     picture = Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), THUMBNAIL_BACKGROUND)
     draw = ImageDraw.Draw(picture)

@@ -247,6 +247,7 @@ def test_a_template_from_the_templates_dialog_runs(editor: Editor) -> None:
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     card = page.locator('[data-testid="template-workflow-loom-sd15-text-to-image"]')
     card.wait_for(state="visible", timeout=LOAD_TIMEOUT_MS)
+    save_screenshot(editor, "templates_dialog.png")
     card.click()
     page.wait_for_selector(".p-dialog-mask", state="detached", timeout=LOAD_TIMEOUT_MS)
     page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'KSampler')",
