@@ -27,7 +27,19 @@ def widget_default(spec: Input) -> Any:
 
 def fill_missing_widgets(node: PromptNode, schema: NodeSchema) -> dict[str, Any]:
     """Give every widget the node has no value or link for its default, in place; log and
-    return what was filled."""
+    return what was filled. (A DynamicCombo given its default choice brings that option's
+    widgets, which a second pass fills.)"""
+    filled = _fill_pass(node, schema)
+    if filled and schema.has_dynamic:
+        filled.update(_fill_pass(node, schema))
+    if filled:
+        shown = ", ".join(f"{name}={value!r}" for name, value in filled.items())
+        logger.info("node %s (%s) has no value for %s; using the default (the workflow was "
+                    "saved before these inputs existed)", node.node_id, node.class_type, shown)
+    return filled
+
+
+def _fill_pass(node: PromptNode, schema: NodeSchema) -> dict[str, Any]:
     filled: dict[str, Any] = {}
     for spec in schema.concrete_inputs(node.literals):
         if spec.name in node.literals or spec.name in node.links:
@@ -35,8 +47,4 @@ def fill_missing_widgets(node: PromptNode, schema: NodeSchema) -> dict[str, Any]
         value = widget_default(spec)
         if value is not MISSING:
             node.literals[spec.name] = filled[spec.name] = value
-    if filled:
-        shown = ", ".join(f"{name}={value!r}" for name, value in filled.items())
-        logger.info("node %s (%s) has no value for %s; using the default (the workflow was "
-                    "saved before these inputs existed)", node.node_id, node.class_type, shown)
     return filled

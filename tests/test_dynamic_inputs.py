@@ -208,3 +208,9 @@ def test_a_widget_without_default_is_still_required(engine: Engine) -> None:
     engine.registry.register(Named)
     api = {"1": node("Named"), "2": node("Show", x=["1", 0])}
     assert errors(engine, api, "1") == [("required_input_missing", "name")]
+
+
+def test_a_missing_dynamic_combo_takes_its_first_choice_and_that_options_defaults(
+        engine: Engine) -> None:
+    api = {**consts(5), "1": node("Pick", x=["10", 0]), "2": node("ShowAny", value=["1", 0])}
+    assert shown(engine, api) == 6  # "add" with amount 1
