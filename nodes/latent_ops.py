@@ -10,12 +10,12 @@ import torch
 
 from engine.context import NodeContext
 from engine.dynamic_inputs import Autogrow, GroupedInputsNode
+from engine.image_ops import repeat_to_batch
 from engine.node import Combo, Float, Input, Int, Link, Node, NodeSchema, Output
 from engine.values import Latent
-from nodes.imaging import repeat_to_batch
+from nodes.imaging import MAX_RESOLUTION
 from nodes.latent import batch_indices, batch_latents, fit_to
 
-MAX_RESOLUTION = 16384
 LATENT_CELL = 8  # pixels per latent cell (default noise masks are at pixel size)
 
 
