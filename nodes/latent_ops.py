@@ -175,7 +175,7 @@ def _noise_mask(latent: Latent) -> torch.Tensor:
     mask = latent.noise_mask
     if mask is None:
         return torch.ones((samples.shape[0], 1, samples.shape[-2] * LATENT_CELL,
-                           samples.shape[-1] * LATENT_CELL))
+                           samples.shape[-1] * LATENT_CELL), device=samples.device)
     mask = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
     return repeat_to_batch(mask, samples.shape[0]) if mask.shape[0] < samples.shape[0] else mask
 

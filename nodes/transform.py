@@ -85,7 +85,7 @@ def _spacer(like: torch.Tensor, other: torch.Tensor, width: int, horizontal: boo
     batch, channels = like.shape[0], like.shape[-1]
     shape = ((batch, max(like.shape[1], other.shape[1]), width, channels) if horizontal
              else (batch, width, max(like.shape[2], other.shape[2]), channels))
-    band = torch.zeros(shape, dtype=like.dtype)
+    band = torch.zeros(shape, dtype=like.dtype, device=like.device)
     for index, value in enumerate(SPACING_COLORS[colour][:min(3, channels)]):
         band[..., index] = value
     if channels == 4:
@@ -159,7 +159,7 @@ class ResizeAndPadImage(Node):
         resized = resize_image(image, new_width, new_height, interpolation)
         value = 0.0 if padding_color == "black" else 1.0
         frame = torch.full((batch, target_height, target_width, channels), value,
-                           dtype=image.dtype)
+                           dtype=image.dtype, device=image.device)
         top, left = (target_height - new_height) // 2, (target_width - new_width) // 2
         frame[:, top:top + new_height, left:left + new_width] = resized
         return (frame,)
