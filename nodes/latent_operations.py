@@ -1,10 +1,7 @@
 """Latent operations (ComfyUI's experimental latent/advanced/operations): a LATENT_OPERATION is
 a callable `operation(latent=tensor) -> tensor`, as in ComfyUI, so custom nodes can make or
-apply them. LatentApplyOperation runs one on a latent.
-
-LatentApplyOperationCFG (the operation applied to cond - uncond before CFG) needs a pre-CFG
-patch point on MODEL that the sampler does not offer yet; `apply_before_cfg` is its
-arithmetic, ready for that hook, and the node is not registered until then."""
+apply them. LatentApplyOperation runs one on a latent; LatentApplyOperationCFG patches a MODEL
+so that, at every step, the operation acts on cond - uncond before CFG (a pre-CFG function)."""
 
 from __future__ import annotations
 
@@ -14,6 +11,7 @@ from typing import Any
 import torch
 
 from engine.context import NodeContext
+from engine.diffusion.patches.model_handle import ModelHandle
 from engine.image_filters import sharpen
 from engine.node import Float, Input, Int, Link, Node, NodeSchema, Output
 from engine.values import Latent
@@ -65,6 +63,16 @@ def apply_before_cfg(operation: Any, conds_out: list[torch.Tensor]) -> list[torc
     return result
 
 
+@dataclass(frozen=True)
+class OperationBeforeCfg:
+    """A pre-CFG function (ComfyUI's signature: args dict -> conds_out) applying `operation`."""
+
+    operation: Any
+
+    def __call__(self, args: dict[str, Any]) -> list[torch.Tensor]:
+        return apply_before_cfg(self.operation, args["conds_out"])
+
+
 def _schema(name: str, inputs: tuple[Input, ...], output: str) -> NodeSchema:
     return NodeSchema(name, inputs, (Output(output),), category="latent/advanced/operations",
                       experimental=True, comfy_v3=True)
@@ -77,6 +85,16 @@ class LatentApplyOperation(Node):
     def execute(self, ctx: NodeContext, samples: Latent, operation: Any) -> tuple[Latent]:
         latent = Latent.of(samples)
         return (latent.replace(samples=operation(latent=latent.samples)),)
+
+
+class LatentApplyOperationCFG(Node):
+    schema = _schema("LatentApplyOperationCFG",
+                     (Link("model", "MODEL"), Link("operation", LATENT_OPERATION)), "MODEL")
+
+    def execute(self, ctx: NodeContext, model: ModelHandle, operation: Any
+                ) -> tuple[ModelHandle]:
+        return (model.patching(lambda patches: patches.adding_pre_cfg(
+            OperationBeforeCfg(operation))),)
 
 
 class LatentOperationTonemapReinhard(Node):
@@ -99,4 +117,5 @@ class LatentOperationSharpen(Node):
         return (SharpenLatent(sharpen_radius, sigma, alpha),)
 
 
-NODE_TYPES = (LatentApplyOperation, LatentOperationTonemapReinhard, LatentOperationSharpen)
+NODE_TYPES = (LatentApplyOperation, LatentApplyOperationCFG, LatentOperationTonemapReinhard,
+              LatentOperationSharpen)

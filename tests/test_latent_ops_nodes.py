@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from engine.context import NodeContext
+from engine.diffusion.sampling.guidance import Guider
 from engine.values import Latent
 from nodes.latent_operations import (
     LatentApplyOperation,
+    LatentApplyOperationCFG,
     LatentOperationSharpen,
     LatentOperationTonemapReinhard,
     apply_before_cfg,
@@ -26,6 +28,7 @@ from nodes.latent_ops import (
     LatentSubtract,
     RebatchLatents,
 )
+from tests.diffusion.test_guidance import fake_model, inputs_for, prompt
 from tests.node_testing import run_node
 
 
@@ -153,3 +156,15 @@ def test_apply_before_cfg_acts_on_the_guidance_difference() -> None:
     cond, uncond = torch.full((1, 4, 2, 2), 3.0), torch.full((1, 4, 2, 2), 1.0)
     doubled = apply_before_cfg(lambda latent: latent * 2, [cond, uncond])
     assert torch.all(doubled[0] == 5.0) and doubled[1] is uncond
+
+
+def test_apply_operation_cfg_patches_the_models_pre_cfg_step(ctx: NodeContext) -> None:
+    model, _ = fake_model()  # at x = 0, sigma = 1 a prompt of value v predicts x0 = -v
+    (patched,) = run_node(LatentApplyOperationCFG, ctx, model=model,
+                          operation=lambda latent: latent * 2)
+    shape = (1, 4, 8, 8)
+    guided = Guider(patched, [prompt(1)], [prompt(3)], 5.0).prepare(inputs_for(shape))
+    result = guided(torch.zeros(shape), torch.ones(1))
+    # cond x0 -1, uncond -3: cond' = 2 * (-1 + 3) - 3 = 1, then -3 + (1 + 3) * 5 = 17
+    assert torch.allclose(result, torch.full(shape, 17.0))
+    assert model.model_patches.sampler_pre_cfg_function == ()  # the input is not changed
