@@ -72,8 +72,11 @@ class Input:
     # Editor hints passed through to the schema verbatim (multiline, dynamicPrompts,
     # control_after_generate, image_upload, display, advanced, forceInput, ...).
     options: Mapping[str, Any] = field(default_factory=dict)
-    # "legacy" combos serialise as [[choices], {...}]; "v3" as ["COMBO", {"options": [...]}].
+    # "legacy" combos serialise as [[choices], {...}]; "v3" as ["COMBO", {"multiselect": false,
+    # "options": [...]}]; "typed" (classic nodes that declare "COMBO") as ["COMBO", {"options"}].
     combo_style: str = "legacy"
+    # A V3 dynamic input (engine.dynamic_inputs): the concrete inputs it stands for.
+    dynamic: Any = None
 
     @property
     def is_widget(self) -> bool:
@@ -100,6 +103,8 @@ class Output:
     name: str | None = None
     is_list: bool = False
     tooltip: str | None = None
+    # The MatchType template whose type this output takes (ComfyUI's output_matchtypes).
+    match_template: str | None = None
 
     @property
     def display_name(self) -> str:
@@ -171,9 +176,13 @@ class NodeSchema:
     deprecated: bool = False
     experimental: bool = False
     python_module: str = "nodes"
+    # Declared with ComfyUI's V3 schema: /object_info then lists hidden inputs as [kind] and
+    # always carries deprecated, experimental, output_matchtypes and output_tooltips.
+    comfy_v3: bool = False
     lazy_inputs: frozenset[str] = field(init=False, repr=False, compare=False)
     hidden_inputs: tuple[Input, ...] = field(init=False, repr=False, compare=False)
     _by_name: dict[str, Input] = field(init=False, repr=False, compare=False)
+    has_dynamic: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = [i.name for i in self.inputs]
@@ -181,7 +190,12 @@ class NodeSchema:
         if dupes:
             raise ValueError(f"node {self.name!r} declares input(s) {dupes} more than once")
         # Derived lookups, computed once: the executor consults them for every node it runs.
-        object.__setattr__(self, "_by_name", {i.name: i for i in self.inputs})
+        by_name = {i.name: i for i in self.inputs}
+        for spec in self.inputs:
+            if spec.dynamic is not None:
+                by_name.update({member.name: member for member in spec.dynamic.members(spec)})
+        object.__setattr__(self, "_by_name", by_name)
+        object.__setattr__(self, "has_dynamic", any(i.dynamic is not None for i in self.inputs))
         object.__setattr__(self, "lazy_inputs", frozenset(i.name for i in self.inputs if i.lazy))
         object.__setattr__(self, "hidden_inputs", tuple(i for i in self.inputs if i.hidden))
 
@@ -190,6 +204,19 @@ class NodeSchema:
 
     def declares(self, name: str) -> bool:
         return name in self._by_name
+
+    def concrete_inputs(self, literals: Mapping[str, Any]) -> tuple[Input, ...]:
+        """The inputs a prompt node has to satisfy: dynamic inputs replaced by the members
+        that the prompt's own values call for (a DynamicCombo's chosen option)."""
+        if not self.has_dynamic:
+            return self.inputs
+        concrete: list[Input] = []
+        for spec in self.inputs:
+            if spec.dynamic is None:
+                concrete.append(spec)
+            else:
+                concrete.extend(spec.dynamic.present_members(spec, literals))
+        return tuple(concrete)
 
     @property
     def visible_inputs(self) -> tuple[Input, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.dynamic_inputs import AutogrowInputs, DynamicComboInputs
 from engine.node import MISSING, Input, NodeSchema
 
 
@@ -21,18 +22,42 @@ def input_options(spec: Input, env: Any = None) -> dict[str, Any]:
     if spec.lazy:
         opts["lazy"] = True
     opts.update(spec.options)
-    if spec.type == "COMBO" and spec.combo_style == "v3":
-        opts.setdefault("multiselect", False)
+    if spec.type == "COMBO" and spec.combo_style in ("v3", "typed"):
+        if spec.combo_style == "v3":
+            opts.setdefault("multiselect", False)
         opts["options"] = spec.resolved_choices(env) or []
+    if spec.dynamic is not None:
+        opts.update(_dynamic_options(spec.dynamic, env))
     return opts
 
 
-def input_spec(spec: Input, env: Any = None) -> list[Any] | str:
-    """One input as ComfyUI serialises it: [type, options], [[choices], options] or a kind."""
+def _inputs_dict(specs: tuple[Input, ...], env: Any) -> dict[str, Any]:
+    """{"required": {...}, "optional": {...}} of plain inputs (a V3 template or option)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        section = "optional" if spec.optional else "required"
+        sections.setdefault(section, {})[spec.name] = input_spec(spec, env)
+    return sections
+
+
+def _dynamic_options(dynamic: Any, env: Any) -> dict[str, Any]:
+    """The options entry ComfyUI gives an Autogrow ("template") or DynamicCombo ("options")."""
+    if isinstance(dynamic, AutogrowInputs):
+        return {"template": {"input": _inputs_dict((dynamic.template,), env),
+                             "max": dynamic.max, "min": dynamic.min, "prefix": dynamic.prefix}}
+    if isinstance(dynamic, DynamicComboInputs):
+        return {"options": [{"inputs": _inputs_dict(option.inputs, env), "key": option.key}
+                            for option in dynamic.options]}
+    raise TypeError(f"unknown dynamic input declaration {type(dynamic).__name__}")
+
+
+def input_spec(spec: Input, env: Any = None, v3: bool = False) -> list[Any] | str:
+    """One input as ComfyUI serialises it: [type, options], [[choices], options] or a kind
+    (V3 nodes list a hidden kind as [kind])."""
     if spec.hidden:
-        return spec.type
+        return [spec.type] if v3 else spec.type
     opts = input_options(spec, env)
-    if spec.type == "COMBO" and spec.combo_style != "v3":
+    if spec.type == "COMBO" and spec.combo_style == "legacy":
         return [spec.resolved_choices(env) or [], opts]
     return [spec.type, opts]
 
@@ -44,7 +69,7 @@ def object_info_entry(schema: NodeSchema, env: Any = None) -> dict[str, Any]:
     order: dict[str, list[str]] = {"required": []}
     for spec in schema.inputs:
         section = "hidden" if spec.hidden else "optional" if spec.optional else "required"
-        sections.setdefault(section, {})[spec.name] = input_spec(spec, env)
+        sections.setdefault(section, {})[spec.name] = input_spec(spec, env, schema.comfy_v3)
         order.setdefault(section, []).append(spec.name)
     kinds = ("required", "optional", "hidden")
     entry: dict[str, Any] = {
@@ -60,6 +85,9 @@ def object_info_entry(schema: NodeSchema, env: Any = None) -> dict[str, Any]:
         "category": schema.category,
         "output_node": schema.output_node,
     }
+    if schema.comfy_v3:
+        entry.update(_v3_fields(schema))
+        return entry
     tooltips = [out.tooltip or "" for out in schema.outputs]
     if any(tooltips):
         entry["output_tooltips"] = tooltips
@@ -68,3 +96,12 @@ def object_info_entry(schema: NodeSchema, env: Any = None) -> dict[str, Any]:
     if schema.experimental:
         entry["experimental"] = True
     return entry
+
+
+def _v3_fields(schema: NodeSchema) -> dict[str, Any]:
+    """The fields ComfyUI's V3 nodes always carry."""
+    matchtypes = [out.match_template for out in schema.outputs]
+    return {"output_tooltips": [out.tooltip for out in schema.outputs],
+            "output_matchtypes": matchtypes if any(matchtypes) else None,
+            "deprecated": schema.deprecated, "experimental": schema.experimental,
+            "api_node": False}

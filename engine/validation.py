@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.context import InterruptFlag, NodeContext, Services
+from engine.dynamic_inputs import MATCH_TYPE
 from engine.gc_scope import older_objects_frozen
 from engine.graph import CycleError, GraphPlanner, Prompt, PromptNode
 from engine.node import MISSING, Input, Node, NodeSchema
 from engine.registry import NodeRegistry
 from engine.schema import input_spec
+from engine.widget_defaults import fill_missing_widgets
 
 
 @dataclass
@@ -37,8 +39,9 @@ class ValidationResult:
 
 
 def types_match(received: str, expected: str) -> bool:
-    """ComfyUI's link type rule: '*' matches anything; 'A,B' unions match any member."""
-    if received == expected or "*" in (received, expected):
+    """ComfyUI's link type rule: '*' matches anything; 'A,B' unions match any member; a V3
+    MatchType side matches anything too (the editor keeps its sockets consistent)."""
+    if received == expected or "*" in (received, expected) or MATCH_TYPE in (received, expected):
         return True
     return bool(set(received.split(",")) & set(expected.split(",")))
 
@@ -208,7 +211,7 @@ def validate_node_inputs(node: PromptNode, schema: NodeSchema, env: Any, out: _C
                          custom_validated: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Required inputs present; literals well-typed and in range. Returns converted literals."""
     converted: dict[str, Any] = {}
-    for spec in schema.inputs:
+    for spec in schema.concrete_inputs(node.literals):
         if spec.hidden or spec.name in node.links:
             continue
         if spec.name not in node.literals:
@@ -294,6 +297,7 @@ def _validate(api: dict[str, Any], registry: NodeRegistry, services: Services,
         if node_type is None:
             continue
         schema = node_type.schema
+        fill_missing_widgets(node, schema)
         validate_links(node, node_type, prompt, registry, out)
         errors_before = len(out.errors.get(node_id, ()))
         literals = validate_node_inputs(node, schema, services, out,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from engine.dynamic_inputs import DYNAMIC_COMBO
 from engine.node import WIDGET_TYPES
 from engine.workflow_subgraph import (
     FlatGraph,
@@ -60,10 +62,33 @@ def _widget_spec(name: str, declared: Any) -> WidgetSpec | None:
         return None
     kind = declared[0]
     options = declared[1] if len(declared) > 1 and isinstance(declared[1], Mapping) else {}
+    if kind == DYNAMIC_COMBO:
+        return WidgetSpec(name, "COMBO", branches=_combo_branches(name, options))
     value_type = "COMBO" if isinstance(kind, list) else kind
     if value_type not in WIDGET_TYPES or options.get("forceInput"):
         return None
     return WidgetSpec(name, value_type, bool(options.get("control_after_generate")))
+
+
+def _combo_branches(name: str, options: Mapping[str, Any]) -> dict[str, tuple[WidgetSpec, ...]]:
+    """A DynamicCombo's widgets per choice, named "<combo>.<input>" as the editor names them."""
+    branches = {}
+    for option in options.get("options") or ():
+        if isinstance(option, Mapping) and isinstance(option.get("key"), str):
+            inner = widget_specs({"input": option.get("inputs") or {}})
+            branches[option["key"]] = tuple(replace(spec, name=f"{name}.{spec.name}")
+                                            for spec in inner)
+    return branches
+
+
+def _all_specs(specs: list[WidgetSpec]) -> list[WidgetSpec]:
+    """The widgets with every DynamicCombo choice's widgets after them (for named values)."""
+    flat = []
+    for spec in specs:
+        flat.append(spec)
+        for branch in (spec.branches or {}).values():
+            flat.extend(_all_specs(list(branch)))
+    return flat
 
 
 def ui_to_api(workflow: dict, schemas: Mapping[str, dict]) -> dict:
@@ -101,7 +126,7 @@ def _widget_inputs(node: FlatNode, schema: Mapping[str, Any] | None) -> dict[str
     elif isinstance(saved, list):
         values = assign_widget_values(saved, widget_specs(schema))
     else:
-        values = {spec.name: named[spec.name] for spec in widget_specs(schema)
+        values = {spec.name: named[spec.name] for spec in _all_specs(widget_specs(schema))
                   if spec.name in named}
     values.update(node.widget_overrides)
     return values

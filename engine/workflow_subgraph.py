@@ -70,11 +70,15 @@ class _Continue:
 
 @dataclass(frozen=True)
 class WidgetSpec:
-    """One widget in editor order; `has_control` marks a seed widget's trailing control value."""
+    """One widget in editor order; `has_control` marks a seed widget's trailing control value.
+
+    `branches` (a V3 DynamicCombo): for each choice, the widgets the editor inserts right after
+    this one when that choice is selected."""
 
     name: str
     value_type: str
     has_control: bool = False
+    branches: Mapping[str, tuple[WidgetSpec, ...]] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -128,18 +132,20 @@ class FlatGraph:
 def assign_widget_values(values: Sequence[Any], specs: Sequence[WidgetSpec]) -> dict[str, Any]:
     """Map positional `widgets_values` to widget names, skipping seed control values."""
     assigned: dict[str, Any] = {}
-    spare = len(values) - len(specs)
-    position = 0
-    for spec in specs:
-        if position >= len(values):
-            break
+    pending = list(specs)
+    position = index = 0
+    while index < len(pending) and position < len(values):
+        spec = pending[index]
+        index += 1
         assigned[spec.name] = values[position]
         position += 1
+        if spec.branches is not None:  # the chosen option's widgets come next
+            pending[index:index] = spec.branches.get(assigned[spec.name], ())
+        spare = (len(values) - position) - (len(pending) - index)
         follows_control = position < len(values) and _is_control(values[position])
         undeclared = spec.value_type == "INT" and spare > 0  # the editor adds one to any seed
         if follows_control and (spec.has_control or undeclared):
             position += 1
-            spare -= 1
     return assigned
 
 

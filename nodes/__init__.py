@@ -15,7 +15,11 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.custom_samplers", "nodes.custom_schedulers",
                    "nodes.lora", "nodes.model_merge", "nodes.model_save", "nodes.controlnet",
                    "nodes.upscale", "nodes.clip_vision", "nodes.unclip", "nodes.model_guidance",
-                   "nodes.model_unet_patches", "nodes.conditioning_extras", "nodes.hooks")
+                   "nodes.model_unet_patches", "nodes.conditioning_extras", "nodes.hooks",
+                   "nodes.mask", "nodes.compositing",
+                   "nodes.postprocess", "nodes.transform", "nodes.image_batch",
+                   "nodes.latent_ops", "nodes.latent_operations",
+                   "nodes.strings", "nodes.logic", "nodes.animation")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -115,19 +115,19 @@ def annotated_exists(paths: Paths, name: Any, default: str = "input") -> bool:
     return True
 
 
-def file_fingerprint(paths: Paths, name: Any) -> str:
+def file_fingerprint(paths: Paths, name: Any, default: str = "input") -> str:
     """sha256 of a (possibly annotated) file; a marker for a missing one, which execute reports."""
-    if not annotated_exists(paths, name):
+    if not annotated_exists(paths, name, default):
         return f"missing:{name}"
-    return file_sha256(find_annotated(paths, name))
+    return file_sha256(find_annotated(paths, name, default))
 
 
 def invalid_file(paths: Paths | None, name: Any, input_name: str,
-                 message: str) -> tuple[str, str] | None:
+                 message: str, default: str = "input") -> tuple[str, str] | None:
     """(input_name, "<message>: <name>") when the file is missing; None when it exists.
 
     Without folders (validation with no services) there is nothing to check against."""
-    if paths is None or annotated_exists(paths, name):
+    if paths is None or annotated_exists(paths, name, default):
         return None
     return input_name, f"{message}: {name}"
 
@@ -166,14 +166,16 @@ class InputFileNode(Node):
 
     file_input: ClassVar[str]
     invalid_message: ClassVar[str]
+    # The folder a name without a " [input]"/" [output]"/" [temp]" tag is looked up in.
+    default_folder: ClassVar[str] = "input"
 
     def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return file_fingerprint(ctx.paths, inputs.get(self.file_input))
+        return file_fingerprint(ctx.paths, inputs.get(self.file_input), self.default_folder)
 
     def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
         paths = getattr(ctx.services, "paths", None)
         return invalid_file(paths, inputs.get(self.file_input), self.file_input,
-                            self.invalid_message)
+                            self.invalid_message, self.default_folder)
 
     @classmethod
     def self_validated_inputs(cls) -> frozenset[str]:

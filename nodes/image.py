@@ -67,10 +67,24 @@ class ImageInvert(Node):
         return (1.0 - image,)
 
 
-def _pad_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+def pad_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     """Add opaque (1.0) channels up to `channels` (RGB -> RGBA)."""
     missing = channels - image.shape[-1]
     return torch.nn.functional.pad(image, (0, missing), value=1.0) if missing > 0 else image
+
+
+BATCH_RESIZE = ("bilinear", "center")  # how images joining a batch are fitted to the first
+
+
+def batch_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Images as one batch: channels padded to the most any has, then each resized (bilinear,
+    centre crop) to the first image's size."""
+    channels = max(image.shape[-1] for image in images)
+    padded = [pad_channels(image, channels) for image in images]
+    height, width = padded[0].shape[1:3]
+    return torch.cat([image if image.shape[1:3] == (height, width) else
+                      resize_image(image, width, height, *BATCH_RESIZE)
+                      for image in padded], dim=0)
 
 
 class ImageBatch(Node):
@@ -82,11 +96,7 @@ class ImageBatch(Node):
 
     def execute(self, ctx: NodeContext, image1: torch.Tensor,
                 image2: torch.Tensor) -> tuple[torch.Tensor]:
-        channels = max(image1.shape[-1], image2.shape[-1])
-        image1, image2 = _pad_channels(image1, channels), _pad_channels(image2, channels)
-        if image2.shape[1:3] != image1.shape[1:3]:
-            image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center")
-        return (torch.cat((image1, image2), dim=0),)
+        return (batch_images([image1, image2]),)
 
 
 def color_image(width: int, height: int, batch_size: int, color: int) -> torch.Tensor:

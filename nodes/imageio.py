@@ -1,5 +1,5 @@
-"""Image files in and out: LoadImage, LoadImageMask, SaveImage and PreviewImage, with
-ComfyUI's file naming and the `prompt`/`workflow` PNG text chunks."""
+"""Image files in and out: LoadImage, LoadImageMask, LoadImageOutput, SaveImage and
+PreviewImage, with ComfyUI's file naming and the `prompt`/`workflow` PNG text chunks."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from PIL.PngImagePlugin import PngInfo
 from engine.context import NodeContext
 from engine.image_budget import ImageBudget, ImageTooLarge
 from engine.node import (
+    Boolean,
     Combo,
     FilesIn,
     Hidden,
     Input,
+    Int,
     Link,
     Node,
     NodeResult,
@@ -174,6 +176,46 @@ class LoadImageMask(ImageFileNode):
                                ctx.services.image_budget),)
 
 
+class LoadImageOutput(InputFileNode):
+    """An image from the output folder (the editor lists it newest first, through
+    /internal/files/output); names tagged " [input]" or " [temp]" read those folders."""
+
+    file_input = "image"
+    invalid_message = "Invalid image file"
+    default_folder = "output"
+
+    schema = NodeSchema(
+        name="LoadImageOutput", display_name="Load Image (from Outputs)", category="image",
+        experimental=True,
+        inputs=(Combo("image", FilesIn("output"), combo_style="typed", options={
+            "image_folder": "output", "image_upload": True,
+            "remote": {"control_after_refresh": "first", "refresh_button": True,
+                       "route": "/internal/files/output"}}),),
+        outputs=(Output("IMAGE"), Output("MASK")))
+
+    def execute(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_image_file(find_annotated(ctx.paths, image, self.default_folder))
+
+
+class WebcamCapture(InputFileNode):
+    """The frame the editor's webcam widget uploaded (it sends the file's name); width and
+    height size the capture in the editor."""
+
+    file_input = "image"
+    invalid_message = "Invalid image file"
+
+    schema = NodeSchema(
+        name="WebcamCapture", display_name="Webcam Capture", category="image",
+        inputs=(Input("image", "WEBCAM"), Int("width", 0, min=0, max=16384, step=1),
+                Int("height", 0, min=0, max=16384, step=1),
+                Boolean("capture_on_queue", True)),
+        outputs=(Output("IMAGE"),))
+
+    def execute(self, ctx: NodeContext, image: str, width: int, height: int,
+                capture_on_queue: bool) -> tuple[torch.Tensor]:
+        return (load_image_file(find_annotated(ctx.paths, image))[0],)
+
+
 def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:
     """Text chunks: "prompt" (the API graph) and one per extra_pnginfo key, as JSON."""
     info = PngInfo()
@@ -235,4 +277,4 @@ class PreviewImage(Node):
         return NodeResult(ui={"images": entries})
 
 
-NODE_TYPES = (LoadImage, LoadImageMask, SaveImage, PreviewImage)
+NODE_TYPES = (LoadImage, LoadImageMask, LoadImageOutput, WebcamCapture, SaveImage, PreviewImage)

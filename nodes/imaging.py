@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.image_ops import center_crop
+from engine.image_ops import center_crop, repeat_to_batch
 
 MAX_RESOLUTION = 16384  # ComfyUI's largest width/height/offset widget value, in pixels
 IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
@@ -127,3 +127,42 @@ def repeat_batch(values: torch.Tensor, times: int) -> torch.Tensor:
     return values.repeat(times, *([1] * (values.dim() - 1)))
 
 
+def paste_masked(destination: torch.Tensor, source: torch.Tensor, x: int, y: int,
+                 mask: torch.Tensor | None = None, multiplier: int = 1,
+                 resize_source: bool = False) -> torch.Tensor:
+    """`source` [B, C, h, w] blended into a copy of `destination` [B, C, H, W] at pixel (x, y)
+    (cell x // multiplier for latents) by `mask` (1 = source; any size, resized bilinearly to
+    the source); the part outside the destination is cut off (ComfyUI's composite)."""
+    out = destination.clone()
+    height, width = out.shape[-2:]
+    if resize_source:
+        source = F.interpolate(source, size=(height, width), mode="bilinear")
+    source = repeat_to_batch(source.to(out.dtype), out.shape[0])
+    left = min(x, width * multiplier) // multiplier
+    top = min(y, height * multiplier) // multiplier
+    rows, cols = min(source.shape[-2], height - top), min(source.shape[-1], width - left)
+    if rows <= 0 or cols <= 0:
+        return out
+    if mask is None:
+        weight = torch.ones_like(source)
+    else:
+        weight = F.interpolate(mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).to(out),
+                               size=tuple(source.shape[-2:]), mode="bilinear")
+        weight = repeat_to_batch(weight, source.shape[0])
+    weight = weight[..., :rows, :cols]
+    region = out[..., top:top + rows, left:left + cols]
+    out[..., top:top + rows, left:left + cols] = weight * source[..., :rows, :cols] + \
+        (1.0 - weight) * region
+    return out
+
+
+def match_alpha(destination: torch.Tensor, source: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGEs [..., C] given the destination's channel count: extra source channels dropped,
+    a missing alpha added as opaque."""
+    channels = destination.shape[-1]
+    if source.shape[-1] > channels:
+        source = source[..., :channels]
+    elif source.shape[-1] < channels:
+        source = F.pad(source, (0, channels - source.shape[-1]), value=1.0)
+    return destination, source

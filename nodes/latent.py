@@ -247,10 +247,28 @@ class LatentRotate(Node):
         return (latent.replace(samples=rotated.contiguous()),)
 
 
-def _batch_indices(latent: Latent) -> list[int]:
-    """The latent's batch_index, or 0..B-1 when it has none."""
+def fit_to(target_shape: torch.Size, samples: torch.Tensor, repeat: bool = True) -> torch.Tensor:
+    """`samples` resized (bilinear, centre crop) to the target's size and, with `repeat`,
+    repeated or cut to its batch size (ComfyUI's reshape_latent_to)."""
+    if samples.shape[1:] != target_shape[1:]:
+        samples = resize(samples, target_shape[-1], target_shape[-2], "bilinear", "center")
+    return repeat_to_batch(samples, target_shape[0]) if repeat else samples
+
+
+def batch_indices(latent: Latent, offset: int = 0) -> list[int]:
+    """The latent's batch_index, else offset, offset + 1, ... for each entry."""
     known = latent.batch_index
-    return list(known) if known is not None else list(range(latent.samples.shape[0]))
+    return list(known) if known is not None else [offset + index for index in
+                                                  range(latent.samples.shape[0])]
+
+
+def batch_latents(latents: list[Latent]) -> Latent:
+    """Latents as one batch, each resized to the first one's size; batch indices joined."""
+    first = latents[0]
+    samples = torch.cat([fit_to(first.samples.shape, latent.samples, repeat=False)
+                         for latent in latents])
+    indices = [index for latent in latents for index in batch_indices(latent)]
+    return first.replace(samples=samples, batch_index=indices)
 
 
 class LatentFromBatch(Node):
@@ -268,7 +286,7 @@ class LatentFromBatch(Node):
         start = min(count - 1, batch_index)
         stop = start + min(count - start, length)
         taken = latent.replace(samples=latent.samples[start:stop].clone(),
-                               batch_index=_batch_indices(latent)[start:stop])
+                               batch_index=batch_indices(latent)[start:stop])
         mask = latent.noise_mask
         if mask is not None and mask.shape[0] > 1:
             mask = repeat_to_batch(mask, count)[start:stop]
@@ -305,14 +323,7 @@ class LatentBatch(Node):
         inputs=(_samples("samples1"), _samples("samples2")), outputs=_latent_output())
 
     def execute(self, ctx: NodeContext, samples1: Latent, samples2: Latent) -> tuple[Latent]:
-        first, second = Latent.of(samples1), Latent.of(samples2)
-        extra = second.samples
-        if extra.shape[-2:] != first.samples.shape[-2:]:
-            extra = resize(extra, first.samples.shape[-1], first.samples.shape[-2], "bilinear",
-                           "center")
-        joined = torch.cat((first.samples, extra), dim=0)
-        indices = _batch_indices(first) + _batch_indices(second)
-        return (first.replace(samples=joined, batch_index=indices),)
+        return (batch_latents([Latent.of(samples1), Latent.of(samples2)]),)
 
 
 class SetLatentNoiseMask(Node):

@@ -1,6 +1,6 @@
 """Compare a node type's generated `/object_info` entry with ComfyUI's recorded one
-(tests/data/compat/object_info_core.json, or object_info_full.json beside it: all 445
-built-ins of ComfyUI 0.8), field by field. Shared by every node family's tests."""
+(tests/data/compat/object_info_full.json: all 445 built-ins of ComfyUI 0.8), field by field.
+Shared by every node family's tests."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from engine.node import ChoiceSource, Input, Node, NodeSchema
 from engine.schema import object_info_entry
 from tests.recorded import data_json
 
-# Recordings under tests/data: the 90 core node types, and all 445 built-ins of ComfyUI 0.8.
-REFERENCE_FILE = "compat/object_info_core.json"
-FULL_REFERENCE_FILE = "compat/object_info_full.json"
+# The recording under tests/data of all 445 built-ins of ComfyUI 0.8 (its 90 core entries
+# are also in object_info_core.json, identical).
+REFERENCE_FILE = "compat/object_info_full.json"
+FULL_REFERENCE_FILE = REFERENCE_FILE
 # Top-level fields compared as they are (display_name has its own rule).
 PLAIN_FIELDS = ("output", "output_is_list", "output_name", "name", "category", "output_node")
+# Fields compared where the recording kept them (its 90 core entries were stripped of them);
+# a classic node's entry leaves them out, read as the value beside.
+OPTIONAL_FIELDS = (("deprecated", False), ("experimental", False), ("output_matchtypes", None))
 # Option keys the recording left out (tooltips were stripped from it).
 UNRECORDED_OPTIONS = frozenset({"tooltip"})
 
@@ -84,7 +88,7 @@ def _input_differences(where: str, spec: Input, ours: Any, recorded: Any) -> lis
     recorded_options = recorded[1] if len(recorded) > 1 else {}
     head = recorded[0]
     if isinstance(head, list):
-        if spec.type != "COMBO" or spec.combo_style == "v3":
+        if spec.type != "COMBO" or spec.combo_style != "legacy":
             return [f"{where}: reference is a legacy combo, ours is {ours[0]!r}"]
         problems = _choice_differences(where, spec, head)
         return problems + _option_differences(where, ours_options, recorded_options)
@@ -116,6 +120,10 @@ def schema_differences(schema: NodeSchema, recorded: dict[str, Any]) -> list[str
     for key in PLAIN_FIELDS:
         if entry[key] != recorded[key]:
             problems.append(f"{key}: {entry[key]!r} != reference {recorded[key]!r}")
+    for key, absent in OPTIONAL_FIELDS:
+        if key in recorded and entry.get(key, absent) != recorded[key]:
+            problems.append(f"{key}: {entry.get(key, absent)!r} != reference "
+                            f"{recorded.get(key, absent)!r}")
     # A null display_name (nodes declared without one) is shown as the class name.
     expected_display = recorded["display_name"] or recorded["name"]
     if entry["display_name"] != expected_display:

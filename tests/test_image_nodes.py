@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.context import InterruptFlag, NodeContext, Services
+from engine.context import NodeContext
 from engine.executor import Executor
 from engine.node import Node, NodeResult
-from engine.paths import PathError, Paths, split_annotation
+from engine.paths import PathError, split_annotation
 from engine.registry import NodeRegistry
 from engine.validation import validate_prompt
 from nodes import image as image_nodes
@@ -33,14 +33,10 @@ from nodes.image import (
 )
 from nodes.imageio import LoadImage, LoadImageMask, PreviewImage, SaveImage
 from nodes.imaging import IMAGE_UPSCALE_METHODS, resize
+from tests.node_testing import make_ctx
 from tests.schema_parity import assert_matches_reference
 
 ALL_IMAGE_NODES = image_nodes.NODE_TYPES + imageio.NODE_TYPES
-
-
-def make_ctx(base: Path, class_type: str = "Test") -> NodeContext:
-    return NodeContext(node_id="1", class_type=class_type, prompt_id="p",
-                       services=Services(Paths.from_base(base)), interrupt=InterruptFlag())
 
 
 @pytest.fixture

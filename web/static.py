@@ -15,6 +15,8 @@ from aiohttp import web
 from engine.paths import PathError, confine
 from web.errors import path_refusal
 from web.jsonio import json_response
+from web.template_graph import thumbnail_png
+from web.templates import TemplateNotFound, build_template, template_index
 
 logger = logging.getLogger("loom.web.static")
 
@@ -23,6 +25,7 @@ FRONTEND_VERSION = "1.35.9"
 FRONTEND_PACKAGE = "comfyui-frontend-package"
 LOOM_EXTENSION_DIR = Path(__file__).resolve().parent / "js"
 NO_CACHE = {"Cache-Control": "no-cache"}
+THUMBNAIL_SUFFIX = "-1"  # the editor asks for <name>-1.<mediaSubtype>
 
 
 class FrontendMissing(RuntimeError):
@@ -118,11 +121,26 @@ def _extension_handler(folders: dict[str, Path]) -> Any:
     return serve_extension
 
 
-async def _no_templates(request: web.Request) -> web.StreamResponse:
-    """Loom ships no workflow-template package: the template browser stays empty."""
-    if request.match_info.get("name") == "index.json":
-        return json_response([])
-    raise web.HTTPNotFound(text="Loom ships no workflow templates")
+def _templates_handler(server: Any) -> Any:
+    """/templates/index.json, /templates/<name>.json and /templates/<name>-1.png (Loom's
+    templates, web/templates.py); anything else, a localised index included, is a 404 (the
+    editor then falls back to the English index)."""
+    async def serve_template(request: web.Request) -> web.StreamResponse:
+        name = request.match_info.get("name", "")
+        if name == "index.json":
+            return json_response(template_index())
+        stem, _, suffix = name.rpartition(".")
+        try:
+            if suffix == "json":
+                return json_response(build_template(stem, server.registry.object_info()))
+            if suffix == "png" and stem.endswith(THUMBNAIL_SUFFIX):
+                workflow = build_template(stem.removesuffix(THUMBNAIL_SUFFIX),
+                                          server.registry.object_info())
+                return web.Response(body=thumbnail_png(workflow), content_type="image/png")
+        except TemplateNotFound as exc:
+            raise web.HTTPNotFound(text=str(exc.args[0])) from exc
+        raise web.HTTPNotFound(text=f"no template file {name!r}")
+    return serve_template
 
 
 def add_static_routes(app: web.Application, server: Any) -> None:
@@ -135,7 +153,7 @@ def add_static_routes(app: web.Application, server: Any) -> None:
                        served, FRONTEND_VERSION, FRONTEND_PACKAGE, FRONTEND_VERSION)
     logger.info("serving the editor from %s", root)
     app.router.add_get("/", _file_handler(root / "index.html", NO_CACHE))
-    app.router.add_get("/templates/{name:.*}", _no_templates)
+    app.router.add_get("/templates/{name:.*}", _templates_handler(server))
     if (root / "assets" / "favicon.ico").is_file():  # browsers ask for /favicon.ico by default
         app.router.add_get("/favicon.ico", _file_handler(root / "assets" / "favicon.ico"))
     folders = extension_folders(root, server.registry, warn=True)

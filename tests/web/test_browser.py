@@ -141,7 +141,7 @@ def editor(server: ServerProcess) -> Iterator[Editor]:
 
 
 def _close_first_run_dialog(page: Any) -> None:
-    """A fresh install opens the template browser (empty: Loom ships no templates); close it."""
+    """A fresh install opens the template browser on Loom's templates; close it."""
     dialog = page.locator('[aria-labelledby="global-workflow-template-selector"]')
     dialog.wait_for(state="visible", timeout=LOAD_TIMEOUT_MS)
     dialog.locator("button:has(i.pi-times)").click()
@@ -225,4 +225,42 @@ def test_default_workflow_with_a_tiny_checkpoint_runs(editor: Editor) -> None:
     save_screenshot(editor, "default_workflow.png")
     saved = list((editor.server.base / "output").glob("ComfyUI_*.png"))
     assert len(saved) == 1
+    assert editor.unexpected_errors() == []
+
+
+# Fewer steps and a smaller latent keep the template's run short on CPUs; the graph is the
+# template's own otherwise.
+SHRINK_TEMPLATE = """() => {
+    for (const node of window.app.graph._nodes) {
+        const widget = (name) => node.widgets?.find(w => w.name === name);
+        if (node.type === 'KSampler') widget('steps').value = 2;
+        if (node.type === 'EmptyLatentImage') { widget('width').value = 64;
+                                                widget('height').value = 64; }
+    }
+}"""
+
+
+def test_a_template_from_the_templates_dialog_runs(editor: Editor) -> None:
+    """The first screen: open Templates, pick SD1.5 text-to-image (its checkpoint name is
+    the stand-in's), run it and see the saved image."""
+    page = editor.page
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    card = page.locator('[data-testid="template-workflow-loom-sd15-text-to-image"]')
+    card.wait_for(state="visible", timeout=LOAD_TIMEOUT_MS)
+    save_screenshot(editor, "templates_dialog.png")
+    card.click()
+    page.wait_for_selector(".p-dialog-mask", state="detached", timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'KSampler')",
+                           timeout=LOAD_TIMEOUT_MS)
+    page.evaluate(SHRINK_TEMPLATE)
+    save_node = page.evaluate(
+        "() => window.app.graph._nodes.find(n => n.type === 'SaveImage').id")
+    page.evaluate("() => { const ds = window.app.canvas.ds; ds.scale = 0.5; "
+                  "ds.offset = [0, 0]; window.app.canvas.setDirty(true, true); }")
+    page.click('button[aria-label="Run"]')
+    page.wait_for_function(
+        "(id) => (window.app.graph.getNodeById(id)?.imgs ?? []).some(img => "
+        "img.complete && img.naturalWidth > 0)", arg=save_node, timeout=RUN_TIMEOUT_MS)
+    save_screenshot(editor, "template_workflow.png")
+    assert len(list((editor.server.base / "output").glob("ComfyUI_*.png"))) == 1
     assert editor.unexpected_errors() == []

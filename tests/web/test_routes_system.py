@@ -149,11 +149,6 @@ def test_editor_index_is_served_uncached(client: SyncClient) -> None:
     assert client.get("/scripts/app.js").status == 200
 
 
-def test_templates_are_empty_not_broken(client: SyncClient) -> None:
-    assert client.get("/templates/index.json").json() == []
-    assert client.get("/templates/default-1.webp").status == 404
-
-
 def test_missing_frontend_root_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(static.FrontendMissing, match="pip install comfyui-frontend-package"):
         static.frontend_root(Namespace(front_end_root=tmp_path / "empty"))
