@@ -121,14 +121,16 @@ def load_mask_file(path: Path, channel: str, budget: ImageBudget) -> torch.Tenso
     return (1.0 - values if channel == "alpha" else values).unsqueeze(0)
 
 
-def oversized(ctx: NodeContext, name: Any, *, all_frames: bool) -> tuple[str, str] | None:
-    """("image", why) when the existing image file `name` decodes beyond the image budget."""
+def oversized(ctx: NodeContext, name: Any, *, all_frames: bool,
+              default_folder: str = "input") -> tuple[str, str] | None:
+    """("image", why) when the existing image file `name` (untagged names are in
+    `default_folder`) decodes beyond the image budget."""
     paths = getattr(ctx.services, "paths", None)
     budget = getattr(ctx.services, "image_budget", None)
-    if paths is None or budget is None or not annotated_exists(paths, name):
+    if paths is None or budget is None or not annotated_exists(paths, name, default_folder):
         return None
     try:
-        with Image.open(find_annotated(paths, name)) as image:
+        with Image.open(find_annotated(paths, name, default_folder)) as image:
             budget.check(image, str(name), all_frames=all_frames)
     except ImageTooLarge as exc:
         return "image", str(exc)
@@ -147,7 +149,13 @@ class ImageFileNode(InputFileNode):
 
     def validate(self, ctx: NodeContext, **inputs: Any) -> tuple[str, str] | None:
         return (super().validate(ctx, **inputs)
-                or oversized(ctx, inputs.get("image"), all_frames=self.decodes_all_frames))
+                or oversized(ctx, inputs.get(self.file_input), all_frames=self.decodes_all_frames,
+                             default_folder=self.default_folder))
+
+    def load(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image and its mask, within the decoded-size budget."""
+        return load_image_file(find_annotated(ctx.paths, image, self.default_folder),
+                               ctx.services.image_budget)
 
 
 class LoadImage(ImageFileNode):
@@ -158,7 +166,7 @@ class LoadImage(ImageFileNode):
         inputs=(_image_choice(),), outputs=(Output("IMAGE"), Output("MASK")))
 
     def execute(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_image_file(find_annotated(ctx.paths, image), ctx.services.image_budget)
+        return self.load(ctx, image)
 
 
 class LoadImageMask(ImageFileNode):
@@ -176,12 +184,10 @@ class LoadImageMask(ImageFileNode):
                                ctx.services.image_budget),)
 
 
-class LoadImageOutput(InputFileNode):
+class LoadImageOutput(ImageFileNode):
     """An image from the output folder (the editor lists it newest first, through
     /internal/files/output); names tagged " [input]" or " [temp]" read those folders."""
 
-    file_input = "image"
-    invalid_message = "Invalid image file"
     default_folder = "output"
 
     schema = NodeSchema(
@@ -194,15 +200,12 @@ class LoadImageOutput(InputFileNode):
         outputs=(Output("IMAGE"), Output("MASK")))
 
     def execute(self, ctx: NodeContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_image_file(find_annotated(ctx.paths, image, self.default_folder))
+        return self.load(ctx, image)
 
 
-class WebcamCapture(InputFileNode):
+class WebcamCapture(ImageFileNode):
     """The frame the editor's webcam widget uploaded (it sends the file's name); width and
     height size the capture in the editor."""
-
-    file_input = "image"
-    invalid_message = "Invalid image file"
 
     schema = NodeSchema(
         name="WebcamCapture", display_name="Webcam Capture", category="image",
@@ -213,7 +216,7 @@ class WebcamCapture(InputFileNode):
 
     def execute(self, ctx: NodeContext, image: str, width: int, height: int,
                 capture_on_queue: bool) -> tuple[torch.Tensor]:
-        return (load_image_file(find_annotated(ctx.paths, image))[0],)
+        return (self.load(ctx, image)[0],)
 
 
 def png_metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo:
