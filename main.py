@@ -201,6 +201,8 @@ def build_app(args: argparse.Namespace) -> App:
     paths = Paths.from_base(args.base_directory, output=args.output_directory,
                             input=args.input_directory, temp=args.temp_directory,
                             user=args.user_directory, models=args.models_directory)
+    if not getattr(args, "dry_run", False):  # a dry run writes nothing
+        paths.create_working_dirs()
     for config in args.extra_model_paths_config:
         paths.load_extra_config(config)
     default_extra = args.base_directory / "extra_model_paths.yaml"

@@ -134,6 +134,12 @@ class Paths:
         paths.custom_nodes.append(base / "custom_nodes")
         return paths
 
+    def create_working_dirs(self) -> None:
+        """Create input/, output/, temp/ and user/ when missing, as ComfyUI does at start
+        (custom-node packs list and write into them without checking)."""
+        for directory in (self.input, self.output, self.temp, self.user):
+            directory.mkdir(parents=True, exist_ok=True)
+
     def add_model_dir(self, kind: str, directory: Path, *, first: bool = False) -> None:
         kind = canonical_folder(kind)
         dirs = self.models.setdefault(kind, [])

@@ -32,6 +32,12 @@ def test_run_writes_the_example_image_with_its_prompt(tmp_path: Path) -> None:
     assert (tmp_path / "output" / "loom_example_00002_.png").is_file()
 
 
+def test_a_run_creates_the_working_folders_packs_expect(tmp_path: Path) -> None:
+    done = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert all((tmp_path / name).is_dir() for name in ("input", "output", "temp", "user"))
+
+
 def test_dry_run_and_bad_value_exit_codes(tmp_path: Path) -> None:
     dry = main_py("run", str(EXAMPLE), "--base-directory", str(tmp_path), "--dry-run")
     assert dry.returncode == 0 and "5 node(s) would run" in dry.stdout
@@ -77,7 +83,7 @@ def test_an_invalid_sweep_point_stops_the_run_before_any_prompt(tmp_path: Path) 
                    "--sweep", '4.upscale_method=["bicubic", "cubic"]')
     assert done.returncode == 2
     assert "sweep item 4.upscale_method=cubic" in done.stderr
-    assert not (tmp_path / "output").exists()
+    assert not list((tmp_path / "output").iterdir())  # created empty at start, as ComfyUI does
 
 
 NO_RAY_SCRIPT = """
