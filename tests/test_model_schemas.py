@@ -16,7 +16,8 @@ MODEL_NODES = ("UNETLoader", "CLIPLoader", "DualCLIPLoader", "StyleModelApply",
                "UpscaleModelLoader", "ImageUpscaleWithModel", "ModelMergeSD1", "ModelMergeSD2",
                "ModelMergeSDXL", "CLIPMergeAdd", "CLIPMergeSubtract", "CLIPSave", "VAESave",
                "ModelSave", "unCLIPCheckpointLoader", "unCLIPConditioning", "GLIGENLoader",
-               "GLIGENTextBoxApply", "LoraSave")
+               "GLIGENTextBoxApply", "LoraSave", "SetUnionControlNetType",
+               "ControlNetInpaintingAliMamaApply")
 
 
 @pytest.mark.parametrize("class_type", MODEL_NODES)
