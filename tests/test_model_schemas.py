@@ -17,7 +17,7 @@ MODEL_NODES = ("UNETLoader", "CLIPLoader", "DualCLIPLoader", "StyleModelApply",
                "ModelMergeSDXL", "CLIPMergeAdd", "CLIPMergeSubtract", "CLIPSave", "VAESave",
                "ModelSave", "unCLIPCheckpointLoader", "unCLIPConditioning", "GLIGENLoader",
                "GLIGENTextBoxApply", "LoraSave", "SetUnionControlNetType",
-               "ControlNetInpaintingAliMamaApply")
+               "ControlNetInpaintingAliMamaApply", "DiffusersLoader")
 
 
 @pytest.mark.parametrize("class_type", MODEL_NODES)
