@@ -166,7 +166,7 @@ class SetUnionControlNetType(Node):
         (Link("control_net", "CONTROL_NET"),
          Combo("type", ("auto", *UNION_TYPES), combo_style="v3")),
         (Output("CONTROL_NET"),), category=CATEGORY,
-        python_module="comfy_extras.nodes_controlnet")
+        python_module="comfy_extras.nodes_controlnet", comfy_v3=True)
 
     def execute(self, ctx: NodeContext, control_net: ControlModel, type: str
                 ) -> tuple[ControlModel]:
@@ -190,7 +190,7 @@ class ControlNetInpaintingAliMamaApply(Node):
          Link("mask", "MASK"), _strength(), _percent("start_percent", 0.0),
          _percent("end_percent", 1.0)),
         (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative")),
-        category=CATEGORY, python_module="comfy_extras.nodes_controlnet")
+        category=CATEGORY, python_module="comfy_extras.nodes_controlnet", comfy_v3=True)
 
     def execute(self, ctx: NodeContext, positive: Conditioning, negative: Conditioning,
                 control_net: ControlModel, vae: Any, image: torch.Tensor, mask: torch.Tensor,

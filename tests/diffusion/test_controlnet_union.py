@@ -25,7 +25,8 @@ from engine.diffusion.checkpoints.controlnet_writer import (
 from engine.diffusion.checkpoints.writer import randomize
 from engine.diffusion.networks.controlnet import ControlNet
 from engine.diffusion.networks.unet import timestep_embedding
-from tests.diffusion.controlnet_testing import control_inputs, diffusers_kwargs, load, rel_err
+from tests.diffusion.controlnet_testing import control_inputs, diffusers_kwargs, load
+from tests.numerics import rel_err
 
 TOLERANCE = 1e-4
 
