@@ -12,12 +12,11 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from engine.diffusion.checkpoints.controlnet_diffusers import original_to_diffusers
 from engine.diffusion.checkpoints.controlnet_loader import CONTROL_PREFIX
-from engine.diffusion.checkpoints.writer import RECIPES, randomize, unet_config
+from engine.diffusion.checkpoints.writer import RECIPES, randomize, unet_config, write_tensors
 from engine.diffusion.networks.controlnet import CONFIG_METADATA_KEY, ControlNet, ControlNetConfig
 from engine.diffusion.networks.t2i_adapter import AdapterConfig, build_adapter
 
@@ -60,11 +59,7 @@ def random_controlnet(kind: str = "sd15", *, tiny: bool = True, seed: int = 0,
 def write_random_controlnet(path: Path, kind: str = "sd15", *, tiny: bool = True,
                             seed: int = 0) -> Path:
     """Write a random ControlNet for checkpoint `kind` to `path` (.safetensors)."""
-    tensors, metadata = random_controlnet(kind, tiny=tiny, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
-              metadata=metadata)
-    return path
+    return write_tensors(path, *random_controlnet(kind, tiny=tiny, seed=seed))
 
 
 def write_random_union_controlnet(path: Path, kind: str = "sdxl_base", *, tiny: bool = True,
@@ -73,10 +68,7 @@ def write_random_union_controlnet(path: Path, kind: str = "sdxl_base", *, tiny: 
     tensors, metadata = random_controlnet(kind, tiny=tiny, seed=seed, union_types=types)
     original = {name.removeprefix(CONTROL_PREFIX): value for name, value in tensors.items()}
     metadata["loom.kind"] = f"controlnet_union_{kind}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: value.contiguous() for name, value in original_to_diffusers(original).items()},
-              str(path), metadata=metadata)
-    return path
+    return write_tensors(path, original_to_diffusers(original), metadata)
 
 
 def adapter_config(kind: str = "full", *, tiny: bool = True, hint_channels: int = 3
@@ -104,7 +96,4 @@ def random_t2i_adapter(kind: str = "full", *, tiny: bool = True, seed: int = 0,
 def write_random_t2i_adapter(path: Path, kind: str = "full", *, tiny: bool = True,
                              seed: int = 0, hint_channels: int = 3) -> Path:
     tensors = random_t2i_adapter(kind, tiny=tiny, seed=seed, hint_channels=hint_channels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
-              metadata={"loom.kind": f"t2i_adapter_{kind}"})
-    return path
+    return write_tensors(path, tensors, {"loom.kind": f"t2i_adapter_{kind}"})

@@ -13,13 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import Tensor
 
 from engine.diffusion.checkpoints.diffusers_unet import diffusers_unet_config, ldm_unet_to_diffusers
 from engine.diffusion.checkpoints.loader import strip_prefix
 from engine.diffusion.checkpoints.text_encoders import hf_text_encoder_state
-from engine.diffusion.checkpoints.writer import RECIPES, random_checkpoint, text_config, unet_config
+from engine.diffusion.checkpoints.writer import (
+    RECIPES,
+    random_checkpoint,
+    text_config,
+    unet_config,
+    write_tensors,
+)
 from engine.diffusion.networks.clip_text import ClipTextModel, TextEncoderConfig
 from engine.diffusion.networks.openclip_text import OpenClipTextModel
 
@@ -91,9 +96,7 @@ def text_encoder_json(config: TextEncoderConfig, with_projection: bool) -> dict[
 
 def _write(folder: Path, component: str, tensors: Mapping[str, Tensor], name: str,
            config: Mapping[str, Any]) -> None:
-    (folder / component).mkdir(parents=True, exist_ok=True)
-    save_file({key: value.contiguous() for key, value in tensors.items()},
-              str(folder / component / name))
+    write_tensors(folder / component / name, tensors)
     (folder / component / "config.json").write_text(json.dumps(config, indent=2),
                                                      encoding="utf-8")
 

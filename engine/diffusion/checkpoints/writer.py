@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,19 +254,20 @@ def random_gligen(kind: str = "sd15", *, tiny: bool = True, seed: int = 0
 def write_random_gligen(path: Path, kind: str = "sd15", *, tiny: bool = True,
                         seed: int = 0) -> Path:
     """Write a random GLIGEN for checkpoint `kind` to `path` (.safetensors)."""
-    tensors, metadata = random_gligen(kind, tiny=tiny, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
-              metadata=metadata)
-    return path
+    return write_tensors(path, *random_gligen(kind, tiny=tiny, seed=seed))
 
 
 def write_random_checkpoint(path: Path, kind: str, *, tiny: bool = True, seed: int = 0) -> Path:
     """Write a random `kind` checkpoint to `path` (.safetensors) and return the path."""
-    tensors, metadata = random_checkpoint(kind, tiny=tiny, seed=seed)
+    return write_tensors(path, *random_checkpoint(kind, tiny=tiny, seed=seed))
+
+
+def write_tensors(path: Path, tensors: Mapping[str, Tensor],
+                  metadata: Mapping[str, str] | None = None) -> Path:
+    """Save `tensors` (made contiguous) to the .safetensors `path`, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
-              metadata=metadata)
+              metadata=dict(metadata) if metadata else None)
     return path
 
 

@@ -442,11 +442,7 @@ def _share_controls(positive: list[CondEntry], negative: list[CondEntry]) -> lis
         logger.warning("a ControlNet marked for the negative prompt found no negative "
                        "conditioning without an area to attach to; it is not applied there")
         return negative
-    shared = list(negative)
-    for count, control in enumerate(lent):
-        index = free[count % len(free)]
-        shared[index] = dataclasses.replace(negative[index], control=control)
-    return shared
+    return _lend(negative, free, "control", lent)
 
 
 def _share_grounding(positive: list[CondEntry], negative: list[CondEntry]) -> list[CondEntry]:
@@ -461,8 +457,15 @@ def _share_grounding(positive: list[CondEntry], negative: list[CondEntry]) -> li
         logger.warning("GLIGEN boxes of the positive prompt found no negative conditioning "
                        "without an area to attach to; the negative runs without grounding")
         return negative
+    return _lend(negative, free, "grounding", lent)
+
+
+def _lend(negative: list[CondEntry], free: list[int], field: str, lent: list[Any]
+          ) -> list[CondEntry]:
+    """The negative entries with `field` set to the lent values, given in turn to the entries
+    at the `free` indices (cycling when there are more values than entries)."""
     shared = list(negative)
-    for count, grounding in enumerate(lent):
+    for count, value in enumerate(lent):
         index = free[count % len(free)]
-        shared[index] = dataclasses.replace(shared[index], grounding=grounding)
+        shared[index] = dataclasses.replace(shared[index], **{field: value})
     return shared
