@@ -23,6 +23,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", 
 # The folders a file name may be annotated with, as in ComfyUI's "cat.png [output]".
 ANNOTATED_FOLDERS = ("output", "input", "temp")
 
+# A kind listed as folders, not files: the directories holding a diffusers model_index.json.
+FOLDER_KIND = "folder"
+FOLDER_MARKER = "model_index.json"
 # folder kind -> (sub-folders of models/ searched by default, file extensions listed)
 MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "checkpoints": (("checkpoints",), MODEL_EXTENSIONS),
@@ -34,7 +37,7 @@ MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "clip_vision": (("clip_vision",), MODEL_EXTENSIONS),
     "style_models": (("style_models",), MODEL_EXTENSIONS),
     "embeddings": (("embeddings",), MODEL_EXTENSIONS),
-    "diffusers": (("diffusers",), frozenset({"folder"})),
+    "diffusers": (("diffusers",), frozenset({FOLDER_KIND})),
     "vae_approx": (("vae_approx",), MODEL_EXTENSIONS),
     "controlnet": (("controlnet", "t2i_adapter"), MODEL_EXTENSIONS),
     "gligen": (("gligen",), MODEL_EXTENSIONS),
@@ -169,6 +172,8 @@ class Paths:
         """The files of a kind in one of its directories (relative, '/'-separated, unsorted)."""
         exts = IMAGE_EXTENSIONS if kind in ("input", "output", "temp") else \
             self.extensions.get(canonical_folder(kind), MODEL_EXTENSIONS)
+        if FOLDER_KIND in exts:
+            return _walk_model_folders(directory)
         return _walk_files(directory, exts, recurse=kind not in ("input",))
 
     def find_file(self, kind: str, name: str) -> Path:
@@ -183,6 +188,17 @@ class Paths:
         where = ", ".join(str(d) for d in dirs)
         raise PathError(f"{name!r} was not found in the {kind} folder(s) ({where}); put the file "
                         f"there or pick one of the listed names")
+
+    def find_folder(self, kind: str, name: str) -> Path:
+        """The first model folder `name` (one holding a model_index.json) of a folder kind."""
+        dirs = self.folder_dirs(kind)
+        for directory in dirs:
+            candidate = confine(directory, name)
+            if (candidate / FOLDER_MARKER).is_file():
+                return candidate
+        where = ", ".join(str(d) for d in dirs)
+        raise PathError(f"{name!r} was not found in the {kind} folder(s) ({where}); put the "
+                        f"model folder (with its {FOLDER_MARKER}) there or pick a listed name")
 
     def load_extra_config(self, config: Path) -> None:
         """Add the folders of an extra_model_paths.yaml (ComfyUI's format)."""
@@ -213,6 +229,19 @@ def _walk_files(directory: Path, exts: Iterable[str], *, recurse: bool) -> list[
                 continue
             names.append((rel_root / filename).as_posix())
     return names
+
+
+def _walk_model_folders(directory: Path) -> list[str]:
+    """Folders under `directory` holding a model_index.json, relative ('.' for itself), as
+    ComfyUI's DiffusersLoader lists them."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for root, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if FOLDER_MARKER in filenames:
+            found.append(Path(root).relative_to(directory).as_posix())
+    return found
 
 
 def parse_extra_model_paths(config: Path) -> list[tuple[str, Path, bool]]:

@@ -19,7 +19,7 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.mask", "nodes.compositing",
                    "nodes.postprocess", "nodes.transform", "nodes.image_batch",
                    "nodes.latent_ops", "nodes.latent_operations",
-                   "nodes.strings", "nodes.logic", "nodes.animation")
+                   "nodes.strings", "nodes.logic", "nodes.animation", "nodes.gligen")
 
 
 def builtin_node_types() -> list[type[Node]]:

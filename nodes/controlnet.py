@@ -6,6 +6,7 @@ to a conditioning that already has a control chains onto it (the residuals add u
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from engine.context import NodeContext
 from engine.diffusion.checkpoints.controlnet_loader import load_control_model
 from engine.diffusion.checkpoints.state_files import open_state_file
+from engine.diffusion.networks.controlnet import ControlNet
+from engine.diffusion.networks.controlnet_union import UNION_TYPES, check_types
 from engine.diffusion.patches.control import Control, ControlModel
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
@@ -113,6 +116,26 @@ class ControlNetApply(Node):
             control_net, hint, strength, previous=previous), apply_to_uncond=True),)
 
 
+def _apply_advanced(positive: Conditioning, negative: Conditioning, control_net: ControlModel,
+                    image: torch.Tensor, strength: float, start_percent: float,
+                    end_percent: float, vae: Any = None) -> tuple[Conditioning, Conditioning]:
+    """ControlNetApplyAdvanced's rule: one Control per previous control, shared by the positive
+    and negative entries chained onto it."""
+    if strength == 0:
+        return positive, negative
+    hint = hint_from_image(image)
+    made: dict[Control | None, Control] = {}
+
+    def make(previous: Control | None) -> Control:
+        if previous not in made:
+            made[previous] = Control(control_net, hint, strength, start_percent, end_percent,
+                                     previous, vae)
+        return made[previous]
+
+    return (attach(positive, make, apply_to_uncond=False),
+            attach(negative, make, apply_to_uncond=False))
+
+
 class ControlNetApplyAdvanced(Node):
     schema = NodeSchema(
         "ControlNetApplyAdvanced",
@@ -130,20 +153,52 @@ class ControlNetApplyAdvanced(Node):
                 control_net: ControlModel, image: torch.Tensor, strength: float,
                 start_percent: float, end_percent: float, vae: Any = None
                 ) -> tuple[Conditioning, Conditioning]:
-        if strength == 0:
-            return positive, negative
-        hint = hint_from_image(image)
-        made: dict[Control | None, Control] = {}
-
-        def make(previous: Control | None) -> Control:
-            # entries (positive or negative) chained onto the same control share one object
-            if previous not in made:
-                made[previous] = Control(control_net, hint, strength, start_percent,
-                                         end_percent, previous, vae)
-            return made[previous]
-
-        return (attach(positive, make, apply_to_uncond=False),
-                attach(negative, make, apply_to_uncond=False))
+        return _apply_advanced(positive, negative, control_net, image, strength, start_percent,
+                               end_percent, vae)
 
 
-NODE_TYPES = (ControlNetLoader, DiffControlNetLoader, ControlNetApply, ControlNetApplyAdvanced)
+class SetUnionControlNetType(Node):
+    """Tells a ControlNet-Union which control type its hint is ("auto": none); a copy of the
+    CONTROL_NET carries the choice. Other ControlNets take it and ignore it, as in ComfyUI."""
+
+    schema = NodeSchema(
+        "SetUnionControlNetType",
+        (Link("control_net", "CONTROL_NET"),
+         Combo("type", ("auto", *UNION_TYPES), combo_style="v3")),
+        (Output("CONTROL_NET"),), category=CATEGORY,
+        python_module="comfy_extras.nodes_controlnet", comfy_v3=True)
+
+    def execute(self, ctx: NodeContext, control_net: ControlModel, type: str
+                ) -> tuple[ControlModel]:
+        selected = () if type == "auto" else (UNION_TYPES[type],)
+        network = control_net.network
+        if isinstance(network, ControlNet) and network.config.union_types:
+            check_types(selected, network.config.union_types, control_net.name)
+        return (dataclasses.replace(control_net, control_type=selected),)
+
+
+class ControlNetInpaintingAliMamaApply(Node):
+    """ComfyUI's inpainting-ControlNet apply. ComfyUI masks the image and adds the mask as an
+    extra hint channel only for ControlNets built for it (17 latent hint channels: the AliMama
+    SD3/Flux models, which Loom does not run); for the SD1/SD2/SDXL ControlNets Loom loads it
+    applies the image as ControlNetApplyAdvanced does, the mask unused. Loom does the same."""
+
+    schema = NodeSchema(
+        "ControlNetInpaintingAliMamaApply",
+        (Link("positive", "CONDITIONING"), Link("negative", "CONDITIONING"),
+         Link("control_net", "CONTROL_NET"), Link("vae", "VAE"), Link("image", "IMAGE"),
+         Link("mask", "MASK"), _strength(), _percent("start_percent", 0.0),
+         _percent("end_percent", 1.0)),
+        (Output("CONDITIONING", "positive"), Output("CONDITIONING", "negative")),
+        category=CATEGORY, python_module="comfy_extras.nodes_controlnet", comfy_v3=True)
+
+    def execute(self, ctx: NodeContext, positive: Conditioning, negative: Conditioning,
+                control_net: ControlModel, vae: Any, image: torch.Tensor, mask: torch.Tensor,
+                strength: float, start_percent: float, end_percent: float
+                ) -> tuple[Conditioning, Conditioning]:
+        return _apply_advanced(positive, negative, control_net, image, strength, start_percent,
+                               end_percent, vae)
+
+
+NODE_TYPES = (ControlNetLoader, DiffControlNetLoader, ControlNetApply, ControlNetApplyAdvanced,
+              SetUnionControlNetType, ControlNetInpaintingAliMamaApply)

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import torch
 
 from engine.context import NodeContext
+from engine.diffusion.checkpoints.diffusers_folder import load_diffusers_folder, weight_files
 from engine.diffusion.checkpoints.loader import load_checkpoint, load_unet_file, load_vae_file
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_files
@@ -236,5 +237,32 @@ class DualCLIPLoader(Node):
         return (load_text_encoders(ctx, [clip_name1, clip_name2], type, device),)
 
 
+class DiffusersLoader(Node):
+    """A diffusers model folder under models/diffusers (one holding a model_index.json) ->
+    MODEL, CLIP and VAE (engine/diffusion/checkpoints/diffusers_folder.py)."""
+
+    schema = NodeSchema(
+        "DiffusersLoader", (Combo("model_path", FilesIn("diffusers")),),
+        (Output("MODEL"), Output("CLIP"), Output("VAE")),
+        category="advanced/loaders/deprecated", display_name="DiffusersLoader")
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        try:
+            files = weight_files(ctx.paths.find_folder("diffusers", inputs["model_path"]))
+            return tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        except (OSError, ValueError):
+            return ("missing", inputs["model_path"])
+
+    def execute(self, ctx: NodeContext, model_path: str) -> tuple[Any, Any, Any]:
+        models = manager(ctx)
+        folder = ctx.paths.find_folder("diffusers", model_path)
+        files = weight_files(folder)
+        key = ModelKey(str(folder.resolve()), sum(f.stat().st_size for f in files),
+                       max(f.stat().st_mtime_ns for f in files), "diffusers", (models.policy,))
+        return models.load(key, lambda: load_diffusers_folder(
+            folder, models.policy, ctx.services.bpe.get(), find_embedding=embedding_finder(ctx),
+            allow_pickle=models.allow_pickle))
+
+
 NODE_TYPES = (CheckpointLoaderSimple, CheckpointLoader, UNETLoader, VAELoader, CLIPLoader,
-              DualCLIPLoader)
+              DualCLIPLoader, DiffusersLoader)

@@ -8,13 +8,30 @@ from __future__ import annotations
 
 from typing import Any
 
+from safetensors.torch import save_file
+
 from engine.context import NodeContext
 from engine.diffusion.checkpoints.addon_files import load_hypernetwork, load_lora_file
+from engine.diffusion.checkpoints.lora_extract import LoraType, model_lora, text_lora
 from engine.diffusion.patches.hypernetwork import Hypernetwork, HypernetworkPatch
 from engine.diffusion.patches.lora import LoraFile, LoraReport, apply_lora
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.text.encoding import TextEncoderStack
-from engine.node import Combo, FilesIn, Float, Link, Node, NodeResult, NodeSchema, Output
+from engine.node import (
+    Boolean,
+    Combo,
+    FilesIn,
+    Float,
+    Hidden,
+    Int,
+    Link,
+    Node,
+    NodeResult,
+    NodeSchema,
+    Output,
+    String,
+)
+from nodes.filenames import prepare_save
 from nodes.loaders import file_fingerprint, load_model_file
 
 STRENGTH = {"min": -100.0, "max": 100.0, "step": 0.01}
@@ -110,4 +127,42 @@ class HypernetworkLoader(Node):
         return (model.replace(patches=model.patches + (patch,)),)
 
 
-NODE_TYPES = (LoraLoader, LoraLoaderModelOnly, HypernetworkLoader)
+class LoraSave(Node):
+    """Extracts a LoRA from a model difference (ModelMergeSubtract / CLIPMergeSubtract output)
+    by truncated SVD and writes it under the output folder in ComfyUI's key format
+    (engine/diffusion/checkpoints/lora_extract.py)."""
+
+    schema = NodeSchema(
+        "LoraSave",
+        (String("filename_prefix", "loras/ComfyUI_extracted_lora",
+                options={"multiline": False}),
+         Int("rank", 8, min=1, max=4096, step=1),
+         Combo("lora_type", tuple(kind.value for kind in LoraType), combo_style="v3"),
+         Boolean("bias_diff", True),
+         Link("model_diff", "MODEL", optional=True,
+              tooltip="The ModelSubtract output to be converted to a lora."),
+         Link("text_encoder_diff", "CLIP", optional=True,
+              tooltip="The CLIPSubtract output to be converted to a lora."),
+         Hidden("prompt", "PROMPT"), Hidden("extra_pnginfo", "EXTRA_PNGINFO")),
+        (), category="_for_testing", display_name="Extract and Save Lora", output_node=True,
+        experimental=True, python_module="comfy_extras.nodes_lora_extract", comfy_v3=True)
+
+    def execute(self, ctx: NodeContext, filename_prefix: str, rank: int, lora_type: str,
+                bias_diff: bool, model_diff: ModelHandle | None = None,
+                text_encoder_diff: TextEncoderStack | None = None, prompt: Any = None,
+                extra_pnginfo: Any = None) -> NodeResult:
+        """Nothing connected: nothing written (as ComfyUI)."""
+        if model_diff is None and text_encoder_diff is None:
+            return NodeResult()
+        kind = LoraType(lora_type)
+        target = prepare_save(ctx.paths.output, filename_prefix)
+        tensors = {}
+        if model_diff is not None:
+            tensors.update(model_lora(model_diff, rank, kind, bias_diff))
+        if text_encoder_diff is not None:
+            tensors.update(text_lora(text_encoder_diff, rank, kind, bias_diff))
+        save_file(tensors, str(target.folder / target.file_name(0, ".safetensors")))
+        return NodeResult()
+
+
+NODE_TYPES = (LoraLoader, LoraLoaderModelOnly, HypernetworkLoader, LoraSave)

@@ -15,7 +15,9 @@ FULL = Path(__file__).resolve().parent / "data" / "compat" / "object_info_full.j
 MODEL_NODES = ("UNETLoader", "CLIPLoader", "DualCLIPLoader", "StyleModelApply",
                "UpscaleModelLoader", "ImageUpscaleWithModel", "ModelMergeSD1", "ModelMergeSD2",
                "ModelMergeSDXL", "CLIPMergeAdd", "CLIPMergeSubtract", "CLIPSave", "VAESave",
-               "ModelSave", "unCLIPCheckpointLoader", "unCLIPConditioning")
+               "ModelSave", "unCLIPCheckpointLoader", "unCLIPConditioning", "GLIGENLoader",
+               "GLIGENTextBoxApply", "LoraSave", "SetUnionControlNetType",
+               "ControlNetInpaintingAliMamaApply", "DiffusersLoader")
 
 
 @pytest.mark.parametrize("class_type", MODEL_NODES)

@@ -21,7 +21,9 @@ encoder half, plus the ControlNet parts: with R ResBlocks per level,
 
 Inside resnets, `norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut` are `in_layers.0,
 in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection`; attention blocks keep
-their inner names.
+their inner names. ControlNet-Union's own parts (`task_embedding`, `transformer_layes`,
+`spatial_ch_projs`, `control_add_embedding`) keep their names (ComfyUI's `.attn.in_proj.`
+spelling becomes the files' `.attn.in_proj_`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from torch import Tensor
 from engine.diffusion.networks.controlnet import ControlNetLayoutError
 
 DIFFUSERS_PROBE = "controlnet_cond_embedding.conv_in.weight"
+UNION_PARTS = ("task_embedding", "transformer_layes.", "spatial_ch_projs.",
+               "control_add_embedding.")
 RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3",
                 "conv_shortcut": "skip_connection"}
@@ -93,6 +97,9 @@ def diffusers_to_original(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     renamed: dict[str, Tensor] = {}
     unknown = []
     for key in keys:
+        if key.startswith(UNION_PARTS):
+            renamed[key.replace(".attn.in_proj.", ".attn.in_proj_")] = tensors[key]
+            continue
         for pattern, rename in rules:
             match = pattern.fullmatch(key)
             if match:
@@ -107,5 +114,69 @@ def diffusers_to_original(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         raise ControlNetLayoutError(
             f"{len(unknown)} diffusers ControlNet tensor names have no original-layout "
             f"equivalent (e.g. {unknown[:3]}); this is a ControlNet variant Loom does not load "
-            "(ControlNet-XS, union/ControlNet++ and SD3/Flux ControlNets are not supported)")
+            "(ControlNet-XS and SD3/Flux ControlNets are not supported)")
+    return renamed
+
+
+def _original_rules(keys: list[str]) -> list[tuple[re.Pattern[str], Renamer]]:
+    """The inverse of `_rules`: original-layout names -> diffusers names."""
+    blocks = sorted({int(m.group(1)) for key in keys
+                     if (m := re.match(r"input_blocks\.(\d+)\.", key))})
+    downsamplers = [index for index in blocks if f"input_blocks.{index}.0.op.weight" in keys]
+    per_level = downsamplers[0] if downsamplers else len(blocks)
+    mid_step = 2 if any(key.startswith("middle_block.2.") for key in keys) else 1
+    hints = sorted({int(m.group(1)) for key in keys
+                    if (m := re.match(r"input_hint_block\.(\d+)\.", key))})
+    resnet_parts = {ldm: diffusers for diffusers, ldm in RESNET_NAMES.items()}
+    parts = "|".join(re.escape(part) for part in resnet_parts)
+
+    def hint(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        name = ("conv_in" if index == 0 else "conv_out" if index == hints[-1]
+                else f"blocks.{index // 2 - 1}")
+        return f"controlnet_cond_embedding.{name}.{match.group(2)}"
+
+    def place(index: int) -> tuple[int, int]:
+        return (index - 1) // per_level, (index - 1) % per_level
+
+    table: list[tuple[str, Renamer]] = [
+        (r"time_embed\.([02])\.(.*)",
+         lambda m: f"time_embedding.linear_{int(m.group(1)) // 2 + 1}.{m.group(2)}"),
+        (r"label_emb\.0\.([02])\.(.*)",
+         lambda m: f"add_embedding.linear_{int(m.group(1)) // 2 + 1}.{m.group(2)}"),
+        (r"input_blocks\.0\.0\.(.*)", lambda m: f"conv_in.{m.group(1)}"),
+        (r"input_blocks\.(\d+)\.0\.op\.(.*)",
+         lambda m: f"down_blocks.{int(m.group(1)) // per_level - 1}.downsamplers.0.conv."
+                   f"{m.group(2)}"),
+        (rf"input_blocks\.(\d+)\.0\.({parts})\.(.*)",
+         lambda m: "down_blocks.{}.resnets.{}.".format(*place(int(m.group(1))))
+                   + f"{resnet_parts[m.group(2)]}.{m.group(3)}"),
+        (r"input_blocks\.(\d+)\.1\.(.*)",
+         lambda m: "down_blocks.{}.attentions.{}.".format(*place(int(m.group(1))))
+                   + m.group(2)),
+        (rf"middle_block\.(\d+)\.({parts})\.(.*)",
+         lambda m: f"mid_block.resnets.{int(m.group(1)) // mid_step}."
+                   f"{resnet_parts[m.group(2)]}.{m.group(3)}"),
+        (r"middle_block\.1\.(.*)", lambda m: f"mid_block.attentions.0.{m.group(1)}"),
+        (r"input_hint_block\.(\d+)\.(.*)", hint),
+        (r"zero_convs\.(\d+)\.0\.(.*)",
+         lambda m: f"controlnet_down_blocks.{m.group(1)}.{m.group(2)}"),
+        (r"middle_block_out\.0\.(.*)", lambda m: f"controlnet_mid_block.{m.group(1)}"),
+        (r"(.*)", lambda m: m.group(1)),  # ControlNet-Union parts keep their names
+    ]
+    return [(re.compile(pattern), rename) for pattern, rename in table]
+
+
+def original_to_diffusers(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Original-layout ControlNet names (without `control_model.`) -> the diffusers layout, as
+    diffusers saves a ControlNetModel / ControlNetUnionModel (the writer's diffusers files)."""
+    keys = list(tensors)
+    rules = _original_rules(keys)
+    renamed = {}
+    for key in keys:
+        for pattern, rename in rules:
+            match = pattern.fullmatch(key)
+            if match:
+                renamed[rename(match)] = tensors[key]
+                break
     return renamed

@@ -2,7 +2,8 @@
 
 * original (`control_model.*`, the lllyasviel .pth layout; also without the prefix, and full
   v1.0 files that carry a whole SD model next to it: only `control_model.` is read);
-* diffusers (`controlnet_cond_embedding.*`, `down_blocks.*`, `controlnet_down_blocks.*`);
+* diffusers (`controlnet_cond_embedding.*`, `down_blocks.*`, `controlnet_down_blocks.*`),
+  ControlNet-Union (SDXL "ControlNet++") included;
 * "diff" ControlNets (a top-level `difference` key): their encoder weights are deltas to add to
   the base model's UNet weights, so they need the MODEL (DiffControlNetLoader);
 * T2I-Adapters (full, full SDXL and light; original or diffusers layout).
@@ -51,7 +52,6 @@ UNSUPPORTED_MARKERS = {
     "lora_controlnet": "a Control-LoRA",
     "controlnet_blocks.0.weight": "an SD3/Flux/HunyuanDiT-style ControlNet",
     "controlnet_x_embedder.weight": "a Flux ControlNet",
-    "task_embedding": "a ControlNet++ (union) model",
     "style_embedding": "a T2I style adapter (load it with StyleModelLoader)",
 }
 

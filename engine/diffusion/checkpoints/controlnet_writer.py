@@ -3,18 +3,20 @@
 A full-size SD1.5 ControlNet has exactly the key/dtype/shape set of the lllyasviel files
 (shared/formats/controlnet_sd15.tsv); `tiny` ones match the tiny checkpoints' UNets
 (writer.unet_config) and record their config in the safetensors metadata. Every
-weight is random, zero convs included, so no residual is trivially zero."""
+weight is random, zero convs included, so no residual is trivially zero. ControlNet-Union
+(SDXL "ControlNet++") files are written as released: diffusers layout, with the union parts."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
+from engine.diffusion.checkpoints.controlnet_diffusers import original_to_diffusers
 from engine.diffusion.checkpoints.controlnet_loader import CONTROL_PREFIX
-from engine.diffusion.checkpoints.writer import RECIPES, randomize, unet_config
+from engine.diffusion.checkpoints.writer import RECIPES, randomize, unet_config, write_tensors
 from engine.diffusion.networks.controlnet import CONFIG_METADATA_KEY, ControlNet, ControlNetConfig
 from engine.diffusion.networks.t2i_adapter import AdapterConfig, build_adapter
 
@@ -23,19 +25,26 @@ ADAPTER_KINDS = ("full", "full_xl", "light")
 TINY_ADAPTER_WIDTH = 32  # the tiny UNets' model_channels
 
 
-def controlnet_config(kind: str = "sd15", *, tiny: bool = True) -> ControlNetConfig:
-    """The ControlNet architecture for checkpoint `kind` (one of CONTROLNET_KINDS)."""
+UNION_RELEASED_TYPES = 8  # xinsir's controlnet-union-sdxl-1.0 "promax" (the first had 6)
+
+
+def controlnet_config(kind: str = "sd15", *, tiny: bool = True, union_types: int = 0
+                      ) -> ControlNetConfig:
+    """The ControlNet architecture for checkpoint `kind` (one of CONTROLNET_KINDS);
+    `union_types` > 0: a ControlNet-Union with that many control types."""
     if kind not in CONTROLNET_KINDS:
         raise ValueError(f"no ControlNet layout for checkpoint kind {kind!r}; use one of "
                          f"{CONTROLNET_KINDS}")
-    return ControlNetConfig.for_unet(unet_config(RECIPES[kind], tiny), tiny=tiny)
+    config = ControlNetConfig.for_unet(unet_config(RECIPES[kind], tiny), tiny=tiny)
+    return dataclasses.replace(config, union_types=union_types)
 
 
 def random_controlnet(kind: str = "sd15", *, tiny: bool = True, seed: int = 0,
-                      meta: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+                      meta: bool = False, union_types: int = 0
+                      ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, metadata) of a random original-layout (`control_model.`) fp32 ControlNet.
     With `meta` the tensors are shape-only, for layout checks."""
-    config = controlnet_config(kind, tiny=tiny)
+    config = controlnet_config(kind, tiny=tiny, union_types=union_types)
     with torch.device("meta" if meta else "cpu"):
         network = ControlNet(config)
     if not meta:
@@ -50,11 +59,16 @@ def random_controlnet(kind: str = "sd15", *, tiny: bool = True, seed: int = 0,
 def write_random_controlnet(path: Path, kind: str = "sd15", *, tiny: bool = True,
                             seed: int = 0) -> Path:
     """Write a random ControlNet for checkpoint `kind` to `path` (.safetensors)."""
-    tensors, metadata = random_controlnet(kind, tiny=tiny, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
-              metadata=metadata)
-    return path
+    return write_tensors(path, *random_controlnet(kind, tiny=tiny, seed=seed))
+
+
+def write_random_union_controlnet(path: Path, kind: str = "sdxl_base", *, tiny: bool = True,
+                                  seed: int = 0, types: int = UNION_RELEASED_TYPES) -> Path:
+    """Write a random ControlNet-Union in the released (diffusers) layout to `path`."""
+    tensors, metadata = random_controlnet(kind, tiny=tiny, seed=seed, union_types=types)
+    original = {name.removeprefix(CONTROL_PREFIX): value for name, value in tensors.items()}
+    metadata["loom.kind"] = f"controlnet_union_{kind}"
+    return write_tensors(path, original_to_diffusers(original), metadata)
 
 
 def adapter_config(kind: str = "full", *, tiny: bool = True, hint_channels: int = 3
@@ -82,7 +96,4 @@ def random_t2i_adapter(kind: str = "full", *, tiny: bool = True, seed: int = 0,
 def write_random_t2i_adapter(path: Path, kind: str = "full", *, tiny: bool = True,
                              seed: int = 0, hint_channels: int = 3) -> Path:
     tensors = random_t2i_adapter(kind, tiny=tiny, seed=seed, hint_channels=hint_channels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
-              metadata={"loom.kind": f"t2i_adapter_{kind}"})
-    return path
+    return write_tensors(path, tensors, {"loom.kind": f"t2i_adapter_{kind}"})

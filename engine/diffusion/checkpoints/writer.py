@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +18,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.detect import V_PRED_PROBE
+from engine.diffusion.checkpoints.gligen_loader import HEADS_METADATA_KEY
 from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
 from engine.diffusion.checkpoints.unclip import UNCLIP_VISION_PREFIX, hf_to_openclip_visual
+from engine.diffusion.networks.attention import SpatialTransformer
 from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, ClipTextModel, TextEncoderConfig
 from engine.diffusion.networks.clip_vision import ClipVisionModel, VisionConfig
+from engine.diffusion.networks.gligen import Gligen, GligenConfig
 from engine.diffusion.networks.openclip_text import VIT_BIGG_CONFIG, VIT_H_CONFIG, OpenClipTextModel
 from engine.diffusion.networks.unet import ADM_NUMBER_DIM, UNet, UNetConfig, UNetFamily
 from engine.diffusion.networks.upscalers import import_spandrel
@@ -212,12 +215,59 @@ def _add_extras(tensors: dict[str, Tensor], recipe: Recipe, generator: torch.Gen
             tensors["v_pred"] = torch.zeros(0)
 
 
+def random_gligen(kind: str = "sd15", *, tiny: bool = True, seed: int = 0
+                  ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a random text-box GLIGEN for checkpoint `kind`, in the original
+    key layout: a fuser under every transformer block of that UNet
+    (`input_blocks.1.1.transformer_blocks.0.fuser.*` ...) and `position_net.*`. The gates
+    (alpha_attn, alpha_dense) are drawn in 0.3..1, so every fuser changes its block's output."""
+    recipe = RECIPES[kind]
+    unet_layout = unet_config(recipe, tiny)
+    with torch.device("meta"):
+        unet = UNet(unet_layout)
+    blocks = [(f"{name}.transformer_blocks.{index}", block.attn1.heads,
+               block.attn1.heads * block.attn1.dim_head)
+              for name, module in unet.named_modules() if isinstance(module, SpatialTransformer)
+              for index, block in enumerate(module.transformer_blocks)]
+    phrase = text_config(recipe.text[-1][1], tiny).width  # the pooled-from encoder's width
+    config = GligenConfig(tuple(width for _, _, width in blocks), unet_layout.context_dim,
+                          phrase, tuple(heads for _, heads, _ in blocks))
+    network = Gligen(config)
+    generator = torch.Generator().manual_seed(seed)
+    randomize(network, generator)
+    with torch.no_grad():
+        for fuser in network.fusers:
+            for gate in (fuser.alpha_attn, fuser.alpha_dense):
+                gate.copy_(0.3 + 0.7 * torch.rand((), generator=generator))
+    tensors = {}
+    for name, value in network.state_dict().items():
+        if name.startswith("fusers."):
+            _, index, leaf = name.split(".", 2)
+            name = f"{blocks[int(index)][0]}.fuser.{leaf}"
+        tensors[name] = value
+    metadata = {"loom.kind": f"gligen_{kind}", "loom.size": "tiny" if tiny else "full"}
+    if tiny:
+        metadata[HEADS_METADATA_KEY] = json.dumps(list(config.heads))
+    return tensors, metadata
+
+
+def write_random_gligen(path: Path, kind: str = "sd15", *, tiny: bool = True,
+                        seed: int = 0) -> Path:
+    """Write a random GLIGEN for checkpoint `kind` to `path` (.safetensors)."""
+    return write_tensors(path, *random_gligen(kind, tiny=tiny, seed=seed))
+
+
 def write_random_checkpoint(path: Path, kind: str, *, tiny: bool = True, seed: int = 0) -> Path:
     """Write a random `kind` checkpoint to `path` (.safetensors) and return the path."""
-    tensors, metadata = random_checkpoint(kind, tiny=tiny, seed=seed)
+    return write_tensors(path, *random_checkpoint(kind, tiny=tiny, seed=seed))
+
+
+def write_tensors(path: Path, tensors: Mapping[str, Tensor],
+                  metadata: Mapping[str, str] | None = None) -> Path:
+    """Save `tensors` (made contiguous) to the .safetensors `path`, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path),
-              metadata=metadata)
+              metadata=dict(metadata) if metadata else None)
     return path
 
 

@@ -5,7 +5,8 @@ residual per UNet skip connection plus one for the middle block.
 Module attribute names are the checkpoint keys after `control_model.` (shared/formats
 controlnet_sd15.tsv): `time_embed`, `label_emb` (SDXL), `input_blocks`, `middle_block` (built
 by the UNet's own builders), `input_hint_block.{0,2,...,14}`, `zero_convs.N.0`,
-`middle_block_out.0`.
+`middle_block_out.0`; ControlNet-Union models add `task_embedding`, `transformer_layes`,
+`spatial_ch_projs` and `control_add_embedding` (networks/controlnet_union.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.diffusion.memory.offload import compute_device
+from engine.diffusion.networks.controlnet_union import (
+    ControlTypeEmbedding,
+    FusionBlock,
+    fuse_hint,
+)
 from engine.diffusion.networks.unet import (
     UNetConfig,
     _build_input_blocks,
@@ -45,11 +51,13 @@ class ControlNetLayoutError(ValueError):
 @dataclass(frozen=True)
 class ControlNetConfig:
     """A ControlNet's architecture: the matching UNet's encoder half (`unet`; its decoder
-    fields are unused) plus the hint encoder's input channels and stage widths."""
+    fields are unused) plus the hint encoder's input channels and stage widths;
+    `union_types` > 0 makes a ControlNet-Union with that many control types."""
 
     unet: UNetConfig
     hint_channels: int = 3
     hint_widths: tuple[int, ...] = RELEASED_HINT_WIDTHS
+    union_types: int = 0
 
     def __post_init__(self) -> None:
         if len(self.hint_widths) != 4:
@@ -70,7 +78,8 @@ class ControlNetConfig:
         fields = json.loads(text)
         unet = UNetConfig(**{key: tuple(value) if isinstance(value, list) else value
                              for key, value in fields.pop("unet").items()})
-        return cls(unet, int(fields["hint_channels"]), tuple(fields["hint_widths"]))
+        return cls(unet, int(fields["hint_channels"]), tuple(fields["hint_widths"]),
+                   int(fields.get("union_types", 0)))
 
 
 class HintEncoder(nn.ModuleDict):
@@ -120,6 +129,13 @@ class ControlNet(nn.Module):
                                             unet.model_channels)
         self.zero_convs = nn.ModuleList(_one_by_one(channels) for channels in skip_channels)
         self.middle_block_out = _one_by_one(unet.model_channels * unet.channel_mult[-1])
+        if config.union_types:
+            width = unet.model_channels
+            self.task_embedding = nn.Parameter(torch.empty(config.union_types, width))
+            self.transformer_layes = nn.Sequential(FusionBlock(width))
+            self.spatial_ch_projs = nn.Linear(width, width)
+            self.control_add_embedding = ControlTypeEmbedding(config.union_types,
+                                                              unet.time_embed_dim)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -130,19 +146,26 @@ class ControlNet(nn.Module):
         return compute_device(self)
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor,
-                y: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+                y: Tensor | None = None, control_type: Sequence[int] = ()
+                ) -> tuple[list[Tensor], Tensor]:
         """x (B, C, H, W) the UNet's input latent, hint (B or 1, 3, 8H, 8W) in 0..1, timesteps
-        (B,), context (B, T, context_dim), y (B, adm) for SDXL -> (one residual per input
-        block, in order; the middle-block residual)."""
+        (B,), context (B, T, context_dim), y (B, adm) for SDXL, control_type the selected
+        ControlNet-Union type numbers (others ignore it) -> (one residual per input block, in
+        order; the middle-block residual)."""
         self._check_inputs(x, hint, context, y)
         dtype = self.dtype
         emb = self.time_embed(
             timestep_embedding(timesteps, self.config.unet.model_channels).to(dtype))
+        if self.config.union_types:
+            emb = emb + self.control_add_embedding(control_type, dtype, emb.device)
         if self.label_emb is not None:
             assert y is not None
             emb = emb + self.label_emb["0"](y.to(dtype))
         context = context.to(dtype)
         guided = self.input_hint_block(hint.to(dtype=dtype, memory_format=torch.channels_last))
+        if self.config.union_types and control_type:  # ComfyUI fuses the first type only
+            guided = fuse_hint(guided, self.task_embedding[control_type[0]],
+                               self.transformer_layes[0], self.spatial_ch_projs)
         h = x.to(dtype=dtype, memory_format=torch.channels_last)
         residuals = []
         stages = zip(self.input_blocks, self.zero_convs, strict=True)
@@ -236,4 +259,5 @@ def detect_config(shapes: Mapping[str, tuple[int, ...]]) -> ControlNetConfig:
         context_dim=context_dim, use_linear_in_transformer=len(shapes[proj_in[0]]) == 2,
         adm_in_channels=adm, **_head_rule(context_dim))
     hint = [_shape(shapes, f"input_hint_block.{index}.weight") for index in (0, 4, 8, 12)]
-    return ControlNetConfig(unet, hint[0][1], tuple(shape[0] for shape in hint))
+    union = shapes["task_embedding"][0] if "task_embedding" in shapes else 0
+    return ControlNetConfig(unet, hint[0][1], tuple(shape[0] for shape in hint), union)

@@ -45,11 +45,14 @@ ALWAYS = (math.inf, 0.0)  # (start sigma, end sigma) of a 0..1 percent range
 @dataclass(frozen=True, eq=False)
 class ControlModel:
     """A CONTROL_NET value: a loaded ControlNet or T2I-Adapter, shared by every control made
-    from it. `global_average_pooling` (shuffle ControlNets) averages each residual over space."""
+    from it. `global_average_pooling` (shuffle ControlNets) averages each residual over space;
+    `control_type` holds the ControlNet-Union type numbers SetUnionControlNetType selected
+    (empty: "auto"; other networks ignore it)."""
 
     network: ControlNet | T2IAdapter
     name: str = ""
     global_average_pooling: bool = False
+    control_type: tuple[int, ...] = ()
 
     @property
     def is_adapter(self) -> bool:
@@ -233,7 +236,7 @@ class Control:
         hint = self._hint(x_in, latent.shape[2] * HINT_DOWNSCALE,
                           latent.shape[3] * HINT_DOWNSCALE)
         with torch.no_grad():
-            down, mid = network(latent, hint, timestep, context, y)
+            down, mid = network(latent, hint, timestep, context, y, self.model.control_type)
         return [self._scaled(r) for r in down], self._scaled(mid)
 
     def _adapter_features(self, x_in: Tensor) -> AdapterFeatures:

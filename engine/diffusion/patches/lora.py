@@ -141,11 +141,17 @@ def _misfit(adapter: Adapter, target: Target, module: nn.Module) -> str | None:
 def _param_deltas(adapter: Adapter, target: Target, strength: float) -> list[ParamDelta]:
     deltas = []
     if adapter.weight_shape() is not None:
-        deltas.append(ParamDelta(target.weight, adapter.weight_delta, strength, target.rows))
+        delta = partial(_transposed_delta, adapter) if target.transposed else adapter.weight_delta
+        deltas.append(ParamDelta(target.weight, delta, strength, target.rows))
     if "diff_b" in adapter.tensors and target.bias is not None:
         deltas.append(ParamDelta(target.bias, partial(_bias_delta, adapter), strength,
                                  target.rows))
     return deltas
+
+
+def _transposed_delta(adapter: Adapter, weight: Tensor) -> Tensor:
+    """The delta of a weight stored transposed to the file's layout."""
+    return adapter.weight_delta(weight.t()).t()
 
 
 def _bias_delta(adapter: Adapter, bias: Tensor) -> Tensor:

@@ -12,7 +12,8 @@ Format facts (per adapted module; `scale` = alpha / rank, alpha = rank when abse
 * LoKr (LyCORIS): delta = scale * kron(w1, w2), each factor full (`lokr_w1`) or a product
   (`lokr_w1_a @ lokr_w1_b`; w2 also as a Tucker product with `lokr_t2`); scale = alpha / rank
   only when a factor is decomposed (rank = w2_b's, else w1_b's), else 1.
-* Full difference: `diff` (weight) and `diff_b` (bias), LyCORIS norms `w_norm`/`b_norm`.
+* Full difference: `diff` (weight) and `diff_b` (bias; ComfyUI's extracted LoRAs add it to
+  any format), LyCORIS norms `w_norm`/`b_norm`.
 * DoRA (`dora_scale`, PEFT `lora_magnitude_vector`): W' = m * (W + delta) / ||W + delta||, the
   norm per output row when m has one entry per output, else per input column (Liu et al. 2024,
   "DoRA: Weight-Decomposed Low-Rank Adaptation"); the patch adds strength * (W' - W).
@@ -203,12 +204,13 @@ _NEEDS = MappingProxyType({
     "lora": frozenset({"up", "down"}),
     "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
     "lokr": frozenset(), "diff": frozenset()})
+# (a bias difference `diff_b` may come with any weight format: ComfyUI's extracted LoRAs)
 _ALLOWS = MappingProxyType({
-    "lora": frozenset({"up", "down", "mid", "alpha", "dora_scale"}),
+    "lora": frozenset({"up", "down", "mid", "alpha", "dora_scale", "diff_b"}),
     "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-                       "alpha", "dora_scale"}),
+                       "alpha", "dora_scale", "diff_b"}),
     "lokr": frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                       "lokr_t2", "alpha", "dora_scale"}),
+                       "lokr_t2", "alpha", "dora_scale", "diff_b"}),
     "diff": frozenset({"diff", "diff_b"})})
 
 

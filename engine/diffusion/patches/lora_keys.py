@@ -3,9 +3,10 @@
 LoRA files name modules in diffusers/HuggingFace paths (kohya: with '.' -> '_' and a
 `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` prefix; diffusers/PEFT: `unet.` /
 `text_encoder.` / `text_encoder_2.` prefixes) or, for SDXL kohya files and ComfyUI-made files,
-in LDM checkpoint paths. Underscored names cannot be split back into paths, so the table is
-built forward: list our modules, derive every spelling a file may use, and look names up
-(shared/formats/README.md, "kohya / A1111 LoRA")."""
+in LDM checkpoint paths (ComfyUI's: `diffusion_model.` and, for text encoders,
+`text_encoders.clip_<l|h|g>.transformer.` + the HF path). Underscored names cannot be split
+back into paths, so the table is built forward: list our modules, derive every spelling a file
+may use, and look names up (shared/formats/README.md, "kohya / A1111 LoRA")."""
 
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ UNET = "unet"
 class Target:
     """The parameters one adapted module changes: a weight (and its bias) of `component`
     ("unet" or a text encoder's name "l"/"h"/"g"), optionally only rows [start, stop) of it
-    (OpenCLIP stacks q, k and v in one in_proj_weight)."""
+    (OpenCLIP stacks q, k and v in one in_proj_weight), or its transpose (OpenCLIP's
+    text_projection [width, proj] is HF's Linear weight [proj, width])."""
 
     component: str
     weight: str
     bias: str | None = None
     rows: tuple[int, int] | None = None
+    transposed: bool = False
 
 
 # diffusers resnet layer names -> LDM ResBlock slots
@@ -141,6 +144,7 @@ def openclip_paths(encoder: OpenClipTextModel, component: str) -> dict[str, Targ
             rows = (slot * width, (slot + 1) * width)
             table[f"text_model.encoder.layers.{index}.self_attn.{projection}_proj"] = Target(
                 component, f"{attention}.in_proj_weight", f"{attention}.in_proj_bias", rows)
+    table["text_projection"] = Target(component, "text_projection", transposed=True)
     return table
 
 
@@ -186,8 +190,10 @@ def lora_name_table(unet: UNet | None, encoders: Mapping[str, nn.Module]) -> dic
                 _add(table, name, target)
     prefixes = text_prefixes(tuple(encoders)) if encoders else {}
     for component, encoder in encoders.items():
+        # ComfyUI's own files (LoraSave) name its CLIP modules: clip_l.transformer.text_model..
+        own = f"text_encoders.clip_{component}.transformer."
         for path, target in text_paths(encoder, component).items():
-            for prefix in prefixes[component]:
+            for prefix in (*prefixes[component], own):
                 _add(table, _spellings(prefix, path), target)
     return table
 

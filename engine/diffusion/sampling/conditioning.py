@@ -31,6 +31,11 @@ pair becomes a ``CondEntry`` resolved against the latent being sampled:
   ``clip_end_percent`` (a scheduled CLIP encoding) narrow the entry's range further.
 * A positive entry marked ``control_apply_to_uncond`` lends its ControlNet to an area-less
   negative entry that has none.
+* ``gligen`` (GLIGENTextBoxApply) is ``(kind, model, [(phrase, height, width, y, x), ...])``
+  with the boxes in latent cells; at each evaluation it becomes a UNet ``middle_patch`` for
+  the entry's (area-cropped) latent, so such entries never share a UNet batch. Unless some
+  area-less negative entry has grounding of its own, every area-less positive entry's
+  grounding is lent to an area-less negative entry (in turn), as ComfyUI does.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from torch import Tensor
 
 from engine.diffusion.networks.noise_augment import unclip_adm
 from engine.diffusion.networks.unet import ADM_NUMBER_DIM, sdxl_adm, sdxl_refiner_adm
+from engine.diffusion.networks.unet_patches import TokensPatch, UNetPatches
 from engine.diffusion.patches.hooks import HookGroup
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.image_ops import center_crop, repeat_to_batch
@@ -99,6 +105,28 @@ class ControlProvider(Protocol):
                   sigma: Tensor) -> tuple[list[Tensor] | None, Tensor | None]: ...
 
 
+@runtime_checkable
+class GroundingModel(Protocol):
+    """The model in a ``gligen`` option (GLIGEN): ``middle_patch(positions, latent_shape,
+    device)`` gives the UNet patch grounding a (B, C, h, w) latent in those boxes (no boxes:
+    empty grounding)."""
+
+    def middle_patch(self, positions: Sequence[Any], latent_shape: Sequence[int],
+                     device: torch.device) -> TokensPatch: ...
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """An entry's GLIGEN boxes: the model and (phrase, height, width, y, x) per box."""
+
+    model: GroundingModel
+    positions: tuple[Any, ...]
+
+    def unet_patches(self, latent_shape: Sequence[int], device: torch.device) -> UNetPatches:
+        patch = self.model.middle_patch(self.positions, latent_shape, device)
+        return UNetPatches().adding("middle_patch", patch)
+
+
 @dataclass(frozen=True, eq=False)
 class ModelInputs:
     """What the UNet gets for one entry besides the latent and the timestep."""
@@ -124,6 +152,7 @@ class CondEntry:
     control_to_uncond: bool = False
     hooks: HookGroup | None = None  # weight hooks applied while this entry is evaluated
     default: bool = False  # used only where the side's other entries leave weight uncovered
+    grounding: Grounding | None = None
 
     def active_at(self, sigma: float) -> bool:
         """Whether the entry's timestep range includes this sigma."""
@@ -171,7 +200,8 @@ def pair_entry_sets(sets: Sequence[list[CondEntry]]) -> list[list[CondEntry]]:
             for other in paired[:index] + paired[index + 1:]:
                 _add_area_twin(other, entry)
     positive = paired[0]
-    return [positive] + [_share_controls(positive, other) for other in paired[1:]]
+    return [positive] + [_share_grounding(positive, _share_controls(positive, other))
+                         for other in paired[1:]]
 
 
 def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,
@@ -202,11 +232,26 @@ def _entry(model: ModelHandle, pair: Sequence[Any], prompt_type: str,
         sigma_end=None if end is None else sampling.percent_to_sigma(float(end)),
         control=options.get("control"),
         control_to_uncond=bool(options.get("control_apply_to_uncond", False)),
-        hooks=options.get("hooks"), default=bool(options.get("default", False)))
+        hooks=options.get("hooks"), default=bool(options.get("default", False)),
+        grounding=grounding_of(options.get("gligen"), prompt_type))
 
 
 def _on(value: Tensor | None, device: torch.device) -> Tensor | None:
     return None if value is None else value.to(device)
+
+
+def grounding_of(option: Any, prompt_type: str) -> Grounding | None:
+    """The ``gligen`` option as a Grounding: "position" carries boxes; any other kind is
+    GLIGEN's empty grounding (every slot null)."""
+    if option is None:
+        return None
+    if (not isinstance(option, Sequence) or len(option) != 3
+            or not isinstance(option[1], GroundingModel)):
+        raise TypeError(f"the {prompt_type} conditioning's 'gligen' option must be (kind, "
+                        f"GLIGEN model, boxes), got {option!r:.120}; set it with "
+                        "GLIGENTextBoxApply")
+    kind, model, positions = option
+    return Grounding(model, tuple(positions) if kind == "position" else ())
 
 
 def _split_pair(pair: Sequence[Any], prompt_type: str) -> tuple[Tensor, Mapping[str, Any]]:
@@ -397,8 +442,30 @@ def _share_controls(positive: list[CondEntry], negative: list[CondEntry]) -> lis
         logger.warning("a ControlNet marked for the negative prompt found no negative "
                        "conditioning without an area to attach to; it is not applied there")
         return negative
+    return _lend(negative, free, "control", lent)
+
+
+def _share_grounding(positive: list[CondEntry], negative: list[CondEntry]) -> list[CondEntry]:
+    """Area-less positive groundings lent, in turn, to the area-less negative entries without
+    one, unless a negative entry already has its own (ComfyUI's rule for "gligen")."""
+    lent = [entry.grounding for entry in positive
+            if entry.area is None and entry.grounding is not None]
+    if not lent or any(e.area is None and e.grounding is not None for e in negative):
+        return negative
+    free = [index for index, e in enumerate(negative) if e.area is None]
+    if not free:
+        logger.warning("GLIGEN boxes of the positive prompt found no negative conditioning "
+                       "without an area to attach to; the negative runs without grounding")
+        return negative
+    return _lend(negative, free, "grounding", lent)
+
+
+def _lend(negative: list[CondEntry], free: list[int], field: str, lent: list[Any]
+          ) -> list[CondEntry]:
+    """The negative entries with `field` set to the lent values, given in turn to the entries
+    at the `free` indices (cycling when there are more values than entries)."""
     shared = list(negative)
-    for count, control in enumerate(lent):
+    for count, value in enumerate(lent):
         index = free[count % len(free)]
-        shared[index] = dataclasses.replace(negative[index], control=control)
+        shared[index] = dataclasses.replace(shared[index], **{field: value})
     return shared

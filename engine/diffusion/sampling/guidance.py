@@ -3,14 +3,15 @@
 At every model evaluation each active entry (see ``conditioning.CondEntry``) yields a chunk:
 the latent (cropped to its area), a weight ``mult`` (mask * mask_strength, or ones, times
 strength; area edges without a mask fade in over min(8, size // 4) cells) and its model inputs.
-Chunks that fit together (same crop shape, same ControlNet object, equal vector/concat shapes,
-token counts whose least common multiple is at most 4x the shorter, the same weight hooks)
-run as one batch, the cross-attention tokens repeated up to that multiple (repeating tokens
-leaves attention unchanged). Each prediction's x0 is added into its side's sum with its weight,
-and every side is divided by its summed weights (plus 1e-37). The result is
-``uncond + (cond - uncond) * cfg``; with cfg == 1 the uncond is not evaluated at all, except
-for the CFG++ samplers, which ask for it (``GuidedModel.with_uncond``). A side without any
-entry (no negative prompt: BasicGuider) predicts zeros.
+Chunks that fit together (same crop shape, same ControlNet object, no UNet patches of their
+own such as GLIGEN grounding, equal vector/concat shapes, token counts whose least common
+multiple is at most 4x the shorter, the same weight hooks) run as one batch, the
+cross-attention tokens repeated up to that multiple (repeating tokens leaves attention
+unchanged). Each prediction's x0 is added into its side's sum with its weight, and every side
+is divided by its summed weights (plus 1e-37). The result is ``uncond + (cond - uncond) *
+cfg``; with cfg == 1 the uncond is not evaluated at all, except for the CFG++ samplers, which
+ask for it (``GuidedModel.with_uncond``). A side without any entry (no negative prompt:
+BasicGuider) predicts zeros.
 
 ControlNets plug in through ``conditioning.ControlProvider``; the MODEL's behaviour patches
 (patches/model_patches.py: model function wrapper, pre-CFG / CFG / post-CFG functions, UNet
@@ -66,13 +67,16 @@ class Chunk:
     side: int  # 0 = cond, 1 = uncond
     control_context: Tensor | None = None  # (B, T, D) the ControlNet's tokens, if not context
     hooks: HookGroup | None = None
+    patches: UNetPatches | None = None  # the entry's own UNet patches (GLIGEN grounding)
 
     def fits(self, other: Chunk) -> bool:
-        """Whether the two can share one UNet batch."""
+        """Whether the two can share one UNet batch (own patches: never, as in ComfyUI)."""
         if self.x.shape != other.x.shape or self.control is not other.control:
             return False
         if self.hooks != other.hooks:
             return False
+        if self.patches is not None or other.patches is not None:
+            return self is other
         if not _same_shape(self.y, other.y) or not _same_shape(self.concat, other.concat):
             return False
         if (self.control_context is None) != (other.control_context is None):
@@ -304,9 +308,11 @@ def make_chunk(entry: CondEntry, x: Tensor, sigma: Tensor, side: int) -> Chunk |
     control_context = inputs.control_context
     if control_context is not None:
         control_context = repeat_to_batch(control_context, batch)
+    own = (None if entry.grounding is None
+           else entry.grounding.unet_patches(x_part.shape, x_part.device))
     return Chunk(x_part, chunk_weight(entry, x_part, area, x.shape), area,
                  repeat_to_batch(inputs.context, batch), y, concat, entry.control, side,
-                 control_context, entry.hooks)
+                 control_context, entry.hooks, own)
 
 
 def clamp_area(area: Area | None, shape: torch.Size) -> Area | None:
@@ -372,6 +378,9 @@ def run_batch(model: ModelHandle, batch: Sequence[Chunk], sigma: Tensor,
         "control": first.control,
         "crossattn_controlnet": None if first.control_context is None else _cat_tokens(
             [chunk.control_context for chunk in batch])}  # type: ignore[misc]
+    if first.patches is not None:  # the model's patches first, then the entry's
+        patches = patches or ModelPatches()
+        patches = dataclasses.replace(patches, unet=patches.unet.merged(first.patches))
     if patches is None or patches.empty:
         return apply_model(model, None, x, sigmas, **c).chunk(len(batch))
     cond_or_uncond = [chunk.side for chunk in batch]

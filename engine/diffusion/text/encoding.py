@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.diffusion.memory.offload import compute_device
-from engine.diffusion.networks.clip_text import END_TOKEN
+from engine.diffusion.networks.clip_text import END_TOKEN, end_positions
 from engine.diffusion.patches.hooks import HookGroup, clip_schedule, scaled
 from engine.diffusion.patches.patching import Patch, patched
 from engine.diffusion.text.prompt_weights import EmbeddingFinder
@@ -211,12 +211,16 @@ class TextEncoderStack:
         return self.encode_tokens(self.tokenize(text))
 
     def encode_tokens(self, tokens: PromptTokens,
-                      hook_strengths: Mapping[object, float] | None = None) -> EncodedPrompt:
-        """Every encoder's windows, concatenated; hooks (if any) at `hook_strengths` by ref."""
+                      hook_strengths: Mapping[object, float] | None = None,
+                      projected_pooled: bool = True) -> EncodedPrompt:
+        """Every encoder's windows, concatenated; hooks (if any) at `hook_strengths` by ref.
+        `projected_pooled` False gives the pooled vector before OpenCLIP's text_projection
+        (ComfyUI's "unprojected", what GLIGEN reads; CLIP-L has no projection, so SD1 gets the
+        same vector either way)."""
         conds, pooled = [], None
         for spec in self.spec.encoders:
             cond, encoder_pooled = self._encode_windows(spec, tokens.windows[spec.name],
-                                                        hook_strengths)
+                                                        hook_strengths, projected_pooled)
             conds.append(cond)
             if spec.name == self.spec.pooled_from:
                 pooled = encoder_pooled
@@ -233,8 +237,8 @@ class TextEncoderStack:
         return layer_idx, spec.normalize_hidden
 
     def _encode_windows(self, spec: EncoderSpec, windows: tuple[Window, ...],
-                        hook_strengths: Mapping[object, float] | None = None
-                        ) -> tuple[Tensor, Tensor]:
+                        hook_strengths: Mapping[object, float] | None = None,
+                        projected_pooled: bool = True) -> tuple[Tensor, Tensor]:
         model = self.encoders[spec.name]
         patches = self.patches.get(spec.name, ()) + self._hook_patches(spec.name, hook_strengths)
         weighted = any(weight != 1.0 for window in windows for _, weight in window)
@@ -254,7 +258,9 @@ class TextEncoderStack:
                 empty = hidden[-1]  # (77, width)
                 z = torch.where(weights != 1.0, (z - empty) * weights + empty, z)
             cond = z.reshape(1, -1, z.shape[-1])  # (1, 77 * windows, width)
-            return cond.clone(), out.pooled[0:1].float().clone()
+            pooled = out.pooled[0:1] if projected_pooled else \
+                out.last[0:1][:, end_positions(ids[0:1])[0]]  # (1, width) first window
+            return cond.clone(), pooled.float().clone()
 
 
 def _window_spec(spec: EncoderSpec, model: nn.Module) -> WindowSpec:
