@@ -52,7 +52,8 @@ class CLIPTextEncodeControlnet(Node):
     schema = NodeSchema(
         "CLIPTextEncodeControlnet",
         (Link("clip", "CLIP"), Link("conditioning", "CONDITIONING"), _prompt("text")),
-        (Output("CONDITIONING"),), category="_for_testing/conditioning")
+        (Output("CONDITIONING"),), category="_for_testing/conditioning", experimental=True,
+        comfy_v3=True)
 
     def execute(self, ctx: NodeContext, clip: Any, conditioning: Conditioning,
                 text: str) -> tuple[Conditioning]:
