@@ -78,7 +78,7 @@ def test_a_checkpoint_linked_into_models_loads(tmp_path: Path) -> None:
 
 def test_input_links_leading_outside_stay_refused(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    (base / "input").mkdir(parents=True)
+    (base / "input").mkdir(parents=True, exist_ok=True)
     (tmp_path / "secret.png").write_bytes(b"secret")
     os.symlink(tmp_path / "secret.png", base / "input" / "link.png")
     with serving(base) as (client, _):

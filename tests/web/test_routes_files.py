@@ -189,7 +189,7 @@ def test_upload_refuses_a_symlinked_subfolder_leading_outside(base: Path, tmp_pa
                                                              client: SyncClient) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    (base / "input").mkdir(parents=True)
+    (base / "input").mkdir(parents=True, exist_ok=True)
     os.symlink(outside, base / "input" / "escape")
     assert upload(client, png_bytes(), subfolder="escape")[0] == 403
     assert list(outside.iterdir()) == []

@@ -63,7 +63,7 @@ def test_setting_that_is_not_json_is_400(client: SyncClient) -> None:
 
 
 def test_corrupt_settings_file_is_kept_aside_not_lost(user_dir: Path, client: SyncClient) -> None:
-    user_dir.mkdir(parents=True)
+    user_dir.mkdir(parents=True, exist_ok=True)
     (user_dir / "comfy.settings.json").write_text("{broken")
     assert client.get("/settings").json() == {}
     kept = [name for name in os.listdir(user_dir) if name.startswith("comfy.settings.json.corrupt")]
@@ -174,7 +174,7 @@ def test_userdata_symlink_pointing_outside_is_403_and_not_listed(tmp_path: Path,
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.json").write_text("{}")
-    (user_dir / "workflows").mkdir(parents=True)
+    (user_dir / "workflows").mkdir(parents=True, exist_ok=True)
     os.symlink(outside / "secret.json", user_dir / "workflows" / "link.json")
     os.symlink(outside, user_dir / "escape")
     assert client.get("/api/userdata/workflows%2Flink.json").status == 403

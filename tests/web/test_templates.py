@@ -42,7 +42,7 @@ def base(tmp_path: Path) -> Path:
     for folder, name in STAND_INS:
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base / "models" / folder / name).write_bytes(b"stand-in")
-    (base / "input").mkdir(parents=True)
+    (base / "input").mkdir(parents=True, exist_ok=True)
     Image.new("RGBA", (64, 64), (200, 120, 40, 255)).save(base / "input" / EXAMPLE_IMAGE)
     return base
 
