@@ -121,25 +121,13 @@ def workflow(case: Case, steps: int) -> dict:
 def floor_bytes(path: Path, loom_flags: list[str]) -> int:
     """Bytes of the checkpoint's UNet, text encoder and VAE weights in the dtypes the device
     policy (with `loom_flags`) computes them in: what holding the weights once costs."""
-    import torch
-
-    from engine.diffusion.checkpoints.detect import detect_checkpoint
-    from engine.diffusion.checkpoints.safetensors_io import SafetensorsFile
+    from engine.diffusion.checkpoints.loader import checkpoint_weight_bytes
+    from engine.diffusion.checkpoints.state_files import open_state_file
     from engine.diffusion.memory.devices import DevicePolicy
     from main import build_parser
 
     policy = DevicePolicy.from_args(build_parser()[1].parse_args(["-", *loom_flags]))
-    opened = SafetensorsFile(path)
-    layout = detect_checkpoint(opened)
-    dtypes = {layout.unet_prefix: policy.unet_dtype, layout.vae_prefix: policy.vae_dtype,
-              **{prefix: policy.text_dtype for prefix in layout.text_prefixes.values()}}
-    total = 0
-    for name, info in opened.infos.items():
-        dtype = next((d for prefix, d in dtypes.items() if prefix and name.startswith(prefix)),
-                     None)
-        if dtype is not None:
-            total += torch.Size(info.shape).numel() * dtype.itemsize
-    return total
+    return checkpoint_weight_bytes(open_state_file(path), policy)
 
 
 # ---- running and watching one child -----------------------------------------------------

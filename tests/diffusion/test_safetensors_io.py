@@ -106,3 +106,26 @@ def test_an_fp16_checkpoint_loads_as_fp32_weights_equal_to_the_file(tmp_path: Pa
         for name, value in module.state_dict().items():
             assert value.dtype == torch.float32, (prefix, name)
             assert torch.equal(value, stored[prefix + name].float()), (prefix, name)
+
+
+def loaded_modules(path: Path) -> tuple[SafetensorsFile, list[torch.nn.Module]]:
+    opened = open_state_file(path)
+    policy = DevicePolicy.decide(cpu=True, force_fp32=True)
+    loaded = load_checkpoint(opened, policy, BpeCache().get())
+    return opened.tensors, [loaded.model.unet, loaded.vae.module, *loaded.clip.encoders.values()]
+
+
+def test_no_weight_converted_from_an_fp16_file_stays_in_the_mapping(tmp_path: Path) -> None:
+    path = write_random_checkpoint(tmp_path / "half.safetensors", "sd15", dtype=torch.float16)
+    opened, modules = loaded_modules(path)
+    for module in modules:
+        for name, value in module.state_dict().items():
+            assert not opened.holds(value), name
+
+
+def test_an_fp32_file_loaded_as_fp32_is_the_only_copy_of_its_weights(tmp_path: Path) -> None:
+    path = write_random_checkpoint(tmp_path / "full.safetensors", "sd15", dtype=torch.float32)
+    opened, modules = loaded_modules(path)
+    for module in modules:
+        for name, value in module.named_parameters():
+            assert opened.holds(value), name  # a view of the file's pages, not a copy

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from engine.diffusion.checkpoints.detect import (
     detect_checkpoint,
     detect_unet_file,
 )
-from engine.diffusion.checkpoints.safetensors_io import CastOnRead
+from engine.diffusion.checkpoints.safetensors_io import CastOnRead, floating_shapes
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_state
 from engine.diffusion.memory.devices import DevicePolicy, round_weights
@@ -91,6 +92,20 @@ class LoadedCheckpoint:
     model: ModelHandle | None
     clip: TextEncoderStack | None
     vae: VAE | None
+
+
+def checkpoint_weight_bytes(opened: StateFile, policy: DevicePolicy) -> int:
+    """Bytes of the UNet, text encoder and VAE weights of a checkpoint once loaded in the
+    policy's dtypes (what load_checkpoint keeps), from the tensors' shapes alone."""
+    layout = detect_checkpoint(opened.tensors)
+    dtypes = {prefix: policy.text_dtype for prefix in layout.text_prefixes.values()}
+    dtypes.update({layout.unet_prefix: policy.unet_dtype, layout.vae_prefix: policy.vae_dtype})
+    total = 0
+    for name, shape in floating_shapes(opened.tensors).items():
+        dtype = next((d for prefix, d in dtypes.items() if prefix and name.startswith(prefix)),
+                     None)
+        total += 0 if dtype is None else math.prod(shape) * dtype.itemsize
+    return total
 
 
 def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,

@@ -114,6 +114,11 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self._release(self._data_start + info.begin, self._data_start + info.end)
         return converted
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s memory lies in this file's mapping (a zero-copy view)."""
+        start = self._bytes.data_ptr()
+        return start <= tensor.data_ptr() < start + self._bytes.numel()
+
     def _release(self, start: int, end: int) -> None:
         """Drop this process's resident pages of bytes start..end (only whole pages: a page
         shared with a neighbouring tensor stays). Clean copy-on-write pages come back from the
@@ -143,6 +148,16 @@ def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     if isinstance(state, SafetensorsFile):
         return {name: info.shape for name, info in state.infos.items()}
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def floating_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """shapes_of, floating-point tensors only (the weights; not ids or step counters)."""
+    if isinstance(state, CastOnRead):
+        return floating_shapes(state.tensors)
+    if isinstance(state, SafetensorsFile):
+        return {name: info.shape for name, info in state.infos.items()
+                if DTYPES[info.dtype].is_floating_point}
+    return {name: tuple(t.shape) for name, t in state.items() if t.is_floating_point()}
 
 
 class CastOnRead(Mapping[str, torch.Tensor]):
