@@ -15,7 +15,12 @@ import torch
 
 from engine.context import NodeContext
 from engine.diffusion.checkpoints.diffusers_folder import load_diffusers_folder, weight_files
-from engine.diffusion.checkpoints.loader import load_checkpoint, load_unet_file, load_vae_file
+from engine.diffusion.checkpoints.loader import (
+    checkpoint_weight_bytes,
+    load_checkpoint,
+    load_unet_file,
+    load_vae_file,
+)
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_files
 from engine.diffusion.memory.devices import storage_dtype
@@ -64,13 +69,16 @@ def embedding_finder(ctx: NodeContext) -> EmbeddingFolders:
 
 
 def load_model_file(ctx: NodeContext, folder: str, name: str, component: str,
-                    build: Callable[[ModelManager, Path], T], *options: Any) -> T:
+                    build: Callable[[ModelManager, Path], T], *options: Any,
+                    size: Callable[[ModelManager, Path], int] | None = None) -> T:
     """The file `name` of a model folder, built once per (file, component, options) and then
-    shared through the model manager."""
+    shared through the model manager; `size` (the bytes the built weights take) lets the
+    manager evict others to make room before it builds."""
     models = manager(ctx)
     path = ctx.paths.find_file(folder, name)
     return models.load(ModelKey.for_file(path, component, *options),
-                       lambda: build(models, path))
+                       lambda: build(models, path),
+                       None if size is None else lambda: size(models, path))
 
 
 def load_checkpoint_file(ctx: NodeContext, ckpt_name: str) -> tuple[ModelHandle, Any, Any]:
@@ -81,8 +89,12 @@ def load_checkpoint_file(ctx: NodeContext, ckpt_name: str) -> tuple[ModelHandle,
                                  find_embedding=embedding_finder(ctx))
         return loaded.model, loaded.clip, loaded.vae
 
+    def size(models: ModelManager, path: Path) -> int:
+        opened = open_state_file(path, allow_pickle=models.allow_pickle)
+        return checkpoint_weight_bytes(opened, models.policy)
+
     return load_model_file(ctx, "checkpoints", ckpt_name, "checkpoint", build,
-                           manager(ctx).policy)
+                           manager(ctx).policy, size=size)
 
 
 class CheckpointLoaderSimple(Node):

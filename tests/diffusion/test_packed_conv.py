@@ -54,6 +54,17 @@ def test_large_maps_and_fp32_keep_the_plain_path() -> None:
 
 
 @needs_bf16_packing
+def test_the_packed_copy_reports_its_bytes_until_dropped() -> None:
+    conv, x = layer(), feature_map(8)
+    assert conv.derived_bytes() == 0
+    with torch.inference_mode():
+        conv(x)
+    assert conv.derived_bytes() >= conv.weight.numel() * conv.weight.element_size()
+    conv.drop_packed()
+    assert conv.derived_bytes() == 0
+
+
+@needs_bf16_packing
 def test_an_in_place_weight_change_repacks() -> None:
     conv, x = layer(), feature_map(8)
     with torch.inference_mode():

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from engine.diffusion.checkpoints.controlnet_diffusers import DIFFUSERS_PROBE, diffusers_to_original
 from engine.diffusion.checkpoints.detect import component_summary
 from engine.diffusion.checkpoints.loader import assign_weights, strip_prefix
-from engine.diffusion.checkpoints.safetensors_io import shapes_of
+from engine.diffusion.checkpoints.safetensors_io import CastOnRead, shapes_of
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.controlnet import (
@@ -61,11 +61,13 @@ def load_control_model(opened: StateFile, policy: DevicePolicy,
     """The CONTROL_NET value of a ControlNet or T2I-Adapter file; `base` is the MODEL whose
     UNet a diff ControlNet's deltas are added to (DiffControlNetLoader)."""
     tensors, name = opened.tensors, opened.path.name
-    if is_adapter(tensors):
-        return ControlModel(_load_adapter(tensors, policy, name), name)
-    weights = original_weights(tensors, name)
-    if DIFF_MARKER in tensors:
-        weights = add_difference(weights, base, name)
+    if DIFF_MARKER in tensors:  # deltas are added to the base in fp32, then cast
+        weights = add_difference(original_weights(tensors, name), base, name)
+    else:  # read in the compute dtype: each converted tensor releases its file pages
+        tensors = CastOnRead(tensors, {"": policy.unet_dtype})
+        if is_adapter(tensors):
+            return ControlModel(_load_adapter(tensors, policy, name), name)
+        weights = original_weights(tensors, name)
     recorded = opened.metadata.get(CONFIG_METADATA_KEY)
     config = (ControlNetConfig.from_json(recorded) if recorded
               else detect_config(shapes_of(weights)))

@@ -2,14 +2,17 @@
 
 Files are opened by state_files.py (safetensors memory-mapped, pickles only when allowed);
 modules are built on the meta device and take the file's tensors by assignment, so weights are
-not copied unless a dtype cast is needed. Weights go to the policy's offload device (the model
-manager copies them to the compute device when used); handles compute on the policy's device."""
+not copied unless a dtype cast is needed. Each component reads the file through CastOnRead,
+which converts one tensor at a time and releases the file pages of each converted one, so a
+weight is held once. Weights go to the policy's offload device (the model manager copies them
+to the compute device when used); handles compute on the policy's device."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ from engine.diffusion.checkpoints.detect import (
     detect_checkpoint,
     detect_unet_file,
 )
+from engine.diffusion.checkpoints.safetensors_io import CastOnRead, floating_shapes
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_state
 from engine.diffusion.memory.devices import DevicePolicy, round_weights
@@ -90,6 +94,20 @@ class LoadedCheckpoint:
     vae: VAE | None
 
 
+def checkpoint_weight_bytes(opened: StateFile, policy: DevicePolicy) -> int:
+    """Bytes of the UNet, text encoder and VAE weights of a checkpoint once loaded in the
+    policy's dtypes (what load_checkpoint keeps), from the tensors' shapes alone."""
+    layout = detect_checkpoint(opened.tensors)
+    dtypes = {prefix: policy.text_dtype for prefix in layout.text_prefixes.values()}
+    dtypes.update({layout.unet_prefix: policy.unet_dtype, layout.vae_prefix: policy.vae_dtype})
+    total = 0
+    for name, shape in floating_shapes(opened.tensors).items():
+        dtype = next((d for prefix, d in dtypes.items() if prefix and name.startswith(prefix)),
+                     None)
+        total += 0 if dtype is None else math.prod(shape) * dtype.itemsize
+    return total
+
+
 def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
                     find_embedding: EmbeddingFinder | None = None, with_clip: bool = True,
                     with_vae: bool = True) -> LoadedCheckpoint:
@@ -105,7 +123,8 @@ def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
                                        storage_dtype=policy.text_storage_dtype)
     vae = None
     if with_vae and layout.vae_prefix:
-        vae = VAE.from_state_dict(opened.tensors, latent_scale=NODE_LATENT_SCALE,
+        reader = CastOnRead(opened.tensors, {layout.vae_prefix: policy.vae_dtype})
+        vae = VAE.from_state_dict(reader, latent_scale=NODE_LATENT_SCALE,
                                   dtype=policy.vae_dtype, device=policy.offload_device)
     return LoadedCheckpoint(layout, model, clip, vae)
 
@@ -114,7 +133,8 @@ def load_model_from(opened: StateFile, layout: CheckpointLayout, policy: DeviceP
                     storage_dtype: torch.dtype | None = None) -> ModelHandle:
     """The MODEL handle of a checkpoint or standalone UNet file with a detected layout; its
     weights rounded to `storage_dtype` (default: the policy's, e.g. --fp8_e4m3fn-unet)."""
-    weights = strip_prefix(opened.tensors, layout.unet_prefix or "")
+    prefix = layout.unet_prefix or ""
+    weights = strip_prefix(CastOnRead(opened.tensors, {prefix: policy.unet_dtype}), prefix)
     config = unet_config_for(layout, opened.metadata)
     unet = build_unet(weights, config, policy.unet_dtype, policy.offload_device,
                       opened.path.name)
@@ -132,5 +152,6 @@ def load_unet_file(opened: StateFile, policy: DevicePolicy,
 
 def load_vae_file(opened: StateFile, policy: DevicePolicy) -> VAE:
     """VAELoader: a standalone VAE file (LDM or diffusers names)."""
-    return VAE.from_state_dict(opened.tensors, latent_scale=NODE_LATENT_SCALE,
-                               dtype=policy.vae_dtype, device=policy.offload_device)
+    return VAE.from_state_dict(CastOnRead(opened.tensors, {"": policy.vae_dtype}),
+                               latent_scale=NODE_LATENT_SCALE, dtype=policy.vae_dtype,
+                               device=policy.offload_device)

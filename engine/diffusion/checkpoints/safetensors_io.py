@@ -1,6 +1,9 @@
 """Zero-copy reading of .safetensors files: the file is memory-mapped once and each tensor is a
-view into the mapping, created when first asked for. Nothing is copied before use; a dtype
-cast (e.g. fp16 file -> bf16 compute) copies one tensor at a time.
+view into the mapping, created when first asked for. Nothing is copied before use. A tensor read
+in another dtype (e.g. an fp16 file for an fp32 or bf16 model) is converted one at a time, and
+the file pages it was converted from leave the process at once (`cast`, `CastOnRead`), so a
+load holds each weight once, in its compute dtype, never the file and the converted copy
+together.
 
 Format facts: 8 bytes little-endian header length N, then N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the
@@ -9,6 +12,7 @@ raw little-endian tensor data, offsets relative to the end of the header."""
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -78,21 +82,51 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self.path = Path(path)
         self.infos, self.metadata, self._data_start = read_header(self.path)
         size = self.path.stat().st_size
-        self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
         for name, info in self.infos.items():
             if self._data_start + info.end > size or info.begin > info.end:
                 raise SafetensorsError(f"{self.path}: tensor {name!r} lies outside the file "
                                        f"(truncated download?)")
+        with open(self.path, "rb") as handle:  # the mapping outlives the descriptor
+            # copy-on-write (MAP_PRIVATE): writing into a weight never changes the file
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         dtype = DTYPES[info.dtype]
-        flat = torch.empty(0, dtype=torch.uint8).set_(
-            self._storage, self._data_start + info.begin, (info.end - info.begin,))
+        start = self._data_start + info.begin
+        flat = self._bytes[start:self._data_start + info.end]
         try:
             return flat.view(dtype).reshape(info.shape)
         except RuntimeError:  # offset not aligned to the element size: copy this one tensor
             return flat.clone().view(dtype).reshape(info.shape)
+
+    def cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor `name` in `dtype` (floating tensors only; others as stored). A converted
+        copy releases the file pages it was read from, so the file and the copy are never both
+        resident; a same-dtype tensor is the zero-copy view."""
+        tensor = self[name]
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            return tensor
+        converted = tensor.to(dtype)
+        del tensor
+        info = self.infos[name]
+        self._release(self._data_start + info.begin, self._data_start + info.end)
+        return converted
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s memory lies in this file's mapping (a zero-copy view)."""
+        start = self._bytes.data_ptr()
+        return start <= tensor.data_ptr() < start + self._bytes.numel()
+
+    def _release(self, start: int, end: int) -> None:
+        """Drop this process's resident pages of bytes start..end (only whole pages: a page
+        shared with a neighbouring tensor stays). Clean copy-on-write pages come back from the
+        file if read again; where the OS has no madvise, the pages stay until unmapped."""
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
@@ -109,6 +143,49 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
 
 def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Name -> shape, without touching tensor data when `state` is a SafetensorsFile."""
+    if isinstance(state, CastOnRead):
+        return shapes_of(state.tensors)
     if isinstance(state, SafetensorsFile):
         return {name: info.shape for name, info in state.infos.items()}
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def floating_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """shapes_of, floating-point tensors only (the weights; not ids or step counters)."""
+    if isinstance(state, CastOnRead):
+        return floating_shapes(state.tensors)
+    if isinstance(state, SafetensorsFile):
+        return {name: info.shape for name, info in state.infos.items()
+                if DTYPES[info.dtype].is_floating_point}
+    return {name: tuple(t.shape) for name, t in state.items() if t.is_floating_point()}
+
+
+class CastOnRead(Mapping[str, torch.Tensor]):
+    """`tensors` with each floating tensor under one of `dtypes`' key prefixes read in that
+    prefix's dtype (the first prefix that matches; others as stored). Reading from a
+    SafetensorsFile releases the source pages of every converted tensor (SafetensorsFile.cast).
+    Nothing is converted before it is read, so wrap a whole checkpoint with one component's
+    prefixes and hand it to that component's loader."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor],
+                 dtypes: Mapping[str, torch.dtype]) -> None:
+        self.tensors = tensors
+        self.dtypes = dtypes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype = next((d for prefix, d in self.dtypes.items() if name.startswith(prefix)), None)
+        if dtype is None:
+            return self.tensors[name]
+        if isinstance(self.tensors, SafetensorsFile):
+            return self.tensors.cast(name, dtype)
+        tensor = self.tensors[name]
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors  # without reading (and converting) the tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)

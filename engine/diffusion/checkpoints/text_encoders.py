@@ -12,6 +12,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from engine.diffusion.checkpoints.safetensors_io import CastOnRead
 from engine.diffusion.memory.devices import round_weights
 from engine.diffusion.networks.clip_text import ClipTextModel, TextEncoderConfig
 from engine.diffusion.networks.openclip_text import INITIAL_LOGIT_SCALE, OpenClipTextModel
@@ -60,9 +61,10 @@ def load_text_encoder_state(family: str, state_dict: Mapping[str, Tensor], bpe: 
     rounds the weights to that precision (memory.devices.round_weights).
     """
     spec = family_spec(family)
+    reader = CastOnRead(state_dict, {"": dtype})  # only the text encoders' tensors are read
     encoders = {}
     for encoder in spec.encoders:
-        weights = _checkpoint_encoder_state(family, encoder, state_dict)
+        weights = _checkpoint_encoder_state(family, encoder, reader)
         config = None if configs is None else configs.get(encoder.name)
         encoders[encoder.name] = build_text_encoder(encoder.architecture, weights, dtype=dtype,
                                                     device=device, config=config,
@@ -91,9 +93,9 @@ def load_text_encoder_files(state_dicts: list[Mapping[str, Tensor]], bpe: ClipBp
     for state_dict, kind in zip(state_dicts, kinds, strict=True):
         encoder = by_architecture[kind]
         config = None if configs is None else configs.get(encoder.name)
-        encoders[encoder.name] = build_text_encoder(
-            kind, standalone_encoder_state(state_dict, kind), dtype=dtype, device=device,
-            config=config, storage_dtype=storage_dtype)
+        weights = standalone_encoder_state(CastOnRead(state_dict, {"": dtype}), kind)
+        encoders[encoder.name] = build_text_encoder(kind, weights, dtype=dtype, device=device,
+                                                    config=config, storage_dtype=storage_dtype)
     return TextEncoderStack(family, encoders, bpe, find_embedding=find_embedding)
 
 

@@ -137,18 +137,28 @@ def schedule_buffers() -> dict[str, Tensor]:
     return {name: values[name].float() for name in SCHEDULE_BUFFERS}
 
 
+def random_weights(module: nn.Module, generator: torch.Generator,
+                   dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(name, value) of deterministic random weights for each parameter of `module`, drawn one
+    at a time (so a meta-device module works and only one fp32 draw exists at once): fan-in
+    scaled normals, norms near 1, small biases; cast to `dtype` when given."""
+    for name, param in module.named_parameters():
+        draw = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+        if param.ndim >= 2:
+            value = draw / math.sqrt(math.prod(param.shape[1:]))
+        elif "norm" in name or name.split(".")[-2:-1] in (["ln_1"], ["ln_2"], ["ln_final"]):
+            value = 1.0 + 0.1 * draw if name.endswith("weight") else 0.1 * draw
+        else:
+            value = 0.02 * draw
+        yield name, value if dtype is None else value.to(dtype)
+
+
 def randomize(module: nn.Module, generator: torch.Generator) -> None:
-    """Deterministic random weights: fan-in scaled normals, norms near 1, small biases."""
+    """Give `module` the random weights of `random_weights`, in place."""
+    params = dict(module.named_parameters())
     with torch.no_grad():
-        for name, param in module.named_parameters():
-            draw = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if param.ndim >= 2:
-                fan_in = math.prod(param.shape[1:])
-                param.copy_(draw / math.sqrt(fan_in))
-            elif "norm" in name or name.split(".")[-2:-1] in (["ln_1"], ["ln_2"], ["ln_final"]):
-                param.copy_(1.0 + 0.1 * draw if name.endswith("weight") else 0.1 * draw)
-            else:
-                param.copy_(0.02 * draw)
+        for name, value in random_weights(module, generator):
+            params[name].copy_(value)
 
 
 def _components(recipe: Recipe, tiny: bool) -> Iterator[tuple[str, nn.Module]]:
@@ -160,22 +170,23 @@ def _components(recipe: Recipe, tiny: bool) -> Iterator[tuple[str, nn.Module]]:
 
 
 def random_checkpoint(kind: str, *, tiny: bool = True, seed: int = 0, meta: bool = False,
+                      dtype: torch.dtype | None = None,
                       ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a random checkpoint of `kind` (one of KINDS). With `meta` the
-    tensors are shape-only (no memory, no values): for checking layouts."""
+    """(tensors, metadata) of a random checkpoint of `kind` (one of KINDS), its weights in
+    `dtype` (default: the released file's). With `meta` the tensors are shape-only (no memory,
+    no values): for checking layouts."""
     if kind not in RECIPES:
         raise ValueError(f"unknown checkpoint kind {kind!r}; use one of {KINDS}")
     recipe = RECIPES[kind]
+    dtype = dtype or recipe.dtype
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
-    with torch.device("meta" if meta else "cpu"):
+    with torch.device("meta"):  # full-size SDXL in fp32 would need 14 GB: draw per tensor
         components = list(_components(recipe, tiny))
     for prefix, module in components:
-        if not meta:
-            randomize(module, generator)
-        for name, value in module.state_dict().items():
-            tensors[prefix + name] = value.to(recipe.dtype) if value.is_floating_point() \
-                else value
+        weights = (((name, param.to(dtype)) for name, param in module.named_parameters())
+                   if meta else random_weights(module, generator, dtype))
+        tensors.update((prefix + name, value) for name, value in weights)
     if recipe.unclip:
         tensors.update(_unclip_vision(tiny, generator, meta))
     _add_extras(tensors, recipe, generator)
@@ -210,7 +221,7 @@ def _add_extras(tensors: dict[str, Tensor], recipe: Recipe, generator: torch.Gen
         probe = "model.diffusion_model." + V_PRED_PROBE
         if probe in tensors:  # the released 768-v file's probe bias has a wide spread
             spread = 0.2 * torch.randn(tensors[probe].shape, generator=generator)
-            tensors[probe] = spread.to(recipe.dtype)
+            tensors[probe] = spread.to(tensors[probe].dtype)
         else:  # tiny networks have no such block: mark v-prediction as re-saved files do
             tensors["v_pred"] = torch.zeros(0)
 
@@ -257,9 +268,11 @@ def write_random_gligen(path: Path, kind: str = "sd15", *, tiny: bool = True,
     return write_tensors(path, *random_gligen(kind, tiny=tiny, seed=seed))
 
 
-def write_random_checkpoint(path: Path, kind: str, *, tiny: bool = True, seed: int = 0) -> Path:
-    """Write a random `kind` checkpoint to `path` (.safetensors) and return the path."""
-    return write_tensors(path, *random_checkpoint(kind, tiny=tiny, seed=seed))
+def write_random_checkpoint(path: Path, kind: str, *, tiny: bool = True, seed: int = 0,
+                            dtype: torch.dtype | None = None) -> Path:
+    """Write a random `kind` checkpoint to `path` (.safetensors), its weights in `dtype`
+    (default: the released file's), and return the path."""
+    return write_tensors(path, *random_checkpoint(kind, tiny=tiny, seed=seed, dtype=dtype))
 
 
 def write_tensors(path: Path, tensors: Mapping[str, Tensor],
@@ -281,8 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", nargs="?", default="sd15", choices=KINDS)
     parser.add_argument("--full", action="store_true", help="released size (GBs) not tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                        help="weight dtype (default: the released file's, fp32 for SD1/SD2, "
+                             "fp16 for SDXL)")
     args = parser.parse_args(argv)
-    written = write_random_checkpoint(args.path, args.kind, tiny=not args.full, seed=args.seed)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+             None: None}[args.dtype]
+    written = write_random_checkpoint(args.path, args.kind, tiny=not args.full, seed=args.seed,
+                                      dtype=dtype)
     print(f"wrote {written} ({args.kind}, {'full size' if args.full else 'tiny'})")
 
 

@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,13 @@ def module_bytes(module: nn.Module, device_type: str | None = None) -> int:
                and (device_type is None or t.device.type == device_type))
 
 
+def deriving_parts(modules: Iterable[nn.Module]) -> list[Any]:
+    """The parts of `modules` that hold copies derived from their weights (packed conv
+    weights), which report those copies' bytes with `derived_bytes()`."""
+    return [part for module in modules for part in module.modules()
+            if hasattr(part, "derived_bytes")]
+
+
 def _entry_name(key: ModelKey) -> str:
     return f"{Path(key.path).name}:{key.component}"
 
@@ -99,13 +106,18 @@ class Entry:
     loader: Callable[[], Any]
     modules: list[nn.Module]
     placements: list[Placement]
-    nbytes: int  # weights in RAM, what the RAM budget counts
+    nbytes: int  # weights in RAM, what the RAM budget counts with the derived copies
+    deriving: list[Any] = field(default_factory=list)  # parts holding derived copies
     last_used: int = 0
     evicted: bool = False
 
     @property
     def name(self) -> str:
         return _entry_name(self.key)
+
+    @property
+    def resident_bytes(self) -> int:
+        return 0 if self.evicted else self.nbytes + sum(p.derived_bytes() for p in self.deriving)
 
     @property
     def held(self) -> bool:
@@ -132,11 +144,17 @@ class ModelManager:
         self.reloads = 0
 
     # -- loading and use ---------------------------------------------------------------------
-    def load(self, key: ModelKey, loader: Callable[[], Any]) -> Any:
-        """The value for `key`, calling `loader` only the first time."""
+    def load(self, key: ModelKey, loader: Callable[[], Any],
+             size: Callable[[], int] | None = None) -> Any:
+        """The value for `key`, calling `loader` only the first time. `size` gives the bytes
+        the loaded weights will take (read from the file's header): under a RAM budget the
+        least recently used models are evicted to make room before `loader` runs, so RAM
+        holds at most the budget while a model loads, not the budget plus the new model."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                if size is not None and self.ram_budget is not None:
+                    self._make_room(size())
                 value = loader()
                 self.loads += 1
                 modules = modules_of(value)
@@ -145,7 +163,8 @@ class ModelManager:
                                         f"{_entry_name(key)}/{type(module).__name__}")
                               for module in modules]
                 entry = Entry(key, value, loader, modules, placements,
-                              sum(module_bytes(module, "cpu") for module in modules))
+                              sum(module_bytes(module, "cpu") for module in modules),
+                              deriving_parts(modules))
                 self._entries[key] = entry
                 for module, placement in zip(modules, placements, strict=True):
                     self._install_hooks(entry, module, placement)
@@ -176,6 +195,8 @@ class ModelManager:
         with self._lock:
             entry.last_used = next(self._clock)
             if entry.evicted:
+                if self.ram_budget is not None:
+                    self._make_room(entry.nbytes)
                 self._reload(entry)
             if (placement is not None and self.vram is not None
                     and placement.compute == self.policy.device):  # not a --cpu-vae module
@@ -235,18 +256,29 @@ class ModelManager:
 
     # -- eviction ----------------------------------------------------------------------------
     def resident_bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values() if not e.evicted)
+        """Bytes of the loaded models' weights in RAM, with the copies derived from them
+        (packed conv weights, memory/packed_conv.py) counted."""
+        return sum(entry.resident_bytes for entry in self._entries.values())
 
     def _evict_to_budget(self, keep: Entry) -> None:
-        if self.ram_budget is None:
-            return
+        if self.ram_budget is not None:
+            self._evict_until(self.ram_budget, keep, "to stay within the model RAM budget")
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict before a load so that the loaded models plus `incoming` bytes fit the budget
+        (as far as models not in use can be evicted)."""
+        assert self.ram_budget is not None
+        self._evict_until(self.ram_budget - incoming, None,
+                          f"to make room for a {incoming / 2**20:.1f} MB model")
+
+    def _evict_until(self, limit: int, keep: Entry | None, why: str) -> None:
         candidates = sorted((e for e in self._entries.values()
                              if not e.evicted and not e.held and e is not keep),
                             key=lambda e: e.last_used)
         for entry in candidates:
-            if self.resident_bytes() <= self.ram_budget:
+            if self.resident_bytes() <= limit:
                 return
-            self._evict(entry, "to stay within the model RAM budget")
+            self._evict(entry, why)
 
     def _evict(self, entry: Entry, why: str) -> None:
         """Release the weights: copies leave the compute device, every parameter and buffer

@@ -61,6 +61,13 @@ class Conv2d(nn.Conv2d):
             self._packed = (key, packed)
         return self._packed[1]
 
+    def derived_bytes(self) -> int:
+        """Bytes of the packed copy held (the model manager counts them in its RAM budget)."""
+        if self._packed is None:
+            return 0
+        packed = self._packed[1]
+        return packed.numel() * packed.element_size()
+
     def drop_packed(self) -> None:
         """Forget the packed copy (the model manager calls this when it evicts the weights)."""
         self._packed = None

@@ -1,0 +1,256 @@
+"""Peak memory of cold `main.py run` workflows on full-size checkpoints written by the project's
+writer: SD1.5 txt2img at 512x512 (the released fp32 file, and the same weights as fp16) and
+SDXL base txt2img at 1024x1024 (the released fp16 file), each in a fresh process, against the
+floor: what the weights alone need in the dtypes the device policy computes in.
+
+Memory is read from /proc/<pid>/status every few milliseconds while the run goes: VmRSS split
+into anonymous (RssAnon: weights converted or copied, activations, Python and torch) and
+file-backed (RssFile: pages of the memory-mapped checkpoint the process has touched); the
+peak is VmHWM (the kernel's high-water mark, checked against wait4's ru_maxrss). Each
+workflow node's peak is shown so the phase that sets the peak is visible. GB are 2**30 bytes.
+
+Peak memory does not depend on the step count (every step allocates and frees the same
+activations), so the runs sample 1 step by default (--steps to change); image size, batch
+and CFG are the real ones. The page cache is warm (the files were just written or read): the
+runs are cold processes, not cold disks. Checkpoints are written once into --models-dir
+(SD1.5 fp32 4.3 GB, fp16 2.1 GB, SDXL fp16 6.9 GB) and reused.
+
+Needs ~6 GB of RAM for SD1.5. SDXL's floor is 12.9 GB with the fp32 policy of CPUs without
+native bf16 (8.1 GB with a bf16 UNet), so its run needs ~15 GB there: pick the cases that fit
+with --cases (a case not run prints its floor when its file exists, and nan as its peak).
+Last line: `sd15_peak_gb=<float> sdxl_peak_gb=<float> floor_sd15_gb=<float>
+floor_sdxl_gb=<float>` (SD1.5 from its fp32 file, SDXL from its fp16 file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GIB = 2**30
+POLL_SECONDS = 0.005
+PROMPTS = ("a photograph of an astronaut riding a horse on the moon", "")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured run: a checkpoint file and the image size its family is made for."""
+
+    name: str
+    kind: str  # the writer's checkpoint kind
+    dtype: str  # the file's weight dtype
+    size: int  # image width and height
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.kind}_full_{self.dtype}.safetensors"
+
+
+CASES = (Case("sd15", "sd15", "fp32", 512), Case("sd15_fp16_file", "sd15", "fp16", 512),
+         Case("sdxl", "sdxl_base", "fp16", 1024))
+
+
+@dataclass
+class Sample:
+    """Resident memory of the child at one moment, in bytes."""
+
+    anon: int = 0
+    file: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.anon + self.file
+
+
+@dataclass
+class Measurement:
+    """What one run used: the peak, the sample at the peak and each node's peak."""
+
+    hwm: int = 0
+    at_peak: Sample = field(default_factory=Sample)
+    by_node: dict[str, Sample] = field(default_factory=dict)
+    ru_maxrss: int = 0
+    seconds: float = 0.0
+    node: str = "startup"
+
+
+# ---- the checkpoints and the workflow -----------------------------------------------------
+
+def ensure_checkpoint(models_dir: Path, case: Case) -> Path:
+    """The case's checkpoint, written by the project's writer (in a child process, so this
+    process stays small) when missing."""
+    path = models_dir / case.file_name
+    if not path.exists():
+        models_dir.mkdir(parents=True, exist_ok=True)
+        print(f"writing {path} ...", flush=True)
+        partial = path.with_suffix(".partial")
+        subprocess.run([sys.executable, "-m", "engine.diffusion.checkpoints.writer",
+                        str(partial), case.kind, "--full", "--dtype", case.dtype],
+                       cwd=ROOT, check=True)
+        partial.rename(path)
+    return path
+
+
+def workflow(case: Case, steps: int) -> dict:
+    """txt2img in the API format: checkpoint, two prompts, KSampler, VAE decode, save."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": case.file_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPTS[0], "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPTS[1], "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": case.size, "height": case.size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "seed": 0, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0, "model": ["1", 0], "positive": ["2", 0],
+            "negative": ["3", 0], "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": case.name,
+                                                    "images": ["6", 0]}},
+    }
+
+
+def floor_bytes(path: Path, loom_flags: list[str]) -> int:
+    """Bytes of the checkpoint's UNet, text encoder and VAE weights in the dtypes the device
+    policy (with `loom_flags`) computes them in: what holding the weights once costs."""
+    from engine.diffusion.checkpoints.loader import checkpoint_weight_bytes
+    from engine.diffusion.checkpoints.state_files import open_state_file
+    from engine.diffusion.memory.devices import DevicePolicy
+    from main import build_parser
+
+    policy = DevicePolicy.from_args(build_parser()[1].parse_args(["-", *loom_flags]))
+    return checkpoint_weight_bytes(open_state_file(path), policy)
+
+
+# ---- running and watching one child -----------------------------------------------------
+
+def read_status(pid: int) -> dict[str, int] | None:
+    """VmHWM, RssAnon and RssFile of a process in bytes; None once it has gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmHWM", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields if len(fields) == 3 else None
+
+
+def follow_output(stream: object, measurement: Measurement, verbose: bool) -> None:
+    """Track which node runs from the CLI's 'running node N (Class)' lines."""
+    for line in stream:  # type: ignore[attr-defined]
+        if line.startswith("running node "):
+            measurement.node = line.removeprefix("running node ").strip()
+        if verbose or line.startswith(("error", "done")):
+            print("    " + line.rstrip(), flush=True)
+
+
+def watch(pid: int, measurement: Measurement, stop: threading.Event) -> None:
+    while not stop.is_set():
+        status = read_status(pid)
+        if status is None:
+            return
+        sample = Sample(status["RssAnon"], status["RssFile"])
+        node = measurement.by_node.setdefault(measurement.node, Sample())
+        if sample.total > node.total:
+            measurement.by_node[measurement.node] = sample
+        if sample.total > measurement.at_peak.total:
+            measurement.at_peak = sample
+        measurement.hwm = max(measurement.hwm, status["VmHWM"])
+        time.sleep(POLL_SECONDS)
+
+
+def run_case(case: Case, models_dir: Path, steps: int, loom_flags: list[str],
+             verbose: bool) -> Measurement:
+    """One cold `main.py run` of the case's workflow, watched from outside."""
+    with tempfile.TemporaryDirectory(prefix="loom_memory_bench_") as base:
+        base_dir = Path(base)
+        (base_dir / "extra_model_paths.yaml").write_text(
+            f"bench:\n  base_path: {models_dir}\n  checkpoints: .\n")
+        (base_dir / "workflow.json").write_text(json.dumps(workflow(case, steps)))
+        command = [sys.executable, str(ROOT / "main.py"), "run", str(base_dir / "workflow.json"),
+                   "--base-directory", str(base_dir), *loom_flags]
+        measurement = Measurement()
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=(child.pid, measurement, stop))
+        watcher.start()
+        follow_output(child.stdout, measurement, verbose)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        measurement.seconds = time.perf_counter() - start
+        stop.set()
+        watcher.join()
+    if child.returncode != 0:
+        raise RuntimeError(f"{case.name}: main.py run exited with {child.returncode}; its "
+                           f"output is above (run with --verbose for all of it)")
+    measurement.ru_maxrss = usage.ru_maxrss * 1024
+    return measurement
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+def gb(value: int) -> str:
+    return f"{value / GIB:.2f}"
+
+
+def print_case(case: Case, measurement: Measurement, floor: int) -> None:
+    peak = max(measurement.hwm, measurement.ru_maxrss)
+    print(f"  {case.name}: peak {gb(peak)} GB (ru_maxrss {gb(measurement.ru_maxrss)}), at the "
+          f"peak {gb(measurement.at_peak.anon)} anonymous + {gb(measurement.at_peak.file)} "
+          f"file-backed; floor {gb(floor)} GB, peak/floor {peak / floor:.2f}; "
+          f"{measurement.seconds:.0f} s")
+    for node, sample in measurement.by_node.items():
+        print(f"    {node:<34} peak {gb(sample.total):>6} = {gb(sample.anon):>6} anon "
+              f"+ {gb(sample.file):>6} file")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "loom-bench-models",
+                        help="where the full-size checkpoints are (written once if missing)")
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES],
+                        default=[c.name for c in CASES])
+    parser.add_argument("--steps", type=int, default=1, help="sampling steps per run")
+    parser.add_argument("--loom-flag", action="append", default=[], dest="loom_flags",
+                        help="a flag for main.py run, e.g. --loom-flag=--force-fp32")
+    parser.add_argument("--verbose", action="store_true", help="show the runs' output")
+    args = parser.parse_args()
+
+    peaks, floors = {}, {}
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.steps} "
+          f"step(s) per run; flags: {' '.join(args.loom_flags) or 'none'}")
+    for case in CASES:
+        if case.name not in args.cases:  # its floor needs only the file's header
+            path = args.models_dir / case.file_name
+            if path.exists():
+                floors[case.name] = floor_bytes(path, args.loom_flags)
+                print(f"  {case.name}: not run; floor {gb(floors[case.name])} GB")
+            continue
+        path = ensure_checkpoint(args.models_dir, case)
+        floors[case.name] = floor_bytes(path, args.loom_flags)
+        measurement = run_case(case, args.models_dir, args.steps, args.loom_flags, args.verbose)
+        peaks[case.name] = max(measurement.hwm, measurement.ru_maxrss)
+        print_case(case, measurement, floors[case.name])
+    figure = lambda table, name: f"{table[name] / GIB:.3f}" if name in table else "nan"  # noqa: E731
+    print(f"sd15_peak_gb={figure(peaks, 'sd15')} sdxl_peak_gb={figure(peaks, 'sdxl')} "
+          f"floor_sd15_gb={figure(floors, 'sd15')} floor_sdxl_gb={figure(floors, 'sdxl')}")
+
+
+if __name__ == "__main__":
+    main()
