@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine.events import timestamp_ms
+from engine.snapshot import PromptSnapshot
 from engine.sweep import SweepError, SweepItem, expand, rows_from_request
-from engine.validation import ValidationResult, validate_prompt
+from engine.validation import ValidationResult
 from engine.workflow import WorkflowFormatError, is_ui_format, to_api_prompt
-from web.jsonio import error_response, json_response, read_json, strict_text
+from web.jsonio import dumps, error_response, json_response, read_json, strict_text
 from web.queue import QueueItem
 from web.routing import ApiRoutes
 
@@ -37,6 +38,7 @@ class Submission:
     """A POSTed prompt after conversion and validation."""
 
     api: dict[str, Any]
+    api_text: str  # `api` as JSON
     extra_data: dict[str, Any]
     validation: ValidationResult
 
@@ -81,9 +83,10 @@ def prepare_submission(server: LoomServer, body: dict[str, Any]) -> Submission:
     if targets is not None and (not isinstance(targets, list)
                                 or not all(isinstance(t, (str, int)) for t in targets)):
         raise BadRequest("partial_execution_targets must be a list of output node ids")
-    validation = validate_prompt(api, server.registry, server.validation_services,
-                                 targets=[str(t) for t in targets] if targets else None)
-    return Submission(api, extra_data, validation)
+    snapshot = PromptSnapshot(api)
+    validation = server.validator.validate(
+        api, [str(t) for t in targets] if targets else None, snapshot)
+    return Submission(api, server.prompt_texts.text(api, snapshot), extra_data, validation)
 
 
 def queue_number(server: LoomServer, body: dict[str, Any]) -> int | float:
@@ -178,7 +181,8 @@ async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
     if "client_id" in body:
         extra_data["client_id"] = body["client_id"]
     extra_data["create_time"] = timestamp_ms()
-    item = QueueItem(number, prompt_id, submission.api, extra_data, validation.outputs)
+    item = QueueItem(number, prompt_id, submission.api, extra_data, validation.outputs,
+                     prompt_text=submission.api_text)
     server.worker.remember(prompt_id, validation.prompt, validation.outputs)
     try:
         server.queue.put(item)
@@ -259,8 +263,9 @@ def add_history_routes(routes: ApiRoutes, server: LoomServer) -> None:
     @routes.get("/history/{prompt_id}")
     async def get_history_entry(request: web.Request) -> web.Response:
         prompt_id = request.match_info["prompt_id"]
-        entry = server.history.entry(prompt_id)
-        return json_response({prompt_id: entry} if entry is not None else {})
+        entry = server.history.entry_text(prompt_id)  # sent as stored, not decoded and encoded
+        text = f"{{{dumps(prompt_id)}: {strict_text(entry)}}}" if entry is not None else "{}"
+        return web.Response(text=text, content_type="application/json")
 
     @routes.post("/history")
     async def post_history(request: web.Request) -> web.Response:
