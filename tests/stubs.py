@@ -180,8 +180,20 @@ class BadFingerprint(Node):
         return (value,)
 
 
+class Stamped(Node):
+    """Fingerprinted like a file-reading node: by services.extra["stamp"] (its file's mtime)."""
+
+    schema = NodeSchema("Stamped", (Int("value", 0, min=0, max=10),), (Output("INT"),))
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return ctx.services.extra.get("stamp", 0)
+
+    def execute(self, ctx: NodeContext, value: int) -> tuple[int]:
+        return (value + ctx.services.extra.get("stamp", 0),)
+
+
 STUB_TYPES = (BadFingerprint, Const, Add, Parity, Scale, Text, Show, Fail, Steps, Range, Total,
-              Switch, Random, Volatile, Even)
+              Switch, Random, Volatile, Even, Stamped)
 
 
 class Engine:

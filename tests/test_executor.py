@@ -297,6 +297,34 @@ def test_repeat_of_a_fully_cached_prompt_recomputes_no_key(engine: Engine,
     assert result.outputs == {"5": {"text": ["6.0"]}, "6": {"text": ["2"]}}
 
 
+def stamped() -> dict:
+    """1 fingerprinted (Stamped) -> 2 add with 3 const -> 4 show."""
+    return {"1": node("Stamped", value=1), "3": node("Const", value=2),
+            "2": node("Add", a=["1", 0], b=["3", 0]), "4": node("Show", x=["2", 0])}
+
+
+def test_repeat_with_unchanged_fingerprints_recomputes_no_key(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.run(stamped())
+
+    def no_key(*_: object) -> None:
+        raise AssertionError("the repeat should be answered from the last run's entries")
+
+    monkeypatch.setattr("engine.executor._PromptRun._key", no_key)
+    result, events = engine.run(stamped())
+    assert result.ok and events.executed_nodes() == []
+    assert result.outputs == {"4": {"text": ["3"]}}
+
+
+def test_repeat_with_a_changed_fingerprint_reruns_that_node_and_what_reads_it(
+        engine: Engine) -> None:
+    engine.run(stamped())
+    engine.services.extra["stamp"] = 5  # the file changed on disk
+    result, events = engine.run(stamped())
+    assert events.executed_nodes() == ["1", "2", "4"]
+    assert result.outputs == {"4": {"text": ["8"]}}
+
+
 def test_repeat_after_the_cache_was_cleared_runs_everything(engine: Engine) -> None:
     engine.run(diamond())
     engine.executor.cache.clear()

@@ -20,6 +20,7 @@ logger = logging.getLogger("loom.web.listener")
 # The messages a history entry's status keeps (as ComfyUI does).
 RECORDED = frozenset({"execution_start", "execution_cached", "execution_success",
                       "execution_error", "execution_interrupted"})
+CACHED_TIMING = {"seconds": 0.0, "cached": True}  # shared by every cached node's timing
 ENDINGS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
 
@@ -36,16 +37,17 @@ class SocketListener(ExecutionListener):
         self.timings: dict[str, dict[str, Any]] = {}
         self.states = ProgressStates(prompt_id, self._send_states, hub.call_later)
         self.current: dict[str, Any] | None = None  # the latest `executing` payload
-        self._finishing: tuple[str, bool] | None = None  # (node id, cached) awaiting its state
+        self._finishing: str | None = None  # a node that ran, awaiting its finished state
+        self._cached: set[str] = set()
 
     # -- ExecutionListener ------------------------------------------------------------------
     def event(self, name: str, data: dict[str, Any]) -> None:
         if name == "executing" and data.get("node") is None:
             return  # the end marker: the worker sends it after the final queue status
         finishing = self._finishing
-        ends_node = name == "executed" and finishing is not None and data["node"] == finishing[0]
+        ends_node = name == "executed" and finishing is not None and data["node"] == finishing
         if finishing is not None and not ends_node:
-            self._flush(shown=False)
+            self._flush()
         if name in ENDINGS:
             self.states.flush()
         if name in RECORDED:
@@ -59,13 +61,24 @@ class SocketListener(ExecutionListener):
         if name == "progress":
             self.states.announce()
         if ends_node:
-            self._flush(shown=True)
+            self._flush()
+        elif name == "executed" and data["node"] in self._cached:
+            self.states.set(data["node"], "finished", 1, 1)  # a cached node shows its output
 
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
-        self.timings[node_id] = {"seconds": round(seconds, 6), "cached": cached}
+        if cached:
+            self.nodes_cached(prompt_id, [node_id])
+            return
+        self.timings[node_id] = {"seconds": round(seconds, 6), "cached": False}
         if self._finishing is not None:
-            self._flush(shown=False)
-        self._finishing = (node_id, cached)
+            self._flush()
+        self._finishing = node_id
+
+    def nodes_cached(self, prompt_id: str, node_ids: list[str]) -> None:
+        if self._finishing is not None:
+            self._flush()
+        self.timings.update(dict.fromkeys(node_ids, CACHED_TIMING))
+        self._cached.update(node_ids)
 
     def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
         if not self.previews or self.client_id is None:
@@ -81,7 +94,7 @@ class SocketListener(ExecutionListener):
     def finish(self) -> None:
         """Send what is still held back (call once the executor returned)."""
         if self._finishing is not None:
-            self._flush(shown=False)
+            self._flush()
         self.states.flush()
 
     def send_end_marker(self) -> None:
@@ -90,14 +103,11 @@ class SocketListener(ExecutionListener):
         self.hub.send("executing", {"node": None, "prompt_id": self.prompt_id}, self.client_id)
 
     # -- progress_state ---------------------------------------------------------------------------
-    def _flush(self, shown: bool) -> None:
-        """Mark the node that just finished; a cached node counts only if it showed output."""
+    def _flush(self) -> None:
+        """Mark the node that just ran as finished."""
         assert self._finishing is not None
-        node_id, cached = self._finishing
-        self._finishing = None
-        if cached and not shown:
-            return
-        top = self.states.max_of(node_id) if not cached else 1
+        node_id, self._finishing = self._finishing, None
+        top = self.states.max_of(node_id)
         self.states.set(node_id, "finished", top, top)
 
     def _send_states(self, text: str) -> None:
