@@ -273,8 +273,14 @@ class _PromptRun:
         return sorted(need, key=self.rank.__getitem__)
 
     def _run_nodes(self, plan: list[str]) -> None:
-        for node_id in plan:
+        """Run the plan's nodes in order. A node with lazy inputs that asks for some not yet
+        evaluated waits on the stack while their plan runs (a loop, not a recursion, so a
+        chain of lazy nodes may be as deep as it likes)."""
+        stack = plan[::-1]  # the next node last
+        while stack:
+            node_id = stack[-1]
             if node_id in self.resolved:
+                stack.pop()
                 continue
             if self.ex.interrupt.is_set():
                 raise ExecutionInterrupted(node_id)
@@ -283,6 +289,10 @@ class _PromptRun:
             if entry is not None:  # early cutoff: an upstream re-ran and gave the same output
                 self._accept(node_id, key, entry)
                 self._announce_hits([node_id])
+                continue
+            wanted = self._lazy_inputs_wanted(node_id)
+            if wanted:
+                stack.extend(self._plan(wanted)[::-1])
                 continue
             entry = self._execute(node_id, key)
             self.ex.cache.put(key, entry)
@@ -328,10 +338,16 @@ class _PromptRun:
         return instance.fingerprint(self._context(node_id), **node.literals)
 
     def _structural_key(self, node_id: str) -> str:
-        """Key from the graph alone, for a lazy input that may not be evaluated."""
-        if node_id not in self.structural:
-            upstream = sorted(self.prompt.required_nodes([node_id]), key=self.rank.__getitem__)
-            structural_keys(self.prompt, upstream, self.ex.registry, self.structural)
+        """Key from the graph alone, for a lazy input that may not be evaluated (each node's is
+        worked out once per run, from those of its sources)."""
+        unknown, stack = set(), [node_id]
+        while stack:
+            current = stack.pop()
+            if current not in unknown and current not in self.structural:
+                unknown.add(current)
+                stack.extend(src for src, _ in self.prompt.nodes[current].links.values())
+        structural_keys(self.prompt, sorted(unknown, key=self.rank.__getitem__),
+                        self.ex.registry, self.structural)
         return self.structural[node_id]
 
     # -- running one node -------------------------------------------------------------------
@@ -356,11 +372,7 @@ class _PromptRun:
         except (ExecutionInterrupted, NodeExecutionError):
             raise
         except Exception as exc:  # noqa: BLE001 - any node failure fails the prompt, not us
-            node = facts.node
-            shown = {name: format_input_values(values)
-                     for name, values in self._gather_inputs(node_id, facts).items()
-                     if name in node.literals or name in node.links}
-            raise NodeExecutionError(node_id, node.class_type, exc, shown) from exc
+            raise self._failure(node_id, facts, exc) from exc
         seconds = time.perf_counter() - started
         self.result.executed.append(node_id)
         self.result.timings[node_id] = seconds
@@ -386,10 +398,7 @@ class _PromptRun:
                 kwargs[name] = values[0]
             else:
                 return call_once(instance, ctx, facts.schema, kwargs)
-        inputs = self._gather_inputs(node_id, facts)
-        if facts.lazy:
-            self._resolve_lazy(facts, instance, ctx, inputs)
-        return call_node(instance, ctx, facts.schema, inputs)
+        return call_node(instance, ctx, facts.schema, self._gather_inputs(node_id, facts))
 
     def _gather_inputs(self, node_id: str, facts: NodeFacts) -> dict[str, list[Any]]:
         """Every input as a list of values (ComfyUI list semantics); lazy ones left out."""
@@ -413,23 +422,34 @@ class _PromptRun:
             return self.prompt
         return self.extra_data.get(kind.lower())
 
-    def _resolve_lazy(self, facts: NodeFacts, instance: Node, ctx: NodeContext,
-                      inputs: dict[str, list[Any]]) -> None:
-        """Ask the node which lazy inputs it needs; evaluate those, until it needs no more."""
+    def _lazy_inputs_wanted(self, node_id: str) -> list[str]:
+        """Sources of the lazy inputs the node asks for (ComfyUI's check_lazy_status) that are
+        not evaluated yet; asked again each time those have been evaluated."""
+        facts = self.facts(node_id)
+        if not facts.lazy:
+            return []
         schema, links = facts.schema, facts.node.links
+        inputs = self._gather_inputs(node_id, facts)
         pending = {name for name in schema.lazy_inputs if name in links and name not in inputs}
-        while pending:
-            probe = {name: (values if schema.input_is_list else values[0])
-                     for name, values in inputs.items() if values}
-            probe.update({name: None for name in pending})
-            wanted = [n for n in instance.check_lazy(ctx, **probe) if n in pending]
-            if not wanted:
-                return
-            self._run_nodes(self._plan([links[name][0] for name in wanted]))
-            for name in wanted:
-                src, slot = links[name]
-                inputs[name] = self.resolved[src].outputs[slot]
-                pending.discard(name)
+        if not pending:
+            return []
+        probe = {name: (values if schema.input_is_list else values[0])
+                 for name, values in inputs.items() if values}
+        probe.update({name: None for name in pending})
+        instance = self.ex.instance(node_id, facts.node.class_type)
+        try:
+            asked = instance.check_lazy(self._context(node_id), **probe)
+        except Exception as exc:  # noqa: BLE001 - any node failure fails the prompt, not us
+            raise self._failure(node_id, facts, exc) from exc
+        return [links[name][0] for name in asked if name in pending]
+
+    def _failure(self, node_id: str, facts: NodeFacts, exc: Exception) -> NodeExecutionError:
+        """The node's failure, with the inputs it had (as execution_error shows them)."""
+        node = facts.node
+        shown = {name: format_input_values(values)
+                 for name, values in self._gather_inputs(node_id, facts).items()
+                 if name in node.literals or name in node.links}
+        return NodeExecutionError(node_id, node.class_type, exc, shown)
 
     # -- endings ----------------------------------------------------------------------------
     def _report_error(self, failure: NodeExecutionError) -> None:
