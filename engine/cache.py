@@ -71,8 +71,7 @@ class OutputCache:
         if self.policy == "none":
             self.clear()
         elif self.policy == "classic":
-            keep = set(used_keys)
-            for key in [k for k in self._entries if k not in keep]:
+            for key in self._entries.keys() - set(used_keys):
                 self._drop(key)
 
     def clear(self) -> None:

@@ -82,7 +82,7 @@ class Executor:
         self.cache = cache if cache is not None else OutputCache("classic")
         self.interrupt = interrupt if interrupt is not None else InterruptFlag()
         self.keys = CacheKeys(registry)
-        self._instances: dict[tuple[str, str], Node] = {}
+        self._instances: dict[str, tuple[str, Node]] = {}  # node id -> (class, instance)
         self._shared: dict[str, Node] = {}
         self._last_run: _RunRecord | None = None
 
@@ -100,21 +100,22 @@ class Executor:
         node = self._shared.get(class_type)
         if node is not None:
             return node
-        key = (node_id, class_type)
-        node = self._instances.get(key)
-        if node is None:
-            node_type = self.registry.get(class_type)
-            node = node_type()
-            if node_type.per_node_instance:
-                self._instances[key] = node
-            else:
-                self._shared[class_type] = node
+        known = self._instances.get(node_id)
+        if known is not None and known[0] == class_type:
+            return known[1]
+        node_type = self.registry.get(class_type)
+        node = node_type()
+        if node_type.per_node_instance:
+            self._instances[node_id] = (class_type, node)
+        else:
+            self._shared[class_type] = node
         return node
 
     def forget_instances(self, keep: set[str]) -> None:
         """Drop node instances and key memory of nodes outside `keep`."""
-        for key in [k for k in self._instances if k[0] not in keep]:
-            del self._instances[key]
+        if not self._instances.keys() <= keep:
+            for node_id in [n for n in self._instances if n not in keep]:
+                del self._instances[node_id]
         self.keys.forget(keep)
 
 

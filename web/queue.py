@@ -143,10 +143,13 @@ class PromptQueue:
                 db.execute("UPDATE queue SET running = 1 WHERE seq = ?", (row[0],))
             self._changed()
             item = self._queued.pop(row[1], None)
-        return item if item is not None else QueueItem.from_json(json.loads(row[2]), row[2])
+            if item is None:  # queued before a restart
+                text = self.store.rows("SELECT item FROM queue WHERE seq = ?", (row[0],))[0][0]
+                item = QueueItem.from_json(json.loads(text), text)
+        return item
 
-    def _next_pending(self) -> tuple[int, str, str] | None:
-        rows = self.store.rows("SELECT seq, prompt_id, item FROM queue WHERE running = 0 "
+    def _next_pending(self) -> tuple[int, str] | None:
+        rows = self.store.rows("SELECT seq, prompt_id FROM queue WHERE running = 0 "
                                "ORDER BY front DESC, number, seq LIMIT 1")
         return rows[0] if rows else None
 
