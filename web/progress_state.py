@@ -4,7 +4,7 @@ running/finished state, sent again when one of them changes.
 Each message lists every node, so sending one per change costs O(n^2) over a run of n nodes
 (ComfyUI pays that: minutes for a 10k-node graph). A client replaces its state with each message,
 so a message skipped is lost once a later one arrives. Messages are sent as long as the entries
-sent stay within ALLOWANCE + ENTRIES_PER_CHANGE x changes (a prompt of up to ~60 nodes gets every
+sent stay within ALLOWANCE + ENTRIES_PER_CHANGE x changes (a prompt of up to ~120 nodes gets every
 message, as from ComfyUI); a skipped one is sent at the next change that fits the budget, when
 the prompt ends, or STALE_DELAY_S later, whichever comes first. Entries are encoded once per
 change and joined, so a message costs a copy of its text."""
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from web.store import dumps
 
-ALLOWANCE = 4096
+ALLOWANCE = 16384
 ENTRIES_PER_CHANGE = 8
 STALE_DELAY_S = 0.05  # a node that starts after a skipped message shows within this time
 
