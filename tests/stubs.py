@@ -181,15 +181,20 @@ class BadFingerprint(Node):
 
 
 class Stamped(Node):
-    """Fingerprinted like a file-reading node: by services.extra["stamp"] (its file's mtime)."""
+    """Fingerprinted like a file-reading node: by the number in input/stamp.txt (0 if none)."""
 
     schema = NodeSchema("Stamped", (Int("value", 0, min=0, max=10),), (Output("INT"),))
 
+    @staticmethod
+    def stamp(ctx: NodeContext) -> int:
+        path = ctx.paths.input / "stamp.txt"
+        return int(path.read_text()) if path.exists() else 0
+
     def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
-        return ctx.services.extra.get("stamp", 0)
+        return self.stamp(ctx)
 
     def execute(self, ctx: NodeContext, value: int) -> tuple[int]:
-        return (value + ctx.services.extra.get("stamp", 0),)
+        return (value + self.stamp(ctx),)
 
 
 STUB_TYPES = (BadFingerprint, Const, Add, Parity, Scale, Text, Show, Fail, Steps, Range, Total,

@@ -319,7 +319,8 @@ def test_repeat_with_unchanged_fingerprints_recomputes_no_key(
 def test_repeat_with_a_changed_fingerprint_reruns_that_node_and_what_reads_it(
         engine: Engine) -> None:
     engine.run(stamped())
-    engine.services.extra["stamp"] = 5  # the file changed on disk
+    engine.services.paths.input.mkdir(parents=True, exist_ok=True)
+    (engine.services.paths.input / "stamp.txt").write_text("5")  # the file changed on disk
     result, events = engine.run(stamped())
     assert events.executed_nodes() == ["1", "2", "4"]
     assert result.outputs == {"4": {"text": ["8"]}}
