@@ -440,6 +440,8 @@ class _PromptRun:
         instance = self.ex.instance(node_id, facts.node.class_type)
         try:
             asked = instance.check_lazy(self._context(node_id), **probe)
+        except ExecutionInterrupted:
+            raise
         except Exception as exc:  # noqa: BLE001 - any node failure fails the prompt, not us
             raise self._failure(node_id, facts, exc) from exc
         return [links[name][0] for name in asked if name in pending]
