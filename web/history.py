@@ -2,7 +2,8 @@
 
 An entry is what GET /history returns per prompt id: `prompt` (the queue item), `outputs` (UI
 dict per output node), `status` {status_str, completed, messages}, `meta` per output node, plus
-Loom's `timings` (seconds and cached flag per node)."""
+Loom's `timings`: seconds per node that ran ({"seconds", "cached": false}); the nodes answered
+from the cache are those the `execution_cached` message of `status.messages` lists."""
 
 from __future__ import annotations
 

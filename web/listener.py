@@ -20,7 +20,6 @@ logger = logging.getLogger("loom.web.listener")
 # The messages a history entry's status keeps (as ComfyUI does).
 RECORDED = frozenset({"execution_start", "execution_cached", "execution_success",
                       "execution_error", "execution_interrupted"})
-CACHED_TIMING = {"seconds": 0.0, "cached": True}  # shared by every cached node's timing
 ENDINGS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
 
@@ -38,7 +37,6 @@ class SocketListener(ExecutionListener):
         self.states = ProgressStates(prompt_id, self._send_states, hub.call_later)
         self.current: dict[str, Any] | None = None  # the latest `executing` payload
         self._finishing: str | None = None  # a node that ran, awaiting its finished state
-        self._cached: set[str] = set()
 
     # -- ExecutionListener ------------------------------------------------------------------
     def event(self, name: str, data: dict[str, Any]) -> None:
@@ -62,23 +60,19 @@ class SocketListener(ExecutionListener):
             self.states.announce()
         if ends_node:
             self._flush()
-        elif name == "executed" and data["node"] in self._cached:
-            self.states.set(data["node"], "finished", 1, 1)  # a cached node shows its output
+        elif name == "executed":  # from a cached node (a node that ran is `finishing`)
+            self.states.set(data["node"], "finished", 1, 1)
 
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
         if cached:
-            self.nodes_cached(prompt_id, [node_id])
-            return
+            return  # see nodes_cached
         self.timings[node_id] = {"seconds": round(seconds, 6), "cached": False}
         if self._finishing is not None:
             self._flush()
         self._finishing = node_id
 
     def nodes_cached(self, prompt_id: str, node_ids: list[str]) -> None:
-        if self._finishing is not None:
-            self._flush()
-        self.timings.update(dict.fromkeys(node_ids, CACHED_TIMING))
-        self._cached.update(node_ids)
+        """No timings for them: the history's `execution_cached` message names them."""
 
     def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
         if not self.previews or self.client_id is None:

@@ -60,17 +60,29 @@ class QueueItem:
 
 
 class PromptTexts:
-    """The JSON text of the latest prompt submitted: the same prompt posted again (the editor's
-    re-run) is stored without being encoded again. One caller at a time."""
+    """The JSON text of the latest prompt submitted, node by node: the same prompt posted again
+    (the editor's re-run) is stored without being encoded again, and a prompt with a few nodes
+    changed has only those encoded. One caller at a time."""
 
     def __init__(self) -> None:
         self._snapshot: PromptSnapshot | None = None
+        self._nodes: dict[str, str] = {}  # node id -> its `"id": {...}` text
         self._text = ""
 
     def text(self, api: dict[str, Any], snapshot: PromptSnapshot) -> str:
-        """`api` as JSON; `snapshot` is its PromptSnapshot."""
-        if not snapshot.same_as(self._snapshot):
-            self._text, self._snapshot = dumps(api), snapshot
+        """`api` (node ids as strings) as JSON; `snapshot` is its PromptSnapshot."""
+        last = self._snapshot
+        if snapshot.same_as(last):
+            return self._text
+        known = self._nodes if last is not None else {}
+        nodes = {}
+        for node_id, body in api.items():
+            text = known.get(node_id)
+            if text is None or last is None or not snapshot.unchanged(node_id, last):
+                text = f"{dumps(node_id)}: {dumps(body)}"
+            nodes[node_id] = text
+        self._snapshot, self._nodes = snapshot, nodes
+        self._text = f"{{{', '.join(nodes.values())}}}"
         return self._text
 
 

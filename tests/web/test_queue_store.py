@@ -158,3 +158,11 @@ def test_the_same_prompt_again_reuses_its_text_and_a_changed_one_is_encoded() ->
     assert texts.text(again, PromptSnapshot(again)) is first
     changed = {"1": {"class_type": "X", "inputs": {"v": 2}}}
     assert json.loads(texts.text(changed, PromptSnapshot(changed))) == changed
+
+
+def test_a_prompt_with_one_node_changed_is_stored_as_the_new_prompt() -> None:
+    texts = PromptTexts()
+    api = {str(i): {"class_type": "X", "inputs": {"v": i}} for i in range(5)}
+    texts.text(api, PromptSnapshot(api))
+    changed = {**api, "3": {"class_type": "X", "inputs": {"v": 30}}}
+    assert json.loads(texts.text(changed, PromptSnapshot(changed))) == changed

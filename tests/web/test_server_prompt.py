@@ -95,6 +95,18 @@ def test_history_entry_has_comfyui_shape_and_timings(server: ServerProcess) -> N
     assert entry["timings"]["1"]["cached"] is False
 
 
+def test_a_cached_re_run_times_no_node_and_names_the_cached_ones_once(
+        server: ServerProcess) -> None:
+    workflow = value_workflow(41)
+    run_recorded(server, workflow)
+    prompt_id, _, _ = run_recorded(server, workflow)
+    entry = wait_history(server, prompt_id)
+    assert entry["timings"] == {}
+    cached = [data for name, data in entry["status"]["messages"] if name == "execution_cached"]
+    assert [sorted(data["nodes"]) for data in cached] == [["1", "3"]]
+    assert entry["outputs"]["3"] == {"text": ["value=41"]}
+
+
 def test_editor_format_runs_and_its_graph_is_written_into_the_png(server: ServerProcess) -> None:
     workflow = editor_image_workflow(32, "editor/run")
     prompt_id, events, _ = run_recorded(server, workflow)
