@@ -12,8 +12,7 @@ from __future__ import annotations
 import time
 import traceback
 import uuid
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.cache import CacheEntry, OutputCache
@@ -51,24 +50,32 @@ class ExecutionResult:
     cached: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     error: dict[str, Any] | None = None
-    values: dict[str, list[list[Any]]] = field(default_factory=dict)
+    resolved: dict[str, CacheEntry] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.status == "success"
 
+    @property
+    def values(self) -> dict[str, Outputs]:
+        """Per node that ran or was cached, its output values (per slot, a list)."""
+        return {node_id: entry.outputs for node_id, entry in self.resolved.items()}
+
 
 @dataclass(frozen=True)
 class _RunRecord:
     """A prompt that ended with every node resolved and no node lazy, non-idempotent or always
-    changed: the cache entries it used (weakly: the cache decides what lives) and the
-    fingerprints it saw (their repr)."""
+    changed: each node's key, the fingerprints it saw (their repr), and the version of the cache
+    once it ended (the same version later: the cache still holds the same entries)."""
 
     nodes: dict[str, PromptNode]
     outputs: tuple[str, ...]
     reachable: set[str]
-    steps: tuple[tuple[str, str, weakref.ref[CacheEntry]], ...]  # (node, key, entry) in order
+    node_ids: tuple[str, ...]  # in order
+    keys: tuple[str, ...]
+    shown: tuple[str, ...]  # output nodes with a UI dict
     fingerprints: tuple[tuple[str, str], ...]
+    cache_version: int = -1
 
 
 class Executor:
@@ -85,6 +92,7 @@ class Executor:
         self._instances: dict[str, tuple[str, Node]] = {}  # node id -> (class, instance)
         self._shared: dict[str, Node] = {}
         self._last_run: _RunRecord | None = None
+        self._kept: set[str] | None = None  # what forget_instances kept last
 
     def execute(self, prompt: Prompt, outputs: list[str], *, prompt_id: str | None = None,
                 extra_data: dict[str, Any] | None = None,
@@ -113,6 +121,9 @@ class Executor:
 
     def forget_instances(self, keep: set[str]) -> None:
         """Drop node instances and key memory of nodes outside `keep`."""
+        if keep is self._kept:
+            return  # the nodes of the last run again: nothing new to forget
+        self._kept = keep
         if not self._instances.keys() <= keep:
             for node_id in [n for n in self._instances if n not in keep]:
                 del self._instances[node_id]
@@ -163,11 +174,13 @@ class _PromptRun:
         self.emit("execution_start", timestamp=timestamp_ms())
         replay = self._replayable_record()
         reachable = replay[0].reachable if replay else self.prompt.required_nodes(self.outputs)
+        record = None
         try:
             if replay is not None:
                 self._replay(*replay)
+                record = replay[0]
             else:
-                self._run_in_order(reachable)
+                record = self._run_in_order(reachable)
             self.emit("execution_success", timestamp=timestamp_ms())
         except NodeExecutionError as failure:
             self._report_error(failure)
@@ -177,28 +190,31 @@ class _PromptRun:
             self.ex.cache.end_prompt(self.used_keys)
             self.ex.forget_instances(reachable)
             self.emit("executing", node=None)
-        self.result.values = {n: e.outputs for n, e in self.resolved.items()}
+        if record is not None:
+            self.ex._last_run = replace(record, cache_version=self.ex.cache.version)
+        self.result.resolved = self.resolved
         return self.result
 
-    def _run_in_order(self, reachable: set[str]) -> None:
+    def _run_in_order(self, reachable: set[str]) -> _RunRecord | None:
+        """Look up and run the nodes; the run's record if a repeat can replay it."""
         self.ex._last_run = None
         order = self.prompt.order_for(self.outputs, self.ex.services.graph_planner)
         self.rank = {node_id: i for i, node_id in enumerate(order)}
         self._precache(order)
         self._run_nodes(self._plan(self.outputs, order))
-        if self.replayable and len(self.resolved) == len(order):
-            steps = tuple((node_id, self.keys[node_id], weakref.ref(self.resolved[node_id]))
-                          for node_id in order)
-            self.ex._last_run = _RunRecord(self.prompt.nodes, tuple(self.outputs), reachable,
-                                           steps, tuple(self.fingerprints.items()))
+        if not self.replayable or len(self.resolved) != len(order):
+            return None
+        return _RunRecord(self.prompt.nodes, tuple(self.outputs), reachable, tuple(order),
+                          tuple(map(self.keys.__getitem__, order)), tuple(self.result.outputs),
+                          tuple(self.fingerprints.items()))
 
     # -- replaying the previous run ---------------------------------------------------------
     def _replayable_record(self) -> tuple[_RunRecord, list[CacheEntry]] | None:
         """The previous run's record and the entries it used, if this prompt repeats it and it
-        still holds: the same nodes, the same fingerprints, every entry still in the cache."""
+        still holds: the same nodes, the same fingerprints, the cache as that run left it."""
         record = self.ex._last_run
-        if (record is None or record.outputs != tuple(self.outputs)
-                or record.nodes != self.prompt.nodes):
+        if (record is None or record.cache_version != self.ex.cache.version
+                or record.outputs != tuple(self.outputs) or record.nodes != self.prompt.nodes):
             return None
         try:
             if any(repr(self._fingerprint(node_id)) != seen
@@ -206,17 +222,15 @@ class _PromptRun:
                 return None
         except Exception:  # noqa: BLE001 - the normal path reports a failing fingerprint
             return None
-        entries = [self.ex.cache.get(key) for _, key, _ in record.steps]
-        if any(entry is None or entry is not used() for entry, (_, _, used)
-               in zip(entries, record.steps, strict=True)):
-            return None  # evicted or recomputed since
-        return record, entries  # type: ignore[return-value]  # no None left
+        entries = self.ex.cache.get_many(record.keys)
+        return (record, entries) if entries is not None else None
 
     def _replay(self, record: _RunRecord, entries: list[CacheEntry]) -> None:
-        for (node_id, key, _), entry in zip(record.steps, entries, strict=True):
-            self._accept(node_id, key, entry)
+        self.resolved = dict(zip(record.node_ids, entries, strict=True))
+        self.keys = dict(zip(record.node_ids, record.keys, strict=True))
+        self.used_keys = set(record.keys)
         self.fingerprints = dict(record.fingerprints)
-        self._announce_hits(list(self.resolved))
+        self._announce_hits(list(record.node_ids), record.shown)
 
     # -- cache hits -------------------------------------------------------------------------
     def _precache(self, order: list[str]) -> None:
@@ -239,17 +253,20 @@ class _PromptRun:
                 hits.append(node_id)
         self._announce_hits(hits)
 
-    def _announce_hits(self, hits: list[str]) -> None:
-        """One `execution_cached` for all hits, then `executed` for those showing output."""
+    def _announce_hits(self, hits: list[str], shown: tuple[str, ...] | None = None) -> None:
+        """One `execution_cached` for all hits, then `executed` for those showing output
+        (`shown`, when known)."""
         self.result.cached.extend(hits)
         self.emit("execution_cached", nodes=hits, timestamp=timestamp_ms())
         if not self.silent:
             self.listener.nodes_cached(self.prompt_id, hits)
-        for node_id in hits:
+        if shown is None:
+            shown = tuple(node_id for node_id in hits if self.resolved[node_id].ui is not None
+                          and self.facts(node_id).schema.output_node)
+        for node_id in shown:
             ui = self.resolved[node_id].ui
-            if ui is not None and self.facts(node_id).schema.output_node:
-                self.result.outputs[node_id] = ui
-                self.emit("executed", node=node_id, display_node=node_id, output=ui)
+            self.result.outputs[node_id] = ui
+            self.emit("executed", node=node_id, display_node=node_id, output=ui)
 
     def _accept(self, node_id: str, key: str, entry: CacheEntry) -> None:
         self.resolved[node_id] = entry

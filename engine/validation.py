@@ -4,6 +4,7 @@ class_type}}}. Each step is a named function; `validate_prompt` runs them in ord
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import traceback
@@ -302,6 +303,7 @@ class _Verdicts:
     targets: tuple[str, ...] | None
     outputs: list[str]
     lasting: dict[str, PromptNode]
+    rechecked: list[str]  # the other nodes the outputs need: checked for every prompt
 
 
 class PromptValidator:
@@ -337,10 +339,12 @@ class PromptValidator:
         if not all(type(node_id) is str for node_id in api):
             api = {str(node_id): body for node_id, body in api.items()}
         snapshot = snapshot if snapshot is not None else PromptSnapshot(api)
+        last = self._last
+        if last is not None and last.targets == targets and snapshot.same_as(last.snapshot):
+            return self._validate_again(api, snapshot, last)
         reused, same_shape = self._reusable(api, snapshot)
         prompt = Prompt.parse(api, known=reused)
         out = _Collector(prompt)
-        last = self._last
         if same_shape and last is not None and last.targets == targets:
             prompt.adopt_plans(last.prompt)  # same nodes and links: same order, same outputs
             unknown: list[str] = []
@@ -360,6 +364,24 @@ class PromptValidator:
         result = _summarise(prompt, outputs, unknown, out)
         self._remember(snapshot, prompt, targets, outputs, unknown, reused, checked, out)
         return result
+
+    def _validate_again(self, api: dict[str, Any], snapshot: PromptSnapshot,
+                        last: _Verdicts) -> ValidationResult:
+        """The last prompt again: only the nodes checked every time are checked."""
+        nodes = dict(last.prompt.nodes)
+        for node_id in last.rechecked:
+            nodes[node_id] = parse_node(node_id, api[node_id])
+        prompt = Prompt(nodes=nodes, raw=dict(api))
+        prompt.adopt_plans(last.prompt)
+        out = _Collector(prompt)
+        validate_acyclic(prompt, last.outputs, out, self.services.graph_planner)
+        for node_id in last.rechecked:
+            node = nodes[node_id]
+            node_type = self.registry.get(node.class_type)
+            if node_type is not None:
+                validate_node(node, node_type, prompt, self.registry, self.services, out)
+        self._last = dataclasses.replace(last, snapshot=snapshot, prompt=prompt)
+        return _summarise(prompt, list(last.outputs), [], out)
 
     def _reusable(self, api: dict[str, Any],
                   snapshot: PromptSnapshot) -> tuple[dict[str, PromptNode], bool]:
@@ -395,12 +417,15 @@ class PromptValidator:
             self._last = None  # the next prompt is checked in full
             return
         lasting = dict(reused)
+        rechecked = []
         for node_id in checked:
             node = prompt.nodes[node_id]
             node_type = self.registry.get(node.class_type)
             if node_id not in out.errors and node_type is not None and self._lasts(node_type):
                 lasting[node_id] = node
-        self._last = _Verdicts(snapshot, prompt, targets, outputs, lasting)
+            else:
+                rechecked.append(node_id)
+        self._last = _Verdicts(snapshot, prompt, targets, outputs, lasting, rechecked)
 
     def _lasts(self, node_type: type[Node]) -> bool:
         """Whether a node's verdict depends on its body alone (memoised per type)."""

@@ -122,3 +122,9 @@ def test_an_unknown_node_added_later_is_reported(validator: PromptValidator) -> 
     grown = {**chain(5), "4": node("Missing"), "5": node("Show", x=["4", 0])}
     result = validator.validate(grown)
     assert result.node_errors["4"]["errors"][0]["type"] == "missing_node_type"
+
+
+def test_a_failing_prompt_posted_again_fails_again(validator: PromptValidator) -> None:
+    first = validator.validate(chain(5000))
+    again = validator.validate(chain(5000))
+    assert not again.ok and again.node_errors == first.node_errors

@@ -35,6 +35,7 @@ from web import (
 from web.comfy_server import PackPromptServer
 from web.history import DEFAULT_MAX_ITEMS, History
 from web.queue import PromptQueue, PromptTexts
+from web.routes_prompt import LastRequest
 from web.routing import ApiRoutes
 from web.store import Store
 from web.websocket import SocketHub
@@ -73,6 +74,7 @@ class LoomServer:
         # Both used on that thread only: they remember the latest prompt.
         self.validator = PromptValidator(registry, self.validation_services)
         self.prompt_texts = PromptTexts()
+        self.last_request = LastRequest()
 
     def object_info(self) -> dict[str, Any]:
         return self.registry.object_info(self.services)
