@@ -97,15 +97,21 @@ def output_identity(values: list[Any], key: str, slot: int) -> Any:
     return ("v", digest) if digest is not None else ("k", key, slot)
 
 
-def structural_keys(prompt: Prompt, node_ids: list[str], registry: NodeRegistry,
-                    known: dict[str, str]) -> None:
-    """Keys from the graph alone (no output contents), for lazy inputs not evaluated yet:
-    adds one to `known` for each of `node_ids`, given in dependency order."""
-    for node_id in node_ids:
-        if node_id in known:
-            continue
-        node = prompt.nodes[node_id]
+def structural_key(prompt: Prompt, node_id: str, rank: dict[str, int],
+                   registry: NodeRegistry, known: dict[str, str]) -> str:
+    """A key from the graph alone (no output contents), for a lazy input not evaluated yet.
+    `known` holds those worked out so far (each node's once, from its sources'); `rank` is each
+    node's place in the run's order."""
+    unknown, stack = set(), [node_id]
+    while stack:
+        current = stack.pop()
+        if current not in unknown and current not in known:
+            unknown.add(current)
+            stack.extend(src for src, _ in prompt.nodes[current].links.values())
+    for current in sorted(unknown, key=rank.__getitem__):
+        node = prompt.nodes[current]
         links = tuple((name, known[src], slot) for name, (src, slot) in sorted(node.links.items()))
         node_type = registry.get(node.class_type)
         version = node_type.schema.version if node_type is not None else None
-        known[node_id] = stable_key((node.class_type, version, node.literals, links))
+        known[current] = stable_key((node.class_type, version, node.literals, links))
+    return known[node_id]

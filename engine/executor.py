@@ -3,9 +3,9 @@ need, in topological order, each looked up in the output cache by its structural
 (engine/cache_keys.py), and every step reported to a listener.
 
 Two shortcuts keep the editor's re-runs cheap: nodes whose inputs are all known are looked up
-before anything runs (their hits are announced in one `execution_cached` event), and a prompt
-equal to the previous one, whose fingerprints are unchanged, is answered from the cache entries
-the previous run used, without computing a key."""
+before anything runs (their hits are announced in one `execution_cached` event), and what the
+previous run recorded (engine/run_record.py) spares recomputing the keys of unchanged nodes,
+or replays the whole run when the prompt is the same again."""
 
 from __future__ import annotations
 
@@ -13,17 +13,19 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from typing import Any
 
 from engine.cache import CacheEntry, OutputCache
-from engine.cache_keys import CacheKeys, NodeFacts, output_identity, structural_keys
+from engine.cache_keys import CacheKeys, NodeFacts, output_identity, structural_key
 from engine.context import ExecutionInterrupted, InterruptFlag, NodeContext, Services
 from engine.events import ExecutionListener, timestamp_ms
 from engine.gc_scope import older_objects_frozen
-from engine.graph import Prompt, PromptNode
+from engine.graph import Prompt
 from engine.node import ALWAYS_CHANGED, Node
 from engine.node_call import Outputs, call_node, call_once, format_input_values
 from engine.registry import NodeRegistry
+from engine.run_record import RunRecord
 
 
 class NodeExecutionError(Exception):
@@ -62,22 +64,6 @@ class ExecutionResult:
         return {node_id: entry.outputs for node_id, entry in self.resolved.items()}
 
 
-@dataclass(frozen=True)
-class _RunRecord:
-    """A prompt that ended with every node resolved and no node lazy, non-idempotent or always
-    changed: each node's key, the fingerprints it saw (their repr), and the version of the cache
-    once it ended (the same version later: the cache still holds the same entries)."""
-
-    nodes: dict[str, PromptNode]
-    outputs: tuple[str, ...]
-    reachable: set[str]
-    node_ids: tuple[str, ...]  # in order
-    keys: tuple[str, ...]
-    shown: tuple[str, ...]  # output nodes with a UI dict
-    fingerprints: tuple[tuple[str, str], ...]
-    cache_version: int = -1
-
-
 class Executor:
     """Long-lived: owns the output cache, the node instances and the key memory across
     prompts."""
@@ -91,7 +77,7 @@ class Executor:
         self.keys = CacheKeys(registry)
         self._instances: dict[str, tuple[str, Node]] = {}  # node id -> (class, instance)
         self._shared: dict[str, Node] = {}
-        self._last_run: _RunRecord | None = None
+        self._last_run: RunRecord | None = None
         self._kept: set[str] | None = None  # what forget_instances kept last
 
     def execute(self, prompt: Prompt, outputs: list[str], *, prompt_id: str | None = None,
@@ -150,7 +136,7 @@ class _PromptRun:
         self.nonce = uuid.uuid4().hex
         self.rank: dict[str, int] = {}
         self._facts: dict[str, NodeFacts] = {}
-        self.replayable = True  # see _RunRecord
+        self.replayable = True  # see RunRecord
         # A listener that ignores events needs none built (saves time on huge graphs).
         self.silent = (type(listener).event is ExecutionListener.event
                        and type(listener).node_finished is ExecutionListener.node_finished)
@@ -195,63 +181,83 @@ class _PromptRun:
         self.result.resolved = self.resolved
         return self.result
 
-    def _run_in_order(self, reachable: set[str]) -> _RunRecord | None:
+    def _run_in_order(self, reachable: set[str]) -> RunRecord | None:
         """Look up and run the nodes; the run's record if a repeat can replay it."""
-        self.ex._last_run = None
+        last, self.ex._last_run = self.ex._last_run, None
         order = self.prompt.order_for(self.outputs, self.ex.services.graph_planner)
         self.rank = {node_id: i for i, node_id in enumerate(order)}
-        self._precache(order)
+        self._precache(order, last if last is not None and last.holds(self.ex.cache) else None)
         self._run_nodes(self._plan(self.outputs, order))
         if not self.replayable or len(self.resolved) != len(order):
             return None
-        return _RunRecord(self.prompt.nodes, tuple(self.outputs), reachable, tuple(order),
-                          tuple(map(self.keys.__getitem__, order)), tuple(self.result.outputs),
-                          tuple(self.fingerprints.items()))
+        return RunRecord(self.prompt.nodes, tuple(self.outputs), reachable, tuple(order),
+                         tuple(map(self.keys.__getitem__, order)), tuple(self.result.outputs),
+                         self.fingerprints)
 
     # -- replaying the previous run ---------------------------------------------------------
-    def _replayable_record(self) -> tuple[_RunRecord, list[CacheEntry]] | None:
+    def _replayable_record(self) -> tuple[RunRecord, list[CacheEntry]] | None:
         """The previous run's record and the entries it used, if this prompt repeats it and it
         still holds: the same nodes, the same fingerprints, the cache as that run left it."""
         record = self.ex._last_run
-        if (record is None or record.cache_version != self.ex.cache.version
-                or record.outputs != tuple(self.outputs) or record.nodes != self.prompt.nodes):
-            return None
-        try:
-            if any(repr(self._fingerprint(node_id)) != seen
-                   for node_id, seen in record.fingerprints):
-                return None
-        except Exception:  # noqa: BLE001 - the normal path reports a failing fingerprint
+        if (record is None or not record.holds(self.ex.cache)
+                or not record.repeated_by(self.prompt.nodes, self.outputs)
+                or not all(map(self._same_fingerprint, record.fingerprints, repeat(record)))):
             return None
         entries = self.ex.cache.get_many(record.keys)
         return (record, entries) if entries is not None else None
 
-    def _replay(self, record: _RunRecord, entries: list[CacheEntry]) -> None:
+    def _replay(self, record: RunRecord, entries: list[CacheEntry]) -> None:
         self.resolved = dict(zip(record.node_ids, entries, strict=True))
-        self.keys = dict(zip(record.node_ids, record.keys, strict=True))
+        self.keys = dict(record.key_of)
         self.used_keys = set(record.keys)
         self.fingerprints = dict(record.fingerprints)
         self._announce_hits(list(record.node_ids), record.shown)
 
+    def _same_fingerprint(self, node_id: str, record: RunRecord) -> bool:
+        """Whether the node's fingerprint is the recorded one (False if it fails: the normal
+        path reports that)."""
+        try:
+            fingerprint = repr(self._fingerprint(node_id))
+        except Exception:  # noqa: BLE001 - reported when the node's key is computed
+            return False
+        self.fingerprints[node_id] = fingerprint
+        return record.fingerprints.get(node_id) == fingerprint
+
     # -- cache hits -------------------------------------------------------------------------
-    def _precache(self, order: list[str]) -> None:
-        """Resolve from the cache every node whose inputs are all known and whose key hits."""
+    def _precache(self, order: list[str], last: RunRecord | None) -> None:
+        """Resolve from the cache every node whose inputs are all known and whose key hits;
+        a node unchanged since `last` (which still holds), with all its sources, keeps its
+        recorded key."""
         hits = []
         resolved = self.resolved
+        kept: set[str] = set()  # nodes whose recorded key holds
         for node_id in order:
             facts = self.facts(node_id)
             lazy = facts.lazy
             if any(src not in resolved for name, src, _ in facts.links if name not in lazy):
                 continue  # an input must be computed first, so this node cannot be a hit yet
-            try:
-                key = self._key(node_id)
-            except Exception:  # noqa: BLE001 - a failing fingerprint is re-raised when it runs
-                continue
+            key = self._kept_key(facts, last, kept) if last is not None else None
+            if key is None:
+                try:
+                    key = self._key(node_id)
+                except Exception:  # noqa: BLE001 - a failing fingerprint is re-raised later
+                    continue
             self.keys[node_id] = key
             entry = self.ex.cache.get(key)
             if entry is not None:
                 self._accept(node_id, key, entry)
                 hits.append(node_id)
         self._announce_hits(hits)
+
+    def _kept_key(self, facts: NodeFacts, last: RunRecord, kept: set[str]) -> str | None:
+        """The node's recorded key, if it still holds (adding the node to `kept`)."""
+        node_id = facts.node.node_id
+        if (node_id in last.key_of and all(src in kept for _, src, _ in facts.links)
+                and last.unchanged(facts.node)
+                and (not facts.fingerprinted or self._same_fingerprint(node_id, last))):
+            kept.add(node_id)
+            return last.key_of[node_id]
+        return None
 
     def _announce_hits(self, hits: list[str], shown: tuple[str, ...] | None = None) -> None:
         """One `execution_cached` for all hits, then `executed` for those showing output
@@ -333,8 +339,10 @@ class _PromptRun:
         facts = self.facts(node_id)
         upstream = []
         for name, src, slot in facts.links:
-            if name in facts.lazy:
-                upstream.append((name, "s", self._structural_key(src), slot))
+            if name in facts.lazy:  # may never be evaluated: its key from the graph alone
+                upstream.append((name, "s", structural_key(self.prompt, src, self.rank,
+                                                           self.ex.registry, self.structural),
+                                 slot))
                 continue
             entry = self.resolved.get(src)
             if entry is None:
@@ -354,19 +362,6 @@ class _PromptRun:
         node = self.prompt.nodes[node_id]
         instance = self.ex.instance(node_id, node.class_type)
         return instance.fingerprint(self._context(node_id), **node.literals)
-
-    def _structural_key(self, node_id: str) -> str:
-        """Key from the graph alone, for a lazy input that may not be evaluated (each node's is
-        worked out once per run, from those of its sources)."""
-        unknown, stack = set(), [node_id]
-        while stack:
-            current = stack.pop()
-            if current not in unknown and current not in self.structural:
-                unknown.add(current)
-                stack.extend(src for src, _ in self.prompt.nodes[current].links.values())
-        structural_keys(self.prompt, sorted(unknown, key=self.rank.__getitem__),
-                        self.ex.registry, self.structural)
-        return self.structural[node_id]
 
     # -- running one node -------------------------------------------------------------------
     def _context(self, node_id: str) -> NodeContext:
@@ -430,15 +425,9 @@ class _PromptRun:
         return inputs
 
     def _hidden_value(self, kind: str, node_id: str) -> Any:
-        if kind == "PROMPT":
-            return self.prompt.raw
-        if kind == "EXTRA_PNGINFO":
-            return self.extra_data.get("extra_pnginfo")
-        if kind == "UNIQUE_ID":
-            return node_id
-        if kind == "DYNPROMPT":
-            return self.prompt
-        return self.extra_data.get(kind.lower())
+        engine_values = {"PROMPT": self.prompt.raw, "UNIQUE_ID": node_id, "DYNPROMPT": self.prompt,
+                         "EXTRA_PNGINFO": self.extra_data.get("extra_pnginfo")}
+        return engine_values[kind] if kind in engine_values else self.extra_data.get(kind.lower())
 
     def _lazy_inputs_wanted(self, node_id: str) -> list[str]:
         """Sources of the lazy inputs the node asks for (ComfyUI's check_lazy_status) that are

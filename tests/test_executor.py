@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.cache import CacheEntry, OutputCache
+from engine.executor import _PromptRun
 from tests.stubs import Engine, node
 
 
@@ -324,6 +325,30 @@ def test_repeat_with_a_changed_fingerprint_reruns_that_node_and_what_reads_it(
     result, events = engine.run(stamped())
     assert events.executed_nodes() == ["1", "2", "4"]
     assert result.outputs == {"4": {"text": ["8"]}}
+
+
+def test_a_widget_changed_recomputes_only_the_keys_of_that_node_and_what_reads_it(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.run(diamond(factor=2.0))
+    computed = []
+    key = _PromptRun._key
+
+    def counted(run: object, node_id: str) -> str | None:
+        computed.append(node_id)
+        return key(run, node_id)
+
+    monkeypatch.setattr("engine.executor._PromptRun._key", counted)
+    result, events = engine.run(diamond(factor=3.0))
+    assert sorted(computed) == ["4", "5"] and events.executed_nodes() == ["4", "5"]
+    assert result.outputs["5"] == {"text": ["9.0"]}
+
+
+def test_a_run_needing_more_nodes_than_the_last_one_computes_their_keys(
+        engine: Engine) -> None:
+    checked = engine.validate(diamond())
+    engine.executor.execute(checked.prompt, ["6"])
+    result = engine.executor.execute(checked.prompt, ["5", "6"])
+    assert result.ok and sorted(result.executed) == ["1", "3", "4", "5"]
 
 
 def test_repeat_after_the_cache_was_cleared_runs_everything(engine: Engine) -> None:
