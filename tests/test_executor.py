@@ -284,14 +284,17 @@ def test_identical_non_idempotent_nodes_both_run_in_one_prompt(engine: Engine) -
     assert sorted(events.executed_nodes()) == ["1", "2", "3", "4"]
 
 
-def test_repeat_of_a_fully_cached_prompt_recomputes_no_key(engine: Engine,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    engine.run(diamond())
-
+def forbid_computing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_key(*_: object) -> None:
         raise AssertionError("the repeat should be answered from the last run's entries")
 
     monkeypatch.setattr("engine.executor._PromptRun._key", no_key)
+
+
+def test_repeat_of_a_fully_cached_prompt_recomputes_no_key(engine: Engine,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.run(diamond())
+    forbid_computing_keys(monkeypatch)
     result, events = engine.run(diamond())
     assert result.ok and events.executed_nodes() == []
     assert sorted(result.cached) == ["1", "2", "3", "4", "5", "6"]
@@ -307,11 +310,7 @@ def stamped() -> dict:
 def test_repeat_with_unchanged_fingerprints_recomputes_no_key(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     engine.run(stamped())
-
-    def no_key(*_: object) -> None:
-        raise AssertionError("the repeat should be answered from the last run's entries")
-
-    monkeypatch.setattr("engine.executor._PromptRun._key", no_key)
+    forbid_computing_keys(monkeypatch)
     result, events = engine.run(stamped())
     assert result.ok and events.executed_nodes() == []
     assert result.outputs == {"4": {"text": ["3"]}}

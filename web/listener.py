@@ -1,5 +1,5 @@
 """Turns one prompt's executor events into the WebSocket messages ComfyUI clients expect, and
-keeps what its history entry needs (status messages, per-node timings).
+keeps what its history entry needs (status messages, the timings of the nodes that ran).
 
 Besides forwarding events, it derives `progress_state` (see web/progress_state.py): every node
 started so far in the run with its value, max and running/finished state. A node's `finished`
