@@ -6,20 +6,21 @@ Each message lists every node, so sending one per change costs O(n^2) over a run
 so a message skipped is lost once a later one arrives. Messages are sent as long as the entries
 sent stay within ALLOWANCE + ENTRIES_PER_CHANGE x changes (a prompt of up to ~120 nodes gets every
 message, as from ComfyUI); a skipped one is sent at the next change that fits the budget, when
-the prompt ends, or STALE_DELAY_S later, whichever comes first. Entries are encoded once per
-change and joined, so a message costs a copy of its text."""
+the prompt ends, or once no change came for STALE_DELAY_S (a slow node started), whichever comes
+first. Entries are encoded once per change and joined, so a message costs a copy of its text."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 
 from web.store import dumps
 
 ALLOWANCE = 16384
-ENTRIES_PER_CHANGE = 8
-STALE_DELAY_S = 0.05  # a node that starts after a skipped message shows within this time
+ENTRIES_PER_CHANGE = 2
+STALE_DELAY_S = 0.05  # a slow node that starts after a skipped message shows within this time
 
 
 class ProgressStates:
@@ -39,6 +40,7 @@ class ProgressStates:
         self._sent_entries = 0
         self._stale = False
         self._flush_scheduled = False
+        self._changed_at = 0.0  # monotonic time of the latest change
 
     def max_of(self, node_id: str) -> float:
         """The node's latest `max` (1 for a node not seen)."""
@@ -75,15 +77,22 @@ class ProgressStates:
             self._send_all()
             return
         self._stale = True
+        self._changed_at = time.monotonic()
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._call_later(STALE_DELAY_S, self._flush_later)
+            self._call_later(STALE_DELAY_S, self._flush_when_quiet)
 
-    def _flush_later(self) -> None:
+    def _flush_when_quiet(self) -> None:
         with self._lock:
-            self._flush_scheduled = False
-            if self._stale:
+            if not self._stale:
+                self._flush_scheduled = False
+                return
+            quiet_for = time.monotonic() - self._changed_at
+            if quiet_for >= STALE_DELAY_S:
+                self._flush_scheduled = False
                 self._send_all()
+            else:  # changes keep coming: the next change or the end sends them
+                self._call_later(STALE_DELAY_S - quiet_for, self._flush_when_quiet)
 
     def _send_all(self) -> None:
         self._stale = False

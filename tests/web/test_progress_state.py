@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from web.progress_state import ALLOWANCE, ENTRIES_PER_CHANGE, ProgressStates
+import pytest
+
+from web.progress_state import ALLOWANCE, ENTRIES_PER_CHANGE, STALE_DELAY_S, ProgressStates
 
 
 class Sink:
@@ -62,14 +64,19 @@ def test_the_end_of_a_run_sends_the_state_a_skipped_message_held_back() -> None:
     assert len(final) == 500 and all(entry["state"] == "finished" for entry in final.values())
 
 
-def test_a_skipped_message_is_sent_by_the_timer_when_nothing_follows() -> None:
+def test_a_skipped_message_is_sent_by_the_timer_once_changes_pause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("web.progress_state.time.monotonic", lambda: clock[0])
     sink = Sink()
     states = ProgressStates("p1", sink.send, sink.call_later)
     run_nodes(states, 500)
     states.set("500", "running", 0, 1)
     assert sink.sent[-1]["data"]["nodes"].get("500") is None
-    for timer in sink.timers:
-        timer()
+    sink.timers.pop()()  # fires while changes still come: waits longer
+    assert sink.sent[-1]["data"]["nodes"].get("500") is None
+    clock[0] += 2 * STALE_DELAY_S
+    sink.timers.pop()()
     assert sink.sent[-1]["data"]["nodes"]["500"]["state"] == "running"
 
 
