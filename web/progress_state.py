@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from web.store import dumps
+from web.jsonio import dumps
 
 ALLOWANCE = 16384
 ENTRIES_PER_CHANGE = 2
