@@ -31,7 +31,6 @@ _BRACKET_STEP = np.zeros(256, dtype=np.int32)
 _BRACKET_STEP[list(b"[{")] = 1
 _BRACKET_STEP[list(b"]}")] = -1
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_NON_FINITE_TOKEN = re.compile(r"NaN|Infinity")
 
 
 class JsonBodyError(ValueError):
@@ -146,7 +145,7 @@ def finite(value: Any) -> Any:
 def strict_text(stored: str) -> str:
     """Stored JSON text as strict JSON: rows written before non-finite numbers were refused may
     hold NaN or Infinity, which browsers cannot parse; those are rewritten with null."""
-    if _NON_FINITE_TOKEN.search(stored) is None:
+    if "NaN" not in stored and "Infinity" not in stored:  # str search: ~5x a regex
         return stored
     return dumps(json.loads(stored))
 
