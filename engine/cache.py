@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ class OutputCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self.total_bytes = 0
+        self.version = 0  # changes whenever an entry is stored or dropped
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -56,7 +57,18 @@ class OutputCache:
             self._entries.move_to_end(key)
         return entry
 
+    def get_many(self, keys: Sequence[str]) -> list[CacheEntry] | None:
+        """The entries of all `keys` (as many `get`s), or None if one is missing."""
+        entries = self._entries
+        if not all(map(entries.__contains__, keys)):
+            return None
+        if self.policy in ("lru", "ram"):  # recency matters only to these
+            for key in keys:
+                entries.move_to_end(key)
+        return list(map(entries.__getitem__, keys))
+
     def put(self, key: str, entry: CacheEntry) -> None:
+        self.version += 1
         if self.policy == "ram":
             entry.nbytes = nbytes_of(entry.outputs)
         old = self._entries.pop(key, None)
@@ -71,15 +83,19 @@ class OutputCache:
         if self.policy == "none":
             self.clear()
         elif self.policy == "classic":
-            keep = set(used_keys)
-            for key in [k for k in self._entries if k not in keep]:
+            used = used_keys if isinstance(used_keys, (set, frozenset)) else set(used_keys)
+            if len(used) == len(self._entries):
+                return  # classic evicts nothing during a prompt: every entry was used
+            for key in self._entries.keys() - used:
                 self._drop(key)
 
     def clear(self) -> None:
+        self.version += 1
         self._entries.clear()
         self.total_bytes = 0
 
     def _drop(self, key: str) -> None:
+        self.version += 1
         entry = self._entries.pop(key)
         self.total_bytes -= entry.nbytes
 

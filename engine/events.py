@@ -26,6 +26,12 @@ class ExecutionListener:
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
         """Per-node wall time (0 for cached nodes), for timing displays and history."""
 
+    def nodes_cached(self, prompt_id: str, node_ids: list[str]) -> None:
+        """Nodes answered from the cache, all at once (right after their `execution_cached`);
+        by default each is a node_finished taking 0 seconds."""
+        for node_id in node_ids:
+            self.node_finished(prompt_id, node_id, 0.0, True)
+
 
 class RecordingListener(ExecutionListener):
     """Keeps every event in order; used by tests and by history."""

@@ -28,6 +28,23 @@ class PromptNode:
     title: str | None = None
 
 
+def parse_node(node_id: str, body: Any) -> PromptNode:
+    """One API-format node, its inputs split into literals and links."""
+    inputs = body.get("inputs", {}) if isinstance(body, Mapping) else {}
+    literals, links = {}, {}
+    for name, value in (inputs.items() if isinstance(inputs, Mapping) else ()):
+        # is_link, inlined: this loop runs for every input of every node
+        if (type(value) is list and len(value) == 2 and type(value[1]) is int
+                and type(value[0]) in (str, int)) or is_link(value):
+            links[name] = (str(value[0]), value[1])
+        else:
+            literals[name] = value
+    meta = body.get("_meta") if isinstance(body, Mapping) else None
+    title = meta.get("title") if isinstance(meta, Mapping) else None
+    class_type = body.get("class_type") if isinstance(body, Mapping) else None
+    return PromptNode(node_id, class_type, literals, links, title)
+
+
 class CycleError(ValueError):
     """The nodes to run depend on each other in a loop; `cycle` is the path."""
 
@@ -61,24 +78,21 @@ class Prompt:
         return tuple((node.node_id, tuple(src for src, _ in node.links.values()))
                      for node in self.nodes.values() if node.node_id in needed)
 
+    def adopt_plans(self, other: Prompt) -> None:
+        """Take over the orders and required sets worked out for `other`, a prompt with the
+        same nodes and links."""
+        self._orders.update(other._orders)
+        self._required.update(other._required)
+
     @classmethod
-    def parse(cls, api: Mapping[str, Any]) -> Prompt:
+    def parse(cls, api: Mapping[str, Any], known: Mapping[str, PromptNode] | None = None,
+              ) -> Prompt:
+        """Parse an API prompt; nodes in `known` (by id) are taken as they are."""
+        known = known or {}
         nodes = {}
         for node_id, body in api.items():
             node_id = str(node_id)
-            inputs = body.get("inputs", {}) if isinstance(body, Mapping) else {}
-            literals, links = {}, {}
-            for name, value in (inputs.items() if isinstance(inputs, Mapping) else ()):
-                # is_link, inlined: this loop runs for every input of every node
-                if (type(value) is list and len(value) == 2 and type(value[1]) is int
-                        and type(value[0]) in (str, int)) or is_link(value):
-                    links[name] = (str(value[0]), value[1])
-                else:
-                    literals[name] = value
-            meta = body.get("_meta") if isinstance(body, Mapping) else None
-            title = meta.get("title") if isinstance(meta, Mapping) else None
-            class_type = body.get("class_type") if isinstance(body, Mapping) else None
-            nodes[node_id] = PromptNode(node_id, class_type, literals, links, title)
+            nodes[node_id] = known.get(node_id) or parse_node(node_id, body)
         return cls(nodes=nodes, raw=dict(api))
 
     def digraph(self, among: Iterable[str] | None = None) -> nx.DiGraph:

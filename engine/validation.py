@@ -4,6 +4,7 @@ class_type}}}. Each step is a named function; `validate_prompt` runs them in ord
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import traceback
@@ -14,10 +15,11 @@ from typing import Any
 from engine.context import InterruptFlag, NodeContext, Services
 from engine.dynamic_inputs import MATCH_TYPE
 from engine.gc_scope import older_objects_frozen
-from engine.graph import CycleError, GraphPlanner, Prompt, PromptNode
-from engine.node import MISSING, Input, Node, NodeSchema
+from engine.graph import CycleError, GraphPlanner, Prompt, PromptNode, parse_node
+from engine.node import MISSING, ChoiceSource, Input, Node, NodeSchema
 from engine.registry import NodeRegistry
 from engine.schema import input_spec
+from engine.snapshot import PromptSnapshot
 from engine.widget_defaults import fill_missing_widgets
 
 
@@ -274,38 +276,181 @@ def validate_custom(node: PromptNode, node_type: type[Node], literals: dict[str,
 def validate_prompt(api: dict[str, Any], registry: NodeRegistry, services: Services,
                     targets: Iterable[str] | None = None) -> ValidationResult:
     """Validate an API-format prompt against the registry; `targets` limits the outputs run."""
-    with older_objects_frozen():
-        return _validate(api, registry, services, targets)
+    return PromptValidator(registry, services).validate(api, targets)
 
 
-def _validate(api: dict[str, Any], registry: NodeRegistry, services: Services,
-              targets: Iterable[str] | None) -> ValidationResult:
-    if not isinstance(api, dict) or not all(isinstance(v, dict) for v in api.values()):
-        result = ValidationResult(Prompt(nodes={}), [])
-        result.error = error_entry("invalid_prompt", "Prompt must be an object of node objects",
-                                   "send {\"<id>\": {\"class_type\": ..., \"inputs\": {...}}}")
+def validate_node(node: PromptNode, node_type: type[Node], prompt: Prompt,
+                  registry: NodeRegistry, services: Services, out: _Collector) -> None:
+    """Links, literal inputs, then (if those passed) the node's own checks; the node's
+    literals become the converted values ("5" -> 5), which are what will run."""
+    fill_missing_widgets(node, node_type.schema)
+    validate_links(node, node_type, prompt, registry, out)
+    errors_before = len(out.errors.get(node.node_id, ()))
+    literals = validate_node_inputs(node, node_type.schema, services, out,
+                                    node_type.self_validated_inputs())
+    if len(out.errors.get(node.node_id, ())) == errors_before:
+        validate_custom(node, node_type, literals, services, out)
+    node.literals = literals
+
+
+@dataclass(frozen=True)
+class _Verdicts:
+    """The last prompt validated, and its nodes whose verdict can be reused: those that passed
+    and whose verdict depends on their own body alone (see PromptValidator)."""
+
+    snapshot: PromptSnapshot
+    prompt: Prompt
+    targets: tuple[str, ...] | None
+    outputs: list[str]
+    lasting: dict[str, PromptNode]
+    rechecked: list[str]  # the other nodes the outputs need: checked for every prompt
+
+
+class PromptValidator:
+    """Validates prompts against a registry, remembering the last one (the editor posts the
+    same graph again and again with a widget changed). A node whose body is unchanged keeps its
+    verdict, unless the verdict may change without the prompt changing: combos over files and
+    nodes with their own checks (Node.validate, VALIDATE_INPUTS) are checked every time, and a
+    link is checked again when its source node changed class. With the same nodes and links,
+    the outputs and the execution order are reused too. Not thread-safe: one caller at a time."""
+
+    def __init__(self, registry: NodeRegistry, services: Services) -> None:
+        self.registry = registry
+        self.services = services
+        self._last: _Verdicts | None = None
+        self._lasting_types: dict[type[Node], bool] = {}
+
+    def validate(self, api: dict[str, Any], targets: Iterable[str] | None = None,
+                 snapshot: PromptSnapshot | None = None) -> ValidationResult:
+        """Validate an API-format prompt; `targets` limits the outputs run. `snapshot`: the
+        prompt's, when the caller has made one."""
+        wanted = tuple(targets) if targets else None
+        with older_objects_frozen():
+            return self._validate(api, wanted, snapshot)
+
+    def _validate(self, api: dict[str, Any], targets: tuple[str, ...] | None,
+                  snapshot: PromptSnapshot | None) -> ValidationResult:
+        if not isinstance(api, dict) or not all(isinstance(v, dict) for v in api.values()):
+            result = ValidationResult(Prompt(nodes={}), [])
+            result.error = error_entry(
+                "invalid_prompt", "Prompt must be an object of node objects",
+                "send {\"<id>\": {\"class_type\": ..., \"inputs\": {...}}}")
+            return result
+        if not all(type(node_id) is str for node_id in api):
+            api = {str(node_id): body for node_id, body in api.items()}
+        snapshot = snapshot if snapshot is not None else PromptSnapshot(api)
+        last = self._last
+        if last is not None and last.targets == targets and snapshot.same_as(last.snapshot):
+            return self._validate_again(api, snapshot, last)
+        reused, same_shape = self._reusable(api, snapshot)
+        prompt = Prompt.parse(api, known=reused)
+        out = _Collector(prompt)
+        if same_shape and last is not None and last.targets == targets:
+            prompt.adopt_plans(last.prompt)  # same nodes and links: same order, same outputs
+            unknown: list[str] = []
+            outputs = list(last.outputs)
+        else:
+            unknown = validate_class_types(prompt, self.registry, out)
+            outputs = find_output_nodes(prompt, self.registry, targets)
+        needed = prompt.required_nodes(outputs)
+        validate_acyclic(prompt, outputs, out, self.services.graph_planner)
+        checked = [node_id for node_id in api if node_id not in reused and node_id in needed
+                   and node_id not in unknown]
+        for node_id in checked:
+            node = prompt.nodes[node_id]
+            node_type = self.registry.get(node.class_type)
+            if node_type is not None:
+                validate_node(node, node_type, prompt, self.registry, self.services, out)
+        result = _summarise(prompt, outputs, unknown, out)
+        self._remember(snapshot, prompt, targets, outputs, unknown, reused, checked, out)
         return result
-    prompt = Prompt.parse(api)
-    out = _Collector(prompt)
-    unknown = validate_class_types(prompt, registry, out)
-    outputs = find_output_nodes(prompt, registry, targets)
-    needed = prompt.required_nodes(outputs)
-    validate_acyclic(prompt, outputs, out, services.graph_planner)
-    for node_id in needed:
-        node = prompt.nodes[node_id]
-        node_type = registry.get(node.class_type) if node_id not in unknown else None
-        if node_type is None:
-            continue
-        schema = node_type.schema
-        fill_missing_widgets(node, schema)
-        validate_links(node, node_type, prompt, registry, out)
-        errors_before = len(out.errors.get(node_id, ()))
-        literals = validate_node_inputs(node, schema, services, out,
-                                        node_type.self_validated_inputs())
-        if len(out.errors.get(node_id, ())) == errors_before:
-            validate_custom(node, node_type, literals, services, out)
-        node.literals = literals  # the converted values ("5" -> 5) are what will run
-    return _summarise(prompt, outputs, unknown, out)
+
+    def _validate_again(self, api: dict[str, Any], snapshot: PromptSnapshot,
+                        last: _Verdicts) -> ValidationResult:
+        """The last prompt again: only the nodes checked every time are checked."""
+        nodes = dict(last.prompt.nodes)
+        for node_id in last.rechecked:
+            nodes[node_id] = parse_node(node_id, api[node_id])
+        prompt = Prompt(nodes=nodes, raw=dict(api))
+        prompt.adopt_plans(last.prompt)
+        out = _Collector(prompt)
+        validate_acyclic(prompt, last.outputs, out, self.services.graph_planner)
+        for node_id in last.rechecked:
+            node = nodes[node_id]
+            node_type = self.registry.get(node.class_type)
+            if node_type is not None:
+                validate_node(node, node_type, prompt, self.registry, self.services, out)
+        self._last = dataclasses.replace(last, snapshot=snapshot, prompt=prompt)
+        return _summarise(prompt, list(last.outputs), [], out)
+
+    def _reusable(self, api: dict[str, Any],
+                  snapshot: PromptSnapshot) -> tuple[dict[str, PromptNode], bool]:
+        """The nodes whose last verdict still holds, and whether nodes and links are the same."""
+        last = self._last
+        if last is None:
+            return {}, False
+        if snapshot.same_as(last.snapshot):
+            return last.lasting, True
+        before_nodes = last.prompt.nodes
+        same_shape = len(api) == len(before_nodes)
+        reused = {}
+        for node_id, body in api.items():
+            before = before_nodes.get(node_id)
+            if before is None:
+                same_shape = False
+            elif snapshot.unchanged(node_id, last.snapshot):
+                node = last.lasting.get(node_id)
+                if node is not None:
+                    reused[node_id] = node
+            elif same_shape and not _same_wiring(before, parse_node(node_id, body)):
+                same_shape = False
+        if not same_shape:
+            reused = {node_id: node for node_id, node in reused.items()
+                      if _sources_unchanged(node, api, before_nodes)}
+        return reused, same_shape
+
+    def _remember(self, snapshot: PromptSnapshot, prompt: Prompt,
+                  targets: tuple[str, ...] | None,
+                  outputs: list[str], unknown: list[str], reused: dict[str, PromptNode],
+                  checked: list[str], out: _Collector) -> None:
+        if unknown:
+            self._last = None  # the next prompt is checked in full
+            return
+        lasting = dict(reused)
+        rechecked = []
+        for node_id in checked:
+            node = prompt.nodes[node_id]
+            node_type = self.registry.get(node.class_type)
+            if node_id not in out.errors and node_type is not None and self._lasts(node_type):
+                lasting[node_id] = node
+            else:
+                rechecked.append(node_id)
+        self._last = _Verdicts(snapshot, prompt, targets, outputs, lasting, rechecked)
+
+    def _lasts(self, node_type: type[Node]) -> bool:
+        """Whether a node's verdict depends on its body alone (memoised per type)."""
+        lasts = self._lasting_types.get(node_type)
+        if lasts is None:
+            own_checks = node_type.validate is not Node.validate
+            file_combos = any(isinstance(spec.choices, ChoiceSource)
+                              for spec in node_type.schema.inputs)
+            lasts = self._lasting_types[node_type] = not (own_checks or file_combos)
+        return lasts
+
+
+def _same_wiring(before: PromptNode, node: PromptNode) -> bool:
+    """Same class and the same links (literal inputs may differ)."""
+    return before.class_type == node.class_type and before.links == node.links
+
+
+def _sources_unchanged(node: PromptNode, api: dict[str, Any],
+                       before_nodes: dict[str, PromptNode]) -> bool:
+    """Whether every node `node` links to still exists with the class it had."""
+    for source_id, _ in node.links.values():
+        source, before = api.get(source_id), before_nodes.get(source_id)
+        if source is None or before is None or source.get("class_type") != before.class_type:
+            return False
+    return True
 
 
 def _summarise(prompt: Prompt, outputs: list[str], unknown: list[str],

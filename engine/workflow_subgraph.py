@@ -127,6 +127,11 @@ class FlatGraph:
 
     nodes: dict[str, FlatNode] = field(default_factory=dict)
     edges: dict[Slot, Edge] = field(default_factory=dict)
+    consumers: dict[Slot, list[Slot]] = field(default_factory=dict)  # source -> inputs it feeds
+
+    def add_edge(self, target: Slot, edge: Edge) -> None:
+        self.edges[target] = edge
+        self.consumers.setdefault(edge.source, []).append(target)
 
 
 def assign_widget_values(values: Sequence[Any], specs: Sequence[WidgetSpec]) -> dict[str, Any]:
@@ -269,7 +274,7 @@ def _add_edge(graph: FlatGraph, link: Mapping[str, Any], prefix: str,
             link_type = str(slot.get("type") or link_type)
         target_key = Slot(consumer.node_id, target_slot)
     if target_key not in graph.edges:
-        graph.edges[target_key] = Edge(Slot(prefix + str(origin), origin_slot), link_type)
+        graph.add_edge(target_key, Edge(Slot(prefix + str(origin), origin_slot), link_type))
 
 
 def _expand_instance(graph: FlatGraph, instance: FlatNode, definition: Mapping[str, Any],
@@ -314,9 +319,7 @@ def _promoted_values(graph: FlatGraph, instance: FlatNode, def_inputs: list[Mapp
 def _feeds_widget(graph: FlatGraph, prefix: str, input_index: int) -> bool:
     """Whether definition input `input_index` is wired to an inner widget (so it has a value)."""
     source = Slot(f"{prefix}{SUBGRAPH_INPUT_ID}", input_index)
-    for target, edge in graph.edges.items():
-        if edge.source != source:
-            continue
+    for target in graph.consumers.get(source, ()):
         node = graph.nodes.get(target.node_id)
         slots = node.inputs if node else []
         if target.index < len(slots) and slots[target.index].get("widget"):

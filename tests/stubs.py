@@ -180,8 +180,25 @@ class BadFingerprint(Node):
         return (value,)
 
 
+class Stamped(Node):
+    """Fingerprinted like a file-reading node: by the number in input/stamp.txt (0 if none)."""
+
+    schema = NodeSchema("Stamped", (Int("value", 0, min=0, max=10),), (Output("INT"),))
+
+    @staticmethod
+    def stamp(ctx: NodeContext) -> int:
+        path = ctx.paths.input / "stamp.txt"
+        return int(path.read_text()) if path.exists() else 0
+
+    def fingerprint(self, ctx: NodeContext, **inputs: Any) -> Any:
+        return self.stamp(ctx)
+
+    def execute(self, ctx: NodeContext, value: int) -> tuple[int]:
+        return (value + self.stamp(ctx),)
+
+
 STUB_TYPES = (BadFingerprint, Const, Add, Parity, Scale, Text, Show, Fail, Steps, Range, Total,
-              Switch, Random, Volatile, Even)
+              Switch, Random, Volatile, Even, Stamped)
 
 
 class Engine:

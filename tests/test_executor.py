@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.cache import CacheEntry, OutputCache
+from engine.executor import _PromptRun
 from tests.stubs import Engine, node
 
 
@@ -283,18 +284,70 @@ def test_identical_non_idempotent_nodes_both_run_in_one_prompt(engine: Engine) -
     assert sorted(events.executed_nodes()) == ["1", "2", "3", "4"]
 
 
-def test_repeat_of_a_fully_cached_prompt_recomputes_no_key(engine: Engine,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    engine.run(diamond())
-
+def forbid_computing_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_key(*_: object) -> None:
         raise AssertionError("the repeat should be answered from the last run's entries")
 
     monkeypatch.setattr("engine.executor._PromptRun._key", no_key)
+
+
+def test_repeat_of_a_fully_cached_prompt_recomputes_no_key(engine: Engine,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.run(diamond())
+    forbid_computing_keys(monkeypatch)
     result, events = engine.run(diamond())
     assert result.ok and events.executed_nodes() == []
     assert sorted(result.cached) == ["1", "2", "3", "4", "5", "6"]
     assert result.outputs == {"5": {"text": ["6.0"]}, "6": {"text": ["2"]}}
+
+
+def stamped() -> dict:
+    """1 fingerprinted (Stamped) -> 2 add with 3 const -> 4 show."""
+    return {"1": node("Stamped", value=1), "3": node("Const", value=2),
+            "2": node("Add", a=["1", 0], b=["3", 0]), "4": node("Show", x=["2", 0])}
+
+
+def test_repeat_with_unchanged_fingerprints_recomputes_no_key(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.run(stamped())
+    forbid_computing_keys(monkeypatch)
+    result, events = engine.run(stamped())
+    assert result.ok and events.executed_nodes() == []
+    assert result.outputs == {"4": {"text": ["3"]}}
+
+
+def test_repeat_with_a_changed_fingerprint_reruns_that_node_and_what_reads_it(
+        engine: Engine) -> None:
+    engine.run(stamped())
+    engine.services.paths.input.mkdir(parents=True, exist_ok=True)
+    (engine.services.paths.input / "stamp.txt").write_text("5")  # the file changed on disk
+    result, events = engine.run(stamped())
+    assert events.executed_nodes() == ["1", "2", "4"]
+    assert result.outputs == {"4": {"text": ["8"]}}
+
+
+def test_a_widget_changed_recomputes_only_the_keys_of_that_node_and_what_reads_it(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine.run(diamond(factor=2.0))
+    computed = []
+    key = _PromptRun._key
+
+    def counted(run: object, node_id: str) -> str | None:
+        computed.append(node_id)
+        return key(run, node_id)
+
+    monkeypatch.setattr("engine.executor._PromptRun._key", counted)
+    result, events = engine.run(diamond(factor=3.0))
+    assert sorted(computed) == ["4", "5"] and events.executed_nodes() == ["4", "5"]
+    assert result.outputs["5"] == {"text": ["9.0"]}
+
+
+def test_a_run_needing_more_nodes_than_the_last_one_computes_their_keys(
+        engine: Engine) -> None:
+    checked = engine.validate(diamond())
+    engine.executor.execute(checked.prompt, ["6"])
+    result = engine.executor.execute(checked.prompt, ["5", "6"])
+    assert result.ok and sorted(result.executed) == ["1", "3", "4", "5"]
 
 
 def test_repeat_after_the_cache_was_cleared_runs_everything(engine: Engine) -> None:

@@ -2,7 +2,8 @@
 
 An entry is what GET /history returns per prompt id: `prompt` (the queue item), `outputs` (UI
 dict per output node), `status` {status_str, completed, messages}, `meta` per output node, plus
-Loom's `timings` (seconds and cached flag per node)."""
+Loom's `timings`: seconds per node that ran ({"seconds", "cached": false}); the nodes answered
+from the cache are those the `execution_cached` message of `status.messages` lists."""
 
 from __future__ import annotations
 
@@ -30,21 +31,26 @@ class HistoryRecord:
     prompt_id: str
     entry: dict[str, Any]
     job: dict[str, Any]
+    entry_text: str  # `entry` as JSON
 
     @classmethod
     def build(cls, item: list[Any], outputs: dict[str, Any], status_str: str,
-              messages: list[list[Any]], timings: dict[str, dict[str, Any]]) -> HistoryRecord:
-        """The entry of queue item `item` that ended with `status_str` success|error."""
+              messages: list[list[Any]], timings: dict[str, dict[str, Any]],
+              item_text: str | None = None) -> HistoryRecord:
+        """The entry of queue item `item` that ended with `status_str` success|error;
+        `item_text`: the item as JSON, when known (a large prompt is not encoded again)."""
         prompt_id = item[1]
-        entry = {
-            "prompt": item, "outputs": outputs,
+        rest = {
+            "outputs": outputs,
             "status": {"status_str": status_str, "completed": status_str == "success",
                        "messages": messages},
             "meta": {node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None,
                                "real_node_id": node_id} for node_id in outputs},
             "timings": timings,
         }
-        return cls(prompt_id, entry, history_job(prompt_id, entry))
+        entry = {"prompt": item, **rest}
+        text = f'{{"prompt": {item_text or dumps(item)}, {dumps(rest)[1:]}'
+        return cls(prompt_id, entry, history_job(prompt_id, entry), text)
 
 
 class History:
@@ -62,7 +68,7 @@ class History:
         duration = (job.get("execution_end_time") or 0) - (job.get("execution_start_time") or 0)
         db.execute("INSERT OR REPLACE INTO history (prompt_id, entry, job, status, create_time, "
                    "duration, workflow_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (record.prompt_id, dumps(record.entry), dumps(job), job["status"],
+                   (record.prompt_id, record.entry_text, dumps(job), job["status"],
                     job.get("create_time") or 0, max(duration, 0), job.get("workflow_id")))
         db.execute("DELETE FROM history WHERE seq <= (SELECT seq FROM history ORDER BY seq DESC "
                    "LIMIT 1 OFFSET ?)", (self.max_items,))
@@ -95,8 +101,13 @@ class History:
             yield [(prompt_id, entry) for _, prompt_id, entry in rows]
 
     def entry(self, prompt_id: str) -> dict[str, Any] | None:
+        text = self.entry_text(prompt_id)
+        return json.loads(text) if text is not None else None
+
+    def entry_text(self, prompt_id: str) -> str | None:
+        """The entry as stored (JSON text), for replies that need not decode it."""
         rows = self.store.rows("SELECT entry FROM history WHERE prompt_id = ?", (prompt_id,))
-        return json.loads(rows[0][0]) if rows else None
+        return rows[0][0] if rows else None
 
     def delete(self, prompt_ids: Iterable[str]) -> None:
         with self.store.transaction() as db:

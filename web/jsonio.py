@@ -31,7 +31,6 @@ _BRACKET_STEP = np.zeros(256, dtype=np.int32)
 _BRACKET_STEP[list(b"[{")] = 1
 _BRACKET_STEP[list(b"]}")] = -1
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_NON_FINITE_TOKEN = re.compile(r"NaN|Infinity")
 
 
 class JsonBodyError(ValueError):
@@ -115,9 +114,9 @@ def dumps(value: Any) -> str:
     (say a tensor in a node's UI dict) is written as its repr, so one odd output never stops a
     prompt from being recorded or reported."""
     try:
-        return json.dumps(value, allow_nan=False, default=_unserialisable)
+        return _ENCODER.encode(value)
     except ValueError:  # a NaN or Infinity somewhere inside
-        return json.dumps(finite(value), allow_nan=False, default=_unserialisable)
+        return _ENCODER.encode(finite(value))
 
 
 def _unserialisable(value: Any) -> str:
@@ -125,6 +124,11 @@ def _unserialisable(value: Any) -> str:
     logger.warning("%s is not JSON; sent and stored as its repr %.80s", type(value).__name__,
                    text)
     return text
+
+
+# Configuration only, never changed; one instance spares building an encoder per message (a
+# third of the cost of a small one, and a large graph's run sends thousands).
+_ENCODER = json.JSONEncoder(allow_nan=False, default=_unserialisable)
 
 
 def finite(value: Any) -> Any:
@@ -141,7 +145,7 @@ def finite(value: Any) -> Any:
 def strict_text(stored: str) -> str:
     """Stored JSON text as strict JSON: rows written before non-finite numbers were refused may
     hold NaN or Infinity, which browsers cannot parse; those are rewritten with null."""
-    if _NON_FINITE_TOKEN.search(stored) is None:
+    if "NaN" not in stored and "Infinity" not in stored:  # str search: ~5x a regex
         return stored
     return dumps(json.loads(stored))
 

@@ -1,8 +1,8 @@
 """Turns one prompt's executor events into the WebSocket messages ComfyUI clients expect, and
-keeps what its history entry needs (status messages, per-node timings).
+keeps what its history entry needs (status messages, the timings of the nodes that ran).
 
-Besides forwarding events, it derives `progress_state`: every node started so far in the run
-with its value, max and running/finished state, resent at each change. A node's `finished`
+Besides forwarding events, it derives `progress_state` (see web/progress_state.py): every node
+started so far in the run with its value, max and running/finished state. A node's `finished`
 state follows its `executed` message; cached nodes appear only when they have an output."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.events import ExecutionListener
 from web.previews import PreviewError, encode_jpeg
+from web.progress_state import ProgressStates
 from web.websocket import SocketHub
 
 logger = logging.getLogger("loom.web.listener")
@@ -19,6 +20,7 @@ logger = logging.getLogger("loom.web.listener")
 # The messages a history entry's status keeps (as ComfyUI does).
 RECORDED = frozenset({"execution_start", "execution_cached", "execution_success",
                       "execution_error", "execution_interrupted"})
+ENDINGS = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
 
 class SocketListener(ExecutionListener):
@@ -32,36 +34,45 @@ class SocketListener(ExecutionListener):
         self.previews = previews
         self.messages: list[list[Any]] = []
         self.timings: dict[str, dict[str, Any]] = {}
-        self.states: dict[str, dict[str, Any]] = {}
+        self.states = ProgressStates(prompt_id, self._send_states, hub.call_later)
         self.current: dict[str, Any] | None = None  # the latest `executing` payload
-        self._finishing: tuple[str, bool] | None = None  # (node id, cached) awaiting its state
+        self._finishing: str | None = None  # a node that ran, awaiting its finished state
 
     # -- ExecutionListener ------------------------------------------------------------------
     def event(self, name: str, data: dict[str, Any]) -> None:
         if name == "executing" and data.get("node") is None:
             return  # the end marker: the worker sends it after the final queue status
         finishing = self._finishing
-        ends_node = name == "executed" and finishing is not None and data["node"] == finishing[0]
+        ends_node = name == "executed" and finishing is not None and data["node"] == finishing
         if finishing is not None and not ends_node:
-            self._flush(shown=False)
+            self._flush()
+        if name in ENDINGS:
+            self.states.flush()
         if name in RECORDED:
             self.messages.append([name, data])
         if name == "executing":
             self.current = data
-            self._set_state(data["node"], "running", 0, 1)
+            self.states.set(data["node"], "running", 0, 1)
         elif name == "progress":
-            self._set_state(data["node"], "running", data["value"], data["max"], send=False)
+            self.states.set(data["node"], "running", data["value"], data["max"], announce=False)
         self.hub.send(name, data, self.client_id)
         if name == "progress":
-            self._send_states()
+            self.states.announce()
         if ends_node:
-            self._flush(shown=True)
+            self._flush()
+        elif name == "executed":  # from a cached node (a node that ran is `finishing`)
+            self.states.set(data["node"], "finished", 1, 1)
 
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
-        self.timings[node_id] = {"seconds": round(seconds, 6), "cached": cached}
+        if cached:
+            return  # see nodes_cached
+        self.timings[node_id] = {"seconds": round(seconds, 6), "cached": False}
         if self._finishing is not None:
-            self._flush(shown=False)
-        self._finishing = (node_id, cached)
+            self._flush()
+        self._finishing = node_id
+
+    def nodes_cached(self, prompt_id: str, node_ids: list[str]) -> None:
+        """No timings for them: the history's `execution_cached` message names them."""
 
     def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
         if not self.previews or self.client_id is None:
@@ -77,7 +88,8 @@ class SocketListener(ExecutionListener):
     def finish(self) -> None:
         """Send what is still held back (call once the executor returned)."""
         if self._finishing is not None:
-            self._flush(shown=False)
+            self._flush()
+        self.states.flush()
 
     def send_end_marker(self) -> None:
         """`executing {node: null}`: the prompt is over (scripts wait for it)."""
@@ -85,27 +97,15 @@ class SocketListener(ExecutionListener):
         self.hub.send("executing", {"node": None, "prompt_id": self.prompt_id}, self.client_id)
 
     # -- progress_state ---------------------------------------------------------------------------
-    def _flush(self, shown: bool) -> None:
-        """Mark the node that just finished; a cached node counts only if it showed output."""
+    def _flush(self) -> None:
+        """Mark the node that just ran as finished."""
         assert self._finishing is not None
-        node_id, cached = self._finishing
-        self._finishing = None
-        if cached and not shown:
-            return
-        top = self.states.get(node_id, {}).get("max", 1) if not cached else 1
-        self._set_state(node_id, "finished", top, top)
+        node_id, self._finishing = self._finishing, None
+        top = self.states.max_of(node_id)
+        self.states.set(node_id, "finished", top, top)
 
-    def _set_state(self, node_id: str, state: str, value: float, top: float,
-                   send: bool = True) -> None:
-        self.states[node_id] = {"value": value, "max": top, "state": state, "node_id": node_id,
-                                "prompt_id": self.prompt_id, "display_node_id": node_id,
-                                "parent_node_id": None, "real_node_id": node_id}
-        if send:
-            self._send_states()
-
-    def _send_states(self) -> None:
-        data = {"prompt_id": self.prompt_id, "nodes": {k: dict(v) for k, v in self.states.items()}}
+    def _send_states(self, text: str) -> None:
         if self.client_id is None:
-            self.hub.broadcast("progress_state", data)  # ComfyUI's behaviour for anonymous prompts
+            self.hub.broadcast_text(text)  # ComfyUI's behaviour for anonymous prompts
         else:
-            self.hub.send("progress_state", data, self.client_id)
+            self.hub.send_text(text, self.client_id)

@@ -11,9 +11,10 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from engine.snapshot import PromptSnapshot
 from web.history import History, HistoryRecord
 from web.jsonio import dumps
 from web.store import Store
@@ -32,14 +33,25 @@ class QueueItem:
     prompt: dict[str, Any]
     extra_data: dict[str, Any]
     outputs: list[str]
+    # The prompt's JSON text, when known already (see PromptTexts), and the item's own.
+    prompt_text: str | None = field(default=None, compare=False, repr=False)
+    text: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> list[Any]:
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
 
+    def encoded(self) -> str:
+        """The item as JSON text (as the queue and the history store it); made once."""
+        if self.text is None:
+            prompt = self.prompt_text if self.prompt_text is not None else dumps(self.prompt)
+            self.text = (f"[{dumps(self.number)}, {dumps(self.prompt_id)}, {prompt}, "
+                         f"{dumps(self.extra_data)}, {dumps(self.outputs)}]")
+        return self.text
+
     @classmethod
-    def from_json(cls, data: list[Any]) -> QueueItem:
+    def from_json(cls, data: list[Any], text: str | None = None) -> QueueItem:
         number, prompt_id, prompt, extra_data, outputs = data
-        return cls(number, prompt_id, prompt, extra_data, list(outputs))
+        return cls(number, prompt_id, prompt, extra_data, list(outputs), text=text)
 
     @property
     def client_id(self) -> str | None:
@@ -47,9 +59,39 @@ class QueueItem:
         return client_id if isinstance(client_id, str) else None
 
 
+class PromptTexts:
+    """The JSON text of the latest prompt submitted, node by node: the same prompt posted again
+    (the editor's re-run) is stored without being encoded again, and a prompt with a few nodes
+    changed has only those encoded. One caller at a time."""
+
+    def __init__(self) -> None:
+        self._snapshot: PromptSnapshot | None = None
+        self._nodes: dict[str, str] = {}  # node id -> its `"id": {...}` text
+        self._text = ""
+
+    def text(self, api: dict[str, Any], snapshot: PromptSnapshot) -> str:
+        """`api` (node ids as strings) as JSON; `snapshot` is its PromptSnapshot."""
+        last = self._snapshot
+        if snapshot.same_as(last):
+            return self._text
+        known = self._nodes if last is not None else {}
+        nodes = {}
+        for node_id, body in api.items():
+            text = known.get(node_id)
+            if text is None or last is None or not snapshot.unchanged(node_id, last):
+                text = f"{dumps(node_id)}: {dumps(body)}"
+            nodes[node_id] = text
+        self._snapshot, self._nodes = snapshot, nodes
+        self._text = f"{{{', '.join(nodes.values())}}}"
+        return self._text
+
+
 class PromptQueue:
     """Pending and running prompts. Thread-safe; `on_change` runs after every change, under the
-    lock, so it must only queue work (the server queues a `status` broadcast from it)."""
+    lock, so it must only queue work (the server queues a `status` broadcast from it).
+
+    Items queued by this process are also kept as objects until taken, so the worker does not
+    decode what was just encoded; the database is what a restart reads."""
 
     def __init__(self, store: Store, history: History,
                  on_change: Callable[[], None] | None = None) -> None:
@@ -57,6 +99,7 @@ class PromptQueue:
         self.history = history
         self.on_change = on_change
         self._wakeup = threading.Condition(store.lock)
+        self._queued: dict[str, QueueItem] = {}
         self._recover()
 
     def _recover(self) -> None:
@@ -94,7 +137,8 @@ class PromptQueue:
                                  f"id or none (the server makes one)")
             with self.store.transaction() as db:
                 db.execute("INSERT INTO queue (prompt_id, number, item) VALUES (?, ?, ?)",
-                           (item.prompt_id, item.number, dumps(item.to_json())))
+                           (item.prompt_id, item.number, item.encoded()))
+            self._queued[item.prompt_id] = item
             self._changed()  # before the worker wakes: clients see the new size before its run
             self._wakeup.notify_all()
 
@@ -110,10 +154,14 @@ class PromptQueue:
             with self.store.transaction() as db:
                 db.execute("UPDATE queue SET running = 1 WHERE seq = ?", (row[0],))
             self._changed()
-        return QueueItem.from_json(json.loads(row[1]))
+            item = self._queued.pop(row[1], None)
+            if item is None:  # queued before a restart
+                text = self.store.rows("SELECT item FROM queue WHERE seq = ?", (row[0],))[0][0]
+                item = QueueItem.from_json(json.loads(text), text)
+        return item
 
     def _next_pending(self) -> tuple[int, str] | None:
-        rows = self.store.rows("SELECT seq, item FROM queue WHERE running = 0 "
+        rows = self.store.rows("SELECT seq, prompt_id FROM queue WHERE running = 0 "
                                "ORDER BY front DESC, number, seq LIMIT 1")
         return rows[0] if rows else None
 
@@ -185,6 +233,8 @@ class PromptQueue:
                 if done.rowcount:
                     db.execute("DELETE FROM journal WHERE prompt_id = ?", (prompt_id,))
                     removed.append(prompt_id)
+            for prompt_id in removed:
+                self._queued.pop(prompt_id, None)
         if removed:
             self._changed()
         return removed
@@ -196,6 +246,8 @@ class PromptQueue:
                 "SELECT prompt_id FROM queue WHERE running = 0").fetchall()]
             db.execute("DELETE FROM queue WHERE running = 0")
             db.execute("DELETE FROM journal WHERE prompt_id NOT IN (SELECT prompt_id FROM queue)")
+            for prompt_id in ids:
+                self._queued.pop(prompt_id, None)
         if ids:
             self._changed()
         return ids

@@ -5,6 +5,7 @@ ComfyUI's error shape) and queues; the reply is {prompt_id, number, node_errors}
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -15,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine.events import timestamp_ms
+from engine.gc_scope import older_objects_frozen
+from engine.snapshot import PromptSnapshot
 from engine.sweep import SweepError, SweepItem, expand, rows_from_request
-from engine.validation import ValidationResult, validate_prompt
+from engine.validation import ValidationResult
 from engine.workflow import WorkflowFormatError, is_ui_format, to_api_prompt
-from web.jsonio import error_response, json_response, read_json, strict_text
+from web.jsonio import dumps, error_response, json_response, parse, read_json, strict_text
 from web.queue import QueueItem
 from web.routing import ApiRoutes
 
@@ -37,6 +40,7 @@ class Submission:
     """A POSTed prompt after conversion and validation."""
 
     api: dict[str, Any]
+    api_text: str  # `api` as JSON
     extra_data: dict[str, Any]
     validation: ValidationResult
 
@@ -62,7 +66,8 @@ def query_int(request: web.Request, name: str, default: int | None) -> int | Non
     return value
 
 
-def prepare_submission(server: LoomServer, body: dict[str, Any]) -> Submission:
+def prepare_submission(server: LoomServer, body: dict[str, Any],
+                       raw: bytes | None) -> Submission:
     """Convert (editor format -> API) and validate; runs on the validation thread."""
     prompt = body["prompt"]
     extra_data = body.get("extra_data", {})
@@ -81,9 +86,42 @@ def prepare_submission(server: LoomServer, body: dict[str, Any]) -> Submission:
     if targets is not None and (not isinstance(targets, list)
                                 or not all(isinstance(t, (str, int)) for t in targets)):
         raise BadRequest("partial_execution_targets must be a list of output node ids")
-    validation = validate_prompt(api, server.registry, server.validation_services,
-                                 targets=[str(t) for t in targets] if targets else None)
-    return Submission(api, extra_data, validation)
+    snapshot = server.last_request.snapshot(raw, api)
+    validation = server.validator.validate(
+        api, [str(t) for t in targets] if targets else None, snapshot)
+    return Submission(api, server.prompt_texts.text(api, snapshot), extra_data, validation)
+
+
+class LastRequest:
+    """The latest POST /prompt body, its parse and its prompt's snapshot: a body sent again byte
+    for byte (a script or the editor queueing the same prompt again) is neither parsed nor
+    snapshotted again; a 10k-node body takes ~20 ms to parse. `body` is called on the event
+    loop, `snapshot` on the validation thread; each keeps its own fields."""
+
+    def __init__(self) -> None:
+        self._raw = b""
+        self._snapshot: PromptSnapshot | None = None
+        self._parsed_raw = b""
+        self._parsed: Any = None
+
+    def body(self, raw: bytes) -> Any:
+        """`raw` decoded as strict JSON (web.jsonio.parse), None when empty; the value nobody
+        changes (POST /prompt only reads it). JsonBodyError when it is not acceptable JSON."""
+        if not raw.strip():
+            return None
+        if self._parsed is None or raw != self._parsed_raw:
+            with older_objects_frozen():  # a large body must not trigger full collections
+                self._parsed = parse(raw)
+            self._parsed_raw = raw
+        return self._parsed
+
+    def snapshot(self, raw: bytes | None, api: dict[str, Any]) -> PromptSnapshot:
+        """The snapshot of `api`, the prompt of body `raw` (None: a body built here)."""
+        if raw is None:
+            return PromptSnapshot(api)
+        if self._snapshot is None or raw != self._raw:
+            self._snapshot, self._raw = PromptSnapshot(api), raw
+        return self._snapshot
 
 
 def queue_number(server: LoomServer, body: dict[str, Any]) -> int | float:
@@ -111,16 +149,18 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
 
     @routes.post("/prompt")
     async def post_prompt(request: web.Request) -> web.Response:
-        body = await read_json(request)  # JsonBodyError: a 400 (web/errors.py)
+        raw: bytes | None = await request.read()
+        body = server.last_request.body(raw)  # JsonBodyError: a 400 (web/errors.py)
         if not isinstance(body, dict):
             return rejection("invalid_prompt", "The request body must be a JSON object",
                              f"got {type(body).__name__}")
-        if server.pack_server is not None:  # packs' PromptServer.add_on_prompt_handler hooks
-            body = server.pack_server.trigger_on_prompt(body)
+        if server.pack_server is not None and server.pack_server.on_prompt_handlers:
+            body = server.pack_server.trigger_on_prompt(copy.deepcopy(body))  # packs' hooks
+            raw = None  # a hook may change the prompt: the bytes received no longer name it
         try:
             if "loom_sweep" in body:
                 return await submit_sweep(server, body)
-            return await submit(server, body)
+            return await submit(server, body, raw)
         except BadRequest as exc:
             return rejection("invalid_prompt", "Invalid request", str(exc))
         except WorkflowFormatError as exc:
@@ -157,8 +197,8 @@ def add_routes(routes: ApiRoutes, server: LoomServer) -> None:
     add_history_routes(routes, server)
 
 
-async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
-    """Number, validate and queue one POSTed prompt."""
+async def submit(server: LoomServer, body: dict[str, Any], raw: bytes | None) -> web.Response:
+    """Number, validate and queue one POSTed prompt (`raw`: the body as received)."""
     number = queue_number(server, body)  # a rejected prompt uses up its number too
     if "prompt" not in body:
         return rejection("no_prompt", "No prompt provided", "No prompt provided")
@@ -168,7 +208,7 @@ async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
     prompt_id = str(body.get("prompt_id") or uuid.uuid4())
     if server.queue.contains(prompt_id):
         raise BadRequest(f"prompt id {prompt_id!r} is already queued; send a new id or none")
-    submission = await server.run_in_validation_thread(prepare_submission, server, body)
+    submission = await server.run_in_validation_thread(prepare_submission, server, body, raw)
     validation = submission.validation
     if validation.error is not None:
         logger.info("prompt rejected: %s %s", validation.error["message"],
@@ -178,7 +218,8 @@ async def submit(server: LoomServer, body: dict[str, Any]) -> web.Response:
     if "client_id" in body:
         extra_data["client_id"] = body["client_id"]
     extra_data["create_time"] = timestamp_ms()
-    item = QueueItem(number, prompt_id, submission.api, extra_data, validation.outputs)
+    item = QueueItem(number, prompt_id, submission.api, extra_data, validation.outputs,
+                     prompt_text=submission.api_text)
     server.worker.remember(prompt_id, validation.prompt, validation.outputs)
     try:
         server.queue.put(item)
@@ -214,12 +255,12 @@ async def submit_sweep(server: LoomServer, body: dict[str, Any]) -> web.Response
         raise BadRequest(str(exc)) from exc
     bodies = [sweep_body(body, item, extra_data, len(items)) for item in items]
     for item, item_body in zip(items, bodies, strict=True):
-        checked = await server.run_in_validation_thread(prepare_submission, server, item_body)
+        checked = await server.run_in_validation_thread(prepare_submission, server, item_body, None)
         if checked.validation.error is not None:
             reply = checked.validation.to_json()
             reply["error"]["message"] = f"sweep item {item.label}: {reply['error']['message']}"
             return json_response(reply, status=400)
-    replies = [json.loads((await submit(server, item_body)).body) for item_body in bodies]
+    replies = [json.loads((await submit(server, item_body, None)).body) for item_body in bodies]
     return json_response({**replies[0], "loom_sweep": {
         "prompt_ids": [reply["prompt_id"] for reply in replies],
         "numbers": [reply["number"] for reply in replies],
@@ -259,8 +300,9 @@ def add_history_routes(routes: ApiRoutes, server: LoomServer) -> None:
     @routes.get("/history/{prompt_id}")
     async def get_history_entry(request: web.Request) -> web.Response:
         prompt_id = request.match_info["prompt_id"]
-        entry = server.history.entry(prompt_id)
-        return json_response({prompt_id: entry} if entry is not None else {})
+        entry = server.history.entry_text(prompt_id)  # sent as stored, not decoded and encoded
+        text = f"{{{dumps(prompt_id)}: {strict_text(entry)}}}" if entry is not None else "{}"
+        return web.Response(text=text, content_type="application/json")
 
     @routes.post("/history")
     async def post_history(request: web.Request) -> web.Response:

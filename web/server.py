@@ -20,6 +20,7 @@ from engine.context import Services
 from engine.executor import Executor
 from engine.graph import GraphPlanner
 from engine.registry import NodeRegistry
+from engine.validation import PromptValidator
 from web import (
     errors,
     routes_files,
@@ -33,7 +34,8 @@ from web import (
 )
 from web.comfy_server import PackPromptServer
 from web.history import DEFAULT_MAX_ITEMS, History
-from web.queue import PromptQueue
+from web.queue import PromptQueue, PromptTexts
+from web.routes_prompt import LastRequest
 from web.routing import ApiRoutes
 from web.store import Store
 from web.websocket import SocketHub
@@ -69,6 +71,10 @@ class LoomServer:
         self.pack_server: PackPromptServer | None = comfy_host.HOST.prompt_server
         if self.pack_server is not None:
             self.pack_server.adopt(self)
+        # Both used on that thread only: they remember the latest prompt.
+        self.validator = PromptValidator(registry, self.validation_services)
+        self.prompt_texts = PromptTexts()
+        self.last_request = LastRequest()
 
     def object_info(self) -> dict[str, Any]:
         return self.registry.object_info(self.services)

@@ -1,14 +1,19 @@
 """The /ws endpoint and the hub that delivers messages to connected clients.
 
 Any thread may queue a message (the execution worker does); one task on the event loop sends
-them in the order they were queued, so a client sees a prompt's events in order. `status` goes
-to every client, a prompt's execution messages only to the client that submitted it."""
+them in the order they were queued, so a client sees a prompt's events in order; the loop is
+woken once per batch of messages, not once per message (a fast graph queues thousands).
+`status` goes to every client, a prompt's execution messages only to the client that submitted
+it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,13 +50,16 @@ class SocketHub:
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._client_flags: dict[str, dict[str, Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: asyncio.Queue[Outgoing] | None = None
+        self._outbox: deque[Outgoing] = deque()
+        self._outbox_lock = threading.Lock()
+        self._wake_requested = False  # a wake-up of the sender is on its way
+        self._ready: asyncio.Event | None = None
         self._sender: asyncio.Task[None] | None = None
 
     # -- lifetime (event-loop thread) --------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._outbox = asyncio.Queue()
+        self._ready = asyncio.Event()
         self._sender = asyncio.create_task(self._deliver_forever(), name="loom-ws-sender")
 
     async def stop(self) -> None:
@@ -106,28 +114,64 @@ class SocketHub:
         """A ready binary frame to client `sid`, or to every client when `sid` is None."""
         self._queue(Outgoing(sid, binary=frame))
 
+    def send_text(self, text: str, sid: str | None) -> None:
+        """An encoded message (`{"type", "data"}` JSON) to client `sid`."""
+        if sid is not None:
+            self._queue(Outgoing(sid, text=text))
+
+    def broadcast_text(self, text: str) -> None:
+        self._queue(Outgoing(None, text=text))
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> None:
+        """Run `callback` on the event loop in `seconds` (dropped when not serving)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(loop.call_later, seconds, callback)
+        except RuntimeError:
+            logger.debug("event loop closed; dropped a timer")
+
     def send_preview(self, jpeg: bytes, prompt_id: str, node_id: str, sid: str | None) -> None:
         if sid is not None:
             self._queue(Outgoing(sid, jpeg=jpeg, prompt_id=prompt_id, node_id=node_id))
 
     def _queue(self, message: Outgoing) -> None:
-        loop, outbox = self._loop, self._outbox
-        if loop is None or outbox is None:
+        loop = self._loop
+        if loop is None:
             return  # not serving (yet, or any more): there is nobody to deliver to
+        with self._outbox_lock:
+            self._outbox.append(message)
+            if self._wake_requested:
+                return  # the sender has not taken the batch yet; it takes this one too
+            self._wake_requested = True
         try:
-            loop.call_soon_threadsafe(outbox.put_nowait, message)
+            loop.call_soon_threadsafe(self._wake)
         except RuntimeError:
             logger.debug("event loop closed; dropped a %s message", message.sid or "broadcast")
 
     # -- delivery (event-loop thread) ------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._ready is not None:
+            self._ready.set()
+
+    def _take_batch(self) -> list[Outgoing]:
+        with self._outbox_lock:
+            batch = list(self._outbox)
+            self._outbox.clear()
+            self._wake_requested = False
+        return batch
+
     async def _deliver_forever(self) -> None:
-        assert self._outbox is not None
+        assert self._ready is not None
         while True:
-            message = await self._outbox.get()
-            try:
-                await self._deliver(message)
-            except Exception:  # noqa: BLE001 - one bad message must not stop all delivery
-                logger.exception("could not deliver a WebSocket message")
+            await self._ready.wait()
+            self._ready.clear()
+            for message in self._take_batch():
+                try:
+                    await self._deliver(message)
+                except Exception:  # noqa: BLE001 - one bad message must not stop all delivery
+                    logger.exception("could not deliver a WebSocket message")
 
     async def _deliver(self, message: Outgoing) -> None:
         if message.sid is None:

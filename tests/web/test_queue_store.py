@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from engine.snapshot import PromptSnapshot
 from web.history import History, HistoryRecord
-from web.queue import PromptQueue, QueueItem
+from web.queue import PromptQueue, PromptTexts, QueueItem
 from web.store import Store
 
 
@@ -125,3 +127,42 @@ def test_a_damaged_database_is_kept_aside_and_a_new_one_started(tmp_path: Path) 
     assert queue.remaining() == 0
     kept = list(tmp_path.glob("loom.db.damaged-*"))
     assert len(kept) == 1 and kept[0].read_bytes().startswith(b"this is not")
+
+
+def test_an_item_is_stored_with_the_prompt_text_it_was_given(tmp_path: Path) -> None:
+    queue, _, store = open_queue(tmp_path / "loom.db")
+    given = item(0, "p1")
+    given.prompt_text = '{"1": {"class_type": "X", "inputs": {}}}'
+    queue.put(given)
+    store.close()
+    reopened, _, _ = open_queue(tmp_path / "loom.db")
+    taken = reopened.take(timeout=0)
+    assert taken == given and taken is not None and taken.text == given.encoded()
+
+
+def test_a_history_entry_is_stored_as_the_json_of_its_entry(tmp_path: Path) -> None:
+    _, history, _ = open_queue(tmp_path / "loom.db")
+    queued = item(3, "p1")
+    built = HistoryRecord.build(queued.to_json(), {"1": {"text": ["x"]}}, "success", [], {},
+                                queued.encoded())
+    history.add(built)
+    assert history.entry("p1") == built.entry
+    assert list(built.entry) == ["prompt", "outputs", "status", "meta", "timings"]
+
+
+def test_the_same_prompt_again_reuses_its_text_and_a_changed_one_is_encoded() -> None:
+    texts = PromptTexts()
+    api = {"1": {"class_type": "X", "inputs": {"v": 1}}}
+    first = texts.text(api, PromptSnapshot(api))
+    again = {"1": {"class_type": "X", "inputs": {"v": 1}}}
+    assert texts.text(again, PromptSnapshot(again)) is first
+    changed = {"1": {"class_type": "X", "inputs": {"v": 2}}}
+    assert json.loads(texts.text(changed, PromptSnapshot(changed))) == changed
+
+
+def test_a_prompt_with_one_node_changed_is_stored_as_the_new_prompt() -> None:
+    texts = PromptTexts()
+    api = {str(i): {"class_type": "X", "inputs": {"v": i}} for i in range(5)}
+    texts.text(api, PromptSnapshot(api))
+    changed = {**api, "3": {"class_type": "X", "inputs": {"v": 30}}}
+    assert json.loads(texts.text(changed, PromptSnapshot(changed))) == changed

@@ -95,6 +95,18 @@ def test_history_entry_has_comfyui_shape_and_timings(server: ServerProcess) -> N
     assert entry["timings"]["1"]["cached"] is False
 
 
+def test_a_cached_re_run_times_no_node_and_names_the_cached_ones_once(
+        server: ServerProcess) -> None:
+    workflow = value_workflow(41)
+    run_recorded(server, workflow)
+    prompt_id, _, _ = run_recorded(server, workflow)
+    entry = wait_history(server, prompt_id)
+    assert entry["timings"] == {}
+    cached = [data for name, data in entry["status"]["messages"] if name == "execution_cached"]
+    assert [sorted(data["nodes"]) for data in cached] == [["1", "3"]]
+    assert entry["outputs"]["3"] == {"text": ["value=41"]}
+
+
 def test_editor_format_runs_and_its_graph_is_written_into_the_png(server: ServerProcess) -> None:
     workflow = editor_image_workflow(32, "editor/run")
     prompt_id, events, _ = run_recorded(server, workflow)
@@ -232,3 +244,24 @@ def test_free_memory_drops_cached_outputs(server: ServerProcess) -> None:
 def test_log_has_no_tracebacks(server: ServerProcess) -> None:
     """Runs last in this module: nothing above crashed inside the server."""
     assert "Traceback" not in server.log(), server.log()
+
+
+def test_a_10000_deep_chain_runs_and_its_re_post_is_answered_from_the_cache(
+        server: ServerProcess) -> None:
+    """Depth costs no recursion anywhere on the way (validation, keys, execution, events,
+    history); the re-post announces every node cached in one message."""
+    depth = 10_000
+    chain = {"0": {"class_type": "LoomTestValue", "inputs": {"value": 1}}}
+    for index in range(1, depth - 1):
+        chain[str(index)] = {"class_type": "LoomTestIncrement",
+                             "inputs": {"value": [str(index - 1), 0]}}
+    chain[str(depth - 1)] = {"class_type": "LoomTestShow",
+                             "inputs": {"value": [str(depth - 2), 0], "label": "end"}}
+    first_id, _, _ = run_recorded(server, chain)
+    assert wait_history(server, first_id)["outputs"][str(depth - 1)] == {
+        "text": [f"end={depth - 1}"]}
+    again_id, again, _ = run_recorded(server, chain)
+    cached = [event for event in again if event[0] == "execution_cached"]
+    assert len(cached) == 1 and len(cached[0][1]) == depth
+    assert not [event for event in again if event[0] == "executing" and event[1] is not None]
+    assert wait_history(server, again_id)["status"]["completed"]

@@ -1,6 +1,6 @@
 """Test-only Loom-native nodes, copied into a test server's custom_nodes/ folder: an integer
-source, a slow node that reports progress (with a preview image) each step, an output node that
-shows its value, and a node that always fails."""
+source, a node adding one, a slow node that reports progress (with a preview image) each step,
+an output node that shows its value, and a node that always fails."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ class LoomTestValue(Node):
 
     def execute(self, ctx: NodeContext, value: int) -> tuple[int]:
         return (value,)
+
+
+class LoomTestIncrement(Node):
+    schema = NodeSchema("LoomTestIncrement", (Link("value", "INT"),), (Output("INT"),),
+                        category=CATEGORY)
+
+    def execute(self, ctx: NodeContext, value: int) -> tuple[int]:
+        return (value + 1,)
 
 
 class LoomTestSlow(Node):
@@ -53,4 +61,5 @@ class LoomTestFail(Node):
 
 
 NODE_CLASS_MAPPINGS = {node.schema.name: node for node in
-                       (LoomTestValue, LoomTestSlow, LoomTestShow, LoomTestFail)}
+                       (LoomTestValue, LoomTestIncrement, LoomTestSlow, LoomTestShow,
+                        LoomTestFail)}

@@ -1,0 +1,46 @@
+"""What a run leaves for the next run of the same graph, so that the editor's re-runs cost
+little more than their events.
+
+A key is a function of a node, its fingerprint and the entries its inputs came from. While the
+cache holds the same entries as when the run ended (its version is unchanged), a node that is
+the same object (or equal), with the same fingerprint, whose sources all kept their keys, keeps
+its recorded key: nothing need be hashed. When every node does (the same prompt again), the
+whole run is replayed from the record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.cache import OutputCache
+from engine.graph import PromptNode
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run that resolved every node, with no node lazy, non-idempotent or always changed."""
+
+    nodes: dict[str, PromptNode]
+    outputs: tuple[str, ...]
+    reachable: set[str]
+    node_ids: tuple[str, ...]  # in order
+    keys: tuple[str, ...]
+    shown: tuple[str, ...]  # output nodes with a UI dict
+    fingerprints: dict[str, str]  # node id -> repr of its fingerprint
+    cache_version: int = -1  # the cache's once the run ended
+    key_of: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_of", dict(zip(self.node_ids, self.keys, strict=True)))
+
+    def holds(self, cache: OutputCache) -> bool:
+        """Whether the cache is as the run left it."""
+        return self.cache_version == cache.version
+
+    def repeated_by(self, nodes: dict[str, PromptNode], outputs: list[str]) -> bool:
+        """Whether a prompt with these nodes and outputs is the recorded one again."""
+        return self.outputs == tuple(outputs) and self.nodes == nodes
+
+    def unchanged(self, node: PromptNode) -> bool:
+        """Whether the node is as recorded (its fingerprint and sources aside)."""
+        before = self.nodes.get(node.node_id)
+        return before is node or (before is not None and before == node)
