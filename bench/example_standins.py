@@ -7,6 +7,8 @@ shapes so that it fits the model it is applied to."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +25,19 @@ from engine.diffusion.checkpoints.controlnet_writer import (
     random_t2i_adapter,
     write_random_controlnet,
 )
+from engine.diffusion.checkpoints.loader import UNET_CONFIG_KEY
 from engine.diffusion.checkpoints.state_files import PICKLE_SUFFIXES
 from engine.diffusion.checkpoints.writer import (
+    RECIPES,
     TINY_BIGG,
     random_checkpoint,
     random_upscaler,
     randomize,
+    unet_config,
     write_random_checkpoint,
 )
 from engine.diffusion.networks.clip_vision import ClipVisionModel, VisionConfig
+from engine.diffusion.networks.unet import UNet
 
 # Checkpoint kind by a released model's file name, first match wins; anything else is SD1.5.
 CHECKPOINT_KINDS = (("refiner", "sdxl_refiner"), ("unclip", "sd21_unclip_h"),
@@ -42,6 +48,7 @@ FAMILY_OF_KIND = {"sd15": "sd15", "sd15_inpaint": "sd15", "sd21v": "sd21v",
                   "sdxl_refiner": "sdxl_base"}
 EMBEDDING = re.compile(r"embedding:([^\s,()]+)")
 LORA_RANK = 4
+UNET_PREFIX = "model.diffusion_model."
 
 
 def checkpoint_kind(name: str, class_type: str) -> str:
@@ -56,6 +63,23 @@ def as_safetensors(name: str) -> str:
     path = Path(name)
     return str(path.with_suffix(".safetensors")) if path.suffix.lower() in PICKLE_SUFFIXES \
         else name
+
+
+def is_adapter_name(name: str) -> bool:
+    return "t2iadapter" in name.lower() or "t2i_adapter" in name.lower()
+
+
+def four_level_checkpoint(kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A tiny `kind` checkpoint whose UNet has the released four resolution levels (the tiny
+    one has fewer), so that a T2I-Adapter's four feature maps have blocks to go to."""
+    tensors, metadata = random_checkpoint(kind)
+    config = dataclasses.replace(unet_config(RECIPES[kind], True), channel_mult=(1, 2, 4, 4),
+                                 transformer_depth=(1, 1, 1, 0))
+    unet = UNet(config)
+    randomize(unet, torch.Generator().manual_seed(0))
+    kept = {key: value for key, value in tensors.items() if not key.startswith(UNET_PREFIX)}
+    kept.update({UNET_PREFIX + key: value for key, value in unet.state_dict().items()})
+    return kept, {**metadata, UNET_CONFIG_KEY: json.dumps(dataclasses.asdict(config))}
 
 
 def small_normals(shape: tuple[int, ...], seed: int, scale: float = 0.02) -> Tensor:
@@ -80,6 +104,7 @@ class StandIns:
         self.base = base
         self.image_size = image_size
         self.family = "sd15"
+        self.adapter = False  # a T2I-Adapter needs the released four-level UNet structure
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
     def provide(self, api: dict[str, Any]) -> None:
@@ -87,6 +112,8 @@ class StandIns:
                  for body in api.values() if "ckpt_name" in body.get("inputs", {})]
         families = {FAMILY_OF_KIND[kind] for kind in kinds}
         self.family = next((f for f in ("sdxl_base", "sd21v") if f in families), "sd15")
+        self.adapter = any(is_adapter_name(str(body["inputs"].get("control_net_name", "")))
+                           for body in api.values())
         for body in api.values():
             self._node(body["class_type"], body.get("inputs", {}))
 
@@ -120,8 +147,11 @@ class StandIns:
                               "unCLIPCheckpointLoader"):
             return name
         stored = as_safetensors(name)
-        write_random_checkpoint(self._models("checkpoints", stored),
-                                checkpoint_kind(name, class_type))
+        kind = checkpoint_kind(name, class_type)
+        if self.adapter and kind in ("sd15", "sd21v"):
+            save(self._models("checkpoints", stored), *four_level_checkpoint(kind))
+        else:
+            write_random_checkpoint(self._models("checkpoints", stored), kind)
         return stored
 
     def vae(self, name: str, class_type: str) -> None:
@@ -134,7 +164,7 @@ class StandIns:
 
     def controlnet(self, name: str, class_type: str) -> str:
         kind = "sdxl_base" if self.family == "sdxl_base" else self.family
-        if "t2iadapter" in name.lower() or "t2i_adapter" in name.lower():
+        if is_adapter_name(name):
             save(self._models("controlnet", name), random_t2i_adapter("full"))
             return name
         stored = as_safetensors(name)
@@ -165,9 +195,8 @@ class StandIns:
         save(self._models("loras", name), tensors)
 
     def _lora_target(self, key: str) -> str | None:
-        unet = "model.diffusion_model."
-        if key.startswith(unet) and re.search(r"attn2\.to_[kv]\.weight$", key):
-            return "lora_unet_" + key[len(unet):-len(".weight")].replace(".", "_")
+        if key.startswith(UNET_PREFIX) and re.search(r"attn2\.to_[kv]\.weight$", key):
+            return "lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
         text = re.search(r"transformer\.(text_model\.encoder\.layers\.0\.self_attn\.q_proj)"
                          r"\.weight$", key)
         if text:
