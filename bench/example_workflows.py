@@ -62,12 +62,12 @@ SKIPPED = {
     "aura_flow": "AuraFlow", "chroma": "Chroma (Flux-derived)", "cosmos": "Cosmos video",
     "cosmos_predict2": "Cosmos Predict2", "flux": "Flux", "flux2": "Flux 2",
     "hidream": "HiDream", "hunyuan_dit": "Hunyuan-DiT", "hunyuan_image": "HunyuanImage",
-    "hunyuan_video": "Hunyuan video", "latent_preview": "no workflow (a preview animation)",
+    "hunyuan_video": "Hunyuan video", "latent_preview": "no workflow (a web page)",
     "ltxv": "LTX video", "lumina2": "Lumina 2", "mochi": "Mochi video",
     "omnigen": "OmniGen 2", "qwen_image": "Qwen-Image", "sd3": "SD3/SD3.5",
     "stable_cascade": "Stable Cascade", "video": "Stable Video Diffusion (video)",
     "wan": "Wan 2.1 video", "wan22": "Wan 2.2 video", "z_image": "Z-Image",
-    "faq": "no workflow (documentation)",
+    "faq": "no workflow (a README)",
 }
 # (class_type, input) pixel sizes and offsets --shrink divides; latent sizes stay multiples of 8
 PIXEL_INPUTS = {
