@@ -17,9 +17,9 @@ so a checkpoint or ControlNet the workflow names as a pickle (.ckpt/.pth) is wri
 with --allow-pickle-checkpoints. Models a workflow names are picked by name (a *xl* checkpoint
 is SDXL, *refiner* the SDXL refiner, *unclip* SD 2.1 unCLIP-H, *inpainting* the 9-channel
 inpainting UNet, v2-1 and WD 1.5 SD 2.x v-prediction, anything else SD1.5); add-ons follow the
-workflow's checkpoint family. With --shrink N (default 4) every pixel size the workflow states
+workflow's checkpoint family. With --shrink N (default 8) every pixel size the workflow states
 (latent sizes, areas, offsets, paddings, image scales) is divided by N, and with --steps N
-(default 4) no sampler takes more than N steps (KSamplerAdvanced's start/end steps keep their
+(default 2) no sampler takes more than N steps (KSamplerAdvanced's start/end steps keep their
 share of the schedule), to keep CPU runs short: this checks that the graphs work, not images.
 
 One row per workflow (validates, runs, the first error), then folders skipped with the reason
@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("examples", type=Path, help="a ComfyUI_examples checkout")
     parser.add_argument("--only", nargs="*", default=[],
                         help="check only files whose path contains one of these texts")
-    parser.add_argument("--shrink", type=int, default=4,
+    parser.add_argument("--shrink", type=int, default=8,
                         help="divide pixel sizes by this (1: the workflow's own sizes)")
-    parser.add_argument("--steps", type=int, default=4,
+    parser.add_argument("--steps", type=int, default=2,
                         help="at most this many sampling steps per sampler (start/end steps "
                              "scaled with it)")
     args = parser.parse_args(argv)
