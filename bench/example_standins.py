@@ -1,7 +1,7 @@
 """Tiny stand-in model files named as an API prompt's loaders ask, for bench/example_workflows.
 
 Each file is written in the real key layout of its kind with the engine's writers (checkpoints,
-ControlNets, T2I-Adapters, upscalers) or, for the small add-on formats the writers do not
+ControlNets, T2I-Adapters, GLIGEN, upscalers) or, for the small add-on formats the writers do not
 cover (VAE, LoRA, hypernetwork, embedding, CLIP vision), built here from a tiny checkpoint's
 shapes so that it fits the model it is applied to."""
 
@@ -35,6 +35,7 @@ from engine.diffusion.checkpoints.writer import (
     randomize,
     unet_config,
     write_random_checkpoint,
+    write_random_gligen,
 )
 from engine.diffusion.networks.clip_vision import ClipVisionModel, VisionConfig
 from engine.diffusion.networks.unet import UNet
@@ -122,7 +123,7 @@ class StandIns:
             "ckpt_name": self.checkpoint, "vae_name": self.vae, "lora_name": self.lora,
             "control_net_name": self.controlnet, "model_name": self.upscaler,
             "hypernetwork_name": self.hypernetwork, "clip_name": self.clip_vision,
-            "image": self.image,
+            "image": self.image, "gligen_name": self.gligen,
         }
         for name, value in list(inputs.items()):
             if isinstance(value, str) and name in writers:
@@ -175,6 +176,11 @@ class StandIns:
             save(path, {**deltas, DIFF_MARKER: torch.zeros(0)}, metadata)
         else:
             write_random_controlnet(path, kind)
+        return stored
+
+    def gligen(self, name: str, class_type: str) -> str:
+        stored = as_safetensors(name)
+        write_random_gligen(self._models("gligen", stored), self.family)
         return stored
 
     def upscaler(self, name: str, class_type: str) -> None:

@@ -11,7 +11,7 @@ upscalers in the real key layouts (the engine's writers), and grey input images 
 It is converted with Loom's converter, validated, and run on the CPU in fp32.
 
 Stand-in limits, stated rather than hidden: a tiny UNet's config lives in safetensors metadata,
-so a checkpoint or ControlNet the workflow names as a pickle (.ckpt/.pth) is written as
+so a checkpoint, ControlNet or GLIGEN the workflow names as a pickle (.ckpt/.pth) is written as
 .safetensors under the same stem and the workflow's name is changed to it; every other pickle
 (VAE, T2I-Adapter, upscaler, hypernetwork, embedding) is written as a pickle and loaded as
 with --allow-pickle-checkpoints. Models a workflow names are picked by name (a *xl* checkpoint
