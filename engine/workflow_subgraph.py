@@ -147,10 +147,12 @@ def assign_widget_values(values: Sequence[Any], specs: Sequence[WidgetSpec]) -> 
         if spec.branches is not None:  # the chosen option's widgets come next
             pending[index:index] = spec.branches.get(assigned[spec.name], ())
         spare = (len(values) - position) - (len(pending) - index)
-        follows_control = position < len(values) and _is_control(values[position])
+        following = values[position] if position < len(values) else None
         undeclared = spec.value_type == "INT" and spare > 0  # the editor adds one to any seed
-        if follows_control and (spec.has_control or undeclared):
+        if _is_control(following) and (spec.has_control or undeclared):
             position += 1
+        elif isinstance(following, bool) and spec.has_control and spare > 0:
+            position += 1  # editors before the combo saved "randomize after every gen" on/off
     return assigned
 
 

@@ -31,11 +31,12 @@ def _blend(ratio: float) -> tuple[float, float]:
 
 
 def merge_models(model1: ModelHandle, model2: ModelHandle, rule: MergeRule) -> ModelHandle:
-    """A clone of model1 whose weights follow `rule` against model2's."""
-    if model1.config != model2.config:
+    """A clone of model1 whose weights follow `rule` against model2's. Models of one family
+    may differ in a few shapes (an inpainting UNet's input); those weights keep model1's."""
+    if model1.family != model2.family:
         raise ValueError(f"cannot merge {model1.name or model1.family} ({model1.family}) with "
-                         f"{model2.name or model2.family} ({model2.family}): their UNets differ "
-                         "in layout; merge models of the same architecture")
+                         f"{model2.name or model2.family} ({model2.family}): they are different "
+                         "model families; merge models of the same family")
     source = WeightSource.of(model2.unet, model2.patches, model1.unet)
     return model1.replace(patches=model1.patches + (MergePatch(source, rule),))
 

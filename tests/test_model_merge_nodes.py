@@ -1,5 +1,6 @@
 """Model-level nodes through the engine: the ModelMerge* and CLIPMergeSimple weight rules (also
-when both sides share one network and one carries a LoRA), bit-exact restore afterwards, and a
+when both sides share one network and one carries a LoRA, or differ in a few shapes as an
+inpainting model does), bit-exact restore afterwards, and a
 CheckpointSave file that loads back with identical tensors."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from engine.diffusion.patches.patching import Patch, patched
+from engine.validation import validate_prompt
 from tests.model_engine import ModelEngine, node, probed
 from tests.test_lora_nodes import write_lora
 
@@ -86,6 +88,40 @@ def test_model_merge_add_and_subtract(engine: ModelEngine) -> None:
                                            model2=["2", 0], multiplier=1.5))
     for name, value in weights(difference.unet, difference.patches).items():
         assert close(value, 1.5 * (ours[name] - theirs[name])), name
+
+
+def test_an_inpainting_model_merges_with_a_plain_one_except_its_wider_input(
+        engine: ModelEngine, caplog: pytest.LogCaptureFixture) -> None:
+    """As ComfyUI's "inpainting model + (other - base)" recipe: the 9-channel input convolution
+    cannot take the 4-channel one's weights, so it is only scaled by model1's factor (and
+    named in a warning); every other weight merges."""
+    api = {"1": node("CheckpointLoaderSimple",
+                     ckpt_name=engine.checkpoint("sd15_inpaint", seed=0)),
+           "2": node("CheckpointLoaderSimple", ckpt_name=engine.checkpoint("sd15", seed=1)),
+           "3": node("ModelMergeSubtract", model1=["1", 0], model2=["2", 0], multiplier=0.5)}
+    with caplog.at_level("WARNING", logger="loom.patches"):
+        result, _ = engine.run(probed(api, "1", "2", "3"))
+        inpaint, plain, difference = (result.values[n][0][0] for n in ("1", "2", "3"))
+        names = (*WEIGHTS, "input_blocks.0.0.weight")
+        ours, theirs = weights(inpaint.unet, (), names), weights(plain.unet, (), names)
+        values = weights(difference.unet, difference.patches, names)
+    assert close(values["input_blocks.0.0.weight"], 0.5 * ours["input_blocks.0.0.weight"])
+    for name in WEIGHTS:
+        assert close(values[name], 0.5 * (ours[name] - theirs[name])), name
+    assert "input_blocks.0.0.weight" in caplog.text
+
+
+def test_models_of_different_families_are_not_merged(engine: ModelEngine) -> None:
+    api = {"1": node("CheckpointLoaderSimple", ckpt_name=engine.checkpoint("sd15")),
+           "2": node("CheckpointLoaderSimple", ckpt_name=engine.checkpoint("sd21v")),
+           "3": node("ModelMergeSimple", model1=["1", 0], model2=["2", 0], ratio=0.5)}
+    checked = engine.executor.execute(*validated(engine, probed(api, "3")))
+    assert not checked.ok and "different model families" in str(checked.error)
+
+
+def validated(engine: ModelEngine, api: dict[str, Any]) -> tuple[Any, list[str]]:
+    checked = validate_prompt(api, engine.registry, engine.services)
+    return checked.prompt, checked.outputs
 
 
 def test_merging_a_lora_model_with_its_own_base_halves_the_lora(engine: ModelEngine) -> None:

@@ -113,6 +113,12 @@ def test_control_after_generate_value_after_a_seed_is_skipped() -> None:
     assert api["3"]["inputs"] == {"seed": 42, "steps": 25, "sampler_name": "heun", "denoise": 0.5}
 
 
+def test_an_old_editors_boolean_control_value_after_a_seed_is_skipped() -> None:
+    api = ui_to_api(workflow([sampler(3, None, widgets=[42, True, 25, "heun", 0.5])], []),
+                    SCHEMAS)
+    assert api["3"]["inputs"] == {"seed": 42, "steps": 25, "sampler_name": "heun", "denoise": 0.5}
+
+
 def test_control_value_after_an_undeclared_int_is_skipped_when_the_list_is_too_long() -> None:
     api = ui_to_api(workflow([node(1, "PlainSeed", widgets=[5, "increment", "hello"])], []),
                     SCHEMAS)

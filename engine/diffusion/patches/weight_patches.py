@@ -7,6 +7,7 @@ file), and the restore is exact because the very same tensor object comes back."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from engine.diffusion.patches.patching import Patch, Undo, patched
+
+logger = logging.getLogger("loom.patches")
 
 # current float32 weight (or row slice; must not be modified) -> float32 delta of its numel
 DeltaFn = Callable[[Tensor], Tensor]
@@ -164,26 +167,34 @@ class MergePatch:
     rule: MergeRule
 
     def apply(self, module: nn.Module) -> Undo:
+        """Swap in the merged weights. As in ComfyUI, a weight the other network lacks is left
+        as it is, and one whose shape differs (an inpainting UNet's 9-channel input against a
+        4-channel one) is only scaled by its own factor, with a warning naming it."""
         params = dict(module.named_parameters())
         ours = {name: param.data for name, param in params.items()}  # before the source's view
-        swaps = []
+        swaps, mismatched = [], []
         with source_weights(self.source, module) as theirs:
             for name, param in params.items():
                 scales = self.rule.scales(name)
-                if scales is None:
+                if scales is None or name not in theirs:
                     continue
-                swaps.append((param, merged_value(name, ours[name], theirs.get(name), scales)))
+                if theirs[name].shape != ours[name].shape:
+                    mismatched.append(f"{name} {tuple(ours[name].shape)} != "
+                                      f"{tuple(theirs[name].shape)}")
+                    scales = (scales[0], 0.0)
+                swaps.append((param, merged_value(ours[name], theirs[name], scales)))
+        if mismatched:
+            logger.warning("merge: shapes differ, these weights were not merged: %s",
+                           "; ".join(mismatched))
         return swap_in(swaps)
 
 
-def merged_value(name: str, ours: Tensor, theirs: Tensor | None,
-                 scales: tuple[float, float]) -> Tensor:
-    """own * ours + other * theirs in float32, rounded once to our dtype."""
-    if theirs is None or theirs.shape != ours.shape:
-        found = "missing" if theirs is None else f"of shape {tuple(theirs.shape)}"
-        raise ValueError(f"cannot merge {name!r} (shape {tuple(ours.shape)}): the other model's "
-                         f"is {found}; merge models of the same architecture")
+def merged_value(ours: Tensor, theirs: Tensor, scales: tuple[float, float]) -> Tensor:
+    """own * ours + other * theirs in float32 (theirs ignored when other is 0), rounded once
+    to our dtype."""
     own, other = scales
     with torch.no_grad():
-        mixed = ours.float() * own + theirs.to(ours.device, torch.float32) * other
+        mixed = ours.float() * own
+        if other:
+            mixed = mixed + theirs.to(ours.device, torch.float32) * other
     return mixed.to(ours.dtype)
