@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.dynamic_inputs import DYNAMIC_COMBO
 from engine.node import WIDGET_TYPES
+from engine.workflow_groupnode import expand_group_nodes
 from engine.workflow_subgraph import (
     FlatGraph,
     FlatNode,
@@ -93,7 +94,7 @@ def _all_specs(specs: list[WidgetSpec]) -> list[WidgetSpec]:
 
 def ui_to_api(workflow: dict, schemas: Mapping[str, dict]) -> dict:
     """Convert an editor workflow to the API prompt the editor would queue for it."""
-    graph = flatten_workflow(workflow)
+    graph = flatten_workflow(expand_group_nodes(workflow, schemas))
     emitted = sorted((node for node in graph.nodes.values() if node.is_emitted()),
                      key=lambda node: _id_sort_key(node.node_id))
     return {node.node_id: _api_node(graph, node, schemas.get(node.type)) for node in emitted}
