@@ -60,7 +60,10 @@ def group_name(node_type: str, groups: Mapping[str, Any]) -> str | None:
 
 def expand_group_nodes(workflow: Mapping[str, Any],
                        schemas: Mapping[str, dict]) -> Mapping[str, Any]:
-    """The workflow with every group node instance replaced by its inner nodes and links."""
+    """The workflow with every group node instance replaced by its inner nodes and links (a
+    workflow that is not an object is returned as is, for the flattener to reject)."""
+    if not isinstance(workflow, Mapping):
+        return workflow
     extra = workflow.get("extra")
     groups = extra.get("groupNodes") if isinstance(extra, Mapping) else None
     nodes = workflow.get("nodes")
