@@ -28,6 +28,7 @@ from engine.workflow_subgraph import (
     assign_widget_values,
     flatten_workflow,
     resolve_source,
+    schema_inputs,
 )
 
 __all__ = [
@@ -46,16 +47,8 @@ _METADATA_KEYS = ("prompt", "workflow")
 
 def widget_specs(schema: Mapping[str, Any]) -> list[WidgetSpec]:
     """The widgets of a class in editor order: required then optional inputs of a widget type."""
-    specs = []
-    inputs = schema.get("input") or {}
-    orders = schema.get("input_order") or {}
-    for section in ("required", "optional"):
-        declared = inputs.get(section) or {}
-        for name in orders.get(section) or list(declared):
-            spec = _widget_spec(name, declared.get(name))
-            if spec is not None:
-                specs.append(spec)
-    return specs
+    found = (_widget_spec(name, declared) for name, declared in schema_inputs(schema))
+    return [spec for spec in found if spec is not None]
 
 
 def _widget_spec(name: str, declared: Any) -> WidgetSpec | None:

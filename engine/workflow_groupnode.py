@@ -32,6 +32,7 @@ from engine.workflow_subgraph import (
     WidgetSpec,
     WorkflowFormatError,
     assign_widget_values,
+    schema_inputs,
 )
 
 GROUP_PREFIXES = ("workflow/", "workflow>")
@@ -164,7 +165,7 @@ def _node_sockets(node: Mapping[str, Any], index: int, links_to: Mapping, links_
     widgets, slots, converted = [], [], []
     socket_widgets = {slot.get("name") for slot in node.get("inputs") or []
                       if isinstance(slot, Mapping) and isinstance(slot.get("widget"), Mapping)}
-    for input_name, declared in _schema_inputs(schema):
+    for input_name, declared in schema_inputs(schema):
         spec = _widget(input_name, declared)
         if spec is None:
             slots.append(input_name)
@@ -175,22 +176,12 @@ def _node_sockets(node: Mapping[str, Any], index: int, links_to: Mapping, links_
     return widgets, slots, converted, len(schema.get("output") or [])
 
 
-def _schema_inputs(schema: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    inputs = schema.get("input") or {}
-    orders = schema.get("input_order") or {}
-    found = []
-    for section in ("required", "optional"):
-        declared = inputs.get(section) or {}
-        found.extend((name, declared.get(name)) for name in orders.get(section) or list(declared))
-    return found
-
-
 def _all_widgets(node: Mapping[str, Any], schemas: Mapping[str, dict]) -> list[WidgetSpec]:
     """An inner node's widgets in schema order (its own `widgets_values` follow this order)."""
     if node.get("type") == PRIMITIVE_TYPE:
         return [WidgetSpec("value", "*", has_control=True)]
     schema = schemas.get(node.get("type")) if isinstance(node.get("type"), str) else None
-    found = (_widget(name, declared) for name, declared in _schema_inputs(schema or {}))
+    found = (_widget(name, declared) for name, declared in schema_inputs(schema or {}))
     return [spec for spec in found if spec is not None]
 
 
