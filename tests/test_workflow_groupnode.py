@@ -126,3 +126,18 @@ def test_a_malformed_definition_names_the_group() -> None:
     graph["extra"]["groupNodes"]["Sample"] = {"nodes": "oops", "links": []}
     with pytest.raises(WorkflowFormatError, match="group node 'Sample'"):
         ui_to_api(graph, SCHEMAS)
+
+
+def test_a_primitive_inside_the_group_takes_its_value_from_the_instance() -> None:
+    inner = [node(0, "PrimitiveNode", [], [20, "fixed"], index=0),
+             node(1, "Sampler", [slot("model", "MODEL"), slot("latent", "LATENT"),
+                                 slot("steps", "INT", widget=True)],
+                  [1, "fixed", 20, "euler", 1.0], index=1)]
+    group = {"nodes": inner, "links": [[0, 0, 1, 2, 9, "INT"]], "external": []}
+    instance = node(5, "workflow>Steps", [slot("model", "MODEL", 1)],
+                    [12, "fixed", 42, "randomize", "heun", 0.5])
+    graph = workflow([loader(), instance], [[1, 1, 0, 5, 0, "MODEL"]],
+                     extra={"groupNodes": {"Steps": group}})
+    inputs = ui_to_api(graph, SCHEMAS)["5:1"]["inputs"]
+    assert {key: inputs[key] for key in ("steps", "seed", "sampler_name", "denoise", "model")} \
+        == {"steps": 12, "seed": 42, "sampler_name": "heun", "denoise": 0.5, "model": ["1", 0]}
