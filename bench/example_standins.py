@@ -41,12 +41,12 @@ from engine.diffusion.networks.clip_vision import ClipVisionModel, VisionConfig
 from engine.diffusion.networks.unet import UNet
 
 # Checkpoint kind by a released model's file name, first match wins; anything else is SD1.5.
-CHECKPOINT_KINDS = (("refiner", "sdxl_refiner"), ("unclip", "sd21_unclip_h"),
-                    ("inpainting", "sd15_inpaint"), ("xl", "sdxl_base"), ("v2-1", "sd21v"),
-                    ("wd-illusion", "sd21v"))
+CHECKPOINT_KINDS = (("refiner", "sdxl_refiner"), ("xl_edit", "sdxl_edit"),
+                    ("unclip", "sd21_unclip_h"), ("inpainting", "sd15_inpaint"),
+                    ("xl", "sdxl_base"), ("v2-1", "sd21v"), ("wd-illusion", "sd21v"))
 FAMILY_OF_KIND = {"sd15": "sd15", "sd15_inpaint": "sd15", "sd21v": "sd21v",
                   "sd21_unclip_h": "sd21v", "sdxl_base": "sdxl_base",
-                  "sdxl_refiner": "sdxl_base"}
+                  "sdxl_refiner": "sdxl_base", "sdxl_edit": "sdxl_base"}
 EMBEDDING = re.compile(r"embedding:([^\s,()]+)")
 LORA_RANK = 4
 UNET_PREFIX = "model.diffusion_model."

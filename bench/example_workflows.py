@@ -15,9 +15,10 @@ so a checkpoint, ControlNet or GLIGEN the workflow names as a pickle (.ckpt/.pth
 .safetensors under the same stem and the workflow's name is changed to it; every other pickle
 (VAE, T2I-Adapter, upscaler, hypernetwork, embedding) is written as a pickle and loaded as
 with --allow-pickle-checkpoints. Models a workflow names are picked by name (a *xl* checkpoint
-is SDXL, *refiner* the SDXL refiner, *unclip* SD 2.1 unCLIP-H, *inpainting* the 9-channel
-inpainting UNet, v2-1 and WD 1.5 SD 2.x v-prediction, anything else SD1.5); add-ons follow the
-workflow's checkpoint family. With --shrink N (default 8) every pixel size the workflow states
+is SDXL, *xl_edit* the 8-channel CosXL edit model with its EDM v-prediction marker, *refiner*
+the SDXL refiner, *unclip* SD 2.1 unCLIP-H, *inpainting* the 9-channel inpainting UNet, v2-1
+and WD 1.5 SD 2.x v-prediction, anything else SD1.5); add-ons follow the workflow's checkpoint
+family. With --shrink N (default 8) every pixel size the workflow states
 (latent sizes, areas, offsets, paddings, image scales) is divided by N, and with --steps N
 (default 2) no sampler takes more than N steps (KSamplerAdvanced's start/end steps keep their
 share of the schedule), to keep CPU runs short: this checks that the graphs work, not images.

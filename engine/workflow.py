@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.dynamic_inputs import DYNAMIC_COMBO
 from engine.node import WIDGET_TYPES
+from engine.workflow_groupnode import expand_group_nodes
 from engine.workflow_subgraph import (
     FlatGraph,
     FlatNode,
@@ -27,6 +28,7 @@ from engine.workflow_subgraph import (
     assign_widget_values,
     flatten_workflow,
     resolve_source,
+    schema_inputs,
 )
 
 __all__ = [
@@ -45,16 +47,8 @@ _METADATA_KEYS = ("prompt", "workflow")
 
 def widget_specs(schema: Mapping[str, Any]) -> list[WidgetSpec]:
     """The widgets of a class in editor order: required then optional inputs of a widget type."""
-    specs = []
-    inputs = schema.get("input") or {}
-    orders = schema.get("input_order") or {}
-    for section in ("required", "optional"):
-        declared = inputs.get(section) or {}
-        for name in orders.get(section) or list(declared):
-            spec = _widget_spec(name, declared.get(name))
-            if spec is not None:
-                specs.append(spec)
-    return specs
+    found = (_widget_spec(name, declared) for name, declared in schema_inputs(schema))
+    return [spec for spec in found if spec is not None]
 
 
 def _widget_spec(name: str, declared: Any) -> WidgetSpec | None:
@@ -93,7 +87,7 @@ def _all_specs(specs: list[WidgetSpec]) -> list[WidgetSpec]:
 
 def ui_to_api(workflow: dict, schemas: Mapping[str, dict]) -> dict:
     """Convert an editor workflow to the API prompt the editor would queue for it."""
-    graph = flatten_workflow(workflow)
+    graph = flatten_workflow(expand_group_nodes(workflow, schemas))
     emitted = sorted((node for node in graph.nodes.values() if node.is_emitted()),
                      key=lambda node: _id_sort_key(node.node_id))
     return {node.node_id: _api_node(graph, node, schemas.get(node.type)) for node in emitted}

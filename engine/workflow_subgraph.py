@@ -134,6 +134,17 @@ class FlatGraph:
         self.consumers.setdefault(edge.source, []).append(target)
 
 
+def schema_inputs(schema: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(name, declaration) of a class's inputs in editor order: required, then optional."""
+    inputs = schema.get("input") or {}
+    orders = schema.get("input_order") or {}
+    found = []
+    for section in ("required", "optional"):
+        declared = inputs.get(section) or {}
+        found.extend((name, declared.get(name)) for name in orders.get(section) or list(declared))
+    return found
+
+
 def assign_widget_values(values: Sequence[Any], specs: Sequence[WidgetSpec]) -> dict[str, Any]:
     """Map positional `widgets_values` to widget names, skipping seed control values."""
     assigned: dict[str, Any] = {}

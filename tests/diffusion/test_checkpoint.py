@@ -26,7 +26,8 @@ def bpe():
     return BpeCache().get()
 
 
-RECORDED_KINDS = [kind for kind in KINDS if kind != "sd21_unclip_h"]  # no unCLIP manifest
+# No unCLIP or CosXL edit manifest (the edit model is checked against SDXL base's below).
+RECORDED_KINDS = [kind for kind in KINDS if kind not in ("sd21_unclip_h", "sdxl_edit")]
 
 
 @pytest.mark.parametrize("kind", RECORDED_KINDS)
@@ -41,6 +42,17 @@ def test_full_size_writer_matches_the_reference_layout_exactly(kind: str) -> Non
     assert not mismatched, list(mismatched.items())[:5]
 
 
+def test_full_size_edit_writer_is_sdxl_base_with_8_input_channels_and_the_edm_marker() -> None:
+    tensors, _ = random_checkpoint("sdxl_edit", tiny=False, meta=True)
+    reference = manifest("sdxl_base")
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    assert set(tensors) - set(reference) == {"edm_vpred.sigma_min", "edm_vpred.sigma_max"}
+    assert set(reference) - set(tensors) == set()
+    assert tuple(tensors[conv_in].shape) == (320, 8, 3, 3)
+    assert all(tuple(tensors[name].shape) == reference[name][1] for name in reference
+               if name != conv_in)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_tiny_checkpoint_is_detected_and_loads(kind: str, tmp_path: Path, bpe) -> None:
     path = write_random_checkpoint(tmp_path / f"{kind}.safetensors", kind)
@@ -48,10 +60,11 @@ def test_tiny_checkpoint_is_detected_and_loads(kind: str, tmp_path: Path, bpe) -
     loaded = load_checkpoint(opened, FP32, bpe)
     expected_family = {"sd15": "sd1", "sd15_inpaint": "sd1", "sd21v": "sd2",
                        "sd21_unclip_h": "sd2", "sdxl_base": "sdxl",
-                       "sdxl_refiner": "sdxl_refiner"}[kind]
+                       "sdxl_refiner": "sdxl_refiner", "sdxl_edit": "sdxl"}[kind]
     assert loaded.layout.family == expected_family
-    assert loaded.layout.prediction == ("v" if kind.startswith("sd21") else "eps")
-    assert loaded.model.in_channels == (9 if kind == "sd15_inpaint" else 4)
+    assert loaded.layout.prediction == ("v" if kind.startswith("sd21") or kind == "sdxl_edit"
+                                        else "eps")
+    assert loaded.model.in_channels == {"sd15_inpaint": 9, "sdxl_edit": 8}.get(kind, 4)
     encoded = loaded.clip.encode("a photo of a cat")
     assert encoded.cond.shape[-1] == loaded.model.config.context_dim
     latent = torch.randn(1, 4, 8, 8)
@@ -122,3 +135,14 @@ def test_unknown_file_type_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="unknown model file type"):
         open_state_file(path)
+
+
+def test_an_edit_checkpoint_samples_on_its_continuous_edm_v_schedule(tmp_path: Path,
+                                                                        bpe) -> None:
+    path = write_random_checkpoint(tmp_path / "cosxl_edit.safetensors", "sdxl_edit")
+    sampling = load_checkpoint(open_state_file(path), FP32, bpe, with_clip=False,
+                               with_vae=False).model.sampling
+    assert sampling.prediction == "v_prediction"
+    assert (float(sampling.sigma_min), float(sampling.sigma_max)) == \
+        pytest.approx((0.002, 120.0))
+    assert float(sampling.timestep(torch.tensor(1.0))) == 0.0  # EDM's ln(sigma) / 4

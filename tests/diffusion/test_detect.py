@@ -52,6 +52,25 @@ def test_v_pred_marker_keys_win() -> None:
     assert layout.prediction == "v" and layout.zsnr
 
 
+def test_an_sdxl_edm_vpred_marker_means_v_prediction_on_its_sigma_range() -> None:
+    state = meta_state("sdxl_base")
+    state["edm_vpred.sigma_max"] = torch.tensor(120.0)
+    state["edm_vpred.sigma_min"] = torch.tensor(0.002)
+    layout = detect_checkpoint(state)
+    assert layout.prediction == "v"
+    assert layout.edm_sigmas == pytest.approx((0.002, 120.0))
+
+
+def test_an_edm_vpred_marker_without_a_minimum_takes_edms_0_002() -> None:
+    state = meta_state("sdxl_base")
+    state["edm_vpred.sigma_max"] = torch.tensor(80.0)
+    assert detect_checkpoint(state).edm_sigmas == pytest.approx((0.002, 80.0))
+
+
+def test_a_checkpoint_without_the_edm_marker_has_no_edm_range() -> None:
+    assert detect_checkpoint(meta_state("sdxl_base")).edm_sigmas is None
+
+
 def test_old_sd1_merge_without_text_model_segment() -> None:
     state = {key.replace("transformer.text_model.", "transformer."): value
              for key, value in meta_state("sd15").items()}

@@ -27,6 +27,9 @@ TEXT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 V_PRED_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_PRED_STD = 0.09  # ComfyUI's threshold on that bias's spread for SD2 768-v files
+# CosXL / CosXL edit: v-prediction on a continuous EDM sigma range stored in these keys.
+EDM_VPRED_MAX, EDM_VPRED_MIN = "edm_vpred.sigma_max", "edm_vpred.sigma_min"
+EDM_SIGMA_MIN = 0.002  # the range's lower end when the file stores only its upper end
 
 
 class UnknownLayoutError(ValueError):
@@ -44,6 +47,7 @@ class CheckpointLayout:
     adm_in_channels: int | None
     prediction: str                  # eps | v
     zsnr: bool = False
+    edm_sigmas: tuple[float, float] | None = None  # (min, max) of an EDM v-prediction model
     unet_prefix: str | None = UNET_PREFIX
     vae_prefix: str | None = None
     text_prefixes: dict[str, str] = field(default_factory=dict)
@@ -123,6 +127,16 @@ def detect_prediction(state: Mapping[str, torch.Tensor], family: str, in_channel
     return "eps", False
 
 
+def detect_edm_sigmas(state: Mapping[str, torch.Tensor], family: str
+                      ) -> tuple[float, float] | None:
+    """(sigma_min, sigma_max) of an SDXL file marked as EDM v-prediction (CosXL), else None."""
+    if family != "sdxl" or EDM_VPRED_MAX not in state:
+        return None
+    low = state.get(EDM_VPRED_MIN)
+    return (EDM_SIGMA_MIN if low is None else float(low.float().item()),
+            float(state[EDM_VPRED_MAX].float().item()))
+
+
 def find_text_prefixes(shapes: Mapping[str, tuple[int, ...]], family: str) -> dict[str, str]:
     """Text encoder slot -> the prefix its keys use in this file (slots absent are left out)."""
     found = {}
@@ -141,7 +155,9 @@ def detect_checkpoint(state: Mapping[str, torch.Tensor]) -> CheckpointLayout:
     family = str(unet["family"])
     prediction, zsnr = detect_prediction(state, family, int(unet["in_channels"]), UNET_PREFIX)
     has_vae = any(name.startswith(VAE_PREFIX) for name in shapes)
-    return CheckpointLayout(**unet, prediction=prediction, zsnr=zsnr,
+    edm_sigmas = detect_edm_sigmas(state, family)
+    return CheckpointLayout(**unet, prediction="v" if edm_sigmas else prediction, zsnr=zsnr,
+                            edm_sigmas=edm_sigmas,
                             vae_prefix=VAE_PREFIX if has_vae else None,
                             text_prefixes=find_text_prefixes(shapes, family))
 
@@ -159,4 +175,6 @@ def detect_unet_file(state: Mapping[str, torch.Tensor],
     unet = detect_unet(shapes, prefix, family_hint)
     prediction, zsnr = detect_prediction(state, str(unet["family"]), int(unet["in_channels"]),
                                          prefix)
-    return CheckpointLayout(**unet, prediction=prediction, zsnr=zsnr, unet_prefix=prefix)
+    edm_sigmas = detect_edm_sigmas(state, str(unet["family"]))
+    return CheckpointLayout(**unet, prediction="v" if edm_sigmas else prediction, zsnr=zsnr,
+                            edm_sigmas=edm_sigmas, unet_prefix=prefix)

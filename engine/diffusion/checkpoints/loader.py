@@ -140,7 +140,8 @@ def load_model_from(opened: StateFile, layout: CheckpointLayout, policy: DeviceP
                       opened.path.name)
     round_weights(unet, storage_dtype or policy.unet_storage_dtype)
     return ModelHandle.create(unet, config, layout.family, layout.prediction, layout.zsnr,
-                              name=opened.path.name, device=policy.device)
+                              name=opened.path.name, device=policy.device,
+                              edm_sigmas=layout.edm_sigmas)
 
 
 def load_unet_file(opened: StateFile, policy: DevicePolicy,

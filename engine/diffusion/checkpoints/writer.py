@@ -30,7 +30,8 @@ from engine.diffusion.networks.unet import ADM_NUMBER_DIM, UNet, UNetConfig, UNe
 from engine.diffusion.networks.upscalers import import_spandrel
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig
 
-KINDS = ("sd15", "sd15_inpaint", "sd21v", "sd21_unclip_h", "sdxl_base", "sdxl_refiner")
+KINDS = ("sd15", "sd15_inpaint", "sd21v", "sd21_unclip_h", "sdxl_base", "sdxl_refiner",
+         "sdxl_edit")
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
                     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -60,6 +61,7 @@ class Recipe:
     position_ids: str | None = None     # key of the CLIP-L position_ids buffer, if stored
     v_prediction: bool = False
     unclip: bool = False                # a CLIP vision tower under embedder.model.visual.
+    edm_vpred: tuple[float, float] | None = None  # CosXL's marker: (sigma_min, sigma_max)
 
 
 RECIPES = {
@@ -81,6 +83,9 @@ FAMILIES = {UNetFamily.SD1: "sd1", UNetFamily.SD2: "sd2", UNetFamily.SDXL: "sdxl
             UNetFamily.SDXL_REFINER: "sdxl_refiner"}
 RECIPES["sd15_inpaint"] = dataclasses.replace(RECIPES["sd15"], in_channels=9)
 RECIPES["sd21_unclip_h"] = dataclasses.replace(RECIPES["sd21v"], unclip=True)
+# CosXL edit: an instruct-pix2pix SDXL (8 input channels) with EDM v-prediction.
+RECIPES["sdxl_edit"] = dataclasses.replace(RECIPES["sdxl_base"], in_channels=8,
+                                           edm_vpred=(0.002, 120.0))
 # The released unCLIP-H tower is OpenCLIP ViT-H/14 (1280 wide, 1024-dim image embeddings).
 FULL_UNCLIP_VISION = VisionConfig(width=1280, layers=32, heads=16, mlp_width=5120, patch_size=14,
                                   image_size=224, projection_dim=1024, activation="gelu")
@@ -217,6 +222,9 @@ def _add_extras(tensors: dict[str, Tensor], recipe: Recipe, generator: torch.Gen
         tensors["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)
     if recipe.position_ids:
         tensors[recipe.position_ids] = torch.arange(77, dtype=torch.int64).unsqueeze(0)
+    if recipe.edm_vpred:
+        tensors["edm_vpred.sigma_min"] = torch.tensor(recipe.edm_vpred[0])
+        tensors["edm_vpred.sigma_max"] = torch.tensor(recipe.edm_vpred[1])
     if recipe.v_prediction:
         probe = "model.diffusion_model." + V_PRED_PROBE
         if probe in tensors:  # the released 768-v file's probe bias has a wide spread

@@ -11,7 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.diffusion.networks.model_sampling import ModelSampling, model_sampling
+from engine.diffusion.networks.model_sampling import (
+    ModelSampling,
+    continuous_model_sampling,
+    model_sampling,
+)
 from engine.diffusion.networks.unet import UNet, UNetConfig
 from engine.diffusion.patches.model_patches import ModelPatches
 
@@ -62,13 +66,17 @@ class ModelHandle:
 
     @classmethod
     def create(cls, unet: UNet, config: UNetConfig, family: str, prediction: str = "eps",
-               zsnr: bool = False, name: str = "", device: torch.device | None = None
-               ) -> ModelHandle:
+               zsnr: bool = False, name: str = "", device: torch.device | None = None,
+               edm_sigmas: tuple[float, float] | None = None) -> ModelHandle:
         """A handle computing on `device` (default: where the weights are; the model manager
-        moves weights that rest elsewhere there when the UNet runs)."""
+        moves weights that rest elsewhere there when the UNet runs). `edm_sigmas` (min, max):
+        a continuous EDM schedule (CosXL's) instead of the discrete SD one."""
         param = next(unet.parameters())
-        return cls(unet, config, family, model_sampling(_prediction_name(prediction), zsnr=zsnr),
-                   LATENT_FORMATS[family], param.dtype, device or param.device, name)
+        name_of = _prediction_name(prediction)
+        sampling = (continuous_model_sampling(name_of, *edm_sigmas) if edm_sigmas
+                    else model_sampling(name_of, zsnr=zsnr))
+        return cls(unet, config, family, sampling, LATENT_FORMATS[family], param.dtype,
+                   device or param.device, name)
 
     def replace(self, **changes: Any) -> ModelHandle:
         """A clone with some fields changed; the network is shared, never copied."""
