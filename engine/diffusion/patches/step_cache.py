@@ -59,18 +59,17 @@ class _RunState:
     calls: int = 0
 
 
+@dataclass(eq=False)
 class StepCache:
     """``model_function_wrapper`` doing EasyCache (`whole_batch` False) or LazyCache (True)."""
 
-    def __init__(self, name: str, reuse_threshold: float, start_sigma: float,
-                 end_sigma: float, whole_batch: bool, verbose: bool = False) -> None:
-        self.name = name
-        self.reuse_threshold = reuse_threshold
-        self.start_sigma = start_sigma
-        self.end_sigma = end_sigma
-        self.whole_batch = whole_batch
-        self.verbose = verbose
-        self.state = _RunState()
+    name: str
+    reuse_threshold: float
+    start_sigma: float
+    end_sigma: float
+    whole_batch: bool
+    verbose: bool = False
+    state: _RunState = field(default_factory=_RunState)
 
     def __call__(self, apply_model: Callable[..., Tensor], args: dict[str, Any]) -> Tensor:
         x, sigma, c = args["input"], args["timestep"], args["c"]
