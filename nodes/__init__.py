@@ -19,7 +19,8 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.mask", "nodes.compositing",
                    "nodes.postprocess", "nodes.transform", "nodes.image_batch",
                    "nodes.latent_ops", "nodes.latent_operations",
-                   "nodes.strings", "nodes.logic", "nodes.animation", "nodes.gligen")
+                   "nodes.strings", "nodes.logic", "nodes.animation", "nodes.gligen",
+                   "nodes.step_cache")
 
 
 def builtin_node_types() -> list[type[Node]]:
