@@ -5,7 +5,7 @@ with like, and the FLOP floor of each dtype; or, with --sdxl, the SDXL base UNet
 
 Rows (SD1.5), timed in phases; the two models are converted in place between phases, so at
 most two UNets are resident (~7 GB in fp32):
-  fp32, NCHW            loom_fp32_nchw, diffusers_fp32_nchw
+  fp32, NCHW            loom_fp32_nchw, diffusers_fp32_nchw (only with --nchw)
   fp32, channels_last   loom_fp32, diffusers_fp32
   bf16, channels_last   loom_bf16, diffusers_bf16 (only with native bf16, or --bf16)
 diffusers runs with PyTorch SDPA attention (AttnProcessor2_0) in every row: the best a
@@ -137,9 +137,10 @@ def time_round_robin(steps: dict[str, Step], rounds: int,
     return times, outputs
 
 
-def sd15_phases(config: UNetConfig, latent: int, rounds: int, bf16: bool,
+def sd15_phases(config: UNetConfig, latent: int, rounds: int, bf16: bool, nchw: bool,
                 ) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
-    """The SD1.5 rows, phase by phase (NCHW fp32, channels_last fp32, channels_last bf16)."""
+    """The SD1.5 rows, phase by phase (NCHW fp32 if `nchw`, channels_last fp32, channels_last
+    bf16 if `bf16`); each phase's best times are printed as it ends."""
     torch.manual_seed(0)
     loom = UNet(config).eval()
     reference = diffusers_unet(loom, config, latent)
@@ -147,8 +148,8 @@ def sd15_phases(config: UNetConfig, latent: int, rounds: int, bf16: bool,
 
     times: dict[str, list[float]] = {}
     outputs: dict[str, torch.Tensor] = {}
-    phases = [("_nchw", torch.float32, torch.contiguous_format),
-              ("", torch.float32, torch.channels_last)]
+    phases = [("_nchw", torch.float32, torch.contiguous_format)] if nchw else []
+    phases += [("", torch.float32, torch.channels_last)]
     phases += [("", torch.bfloat16, torch.channels_last)] if bf16 else []
     with torch.inference_mode():
         for suffix, dtype, memory_format in phases:
@@ -164,6 +165,8 @@ def sd15_phases(config: UNetConfig, latent: int, rounds: int, bf16: bool,
             }, rounds)
             times |= phase_times
             outputs |= phase_outputs
+            print("phase done, best s: " + ", ".join(
+                f"{name} {min(runs):.3f}" for name, runs in phase_times.items()), flush=True)
     return times, outputs
 
 
@@ -229,8 +232,8 @@ def report_sd15(times: dict[str, list[float]], outputs: dict[str, torch.Tensor],
             "diffusers_fp32_s": best["diffusers_fp32"], "floor_bf16_s": floors["bf16"],
             "diffusers_bf16_s": best.get("diffusers_bf16", math.nan),
             "loom_bf16_s": best.get("loom_bf16", math.nan), "floor_fp32_s": floors["fp32"],
-            "loom_fp32_nchw_s": best["loom_fp32_nchw"],
-            "diffusers_fp32_nchw_s": best["diffusers_fp32_nchw"]}
+            "loom_fp32_nchw_s": best.get("loom_fp32_nchw", math.nan),
+            "diffusers_fp32_nchw_s": best.get("diffusers_fp32_nchw", math.nan)}
     print(" ".join(f"{key}={value:.4f}" for key, value in keys.items()))
 
 
@@ -241,6 +244,8 @@ def main() -> None:
                         help="SDXL base UNet at 1024x1024, Loom against its floor (~11 GB in fp32)")
     parser.add_argument("--bf16", action="store_true", help="run the bf16 rows and floor even "
                         "without native bf16 (emulated: hours per full-size step on AVX2)")
+    parser.add_argument("--nchw", action="store_true", help="also both fp32 in NCHW (two "
+                        "more models' worth of steps)")
     parser.add_argument("--tiny", action="store_true", help="a ~2M-parameter stand-in of the "
                         "same family and 1/8 the latent, to check the code path (not a figure)")
     args = parser.parse_args()
@@ -256,7 +261,7 @@ def main() -> None:
     if args.sdxl:
         times, _outputs = sdxl_phase(config, latent, args.rounds, dtype)
     else:
-        times, outputs = sd15_phases(config, latent, args.rounds, bf16)
+        times, outputs = sd15_phases(config, latent, args.rounds, bf16, args.nchw)
     peaks = {name: max(peak, matmul_peak(peak_dtypes[name])) if peak else 0.0
              for name, peak in peaks.items()}
     flops = step_flops(config, latent)
