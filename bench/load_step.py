@@ -1,21 +1,26 @@
 """Wall time and peak RSS to load a full-size SD1.5 checkpoint (random weights, fp32 on disk)
 and run one 512x512 CFG step (UNet batch 2: cond + uncond), Loom against diffusers on the same
-file, in one run.
+file in the same dtype, in one run.
 
 Each side runs in a fresh subprocess, so its peak RSS is its own: Python and torch, the load,
 the text encoding and the step (VmHWM; ru_maxrss is reported beside it as a check). Loom loads
 as CheckpointLoaderSimple does: the memory-mapped file, the default CPU policy (bf16 UNet and
 text encoder where the CPU has native bf16, fp32 VAE), or fp32 with --fp32. diffusers loads as
-its from_single_file does without accelerate (the case here): the file read by safetensors,
-models built from explicit SD1.5 configs, its own LDM converters, load_state_dict; fp32 (its
-CPU default) and, unless --skip-diffusers-bf16, torch_dtype=bfloat16. Nothing is fetched: no
-config is looked up and the children run with HF_HUB_OFFLINE=1. Both read a warm page cache
-(the file was just written or read). Load time runs from opening the file to handles ready;
-the tokenizer is built before it on both sides. GB here are 2**30 bytes.
+StableDiffusionPipeline.from_single_file loads each component, with low_cpu_mem_usage=True and
+accelerate installed (its users' default): the file read once, models built on the meta device
+from the released SD1.5 configs (written to a local folder, as a Hub cache would hold them),
+its LDM converters, weights assigned in torch_dtype = Loom's dtype (--other-dtype adds the
+other one). Nothing is fetched: the children run with HF_HUB_OFFLINE=1. Both read a warm page
+cache (the file was just written or read). Load time runs from opening the file to handles
+ready; the tokenizer is built before it on both sides. Loom's load maps the file, so reading
+the weights (their first touch) happens in its first step: the headline is load + first step
+(`load+step`), and the ratios compare rows of the same dtype only. GB here are 2**30 bytes.
 
-Needs diffusers and transformers (test-only dependencies), ~4.3 GB of disk and ~10 GB of RAM.
-Last line (diffusers = fp32): `loom_load_s=<float> loom_peak_rss_gb=<float>
-diffusers_load_s=<float> diffusers_peak_rss_gb=<float>`.
+Needs diffusers, transformers and accelerate (test-only dependencies), ~4.3 GB of disk and
+~10 GB of RAM.
+Last line (diffusers = Loom's dtype): `loom_load_s=<float> loom_peak_rss_gb=<float>
+diffusers_load_s=<float> diffusers_peak_rss_gb=<float> loom_load_step_s=<float>
+diffusers_load_step_s=<float> dtype=<float32|bfloat16>`.
 """
 
 from __future__ import annotations
@@ -172,10 +177,11 @@ def diffusers_child(path: Path, dtype_name: str, workdir: Path) -> dict[str, Any
 
     dtype = getattr(torch, dtype_name)
     token_ids = prompt_token_ids(BpeCache().get().encode)
+    config = write_diffusers_config(workdir / "diffusers_config")
     times: dict[str, float] = {}
     before_load = memory_gb()
     with timed(times, "load_s"):
-        unet, _vae, text_encoder = load_diffusers(path, dtype)
+        unet, _vae, text_encoder = load_diffusers(path, dtype, config)
     after_load = memory_gb()
     with timed(times, "encode_s"), torch.no_grad():
         context = text_encoder(token_ids)[0]  # (2, 77, 768) last_hidden_state
@@ -203,44 +209,49 @@ def prompt_token_ids(encode: Any) -> Any:
     return torch.tensor(rows)
 
 
-def load_diffusers(path: Path, dtype: Any) -> tuple[Any, Any, Any]:
-    """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel) holding the file's weights."""
+def write_diffusers_config(root: Path) -> Path:
+    """A local diffusers model folder (unet/, vae/, text_encoder/ config.json) holding the
+    released SD1.5 configs: what from_single_file reads from the Hub cache, written here so
+    nothing is fetched. Not timed (a user's cache already holds it)."""
+    from transformers import CLIPTextConfig
+
+    for subfolder, class_name, config in (("unet", "UNet2DConditionModel", UNET_CONFIG),
+                                          ("vae", "AutoencoderKL", VAE_CONFIG)):
+        (root / subfolder).mkdir(parents=True, exist_ok=True)
+        (root / subfolder / "config.json").write_text(
+            json.dumps({"_class_name": class_name, **config}))
+    CLIPTextConfig(**CLIP_CONFIG).save_pretrained(str(root / "text_encoder"))
+    return root
+
+
+def load_diffusers(path: Path, dtype: Any, config: Path) -> tuple[Any, Any, Any]:
+    """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel) holding the file's weights, loaded
+    as StableDiffusionPipeline.from_single_file loads each component: the file read once, each
+    model built on the meta device (low_cpu_mem_usage=True, with accelerate) and its weights
+    assigned in `dtype`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
+        create_diffusers_clip_model_from_ldm,
         load_single_file_checkpoint,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    checkpoint = load_single_file_checkpoint(str(path))
-    unet = filled(UNet2DConditionModel(**UNET_CONFIG),
-                  convert_ldm_unet_checkpoint(checkpoint, UNET_CONFIG), dtype)
-    vae = filled(AutoencoderKL(**VAE_CONFIG), convert_ldm_vae_checkpoint(checkpoint, VAE_CONFIG),
-                 dtype)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
-    clip_state = convert_ldm_clip_checkpoint(checkpoint)
-    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-        clip_state = {name.removeprefix("text_model."): value
-                      for name, value in clip_state.items()}
-    text_encoder = filled(text_encoder, clip_state, dtype)
-    del checkpoint, clip_state  # from_single_file returns without the file's tensors
-    return unet, vae, text_encoder
-
-
-def filled(model: Any, state: dict[str, Any], dtype: Any) -> Any:
-    """`model` after load_state_dict(strict=False) and .to(dtype) unless fp32, as
-    from_single_file does (torch_dtype=None keeps fp32); unlike it, a weight the file does not
-    provide is an error (the bench would be void)."""
-    import torch
-
-    missing, _unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise BenchError(f"{type(model).__name__} got no weights for {len(missing)} tensors "
-                         f"(e.g. {missing[:3]}); the file is not a full SD1.5 checkpoint or "
-                         f"the config above does not match it")
-    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+    checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    common = {"config": str(config), "torch_dtype": dtype, "local_files_only": True}
+    unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet",
+                                                 low_cpu_mem_usage=True, **common)
+    vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", low_cpu_mem_usage=True,
+                                         **common)
+    text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint,
+                                                        subfolder="text_encoder", **common)
+    del checkpoint  # from_single_file returns without the file's tensors
+    for model in (unet, vae, text_encoder):
+        unfilled = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+        if unfilled:  # the bench would be void
+            raise BenchError(f"{type(model).__name__} got no weights for {len(unfilled)} "
+                             f"tensors (e.g. {unfilled[:3]}); the file is not a full SD1.5 "
+                             f"checkpoint or the config above does not match it")
+    return unet.eval(), vae.eval(), text_encoder.eval()
 
 
 def rel_err_vs_loom(output: Any, workdir: Path) -> float:
@@ -294,11 +305,18 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
               f"{'-' if err is None else f'{err:.1e}':>10}")
     loom = rows["loom"]
     for name, row in rows.items():
-        if name != "loom":
-            print(f"loom / {name}: load {ratio(loom['load_s'], row['load_s'])}, step "
-                  f"{ratio(loom['step_s'], row['step_s'])}, load+step "
-                  f"{ratio(loom['load_s'] + loom['step_s'], row['load_s'] + row['step_s'])}, "
+        if name != "loom" and row["dtype"] == loom["dtype"]:  # like with like only
+            print(f"loom / {name} ({row['dtype']}): load+step "
+                  f"{ratio(load_step(loom), load_step(row))}, "
+                  f"load {ratio(loom['load_s'], row['load_s'])}, "
+                  f"step {ratio(loom['step_s'], row['step_s'])}, "
                   f"peak RSS {ratio(loom['peak_rss_gb'], row['peak_rss_gb'])}")
+
+
+def load_step(row: dict[str, Any]) -> float:
+    """Load plus the first step: the headline, since Loom's load maps the file and its first
+    step reads (first-touches) the weights, where diffusers' load reads them all."""
+    return row["load_s"] + row["step_s"]
 
 
 def run_bench(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> None:
@@ -309,19 +327,25 @@ def run_bench(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> None
               f"{written['write_s']:.1f} s")
     common = ("--checkpoint", str(checkpoint), "--workdir", str(workdir))
     rows = {"loom": run_child("loom", *common, *(("--fp32",) if args.fp32 else ()))}
+    dtypes = [rows["loom"]["dtype"]]  # diffusers in Loom's dtype: the like-for-like row
+    dtypes += [other for other in ("float32", "bfloat16") if other not in dtypes
+               and args.other_dtype]
     if not args.skip_diffusers:
-        rows["diffusers"] = run_child("diffusers", *common, "--dtype", "float32")
-        if not args.skip_diffusers_bf16:
-            rows["diffusers_bf16"] = run_child("diffusers", *common, "--dtype", "bfloat16")
+        for dtype in dtypes:
+            name = "diffusers" if dtype == dtypes[0] else f"diffusers_{dtype}"
+            rows[name] = run_child("diffusers", *common, "--dtype", dtype)
     print(f"load average after: {load_average()}; torch threads per side: "
           f"{rows['loom']['threads']}; 'loaded anon + file': RSS once loaded, anonymous and "
           f"file-backed (mapped file pages); 'rel err': step output against Loom's")
     print_table(rows)
-    reference = rows.get("diffusers", {"load_s": math.nan, "peak_rss_gb": math.nan})
+    reference = rows.get("diffusers", {"load_s": math.nan, "step_s": math.nan,
+                                       "peak_rss_gb": math.nan})
     print(f"loom_load_s={rows['loom']['load_s']:.3f} "
           f"loom_peak_rss_gb={rows['loom']['peak_rss_gb']:.3f} "
           f"diffusers_load_s={reference['load_s']:.3f} "
-          f"diffusers_peak_rss_gb={reference['peak_rss_gb']:.3f}")
+          f"diffusers_peak_rss_gb={reference['peak_rss_gb']:.3f} "
+          f"loom_load_step_s={load_step(rows['loom']):.3f} "
+          f"diffusers_load_step_s={load_step(reference):.3f} dtype={dtypes[0]}")
 
 
 def parent(args: argparse.Namespace) -> None:
@@ -357,8 +381,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     parser.add_argument("--fp32", action="store_true", help="Loom in fp32 (--force-fp32)")
     parser.add_argument("--skip-diffusers", action="store_true", help="Loom only")
-    parser.add_argument("--skip-diffusers-bf16", action="store_true",
-                        help="diffusers in fp32 only")
+    parser.add_argument("--other-dtype", action="store_true",
+                        help="also diffusers in the dtype Loom did not use (bf16 is emulated "
+                        "and very slow on CPUs without AVX512-BF16)")
     parser.add_argument("--child", choices=("write", "loom", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help=argparse.SUPPRESS)
