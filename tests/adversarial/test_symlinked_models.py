@@ -18,7 +18,7 @@ from tests.web.inprocess import serving
 @pytest.fixture
 def shared_store(tmp_path: Path) -> Path:
     """A model store outside Loom's base folder (an A1111 or ComfyUI install)."""
-    store = tmp_path / "shared"
+    store = tmp_path / "model_store"
     (store / "sdxl").mkdir(parents=True)
     (store / "x.safetensors").write_bytes(b"weights")
     (store / "sdxl" / "y.safetensors").write_bytes(b"weights")
@@ -42,7 +42,7 @@ def test_a_linked_file_and_a_linked_folder_are_found(tmp_path: Path, shared_stor
 
 
 @pytest.mark.parametrize("name", ["../../secret.safetensors", "/etc/passwd",
-                                  "shared_sdxl/../../../shared/x.safetensors",
+                                  "shared_sdxl/../../../model_store/x.safetensors",
                                   "shared_sdxl/../linked.safetensors", "..\\x.safetensors",
                                   "C:/x.safetensors"])
 def test_a_requested_name_still_cannot_climb_out(tmp_path: Path, shared_store: Path,
@@ -67,10 +67,10 @@ def test_a_link_loop_in_a_model_folder_ends_the_listing(tmp_path: Path,
 
 def test_a_checkpoint_linked_into_models_loads(tmp_path: Path) -> None:
     engine = ModelEngine(tmp_path / "base")
-    write_random_checkpoint(tmp_path / "shared" / "tiny.safetensors", "sd15")
+    write_random_checkpoint(tmp_path / "model_store" / "tiny.safetensors", "sd15")
     checkpoints = tmp_path / "base" / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    os.symlink(tmp_path / "shared" / "tiny.safetensors", checkpoints / "linked.safetensors")
+    os.symlink(tmp_path / "model_store" / "tiny.safetensors", checkpoints / "linked.safetensors")
     result, _ = engine.run(probed({"1": node("CheckpointLoaderSimple",
                                              ckpt_name="linked.safetensors")}, "1"))
     assert result.ok
