@@ -111,6 +111,6 @@ def node_context(class_type: str) -> NodeContext:
         return NodeContext(node_id=current.node_id, class_type=class_type,
                            prompt_id=current.prompt_id, services=services,
                            interrupt=current.interrupt_flag,
-                           progress_sink=current.progress_sink)
+                           progress_sink=current.progress_sink, text_sink=current.text_sink)
     return NodeContext(node_id="", class_type=class_type, prompt_id="", services=services,
                        interrupt=HOST.interrupt or InterruptFlag())

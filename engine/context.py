@@ -54,22 +54,26 @@ class Services:
 
 # progress sink: (node_id, value, total, preview image or None)
 ProgressSink = Callable[[str, float, float, Any], None]
+# text sink: (node_id, text shown on the node)
+TextSink = Callable[[str, str], None]
 
 
 class NodeContext:
     """Handed to every node call. Nodes read nothing global: everything comes from here."""
 
     __slots__ = ("node_id", "class_type", "prompt_id", "services", "_interrupt",
-                 "_progress_sink")
+                 "_progress_sink", "_text_sink")
 
     def __init__(self, *, node_id: str, class_type: str, prompt_id: str, services: Services,
-                 interrupt: InterruptFlag, progress_sink: ProgressSink | None = None) -> None:
+                 interrupt: InterruptFlag, progress_sink: ProgressSink | None = None,
+                 text_sink: TextSink | None = None) -> None:
         self.node_id = node_id
         self.class_type = class_type
         self.prompt_id = prompt_id
         self.services = services
         self._interrupt = interrupt
         self._progress_sink = progress_sink
+        self._text_sink = text_sink
 
     @property
     def interrupt_flag(self) -> InterruptFlag:
@@ -79,6 +83,10 @@ class NodeContext:
     @property
     def progress_sink(self) -> ProgressSink | None:
         return self._progress_sink
+
+    @property
+    def text_sink(self) -> TextSink | None:
+        return self._text_sink
 
     @property
     def paths(self) -> Paths:
@@ -98,3 +106,8 @@ class NodeContext:
         if self._progress_sink is not None:
             self._progress_sink(self.node_id, value, total, preview)
         self.check_interrupted()
+
+    def show_text(self, text: str) -> None:
+        """Show `text` on this node in the editor while the prompt runs (nowhere in the CLI)."""
+        if self._text_sink is not None:
+            self._text_sink(self.node_id, text)

@@ -23,6 +23,9 @@ class ExecutionListener:
     def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
         """A live preview image (PIL image) from a node that reports progress."""
 
+    def text(self, prompt_id: str, node_id: str, text: str) -> None:
+        """Text a running node shows on itself (ComfyUI's binary `progress_text` message)."""
+
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
         """Per-node wall time (0 for cached nodes), for timing displays and history."""
 
@@ -39,6 +42,7 @@ class RecordingListener(ExecutionListener):
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.previews: list[tuple[str, Any]] = []
+        self.texts: list[tuple[str, str]] = []
         self.timings: dict[str, tuple[float, bool]] = {}
 
     def event(self, name: str, data: dict[str, Any]) -> None:
@@ -46,6 +50,9 @@ class RecordingListener(ExecutionListener):
 
     def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
         self.previews.append((node_id, image))
+
+    def text(self, prompt_id: str, node_id: str, text: str) -> None:
+        self.texts.append((node_id, text))
 
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
         self.timings[node_id] = (seconds, cached)

@@ -367,12 +367,16 @@ class _PromptRun:
     def _context(self, node_id: str) -> NodeContext:
         return NodeContext(node_id=node_id, class_type=self.prompt.nodes[node_id].class_type,
                            prompt_id=self.prompt_id, services=self.ex.services,
-                           interrupt=self.ex.interrupt, progress_sink=self._progress)
+                           interrupt=self.ex.interrupt, progress_sink=self._progress,
+                           text_sink=self._text)
 
     def _progress(self, node_id: str, value: float, total: float, preview: Any) -> None:
         if preview is not None:
             self.listener.preview(self.prompt_id, node_id, preview)
         self.emit("progress", value=value, max=total, node=node_id)
+
+    def _text(self, node_id: str, text: str) -> None:
+        self.listener.text(self.prompt_id, node_id, text)
 
     def _execute(self, node_id: str, key: str) -> CacheEntry:
         facts = self.facts(node_id)

@@ -217,7 +217,9 @@ class GetImageSize(Node):
 
     def execute(self, ctx: NodeContext, image: torch.Tensor,
                 unique_id: str | None = None) -> tuple[int, int, int]:
-        return image.shape[2], image.shape[1], image.shape[0]
+        width, height, batch_size = image.shape[2], image.shape[1], image.shape[0]
+        ctx.show_text(f"width: {width}, height: {height}\n batch size: {batch_size}")
+        return width, height, batch_size
 
 
 _CROP = Combo("crop", CROP_METHODS, default="center", combo_style="v3")

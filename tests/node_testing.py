@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.context import InterruptFlag, NodeContext, Services
+from engine.context import InterruptFlag, NodeContext, Services, TextSink
 from engine.node import Node, NodeResult
 from engine.paths import Paths
 
 
-def make_ctx(base: Path, class_type: str = "Test") -> NodeContext:
+def make_ctx(base: Path, class_type: str = "Test", text_sink: TextSink | None = None,
+             ) -> NodeContext:
     return NodeContext(node_id="1", class_type=class_type, prompt_id="p",
-                       services=Services(Paths.from_base(base)), interrupt=InterruptFlag())
+                       services=Services(Paths.from_base(base)), interrupt=InterruptFlag(),
+                       text_sink=text_sink)
 
 
 def run_node(node_type: type[Node], ctx: NodeContext, **inputs: Any) -> tuple[Any, ...]:

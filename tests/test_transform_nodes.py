@@ -3,6 +3,7 @@ expected pixels or sizes worked out by hand from ComfyUI's rules."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from nodes.transform import (
     ResizeAndPadImage,
     ResizeImageMaskNode,
 )
-from tests.node_testing import run_node
+from tests.node_testing import make_ctx, run_node
 
 
 def numbered(height: int = 2, width: int = 3) -> torch.Tensor:
@@ -104,6 +105,13 @@ def test_scale_to_max_dimension_keeps_the_aspect(ctx: NodeContext) -> None:
 
 def test_get_image_size(ctx: NodeContext) -> None:
     assert run_node(GetImageSize, ctx, image=torch.rand(3, 5, 7, 3)) == (7, 5, 3)
+
+
+def test_get_image_size_shows_the_size_on_the_node_as_comfyui_does(tmp_path: Path) -> None:
+    shown: list[tuple[str, str]] = []
+    ctx = make_ctx(tmp_path, text_sink=lambda node_id, text: shown.append((node_id, text)))
+    run_node(GetImageSize, ctx, image=torch.rand(3, 5, 7, 3))
+    assert shown == [(ctx.node_id, "width: 7, height: 5\n batch size: 3")]
 
 
 def resized(ctx: NodeContext, value: torch.Tensor, resize_type: str,

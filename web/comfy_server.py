@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from engine.comfy_host import HOST, bind_prompt_server, running_node
+from web.previews import text_frame
 
 if TYPE_CHECKING:
     from web.server import LoomServer
@@ -116,10 +117,11 @@ class PackPromptServer(metaclass=_BoundInstance):
     async def send_json(self, event: str, data: Any, sid: str | None = None) -> None:
         self.send_sync(event, data, sid)
 
-    def send_progress_text(self, text: str, node_id: str, sid: str | None = None) -> None:
-        payload = node_id.encode("utf-8")
-        body = struct.pack(">I", len(payload)) + payload + text.encode("utf-8")
-        self.send_sync(BinaryEventTypes.TEXT, body, sid or self.client_id)
+    def send_progress_text(self, text: str | bytes, node_id: str, sid: str | None = None) -> None:
+        if self._loom is None:
+            logger.debug("send_progress_text for node %s with no server running", node_id)
+            return
+        self._loom.sockets.send_binary(text_frame(node_id, text), sid or self.client_id)
 
     def add_on_prompt_handler(self, handler: PromptHandler) -> None:
         """Called with each POST /prompt body before validation; returns the body to use."""

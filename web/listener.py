@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from engine.events import ExecutionListener
-from web.previews import PreviewError, encode_jpeg
+from web.previews import PreviewError, encode_jpeg, text_frame
 from web.progress_state import ProgressStates
 from web.websocket import SocketHub
 
@@ -83,6 +83,10 @@ class SocketListener(ExecutionListener):
             logger.warning("node %s: preview not sent: %s", node_id, exc)
             return
         self.hub.send_preview(jpeg, prompt_id, node_id, self.client_id)
+
+    def text(self, prompt_id: str, node_id: str, text: str) -> None:
+        # to every client for an anonymous prompt, as ComfyUI's progress_text does
+        self.hub.send_binary(text_frame(node_id, text), self.client_id)
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self) -> None:

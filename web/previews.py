@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 PREVIEW_IMAGE = 1
+PROGRESS_TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
 FORMAT_JPEG = 1
 MAX_PREVIEW_SIDE = 512  # ComfyUI's default preview size; larger frames only cost bandwidth
@@ -45,6 +46,14 @@ def preview_frame(jpeg: bytes, metadata: dict[str, Any] | None) -> bytes:
         return struct.pack(">II", PREVIEW_IMAGE, FORMAT_JPEG) + jpeg
     header = json.dumps(metadata).encode()
     return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(header)) + header + jpeg
+
+
+def text_frame(node_id: str, text: str | bytes) -> bytes:
+    """The binary frame of a node's progress text: type 3, the node id's length (4 bytes,
+    big-endian), the node id, then the text (UTF-8)."""
+    body = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    node = str(node_id).encode("utf-8")
+    return struct.pack(">II", PROGRESS_TEXT, len(node)) + node + body
 
 
 def preview_metadata(prompt_id: str, node_id: str) -> dict[str, Any]:

@@ -77,5 +77,8 @@ class JournalingListener(ExecutionListener):
     def preview(self, prompt_id: str, node_id: str, image: Any) -> None:
         self.inner.preview(prompt_id, node_id, image)
 
+    def text(self, prompt_id: str, node_id: str, text: str) -> None:
+        self.inner.text(prompt_id, node_id, text)
+
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
         self.inner.node_finished(prompt_id, node_id, seconds, cached)

@@ -47,6 +47,9 @@ class RelayListener(ExecutionListener):
         if self.previews:
             self.stream.put((("preview", node_id, image), []))
 
+    def text(self, prompt_id: str, node_id: str, text: str) -> None:
+        self.stream.put((("text", node_id, text), []))
+
 
 def labelled(error: dict[str, Any], label: str) -> dict[str, Any]:
     """An execution_error payload whose message starts with the worker's label."""
@@ -66,5 +69,8 @@ def replay(batch: Batch, listener: ExecutionListener, prompt_id: str, rename: Re
             listener.node_finished(prompt_id, call[1], call[2], call[3])
         elif kind == "preview":
             listener.preview(prompt_id, call[1], call[2])
+        elif kind == "text":
+            listener.text(prompt_id, call[1], call[2])
         else:
-            raise ValueError(f"unknown relayed call {kind!r}; expected event, finished or preview")
+            raise ValueError(f"unknown relayed call {kind!r}; expected event, finished, preview "
+                             f"or text")

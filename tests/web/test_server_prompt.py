@@ -149,6 +149,18 @@ def test_node_failure_sends_execution_error_and_the_server_carries_on(
     assert ("execution_success",) in after
 
 
+def test_a_node_text_reaches_its_client_as_a_progress_text_frame(server: ServerProcess) -> None:
+    prompt = {"1": {"class_type": "EmptyImage",
+                    "inputs": {"width": 24, "height": 16, "batch_size": 2, "color": 0}},
+              "2": {"class_type": "GetImageSize", "inputs": {"image": ["1", 0]}},
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    _, _, recorder = run_recorded(server, prompt)
+    (frame,) = [m for m in recorder.messages if isinstance(m, bytes)]
+    kind, size = struct.unpack(">II", frame[:8])
+    assert kind == 3 and frame[8:8 + size] == b"2"
+    assert frame[8 + size:].decode() == "width: 24, height: 16\n batch size: 2"
+
+
 def test_progress_and_previews_reach_only_the_submitting_client(server: ServerProcess) -> None:
     with EventRecorder(ws_url(server), {"supports_preview_metadata": True}) as editor, \
             EventRecorder(ws_url(server)) as bystander:
