@@ -476,7 +476,7 @@ def test_a_lazy_switch_evaluates_only_the_branch_it_needs(tmp_path: Path) -> Non
     assert "1" not in listener.executed_nodes() and "2" in listener.executed_nodes()
 
 
-def test_node_expansion_fails_the_prompt_with_a_clear_error(tmp_path: Path) -> None:
+def test_an_empty_expansion_gives_the_literal_results(tmp_path: Path) -> None:
     pack(tmp_path / "custom_nodes", "expanding", '''
         class Expand:
             @classmethod
@@ -492,9 +492,7 @@ def test_node_expansion_fails_the_prompt_with_a_clear_error(tmp_path: Path) -> N
     checked = validated(registry, {"1": node("Expand")}, tmp_path)
     result = Executor(registry, Services(Paths.from_base(tmp_path))).execute(
         checked.prompt, checked.outputs)
-    assert result.error["exception_type"] == "NotImplementedError"
-    assert "'Expand'" in result.error["exception_message"]
-    assert "node expansion" in result.error["exception_message"]
+    assert result.ok and result.values["1"] == [[1]]
 
 
 def test_a_loom_node_and_a_classic_node_link_together(tmp_path: Path) -> None:

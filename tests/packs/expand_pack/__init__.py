@@ -1,0 +1,198 @@
+"""Classic nodes that expand into graphs of other nodes, the way loop and macro nodes of packs
+(Easy-Use, Impact, Inspire, KJNodes) do: GraphBuilder, result links into the expansion,
+DYNPROMPT, lazy inputs and ExecutionBlocker."""
+
+from comfy_execution.graph import ExecutionBlocker
+from comfy_execution.graph_utils import GraphBuilder, is_link
+
+
+class Add:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"a": ("INT", {"default": 0}), "b": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, a, b):
+        return (a + b,)
+
+
+class Fail:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, x):
+        raise ValueError(f"x is {x}; Fail always fails")
+
+
+class ShowInt:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"forceInput": True})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "tests"
+
+    def run(self, value):
+        return {"ui": {"value": [value]}}
+
+
+class AddTwice:
+    """value + amount + amount, as two Add nodes of its expansion; its output links to the
+    second."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0}), "amount": ("INT", {"default": 1})}}
+
+    RETURN_TYPES = ("INT", "STRING")
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value, amount):
+        graph = GraphBuilder()
+        first = graph.node("ExpandAdd", a=value, b=amount)
+        second = graph.node("ExpandAdd", a=first.out(0), b=amount)
+        return {"result": (second.out(0), graph.prefix), "expand": graph.finalize()}
+
+
+class PlainExpand:
+    """An expansion written as a plain API dict, its ids made unique with UNIQUE_ID."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("INT", "STRING")
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value, unique_id):
+        node_id = f"{unique_id}.plain"
+        graph = {node_id: {"class_type": "ExpandAdd", "inputs": {"a": value, "b": 100}}}
+        return {"result": ([node_id, 0], "literal"), "expand": graph}
+
+
+class ExpandIntoFailure:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 3})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value):
+        graph = GraphBuilder()
+        failing = graph.node("ExpandFail", x=value)
+        return {"result": (failing.out(0),), "expand": graph.finalize()}
+
+
+class ExpandUnknown:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 3})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value):
+        graph = GraphBuilder()
+        missing = graph.node("NoSuchNodeClass", x=value)
+        return {"result": (missing.out(0),), "expand": graph.finalize()}
+
+
+class LoopOpen:
+    """Starts a loop: its id (the flow), the iterations left, the value, and the value again
+    for the loop body, blocked once no iteration is left."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"remaining": ("INT", {"default": 3}), "value": ("INT", {"default": 0})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("LOOP_FLOW", "INT", "INT", "INT")
+    RETURN_NAMES = ("flow", "remaining", "value", "body_value")
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, remaining, value, unique_id):
+        body = value if remaining > 0 else ExecutionBlocker(None)
+        return (unique_id, remaining, value, body)
+
+
+def loop_members(dynprompt, open_id, close_id):
+    """The open node, the close node and every node downstream of the open one that is not
+    downstream of the close one."""
+    readers = {}
+    for node_id in dynprompt.all_node_ids():
+        for value in dynprompt.get_node(node_id)["inputs"].values():
+            if is_link(value):
+                readers.setdefault(value[0], []).append(node_id)
+    members, stack = {open_id, close_id}, [open_id]
+    while stack:
+        for reader in readers.get(stack.pop(), ()):
+            if reader not in members:
+                members.add(reader)
+                stack.append(reader)
+    return members
+
+
+class LoopClose:
+    """Ends a loop: while iterations remain, expands into a copy of the loop whose open node
+    starts from this iteration's value; else returns the value."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"flow": ("LOOP_FLOW",), "remaining": ("INT", {"forceInput": True}),
+                             "value": ("INT", {"lazy": True, "forceInput": True}),
+                             "done": ("INT", {"lazy": True, "forceInput": True})},
+                "hidden": {"dynprompt": "DYNPROMPT", "unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def check_lazy_status(self, flow, remaining, value=None, done=None, **hidden):
+        return ["value"] if remaining > 0 else ["done"]
+
+    def run(self, flow, remaining, value=None, done=None, dynprompt=None, unique_id=None):
+        if remaining <= 0:
+            return (done,)
+        members = loop_members(dynprompt, flow, unique_id)
+        graph = GraphBuilder()
+
+        def local(node_id):
+            return "close" if node_id == unique_id else node_id
+
+        for node_id in members:
+            copy = graph.node(dynprompt.get_node(node_id)["class_type"], local(node_id))
+            copy.set_override_display_id(node_id)
+        for node_id in members:
+            copy = graph.lookup_node(local(node_id))
+            for name, linked in dynprompt.get_node(node_id)["inputs"].items():
+                if is_link(linked) and linked[0] in members:
+                    copy.set_input(name, graph.lookup_node(local(linked[0])).out(linked[1]))
+                else:
+                    copy.set_input(name, linked)
+        opener = graph.lookup_node(flow)
+        opener.set_input("remaining", remaining - 1)
+        opener.set_input("value", value)
+        return {"result": (graph.lookup_node("close").out(0),), "expand": graph.finalize()}
+
+
+NODE_CLASS_MAPPINGS = {"ExpandAdd": Add, "ExpandFail": Fail, "ExpandShowInt": ShowInt,
+                       "ExpandAddTwice": AddTwice, "ExpandPlain": PlainExpand,
+                       "ExpandIntoFailure": ExpandIntoFailure, "ExpandUnknown": ExpandUnknown,
+                       "ExpandLoopOpen": LoopOpen, "ExpandLoopClose": LoopClose}
