@@ -8,6 +8,8 @@
   Loom's progress and previews; the KSAMPLER's extra options are its keyword arguments.
   ``model.inner_model.inner_model.model_sampling`` and ``model.inner_model.model_patcher``
   are there as in ComfyUI.
+* a ``comfy.samplers.Sampler`` subclass with its own ``sample(...)`` runs the whole sampling
+  itself (noise scaling, masking, its steps) over the same guided denoiser;
 * a ``comfy.samplers.CFGGuider`` subclass overriding ``predict_noise`` runs as a Loom GUIDER:
   during the run its ``conds`` hold each prompt resolved against the latent and its
   ``inner_model`` is Loom's guided model, which ``sampling_function``, ``calc_cond_batch`` and
@@ -100,6 +102,25 @@ def pack_sampler(name: str, function: Callable[..., Tensor],
                         disable=None, **keywords)
 
     return SamplerSpec(name, run, random_inpaint_noise=random_inpaint)
+
+
+def sampler_object_run(sampler: Any) -> Callable[..., Tensor]:
+    """A pack's comfy.samplers.Sampler as a SamplerChoice's whole_run: its
+    ``sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+    disable_pbar)`` gets the guided denoiser (``inner_model.model_sampling`` included), the raw
+    noise and the model-space latent, scales the noise and handles the mask itself, and calls
+    ``callback(step, x0, x, total_steps)``, as ComfyUI's contract says."""
+    def run(denoiser: Callable[..., Tensor], sigmas: Tensor, noise: Tensor, latent_image: Tensor,
+            denoise_mask: Tensor | None, callback: Callback, seed: int) -> Tensor:
+        model_wrap = PackSamplerModel(denoiser, GuiderView(model_handle(denoiser)))
+
+        def report(step: int, x0: Tensor, x: Tensor, total_steps: int) -> None:
+            callback(int(step), x, x0, sigmas[min(int(step), len(sigmas) - 1)])
+
+        return sampler.sample(model_wrap, sigmas, {"model_options": {}, "seed": seed}, report,
+                              noise, latent_image, denoise_mask, False)
+
+    return run
 
 
 def step_reporter(callback: Callback | None) -> Callable[[dict[str, Any]], None] | None:

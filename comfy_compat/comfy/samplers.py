@@ -12,6 +12,7 @@ from loom_pack_sampling import (
     calc_cond_batch,
     cfg_function,
     pack_sampler,
+    sampler_object_run,
     sampling_function,
 )
 from torch import Tensor
@@ -66,14 +67,26 @@ def _unsupported(name: str) -> NotImplementedError:
 
 
 class Sampler:
-    """Base of ComfyUI's SAMPLER objects (packs subclass it for custom samplers)."""
+    """Base of ComfyUI's SAMPLER objects: a pack's subclass defines ``sample(model_wrap, sigmas,
+    extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False)``
+    and runs as a Loom SAMPLER that does the whole sampling (loom_pack_sampling.py)."""
 
-    def sample(self, *args: Any, **kwargs: Any) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__}: a pack-defined Sampler cannot run in "
-                                  f"Loom's sampling loop; use a built-in sampler name")
+    def sample(self, model_wrap: Any, sigmas: Tensor, extra_args: Any, callback: Any,
+               noise: Tensor, latent_image: Tensor | None = None,
+               denoise_mask: Tensor | None = None, disable_pbar: bool = False) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not define sample(); a "
+                                  f"comfy.samplers.Sampler subclass must")
 
     def max_denoise(self, model_wrap: Any, sigmas: Tensor) -> bool:
-        return True
+        """Whether sigmas[0] is the model's largest sigma (the noise is then scaled as pure)."""
+        sampling = model_wrap.inner_model.model_sampling
+        return bool(sampling.is_max_denoise(float(sigmas[0])))
+
+    def loom_value(self) -> SamplerChoice:
+        if type(self).sample is Sampler.sample:
+            raise NotImplementedError(f"{type(self).__name__} does not define sample(); a "
+                                      f"comfy.samplers.Sampler subclass must")
+        return SamplerChoice(type(self).__name__, whole_run=sampler_object_run(self))
 
 
 def KSAMPLER(sampler_function: Callable[..., Any], extra_options: Mapping[str, Any] | None = None,
