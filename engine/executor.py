@@ -392,6 +392,8 @@ class _PromptRun:
     def _expand(self, node_id: str, pending: PendingExpansion, graphs: list[Any]) -> list[str]:
         """Add the node's expansion to the run (engine/expansion.py)."""
         targets = self.expansions.expand(node_id, pending, graphs, self.rank)
+        for added in () if self.silent else self.expansions.added:
+            self.listener.node_added(self.prompt_id, self.expansions.lineage(added))
         self.prompt = self.expansions.prompt
         self.replayable = False
         self.ex._kept = None  # its new nodes' instances are to be forgotten after the run

@@ -30,6 +30,7 @@ from typing import Any
 import networkx as nx
 
 from engine.digest import content_digest
+from engine.events import NodeLineage
 from engine.graph import CycleError, Prompt, PromptNode, find_cycle, parse_node
 from engine.node import ExpansionLink
 from engine.node_call import Graphs, Outputs
@@ -112,6 +113,7 @@ class Expansions:
         self.pending: dict[str, PendingExpansion] = {}
         # per new node with literal values that are not plain scalars, what the key sees of them
         self.opaque: dict[str, str] = {}
+        self.added: list[str] = []  # the nodes the latest expansion added
         self._own_copy = False
 
     def expand(self, parent_id: str, pending: PendingExpansion, graphs: Graphs,
@@ -129,7 +131,13 @@ class Expansions:
         self._rank(added, rank)
         pending.targets = self._targets(added, pending.outputs)
         self.pending[parent_id] = pending
+        self.added = list(added)
         return pending.targets
+
+    def lineage(self, node_id: str) -> NodeLineage:
+        dynamic = self.dynamic
+        return NodeLineage(node_id, dynamic.get_display_node_id(node_id),
+                           dynamic.parents[node_id], dynamic.get_real_node_id(node_id))
 
     def finish(self, parent_id: str, resolved: Mapping[str, Any]) -> PendingExpansion:
         """The parent's record, its links replaced by the values they name."""

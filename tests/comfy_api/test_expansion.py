@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.events import RecordingListener
+from engine.events import NodeLineage, RecordingListener
 from engine.validation import validate_prompt
 from tests.model_engine import ModelEngine, node, probed
 
@@ -60,6 +60,28 @@ def test_expanded_nodes_report_progress_on_their_parent(bound: ModelEngine) -> N
     shown = {data["node"]: data["display_node"] for name, data in listener.events
              if name == "executing" and data.get("node")}
     assert shown["twice.0.0.1"] == "twice" and shown["twice.0.0.2"] == "twice"
+
+
+class LineageListener(RecordingListener):
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[NodeLineage] = []
+
+    def node_added(self, prompt_id: str, lineage: NodeLineage) -> None:
+        self.added.append(lineage)
+
+
+def test_listeners_learn_each_added_nodes_parent_display_and_real_node(
+        bound: ModelEngine) -> None:
+    checked = validate_prompt(loop(remaining=2, value=30), bound.registry, bound.services)
+    listener = LineageListener()
+    assert bound.executor.execute(checked.prompt, checked.outputs, listener=listener).ok
+    first = {lineage.node_id: lineage for lineage in listener.added}["close.0.0.step"]
+    assert (first.parent_node, first.display_node, first.real_node_id) == \
+        ("close", "step", "close")
+    nested = [lineage for lineage in listener.added if lineage.parent_node != "close"]
+    assert nested and all(lineage.real_node_id == "close" for lineage in nested)
+    assert {lineage.display_node for lineage in nested} <= {"open", "log", "step", "close"}
 
 
 def test_a_rerun_takes_the_expanding_node_from_the_cache(bound: ModelEngine) -> None:
