@@ -209,9 +209,9 @@ def classic_result(schema: NodeSchema, function: str, returned: Any) -> NodeResu
 
 
 def expansion_results(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The results of an expanding node: each [node id, slot] link as an ExpansionLink."""
-    return tuple(ExpansionLink(value[0], value[1]) if is_link(value) else value
-                 for value in values)
+    """The results of an expanding node: each [node id, slot] list as an ExpansionLink."""
+    return tuple(ExpansionLink(str(value[0]), value[1])
+                 if isinstance(value, list) and is_link(value) else value for value in values)
 
 
 def _as_tuple(where: str, values: Any, schema: NodeSchema) -> tuple[Any, ...]:

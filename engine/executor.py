@@ -19,9 +19,9 @@ from engine.cache import CacheEntry, OutputCache
 from engine.cache_keys import CacheKeys, NodeFacts, output_identity, structural_key
 from engine.context import ExecutionInterrupted, InterruptFlag, NodeContext, Services
 from engine.events import ExecutionListener, timestamp_ms
-from engine.expansion import Expansions, PendingExpansion
+from engine.expansion import ExpansionError, Expansions, PendingExpansion
 from engine.gc_scope import older_objects_frozen
-from engine.graph import Prompt
+from engine.graph import CycleError, Prompt
 from engine.node import ALWAYS_CHANGED, Node
 from engine.node_call import Called, call_node, call_once, format_input_values
 from engine.registry import NodeRegistry
@@ -371,8 +371,6 @@ class _PromptRun:
         started = time.perf_counter()
         try:
             outputs, ui, graphs = self._invoke(node_id, facts, instance, ctx)
-            if graphs:
-                return self._expand(node_id, PendingExpansion(key, outputs, ui, []), graphs)
         except (ExecutionInterrupted, NodeExecutionError):
             raise
         except Exception as exc:  # noqa: BLE001 - any node failure fails the prompt, not us
@@ -385,13 +383,18 @@ class _PromptRun:
         if ui is not None:
             self.result.outputs[node_id] = ui
             self.emit("executed", node=node_id, display_node=display, output=ui)
+        if graphs:
+            return self._expand(node_id, PendingExpansion(key, outputs, ui, []), graphs)
         identities = tuple(output_identity(values, key, slot)
                            for slot, values in enumerate(outputs))
         return CacheEntry(outputs, identities, ui)
 
     def _expand(self, node_id: str, pending: PendingExpansion, graphs: list[Any]) -> list[str]:
         """Add the node's expansion to the run (engine/expansion.py)."""
-        targets = self.expansions.expand(node_id, pending, graphs, self.rank)
+        try:
+            targets = self.expansions.expand(node_id, pending, graphs, self.rank)
+        except (ExpansionError, CycleError) as exc:  # the expanding node's failure
+            raise self._failure(node_id, self.facts(node_id), exc) from exc
         for added in () if self.silent else self.expansions.added:
             self.listener.node_added(self.prompt_id, self.expansions.lineage(added))
         self.prompt = self.expansions.prompt

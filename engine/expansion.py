@@ -192,12 +192,22 @@ class Expansions:
                     raise ExpansionError(f"node {parent_id} expanded into node {node.node_id}, "
                                          f"whose input {name!r} links to node {src!r}, which "
                                          f"neither the prompt nor the expansion has")
+                if src == parent_id or src in self.pending:
+                    raise ExpansionError(f"node {parent_id} expanded into node {node.node_id}, "
+                                         f"whose input {name!r} links to node {src!r}, which "
+                                         f"waits for this expansion to finish; link to the "
+                                         f"nodes it read instead")
         for slot, values in enumerate(outputs):
             for value in values:
-                if isinstance(value, ExpansionLink) and value.node_id not in added \
-                        and value.node_id not in known:
+                if not isinstance(value, ExpansionLink):
+                    continue
+                if value.node_id not in added and value.node_id not in known:
                     raise ExpansionError(f"node {parent_id}'s result {slot} links to node "
                                          f"{value.node_id!r}, which its expansion does not have")
+                if value.node_id == parent_id or value.node_id in self.pending:
+                    raise ExpansionError(f"node {parent_id}'s result {slot} links to node "
+                                         f"{value.node_id!r}, which waits for this expansion; "
+                                         f"link to a node of the expansion")
 
     def _rank(self, added: Mapping[str, PromptNode], rank: dict[str, int]) -> None:
         """Give the new nodes, and prompt nodes they read that the run had not planned, places

@@ -11,9 +11,9 @@ from engine.comfy_host import GraphPrefix, graph_prefix, set_graph_prefix
 
 
 def is_link(obj: Any) -> bool:
-    """A link is [node_id (str), output index (int)]."""
-    return (isinstance(obj, (list, tuple)) and len(obj) == 2 and isinstance(obj[0], str)
-            and isinstance(obj[1], int) and not isinstance(obj[1], bool))
+    """A link is a list [node_id (str), output index (int, or a float as ComfyUI allows)]."""
+    return (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], str)
+            and isinstance(obj[1], (int, float)))
 
 
 class ExecutionBlocker:

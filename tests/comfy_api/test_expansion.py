@@ -148,3 +148,16 @@ def test_an_expansion_into_an_unknown_class_names_it(bound: ModelEngine) -> None
     assert error["node_id"] == "bad"
     assert "'NoSuchNodeClass', which is not a registered node class" in \
         error["exception_message"]
+
+
+def test_the_expanding_node_counts_as_executed(bound: ModelEngine) -> None:
+    result, _ = bound.run(probed({"twice": node("ExpandAddTwice", value=70, amount=1)},
+                                 "twice"))
+    assert result.executed.index("twice") < result.executed.index("twice.0.0.1")
+
+
+def test_a_result_linking_to_its_own_node_fails_instead_of_waiting_forever(
+        bound: ModelEngine) -> None:
+    error = run_failing(bound, probed({"selfish": node("ExpandSelfLink")}, "selfish"))
+    assert error["node_id"] == "selfish"
+    assert "which waits for this expansion" in error["exception_message"]

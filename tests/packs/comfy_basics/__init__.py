@@ -301,7 +301,7 @@ class PackSamplerObject:
 class BatchedCFGGuider(comfy.samplers.CFGGuider):
     """CFG written out with calc_cond_batch, as packs' guiders do."""
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
         negative, positive = comfy.samplers.calc_cond_batch(
             self.inner_model, [self.conds.get("negative"), self.conds.get("positive")], x,
             timestep, model_options)
@@ -311,7 +311,7 @@ class BatchedCFGGuider(comfy.samplers.CFGGuider):
 class SamplingFunctionGuider(comfy.samplers.CFGGuider):
     """A guider that hands CFG back to comfy.samplers.sampling_function at half the scale."""
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
         return comfy.samplers.sampling_function(
             self.inner_model, x, timestep, self.conds.get("negative"), self.conds.get("positive"),
             self.cfg / 2, model_options=model_options, seed=seed)

@@ -113,13 +113,29 @@ class ExpandUnknown:
         return {"result": (missing.out(0),), "expand": graph.finalize()}
 
 
+class ExpandSelfLink:
+    """Links its result to itself: an expansion that could never finish."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, unique_id):
+        return {"result": ([unique_id, 0],), "expand": {}}
+
+
 class LoopOpen:
     """Starts a loop: its id (the flow), the iterations left, the value, and the value again
     for the loop body, blocked once no iteration is left."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"remaining": ("INT", {"default": 3}), "value": ("INT", {"default": 0})},
+        return {"required": {"remaining": ("INT", {"default": 3}),
+                             "value": ("INT", {"default": 0})},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LOOP_FLOW", "INT", "INT", "INT")
@@ -195,4 +211,5 @@ class LoopClose:
 NODE_CLASS_MAPPINGS = {"ExpandAdd": Add, "ExpandFail": Fail, "ExpandShowInt": ShowInt,
                        "ExpandAddTwice": AddTwice, "ExpandPlain": PlainExpand,
                        "ExpandIntoFailure": ExpandIntoFailure, "ExpandUnknown": ExpandUnknown,
+                       "ExpandSelfLink": ExpandSelfLink,
                        "ExpandLoopOpen": LoopOpen, "ExpandLoopClose": LoopClose}
