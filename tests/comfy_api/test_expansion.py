@@ -136,15 +136,17 @@ def test_a_long_loop_nests_expansions_without_recursion(bound: ModelEngine) -> N
 
 
 def test_a_failure_inside_an_expansion_names_the_expanded_node(bound: ModelEngine) -> None:
-    error = run_failing(bound, probed({"bad": node("ExpandIntoFailure", value=3)}, "bad"))
-    assert error["node_id"] == "bad" and error["node_type"] == "ExpandIntoFailure"
+    expanding = node("ExpandInto", inner_class="ExpandFail", value=3)
+    error = run_failing(bound, probed({"bad": expanding}, "bad"))
+    assert error["node_id"] == "bad" and error["node_type"] == "ExpandInto"
     assert "node bad.0.0.1 (ExpandFail), which node bad expanded into" in \
         error["exception_message"]
     assert "x is 3" in error["exception_message"]
 
 
 def test_an_expansion_into_an_unknown_class_names_it(bound: ModelEngine) -> None:
-    error = run_failing(bound, probed({"bad": node("ExpandUnknown", value=3)}, "bad"))
+    expanding = node("ExpandInto", inner_class="NoSuchNodeClass", value=3)
+    error = run_failing(bound, probed({"bad": expanding}, "bad"))
     assert error["node_id"] == "bad"
     assert "'NoSuchNodeClass', which is not a registered node class" in \
         error["exception_message"]

@@ -83,34 +83,22 @@ class PlainExpand:
         return {"result": ([node_id, 0], "literal"), "expand": graph}
 
 
-class ExpandIntoFailure:
+class ExpandInto:
+    """Expands into one node of class `inner_class` given `x=value`; its output is that node's."""
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"value": ("INT", {"default": 3})}}
+        return {"required": {"inner_class": ("STRING", {"default": "ExpandFail"}),
+                             "value": ("INT", {"default": 3})}}
 
     RETURN_TYPES = ("INT",)
     FUNCTION = "run"
     CATEGORY = "tests"
 
-    def run(self, value):
+    def run(self, inner_class, value):
         graph = GraphBuilder()
-        failing = graph.node("ExpandFail", x=value)
-        return {"result": (failing.out(0),), "expand": graph.finalize()}
-
-
-class ExpandUnknown:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"value": ("INT", {"default": 3})}}
-
-    RETURN_TYPES = ("INT",)
-    FUNCTION = "run"
-    CATEGORY = "tests"
-
-    def run(self, value):
-        graph = GraphBuilder()
-        missing = graph.node("NoSuchNodeClass", x=value)
-        return {"result": (missing.out(0),), "expand": graph.finalize()}
+        inner = graph.node(inner_class, x=value)
+        return {"result": (inner.out(0),), "expand": graph.finalize()}
 
 
 class ExpandSelfLink:
@@ -210,6 +198,6 @@ class LoopClose:
 
 NODE_CLASS_MAPPINGS = {"ExpandAdd": Add, "ExpandFail": Fail, "ExpandShowInt": ShowInt,
                        "ExpandAddTwice": AddTwice, "ExpandPlain": PlainExpand,
-                       "ExpandIntoFailure": ExpandIntoFailure, "ExpandUnknown": ExpandUnknown,
+                       "ExpandInto": ExpandInto,
                        "ExpandSelfLink": ExpandSelfLink,
                        "ExpandLoopOpen": LoopOpen, "ExpandLoopClose": LoopClose}
