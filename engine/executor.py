@@ -422,7 +422,9 @@ class _PromptRun:
         inputs: dict[str, list[Any]] = {name: [value]
                                         for name, value in facts.literal_kwargs.items()}
         for name, src, slot in facts.link_kwargs:
-            if name not in facts.lazy or src in self.resolved:
+            if name in facts.raw_links:
+                inputs[name] = [[src, slot]]
+            elif name not in facts.lazy or src in self.resolved:
                 inputs[name] = self.resolved[src].outputs[slot]
         for spec in facts.schema.hidden_inputs:
             inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
@@ -469,10 +471,8 @@ class _PromptRun:
     def _report_error(self, failure: NodeExecutionError) -> None:
         """execution_error; a failure inside an expansion is reported on its prompt node (as
         ComfyUI does), the message naming the expanded node that failed."""
-        exc, node_id = failure.exc, failure.node_id
-        real = self.expansions.dynamic.get_real_node_id(node_id)
-        message = str(exc) if real == node_id else f"{self.expansions.describe(node_id)} " \
-                                                   f"failed: {exc}"
+        exc = failure.exc
+        real, message = self.expansions.reported(failure.node_id, exc)
         payload = {
             "prompt_id": self.prompt_id, "node_id": real,
             "node_type": self.prompt.nodes[real].class_type,

@@ -147,13 +147,15 @@ class Expansions:
             else (value,))] for values in pending.outputs]
         return pending
 
-    def describe(self, node_id: str) -> str:
-        """How an error names a node: an expanded one with the prompt node it came from."""
+    def reported(self, node_id: str, exc: BaseException) -> tuple[str, str]:
+        """Where a node's failure is reported (its prompt node, as ComfyUI does) and the
+        message (naming the expanded node that failed, when it is one)."""
         real = self.dynamic.get_real_node_id(node_id)
         if real == node_id:
-            return f"node {node_id}"
+            return node_id, str(exc)
         class_type = self.prompt.nodes[node_id].class_type
-        return f"node {node_id} ({class_type}), which node {real} expanded into,"
+        return real, f"node {node_id} ({class_type}), which node {real} expanded into, " \
+                     f"failed: {exc}"
 
     # -- reading a graph ----------------------------------------------------------------------
     def _parse(self, parent_id: str, graph: Any, added: Mapping[str, PromptNode]

@@ -163,3 +163,11 @@ def test_a_result_linking_to_its_own_node_fails_instead_of_waiting_forever(
     error = run_failing(bound, probed({"selfish": node("ExpandSelfLink")}, "selfish"))
     assert error["node_id"] == "selfish"
     assert "which waits for this expansion" in error["exception_message"]
+
+
+def test_a_raw_link_input_receives_the_link_after_its_source_ran(bound: ModelEngine) -> None:
+    api = {"source": node("ExpandAdd", a=40, b=2),
+           "link": node("ExpandAddOneToLink", value=["source", 0])}
+    result, _ = bound.run(probed(api, "link"))
+    assert result.values["link"] == [[43], ["['source', 0]"]]
+    assert result.executed.index("source") < result.executed.index("link")

@@ -101,6 +101,23 @@ class ExpandInto:
         return {"result": (inner.out(0),), "expand": graph.finalize()}
 
 
+class AddOneToLink:
+    """Gets its input as the link itself (rawLink) and expands into an Add reading it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"rawLink": True, "forceInput": True})}}
+
+    RETURN_TYPES = ("INT", "STRING")
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value):
+        graph = GraphBuilder()
+        added = graph.node("ExpandAdd", a=value, b=1)
+        return {"result": (added.out(0), repr(value)), "expand": graph.finalize()}
+
+
 class ExpandSelfLink:
     """Links its result to itself: an expansion that could never finish."""
 
@@ -199,5 +216,5 @@ class LoopClose:
 NODE_CLASS_MAPPINGS = {"ExpandAdd": Add, "ExpandFail": Fail, "ExpandShowInt": ShowInt,
                        "ExpandAddTwice": AddTwice, "ExpandPlain": PlainExpand,
                        "ExpandInto": ExpandInto,
-                       "ExpandSelfLink": ExpandSelfLink,
+                       "ExpandSelfLink": ExpandSelfLink, "ExpandAddOneToLink": AddOneToLink,
                        "ExpandLoopOpen": LoopOpen, "ExpandLoopClose": LoopClose}
