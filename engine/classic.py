@@ -357,6 +357,7 @@ def _parse_input(class_type: str, name: str, spec: Any, optional: bool) -> Input
     if not isinstance(io_type, str):
         raise ClassicNodeError(f"node {class_type!r}: input {name!r} has type {io_type!r}; use a "
                                f"type name string or a list of combo choices")
+    io_type = str(io_type)  # a str subclass equal to everything (packs' "any type") is its text
     if io_type == "COMBO":
         choices = tuple(rest.pop("options", ()))
         return Input(str(name), "COMBO", choices=choices, optional=optional, options=rest,

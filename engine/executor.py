@@ -22,7 +22,7 @@ from engine.events import ExecutionListener, timestamp_ms
 from engine.expansion import ExpansionError, Expansions, PendingExpansion
 from engine.gc_scope import older_objects_frozen
 from engine.graph import CycleError, Prompt
-from engine.node import ALWAYS_CHANGED, Node
+from engine.node import ALWAYS_CHANGED, HIDDEN_KINDS, Node
 from engine.node_call import Called, call_node, call_once, format_input_values
 from engine.registry import NodeRegistry
 from engine.run_record import RunRecord
@@ -426,8 +426,9 @@ class _PromptRun:
                 inputs[name] = [[src, slot]]
             elif name not in facts.lazy or src in self.resolved:
                 inputs[name] = self.resolved[src].outputs[slot]
-        for spec in facts.schema.hidden_inputs:
-            inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
+        for spec in facts.schema.hidden_inputs:  # a pack's own kind keeps a value it was given
+            if spec.type in HIDDEN_KINDS or spec.name not in inputs:
+                inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
         return inputs
 
     def _hidden_value(self, kind: str, node_id: str) -> Any:

@@ -451,6 +451,27 @@ def test_inputs_named_by_validate_inputs_skip_the_range_checks(tmp_path: Path) -
     assert [e["type"] for e in checked.node_errors["1"]["errors"]] == ["value_bigger_than_max"]
 
 
+def test_an_any_type_equal_to_every_name_is_an_input_of_any_type(tmp_path: Path) -> None:
+    pack(tmp_path / "custom_nodes", "anytype", '''
+        class AlwaysEqual(str):
+            def __eq__(self, other):
+                return True
+            def __ne__(self, other):
+                return False
+            __hash__ = str.__hash__
+        class Anything:
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"value": (AlwaysEqual("*"),)}}
+            RETURN_TYPES = ("INT",)
+            FUNCTION = "run"
+            def run(self, value):
+                return (value,)
+        ''', '"Anything": Anything')
+    schema = loaded(tmp_path / "custom_nodes").get("Anything").schema
+    assert schema.inputs[0].type == "*" and type(schema.inputs[0].type) is str
+
+
 def test_a_lazy_switch_evaluates_only_the_branch_it_needs(tmp_path: Path) -> None:
     pack(tmp_path / "custom_nodes", "switching", '''
         class Switch:

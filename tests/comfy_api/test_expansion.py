@@ -171,3 +171,10 @@ def test_a_raw_link_input_receives_the_link_after_its_source_ran(bound: ModelEng
     result, _ = bound.run(probed(api, "link"))
     assert result.values["link"] == [[43], ["['source', 0]"]]
     assert result.executed.index("source") < result.executed.index("link")
+
+
+def test_a_hidden_input_of_a_packs_own_kind_takes_the_value_an_expansion_gives(
+        bound: ModelEngine) -> None:
+    api = {"echo": node("ExpandEcho", value=8), "bare": node("ExpandHiddenEcho")}
+    result, _ = bound.run(probed(api, "echo", "bare"))
+    assert result.values["echo"][0] == [8] and result.values["bare"][0] == [-1]

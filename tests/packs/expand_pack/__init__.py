@@ -118,6 +118,37 @@ class AddOneToLink:
         return {"result": (added.out(0), repr(value)), "expand": graph.finalize()}
 
 
+class HiddenEcho:
+    """Returns a hidden input of its own kind, which only an expansion's literal can set
+    (Easy-Use's forLoopStart gets its loop index that way)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "hidden": {"given": ("INT",), "unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, given=-1, unique_id=None):
+        return (given,)
+
+
+class ExpandEcho:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value):
+        graph = GraphBuilder()
+        echo = graph.node("ExpandHiddenEcho", given=value)
+        return {"result": (echo.out(0),), "expand": graph.finalize()}
+
+
 class ExpandSelfLink:
     """Links its result to itself: an expansion that could never finish."""
 
@@ -217,4 +248,5 @@ NODE_CLASS_MAPPINGS = {"ExpandAdd": Add, "ExpandFail": Fail, "ExpandShowInt": Sh
                        "ExpandAddTwice": AddTwice, "ExpandPlain": PlainExpand,
                        "ExpandInto": ExpandInto,
                        "ExpandSelfLink": ExpandSelfLink, "ExpandAddOneToLink": AddOneToLink,
+                       "ExpandHiddenEcho": HiddenEcho, "ExpandEcho": ExpandEcho,
                        "ExpandLoopOpen": LoopOpen, "ExpandLoopClose": LoopClose}
