@@ -276,7 +276,9 @@ class _PromptRun:
             if self.ex.interrupt.is_set():
                 raise ExecutionInterrupted(node_id)
             if node_id in self.expansions.pending:  # its expansion has run: it can finish
-                self._store(node_id, self.expansions.finish(node_id, self.resolved))
+                key, entry = self.expansions.finish(node_id, self.resolved)
+                self.ex.cache.put(key, entry)
+                self._accept(node_id, key, entry)
                 continue
             key = self.keys.get(node_id) or self._key_or_fail(node_id)
             entry = self.ex.cache.get(key)
@@ -294,14 +296,6 @@ class _PromptRun:
                 self._accept(node_id, key, entry)
             else:  # it expanded: the new nodes it waits for run first
                 stack.extend(self._plan(entry)[::-1])
-
-    def _store(self, node_id: str, done: PendingExpansion) -> None:
-        """Cache and accept the outputs of a node whose expansion has finished."""
-        entry = CacheEntry(done.outputs, tuple(output_identity(values, done.key, slot)
-                                               for slot, values in enumerate(done.outputs)),
-                           done.ui)
-        self.ex.cache.put(done.key, entry)
-        self._accept(node_id, done.key, entry)
 
     # -- keys -------------------------------------------------------------------------------
     def _key_or_fail(self, node_id: str) -> str:

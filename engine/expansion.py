@@ -29,6 +29,8 @@ from typing import Any
 
 import networkx as nx
 
+from engine.cache import CacheEntry
+from engine.cache_keys import output_identity
 from engine.digest import content_digest
 from engine.events import NodeLineage
 from engine.graph import CycleError, Prompt, PromptNode, find_cycle, parse_node
@@ -139,13 +141,17 @@ class Expansions:
         return NodeLineage(node_id, dynamic.get_display_node_id(node_id),
                            dynamic.parents[node_id], dynamic.get_real_node_id(node_id))
 
-    def finish(self, parent_id: str, resolved: Mapping[str, Any]) -> PendingExpansion:
-        """The parent's record, its links replaced by the values they name."""
+    def finish(self, parent_id: str, resolved: Mapping[str, CacheEntry]
+               ) -> tuple[str, CacheEntry]:
+        """The parent's key and cache entry: its outputs with each link replaced by the
+        values it names."""
         pending = self.pending.pop(parent_id)
-        pending.outputs = [[item for value in values for item in (
+        outputs = [[item for value in values for item in (
             resolved[value.node_id].outputs[value.slot] if isinstance(value, ExpansionLink)
             else (value,))] for values in pending.outputs]
-        return pending
+        identities = tuple(output_identity(values, pending.key, slot)
+                           for slot, values in enumerate(outputs))
+        return pending.key, CacheEntry(outputs, identities, pending.ui)
 
     def reported(self, node_id: str, exc: BaseException) -> tuple[str, str]:
         """Where a node's failure is reported (its prompt node, as ComfyUI does) and the
