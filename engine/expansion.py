@@ -49,6 +49,18 @@ class NodeNotFoundError(KeyError):
     """A DynamicPrompt was asked for a node the running prompt does not have."""
 
 
+def _parse_expanded(node_id: str, body: Mapping[str, Any]) -> PromptNode:
+    """A node of an expansion. As in ComfyUI, only a list [str id, int slot] is a link there:
+    a loop hands values on as literals, and a list of two ints is such a value."""
+    node = parse_node(node_id, body)
+    inputs = body.get("inputs") or {}
+    for name in [n for n, value in inputs.items() if n in node.links
+                 and not (isinstance(value, list) and isinstance(value[0], str))]:
+        del node.links[name]
+        node.literals[name] = inputs[name]
+    return node
+
+
 class DynamicPrompt:
     """The running prompt as a DYNPROMPT hidden input sees it (ComfyUI's DynamicPrompt): the
     prompt's nodes and those expansions added, each as its API-format dict."""
@@ -183,7 +195,7 @@ class Expansions:
                 raise ExpansionError(f"{where} expanded into node {node_id!r}, an id the prompt "
                                      f"already has; build the graph with GraphBuilder, which "
                                      f"makes ids unique per expanding node")
-            nodes[node_id] = node = parse_node(node_id, body)
+            nodes[node_id] = node = _parse_expanded(node_id, body)
             if not all(type(value) in _PLAIN for value in node.literals.values()):
                 self.opaque[node_id] = content_digest(node.literals) or uuid.uuid4().hex
             display = body.get("override_display_id")

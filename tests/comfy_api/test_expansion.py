@@ -178,3 +178,10 @@ def test_a_hidden_input_of_a_packs_own_kind_takes_the_value_an_expansion_gives(
     api = {"echo": node("ExpandEcho", value=8), "bare": node("ExpandHiddenEcho")}
     result, _ = bound.run(probed(api, "echo", "bare"))
     assert result.values["echo"][0] == [8] and result.values["bare"][0] == [-1]
+
+
+def test_a_list_of_two_ints_an_expansion_passes_is_a_value_not_a_link(
+        bound: ModelEngine) -> None:
+    api = {"pair": node("ExpandPair", first=3, second=4)}
+    result, _ = bound.run(probed(api, "pair"))
+    assert result.values["pair"][0] == ["[3, 4]"]

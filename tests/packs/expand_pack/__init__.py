@@ -149,6 +149,36 @@ class ExpandEcho:
         return {"result": (echo.out(0),), "expand": graph.finalize()}
 
 
+class ShowRepr:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("*",)}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, value):
+        return (repr(value),)
+
+
+class ExpandPair:
+    """Passes [first, second] (two ints, link-shaped) as a literal to a node it expands into."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"first": ("INT", {"default": 0}), "second": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, first, second):
+        graph = GraphBuilder()
+        shown = graph.node("ExpandShowRepr", value=[first, second])
+        return {"result": (shown.out(0),), "expand": graph.finalize()}
+
+
 class ExpandSelfLink:
     """Links its result to itself: an expansion that could never finish."""
 
@@ -249,4 +279,5 @@ NODE_CLASS_MAPPINGS = {"ExpandAdd": Add, "ExpandFail": Fail, "ExpandShowInt": Sh
                        "ExpandInto": ExpandInto,
                        "ExpandSelfLink": ExpandSelfLink, "ExpandAddOneToLink": AddOneToLink,
                        "ExpandHiddenEcho": HiddenEcho, "ExpandEcho": ExpandEcho,
+                       "ExpandShowRepr": ShowRepr, "ExpandPair": ExpandPair,
                        "ExpandLoopOpen": LoopOpen, "ExpandLoopClose": LoopClose}
