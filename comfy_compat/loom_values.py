@@ -1,6 +1,7 @@
 """How values cross between Loom's nodes and ComfyUI-protocol nodes: a classic or V3 node
 receives MODEL, CLIP and VAE as ComfyUI's objects (ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE)
-and what it returns becomes Loom's values again. The facade object a Loom value came from is
+and what it returns (those, and a GUIDER or SAMPLER made with comfy.samplers' CFGGuider or
+Sampler) becomes Loom's values again. The facade object a Loom value came from is
 remembered while something holds it, so a pack's MODEL reaches the next pack node with its
 model_options intact (held weakly both ways: a remembered facade never keeps a model alive)."""
 
@@ -10,13 +11,15 @@ import weakref
 from typing import Any
 
 from comfy.model_patcher import ModelPatcher
+from comfy.samplers import CFGGuider, Sampler
 from comfy.sd import CLIP, VAE
 
 from engine.diffusion.networks.vae_model import VAE as LoomVAE
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.diffusion.text.encoding import TextEncoderStack
 
-FACADES: tuple[type, ...] = (ModelPatcher, CLIP, VAE)
+# CFGGuider and Sampler: a pack's own GUIDER and SAMPLER objects
+FACADES: tuple[type, ...] = (ModelPatcher, CLIP, VAE, CFGGuider, Sampler)
 
 
 class ValueBridge:

@@ -24,7 +24,7 @@ class NodeFacts:
     stays the same, across prompts too."""
 
     __slots__ = ("node", "node_type", "schema", "links", "lazy", "static", "fingerprinted",
-                 "simple", "literal_kwargs", "link_kwargs")
+                 "simple", "literal_kwargs", "link_kwargs", "raw_links")
 
     def __init__(self, node: PromptNode, node_type: type[Node]) -> None:
         schema = node_type.schema
@@ -42,8 +42,13 @@ class NodeFacts:
         self.literal_kwargs = {name: value for name, value in node.literals.items()
                                if declared(name)}
         self.link_kwargs = tuple(link for link in self.links if declared(link[0]))
-        # one call with one value per input: no lazy, hidden or list inputs
-        self.simple = not (self.lazy or schema.input_is_list or schema.hidden_inputs)
+        # inputs given the link itself, [source id, slot], after the source ran (ComfyUI's
+        # "rawLink" option: loop nodes hand links on to the graphs they expand into)
+        self.raw_links = frozenset(spec.name for spec in schema.inputs
+                                   if spec.options.get("rawLink") is True)
+        # one call with one value per input: no lazy, hidden, list or raw-link inputs
+        self.simple = not (self.lazy or schema.input_is_list or schema.hidden_inputs
+                           or self.raw_links)
 
 
 class CacheKeys:

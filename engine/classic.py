@@ -12,9 +12,11 @@ from typing import Any, ClassVar
 
 from engine.comfy_host import from_pack, running, to_pack
 from engine.context import NodeContext
+from engine.graph import is_link
 from engine.node import (
     ALWAYS_CHANGED,
     HIDDEN_KINDS,
+    ExpansionLink,
     Input,
     Node,
     NodeResult,
@@ -184,22 +186,32 @@ def blocked_result(schema: NodeSchema, blocker: Any) -> NodeResult:
 
 
 def classic_result(schema: NodeSchema, function: str, returned: Any) -> NodeResult:
-    """A classic return value (tuple, {"ui", "result"} dict, or None) as a NodeResult."""
+    """A classic return value (tuple, {"ui", "result", "expand"} dict, or None) as a
+    NodeResult; with "expand", links among the results point into the expansion."""
     where = f"node {schema.name!r}: {function}()"
     if isinstance(returned, dict):
-        if "expand" in returned:
-            raise NotImplementedError(f"{where} returned an 'expand' graph; Loom does not support "
-                                      f"node expansion, so this node cannot run here")
         ui = returned.get("ui")
         if ui is not None and not isinstance(ui, dict):
             raise TypeError(f"{where} returned a 'ui' of type {type(ui).__name__}; use a dict "
                             f"such as {{'text': [...]}}")
+        result = returned.get("result")
+        if getattr(type(result), BLOCKER_MARK, False):  # one blocker stands for every output
+            result = (result,) * len(schema.outputs)
+        if "expand" in returned:
+            values = expansion_results(_as_tuple(where, result or (), schema))
+            return NodeResult(values, ui, returned["expand"])
         if "result" not in returned:  # a UI-only return leaves the outputs empty
             return NodeResult((None,) * len(schema.outputs), ui)
-        return NodeResult(_as_tuple(where, returned["result"], schema), ui)
+        return NodeResult(_as_tuple(where, result, schema), ui)
     if returned is None and not schema.outputs:
         return NodeResult((), None)
     return NodeResult(_as_tuple(where, returned, schema), None)
+
+
+def expansion_results(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The results of an expanding node: each [node id, slot] list as an ExpansionLink."""
+    return tuple(ExpansionLink(str(value[0]), value[1])
+                 if isinstance(value, list) and is_link(value) else value for value in values)
 
 
 def _as_tuple(where: str, values: Any, schema: NodeSchema) -> tuple[Any, ...]:
@@ -345,6 +357,7 @@ def _parse_input(class_type: str, name: str, spec: Any, optional: bool) -> Input
     if not isinstance(io_type, str):
         raise ClassicNodeError(f"node {class_type!r}: input {name!r} has type {io_type!r}; use a "
                                f"type name string or a list of combo choices")
+    io_type = str(io_type)  # a str subclass equal to everything (packs' "any type") is its text
     if io_type == "COMBO":
         choices = tuple(rest.pop("options", ()))
         return Input(str(name), "COMBO", choices=choices, optional=optional, options=rest,

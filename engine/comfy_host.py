@@ -58,6 +58,30 @@ _RUNNING: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar(
     "loom_running_node", default=None)
 
 
+@dataclass
+class GraphPrefix:
+    """Where `GraphBuilder()` starts the ids of the nodes a node expands into: ComfyUI's
+    "<node id>.<call index>.<graph index>.", the graph index counting the builders made in
+    one call, so ids are unique per parent node and deterministic."""
+
+    root: str
+    call_index: int = 0
+    graph_index: int = 0
+
+    def allocate(self, root: str | None = None, call_index: int | None = None,
+                 graph_index: int | None = None) -> str:
+        """The next prefix (a part given replaces the running node's)."""
+        prefix = (f"{self.root if root is None else root}."
+                  f"{self.call_index if call_index is None else call_index}."
+                  f"{self.graph_index if graph_index is None else graph_index}.")
+        self.graph_index += 1
+        return prefix
+
+
+_PREFIX: contextvars.ContextVar[GraphPrefix | None] = contextvars.ContextVar(
+    "loom_graph_prefix", default=None)
+
+
 def bind(services: Services, registry: Any, interrupt: InterruptFlag | None = None) -> ComfyHost:
     """Point ComfyUI's module-level API at this process's services and node registry."""
     HOST.services = services
@@ -79,12 +103,31 @@ def bind_prompt_server(prompt_server: Any) -> None:
 
 @contextlib.contextmanager
 def running(ctx: NodeContext) -> Iterator[None]:
-    """Mark `ctx` as the node being run, for ProgressBar, interrupt checks and classic calls."""
+    """Mark `ctx` as the node being run, for ProgressBar, interrupt checks and classic calls,
+    and start the ids of the graphs this call may expand into."""
     token = _RUNNING.set(ctx)
+    prefix = _PREFIX.set(GraphPrefix(ctx.node_id, ctx.call_index) if ctx is not None
+                         else GraphPrefix(""))  # (tests call adapters without a context)
     try:
         yield
     finally:
+        _PREFIX.reset(prefix)
         _RUNNING.reset(token)
+
+
+def graph_prefix() -> GraphPrefix:
+    """The running call's GraphPrefix (outside a node call, one for this context whose root
+    is empty, as ComfyUI's default)."""
+    current = _PREFIX.get()
+    if current is None:
+        current = GraphPrefix("")
+        _PREFIX.set(current)
+    return current
+
+
+def set_graph_prefix(prefix: GraphPrefix) -> None:
+    """Replace the running call's GraphPrefix (GraphBuilder.set_default_prefix)."""
+    _PREFIX.set(prefix)
 
 
 def to_pack(value: Any) -> Any:

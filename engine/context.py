@@ -62,7 +62,7 @@ class NodeContext:
     """Handed to every node call. Nodes read nothing global: everything comes from here."""
 
     __slots__ = ("node_id", "class_type", "prompt_id", "services", "_interrupt",
-                 "_progress_sink", "_text_sink")
+                 "_progress_sink", "_text_sink", "call_index")
 
     def __init__(self, *, node_id: str, class_type: str, prompt_id: str, services: Services,
                  interrupt: InterruptFlag, progress_sink: ProgressSink | None = None,
@@ -74,6 +74,9 @@ class NodeContext:
         self._interrupt = interrupt
         self._progress_sink = progress_sink
         self._text_sink = text_sink
+        # which of the node's list calls is running (ComfyUI's call index: it names the nodes
+        # an expanding node adds, engine/expansion.py)
+        self.call_index = 0
 
     @property
     def interrupt_flag(self) -> InterruptFlag:

@@ -7,11 +7,28 @@ execution_error, execution_interrupted."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 
 def timestamp_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class NodeLineage:
+    """Where a node an expansion added comes from: the node that expanded (`parent_node`), the
+    prompt node it descends from (`real_node_id`) and the node the editor shows its progress
+    on (`display_node`); ComfyUI's meta fields, by those names."""
+
+    node_id: str
+    display_node: str
+    parent_node: str
+    real_node_id: str
+
+    def meta(self) -> dict[str, str]:
+        return {"node_id": self.node_id, "display_node": self.display_node,
+                "parent_node": self.parent_node, "real_node_id": self.real_node_id}
 
 
 class ExecutionListener:
@@ -28,6 +45,10 @@ class ExecutionListener:
 
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
         """Per-node wall time (0 for cached nodes), for timing displays and history."""
+
+    def node_added(self, prompt_id: str, lineage: NodeLineage) -> None:
+        """A node an expansion added to the running prompt (engine/expansion.py): where the
+        editor shows it, before it runs."""
 
     def nodes_cached(self, prompt_id: str, node_ids: list[str]) -> None:
         """Nodes answered from the cache, all at once (right after their `execution_cached`);

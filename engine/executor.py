@@ -10,9 +10,8 @@ or replays the whole run when the prompt is the same again."""
 from __future__ import annotations
 
 import time
-import traceback
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import repeat
 from typing import Any
 
@@ -20,48 +19,14 @@ from engine.cache import CacheEntry, OutputCache
 from engine.cache_keys import CacheKeys, NodeFacts, output_identity, structural_key
 from engine.context import ExecutionInterrupted, InterruptFlag, NodeContext, Services
 from engine.events import ExecutionListener, timestamp_ms
+from engine.expansion import ExpansionError, Expansions, PendingExpansion
 from engine.gc_scope import older_objects_frozen
-from engine.graph import Prompt
-from engine.node import ALWAYS_CHANGED, Node
-from engine.node_call import Outputs, call_node, call_once, format_input_values
+from engine.graph import CycleError, Prompt
+from engine.node import ALWAYS_CHANGED, HIDDEN_KINDS, Node
+from engine.node_call import Called, call_node, call_once, format_input_values
 from engine.registry import NodeRegistry
 from engine.run_record import RunRecord
-
-
-class NodeExecutionError(Exception):
-    """A node raised; carries what the execution_error message reports."""
-
-    def __init__(self, node_id: str, class_type: str, exc: BaseException,
-                 current_inputs: dict[str, list[Any]]) -> None:
-        super().__init__(f"node {node_id} ({class_type}) failed: {type(exc).__name__}: {exc}")
-        self.node_id = node_id
-        self.class_type = class_type
-        self.exc = exc
-        self.traceback = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        self.current_inputs = current_inputs
-
-
-@dataclass
-class ExecutionResult:
-    """How a prompt ended and what it produced."""
-
-    prompt_id: str
-    status: str  # "success" | "error" | "interrupted"
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    executed: list[str] = field(default_factory=list)
-    cached: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
-    resolved: dict[str, CacheEntry] = field(default_factory=dict, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "success"
-
-    @property
-    def values(self) -> dict[str, Outputs]:
-        """Per node that ran or was cached, its output values (per slot, a list)."""
-        return {node_id: entry.outputs for node_id, entry in self.resolved.items()}
+from engine.run_result import ExecutionResult, NodeExecutionError
 
 
 class Executor:
@@ -137,6 +102,7 @@ class _PromptRun:
         self.rank: dict[str, int] = {}
         self._facts: dict[str, NodeFacts] = {}
         self.replayable = True  # see RunRecord
+        self.expansions = Expansions(prompt, executor.registry)  # nodes that expanded
         # A listener that ignores events needs none built (saves time on huge graphs).
         self.silent = (type(listener).event is ExecutionListener.event
                        and type(listener).node_finished is ExecutionListener.node_finished)
@@ -272,7 +238,8 @@ class _PromptRun:
         for node_id in shown:
             ui = self.resolved[node_id].ui
             self.result.outputs[node_id] = ui
-            self.emit("executed", node=node_id, display_node=node_id, output=ui)
+            self.emit("executed", node=node_id,
+                      display_node=self.expansions.dynamic.get_display_node_id(node_id), output=ui)
 
     def _accept(self, node_id: str, key: str, entry: CacheEntry) -> None:
         self.resolved[node_id] = entry
@@ -308,6 +275,11 @@ class _PromptRun:
                 continue
             if self.ex.interrupt.is_set():
                 raise ExecutionInterrupted(node_id)
+            if node_id in self.expansions.pending:  # its expansion has run: it can finish
+                key, entry = self.expansions.finish(node_id, self.resolved)
+                self.ex.cache.put(key, entry)
+                self._accept(node_id, key, entry)
+                continue
             key = self.keys.get(node_id) or self._key_or_fail(node_id)
             entry = self.ex.cache.get(key)
             if entry is not None:  # early cutoff: an upstream re-ran and gave the same output
@@ -319,8 +291,11 @@ class _PromptRun:
                 stack.extend(self._plan(wanted)[::-1])
                 continue
             entry = self._execute(node_id, key)
-            self.ex.cache.put(key, entry)
-            self._accept(node_id, key, entry)
+            if isinstance(entry, CacheEntry):
+                self.ex.cache.put(key, entry)
+                self._accept(node_id, key, entry)
+            else:  # it expanded: the new nodes it waits for run first
+                stack.extend(self._plan(entry)[::-1])
 
     # -- keys -------------------------------------------------------------------------------
     def _key_or_fail(self, node_id: str) -> str:
@@ -356,6 +331,8 @@ class _PromptRun:
             # Never reused by a later prompt, nor shared with another node of this one.
             fingerprint = ("nonce", self.nonce, node_id, repr(fingerprint))
             self.replayable = False
+        if node_id in self.expansions.opaque:  # an expanded node given non-scalar literals
+            fingerprint = (fingerprint, self.expansions.opaque[node_id])
         return self.ex.keys.key(facts, tuple(upstream), fingerprint)
 
     def _fingerprint(self, node_id: str) -> Any:
@@ -378,14 +355,16 @@ class _PromptRun:
     def _text(self, node_id: str, text: str) -> None:
         self.listener.text(self.prompt_id, node_id, text)
 
-    def _execute(self, node_id: str, key: str) -> CacheEntry:
+    def _execute(self, node_id: str, key: str) -> CacheEntry | list[str]:
+        """The node's entry, or, if it expanded, the new nodes it waits for."""
         facts = self.facts(node_id)
-        self.emit("executing", node=node_id, display_node=node_id)
+        display = self.expansions.dynamic.get_display_node_id(node_id)
+        self.emit("executing", node=node_id, display_node=display)
         ctx = self._context(node_id)
         instance = self.ex.instance(node_id, facts.node.class_type)
         started = time.perf_counter()
         try:
-            outputs, ui = self._invoke(node_id, facts, instance, ctx)
+            outputs, ui, graphs = self._invoke(node_id, facts, instance, ctx)
         except (ExecutionInterrupted, NodeExecutionError):
             raise
         except Exception as exc:  # noqa: BLE001 - any node failure fails the prompt, not us
@@ -397,13 +376,28 @@ class _PromptRun:
             self.listener.node_finished(self.prompt_id, node_id, seconds, False)
         if ui is not None:
             self.result.outputs[node_id] = ui
-            self.emit("executed", node=node_id, display_node=node_id, output=ui)
+            self.emit("executed", node=node_id, display_node=display, output=ui)
+        if graphs:
+            return self._expand(node_id, PendingExpansion(key, outputs, ui, []), graphs)
         identities = tuple(output_identity(values, key, slot)
                            for slot, values in enumerate(outputs))
         return CacheEntry(outputs, identities, ui)
 
+    def _expand(self, node_id: str, pending: PendingExpansion, graphs: list[Any]) -> list[str]:
+        """Add the node's expansion to the run (engine/expansion.py)."""
+        try:
+            targets = self.expansions.expand(node_id, pending, graphs, self.rank)
+        except (ExpansionError, CycleError) as exc:  # the expanding node's failure
+            raise self._failure(node_id, self.facts(node_id), exc) from exc
+        for added in () if self.silent else self.expansions.added:
+            self.listener.node_added(self.prompt_id, self.expansions.lineage(added))
+        self.prompt = self.expansions.prompt
+        self.replayable = False
+        self.ex._kept = None  # its new nodes' instances are to be forgotten after the run
+        return targets
+
     def _invoke(self, node_id: str, facts: NodeFacts, instance: Node,
-                ctx: NodeContext) -> tuple[Outputs, dict[str, Any] | None]:
+                ctx: NodeContext) -> Called:
         """Run the node on its inputs: one direct call in the common case (no lazy, hidden or
         list inputs, one value per link), else through ComfyUI's list semantics."""
         if facts.simple:
@@ -422,14 +416,18 @@ class _PromptRun:
         inputs: dict[str, list[Any]] = {name: [value]
                                         for name, value in facts.literal_kwargs.items()}
         for name, src, slot in facts.link_kwargs:
-            if name not in facts.lazy or src in self.resolved:
+            if name in facts.raw_links:
+                inputs[name] = [[src, slot]]
+            elif name not in facts.lazy or src in self.resolved:
                 inputs[name] = self.resolved[src].outputs[slot]
-        for spec in facts.schema.hidden_inputs:
-            inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
+        for spec in facts.schema.hidden_inputs:  # a pack's own kind keeps a value it was given
+            if spec.type in HIDDEN_KINDS or spec.name not in inputs:
+                inputs[spec.name] = [self._hidden_value(spec.type, node_id)]
         return inputs
 
     def _hidden_value(self, kind: str, node_id: str) -> Any:
-        engine_values = {"PROMPT": self.prompt.raw, "UNIQUE_ID": node_id, "DYNPROMPT": self.prompt,
+        engine_values = {"PROMPT": self.prompt.raw, "UNIQUE_ID": node_id,
+                         "DYNPROMPT": self.expansions.dynamic,
                          "EXTRA_PNGINFO": self.extra_data.get("extra_pnginfo")}
         return engine_values[kind] if kind in engine_values else self.extra_data.get(kind.lower())
 
@@ -466,11 +464,15 @@ class _PromptRun:
 
     # -- endings ----------------------------------------------------------------------------
     def _report_error(self, failure: NodeExecutionError) -> None:
+        """execution_error; a failure inside an expansion is reported on its prompt node (as
+        ComfyUI does), the message naming the expanded node that failed."""
         exc = failure.exc
+        real, message = self.expansions.reported(failure.node_id, exc)
         payload = {
-            "prompt_id": self.prompt_id, "node_id": failure.node_id,
-            "node_type": failure.class_type, "executed": list(self.result.executed),
-            "exception_message": str(exc), "exception_type": type(exc).__name__,
+            "prompt_id": self.prompt_id, "node_id": real,
+            "node_type": self.prompt.nodes[real].class_type,
+            "executed": list(self.result.executed),
+            "exception_message": message, "exception_type": type(exc).__name__,
             "traceback": failure.traceback, "current_inputs": failure.current_inputs,
             "current_outputs": list(self.resolved), "timestamp": timestamp_ms(),
         }
@@ -479,6 +481,7 @@ class _PromptRun:
         self.listener.event("execution_error", payload)
 
     def _report_interrupt(self, node_id: str | None) -> None:
+        node_id = None if node_id is None else self.expansions.dynamic.get_real_node_id(node_id)
         class_type = self.prompt.nodes[node_id].class_type if node_id in self.prompt.nodes else None
         payload = {"prompt_id": self.prompt_id, "node_id": node_id, "node_type": class_type,
                    "executed": list(self.result.executed), "timestamp": timestamp_ms()}

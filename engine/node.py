@@ -225,10 +225,24 @@ class NodeSchema:
 
 @dataclass
 class NodeResult:
-    """What `execute` returns: output values (one per declared output) and the editor UI dict."""
+    """What `execute` returns: output values (one per declared output) and the editor UI dict.
+
+    `expand`, when set, is a graph of new nodes (API format, ids unique in the prompt) the
+    engine adds to the running prompt and runs; outputs given as ExpansionLink then take the
+    values of those nodes' outputs (engine/expansion.py)."""
 
     outputs: tuple[Any, ...] = ()
     ui: dict[str, Any] | None = None
+    expand: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpansionLink:
+    """An output of an expanding node that is the output `slot` of node `node_id` of its
+    expansion (ComfyUI's `[node_id, slot]` in the `result` of an `expand` return)."""
+
+    node_id: str
+    slot: int
 
 
 class Node:

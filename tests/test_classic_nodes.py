@@ -451,6 +451,27 @@ def test_inputs_named_by_validate_inputs_skip_the_range_checks(tmp_path: Path) -
     assert [e["type"] for e in checked.node_errors["1"]["errors"]] == ["value_bigger_than_max"]
 
 
+def test_an_any_type_equal_to_every_name_is_an_input_of_any_type(tmp_path: Path) -> None:
+    pack(tmp_path / "custom_nodes", "anytype", '''
+        class AlwaysEqual(str):
+            def __eq__(self, other):
+                return True
+            def __ne__(self, other):
+                return False
+            __hash__ = str.__hash__
+        class Anything:
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"value": (AlwaysEqual("*"),)}}
+            RETURN_TYPES = ("INT",)
+            FUNCTION = "run"
+            def run(self, value):
+                return (value,)
+        ''', '"Anything": Anything')
+    schema = loaded(tmp_path / "custom_nodes").get("Anything").schema
+    assert schema.inputs[0].type == "*" and type(schema.inputs[0].type) is str
+
+
 def test_a_lazy_switch_evaluates_only_the_branch_it_needs(tmp_path: Path) -> None:
     pack(tmp_path / "custom_nodes", "switching", '''
         class Switch:
@@ -476,7 +497,7 @@ def test_a_lazy_switch_evaluates_only_the_branch_it_needs(tmp_path: Path) -> Non
     assert "1" not in listener.executed_nodes() and "2" in listener.executed_nodes()
 
 
-def test_node_expansion_fails_the_prompt_with_a_clear_error(tmp_path: Path) -> None:
+def test_an_empty_expansion_gives_the_literal_results(tmp_path: Path) -> None:
     pack(tmp_path / "custom_nodes", "expanding", '''
         class Expand:
             @classmethod
@@ -492,9 +513,7 @@ def test_node_expansion_fails_the_prompt_with_a_clear_error(tmp_path: Path) -> N
     checked = validated(registry, {"1": node("Expand")}, tmp_path)
     result = Executor(registry, Services(Paths.from_base(tmp_path))).execute(
         checked.prompt, checked.outputs)
-    assert result.error["exception_type"] == "NotImplementedError"
-    assert "'Expand'" in result.error["exception_message"]
-    assert "node expansion" in result.error["exception_message"]
+    assert result.ok and result.values["1"] == [[1]]
 
 
 def test_a_loom_node_and_a_classic_node_link_together(tmp_path: Path) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from engine.events import NodeLineage
 from web.jobs import history_job
 from web.jsonio import dumps
 from web.store import Store
@@ -36,16 +37,20 @@ class HistoryRecord:
     @classmethod
     def build(cls, item: list[Any], outputs: dict[str, Any], status_str: str,
               messages: list[list[Any]], timings: dict[str, dict[str, Any]],
-              item_text: str | None = None) -> HistoryRecord:
+              item_text: str | None = None,
+              lineage: Mapping[str, NodeLineage] | None = None) -> HistoryRecord:
         """The entry of queue item `item` that ended with `status_str` success|error;
-        `item_text`: the item as JSON, when known (a large prompt is not encoded again)."""
+        `item_text`: the item as JSON, when known (a large prompt is not encoded again);
+        `lineage`: where the nodes expansions added come from (their meta)."""
+        lineage = lineage or {}
         prompt_id = item[1]
         rest = {
             "outputs": outputs,
             "status": {"status_str": status_str, "completed": status_str == "success",
                        "messages": messages},
-            "meta": {node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None,
-                               "real_node_id": node_id} for node_id in outputs},
+            "meta": {node_id: lineage[node_id].meta() if node_id in lineage else
+                     {"node_id": node_id, "display_node": node_id, "parent_node": None,
+                      "real_node_id": node_id} for node_id in outputs},
             "timings": timings,
         }
         entry = {"prompt": item, **rest}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from engine.events import ExecutionListener
+from engine.events import ExecutionListener, NodeLineage
 from web.previews import PreviewError, encode_jpeg, text_frame
 from web.progress_state import ProgressStates
 from web.websocket import SocketHub
@@ -71,6 +71,9 @@ class SocketListener(ExecutionListener):
             self._flush()
         self._finishing = node_id
 
+    def node_added(self, prompt_id: str, lineage: NodeLineage) -> None:
+        self.states.lineage[lineage.node_id] = lineage
+
     def nodes_cached(self, prompt_id: str, node_ids: list[str]) -> None:
         """No timings for them: the history's `execution_cached` message names them."""
 
@@ -82,7 +85,8 @@ class SocketListener(ExecutionListener):
         except (PreviewError, OSError, ValueError) as exc:
             logger.warning("node %s: preview not sent: %s", node_id, exc)
             return
-        self.hub.send_preview(jpeg, prompt_id, node_id, self.client_id)
+        self.hub.send_preview(jpeg, prompt_id, node_id, self.client_id,
+                              self.states.lineage.get(node_id))
 
     def text(self, prompt_id: str, node_id: str, text: str) -> None:
         # to every client for an anonymous prompt, as ComfyUI's progress_text does

@@ -13,6 +13,8 @@ from typing import Any
 
 from PIL import Image
 
+from engine.events import NodeLineage
+
 PREVIEW_IMAGE = 1
 PROGRESS_TEXT = 3
 PREVIEW_IMAGE_WITH_METADATA = 4
@@ -56,6 +58,11 @@ def text_frame(node_id: str, text: str | bytes) -> bytes:
     return struct.pack(">II", PROGRESS_TEXT, len(node)) + node + body
 
 
-def preview_metadata(prompt_id: str, node_id: str) -> dict[str, Any]:
-    return {"node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id,
-            "parent_node_id": None, "real_node_id": node_id, "image_type": "image/jpeg"}
+def preview_metadata(prompt_id: str, node_id: str, lineage: NodeLineage | None = None
+                     ) -> dict[str, Any]:
+    """A preview's metadata; a node an expansion added shows on its display node."""
+    return {"node_id": node_id, "prompt_id": prompt_id,
+            "display_node_id": node_id if lineage is None else lineage.display_node,
+            "parent_node_id": None if lineage is None else lineage.parent_node,
+            "real_node_id": node_id if lineage is None else lineage.real_node_id,
+            "image_type": "image/jpeg"}

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from engine.events import NodeLineage
 from web.jsonio import dumps
 
 ALLOWANCE = 16384
@@ -41,6 +42,8 @@ class ProgressStates:
         self._stale = False
         self._flush_scheduled = False
         self._changed_at = 0.0  # monotonic time of the latest change
+        # nodes expansions added: their display, parent and real node ids (others: themselves)
+        self.lineage: dict[str, NodeLineage] = {}
 
     def max_of(self, node_id: str) -> float:
         """The node's latest `max` (1 for a node not seen)."""
@@ -49,9 +52,12 @@ class ProgressStates:
     def set(self, node_id: str, state: str, value: float, top: float, *,
             announce: bool = True) -> None:
         """Record a node's state; `announce`: this is a change clients are told about."""
+        known = self.lineage.get(node_id)
         entry = {"value": value, "max": top, "state": state, "node_id": node_id,
-                 "prompt_id": self.prompt_id, "display_node_id": node_id,
-                 "parent_node_id": None, "real_node_id": node_id}
+                 "prompt_id": self.prompt_id,
+                 "display_node_id": node_id if known is None else known.display_node,
+                 "parent_node_id": None if known is None else known.parent_node,
+                 "real_node_id": node_id if known is None else known.real_node_id}
         encoded = f"{json.dumps(node_id)}: {dumps(entry)}"
         with self._lock:
             self._entries[node_id] = encoded

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from engine.events import NodeLineage
 from web.jsonio import JsonBodyError, dumps, parse
 from web.previews import preview_frame, preview_metadata
 from web.routing import ApiRoutes
@@ -41,6 +42,7 @@ class Outgoing:
     binary: bytes | None = None  # a ready binary frame (custom-node packs' send_sync)
     prompt_id: str = ""
     node_id: str = ""
+    lineage: NodeLineage | None = None  # a preview's node, when an expansion added it
 
 
 class SocketHub:
@@ -132,9 +134,11 @@ class SocketHub:
         except RuntimeError:
             logger.debug("event loop closed; dropped a timer")
 
-    def send_preview(self, jpeg: bytes, prompt_id: str, node_id: str, sid: str | None) -> None:
+    def send_preview(self, jpeg: bytes, prompt_id: str, node_id: str, sid: str | None,
+                     lineage: NodeLineage | None = None) -> None:
         if sid is not None:
-            self._queue(Outgoing(sid, jpeg=jpeg, prompt_id=prompt_id, node_id=node_id))
+            self._queue(Outgoing(sid, jpeg=jpeg, prompt_id=prompt_id, node_id=node_id,
+                                 lineage=lineage))
 
     def _queue(self, message: Outgoing) -> None:
         loop = self._loop
@@ -183,7 +187,8 @@ class SocketHub:
             payload: str | bytes | None = message.text or message.binary
             if message.jpeg is not None:
                 wants_metadata = self._client_flags.get(sid, {}).get("supports_preview_metadata")
-                metadata = (preview_metadata(message.prompt_id, message.node_id)
+                metadata = (preview_metadata(message.prompt_id, message.node_id,
+                                             message.lineage)
                             if wants_metadata else None)
                 payload = preview_frame(message.jpeg, metadata)
             if payload is not None:

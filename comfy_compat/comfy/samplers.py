@@ -7,6 +7,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from loom_pack_sampling import (
+    PackGuider,
+    calc_cond_batch,
+    cfg_function,
+    pack_sampler,
+    sampler_object_run,
+    sampling_function,
+)
 from torch import Tensor
 
 from comfy.k_diffusion import sampling as k_diffusion_sampling
@@ -32,15 +40,16 @@ KSAMPLER_NAMES = list(COMFYUI_SAMPLER_NAMES)
 SAMPLER_NAMES = list(COMFYUI_SAMPLER_NAMES)  # ComfyUI's names (combos); IMPLEMENTED runs
 SCHEDULER_NAMES = list(LOOM_SCHEDULER_NAMES)
 # ComfyUI's sampling internals; Loom's guidance and sampling loop are its own.
-INTERNALS = ("KSamplerX0Inpaint", "sampling_function", "calc_cond_batch", "cfg_function",
-             "get_area_and_mult", "can_concat_cond", "cond_cat", "CFGNoisePredictor",
+INTERNALS = ("KSamplerX0Inpaint", "get_area_and_mult", "can_concat_cond", "cond_cat",
+             "CFGNoisePredictor",
              "KSamplerInpaint", "process_conds", "encode_model_conds",
              "resolve_areas_and_cond_masks",
              "calculate_start_end_timesteps", "pre_run_control", "apply_empty_x_to_equal_area",
              "sampler_names", "SchedulerHandler", "normal_scheduler", "simple_scheduler",
              "beta_scheduler", "ddim_scheduler", "sgm_scheduler")
-__all__ = ["CFGGuider", "KSAMPLER", "KSampler", "Sampler", "calculate_sigmas",
-           "k_diffusion_sampling", "ksampler", "sampler_object"]
+__all__ = ["CFGGuider", "KSAMPLER", "KSampler", "Sampler", "calc_cond_batch",
+           "calculate_sigmas", "cfg_function", "k_diffusion_sampling", "ksampler",
+           "sampler_object", "sampling_function"]
 
 
 def __getattr__(name: str) -> Any:
@@ -58,25 +67,43 @@ def _unsupported(name: str) -> NotImplementedError:
 
 
 class Sampler:
-    """Base of ComfyUI's SAMPLER objects (packs subclass it for custom samplers)."""
+    """Base of ComfyUI's SAMPLER objects: a pack's subclass defines ``sample(model_wrap, sigmas,
+    extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False)``
+    and runs as a Loom SAMPLER that does the whole sampling (loom_pack_sampling.py)."""
 
-    def sample(self, *args: Any, **kwargs: Any) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__}: a pack-defined Sampler cannot run in "
-                                  f"Loom's sampling loop; use a built-in sampler name")
+    def sample(self, model_wrap: Any, sigmas: Tensor, extra_args: Any, callback: Any,
+               noise: Tensor, latent_image: Tensor | None = None,
+               denoise_mask: Tensor | None = None, disable_pbar: bool = False) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not define sample(); a "
+                                  f"comfy.samplers.Sampler subclass must")
 
     def max_denoise(self, model_wrap: Any, sigmas: Tensor) -> bool:
-        return True
+        """Whether sigmas[0] is the model's largest sigma (the noise is then scaled as pure)."""
+        sampling = model_wrap.inner_model.model_sampling
+        return bool(sampling.is_max_denoise(float(sigmas[0])))
+
+    def loom_value(self) -> SamplerChoice:
+        if type(self).sample is Sampler.sample:
+            raise NotImplementedError(f"{type(self).__name__} does not define sample(); a "
+                                      f"comfy.samplers.Sampler subclass must")
+        return SamplerChoice(type(self).__name__, whole_run=sampler_object_run(self))
 
 
 def KSAMPLER(sampler_function: Callable[..., Any], extra_options: Mapping[str, Any] | None = None,
              inpaint_options: Mapping[str, Any] | None = None) -> SamplerChoice:
-    """A SAMPLER for one of comfy.k_diffusion.sampling's functions, with its options."""
+    """A SAMPLER for a k-diffusion-style function: one of comfy.k_diffusion.sampling's (Loom's
+    sampler, with its options), or a pack's own, run inside Loom's sampling with
+    `extra_options` as its keyword arguments (comfy_compat/loom_pack_sampling.py)."""
     name = getattr(sampler_function, "loom_sampler_name", None)
     if name is None:
-        raise NotImplementedError(
-            f"comfy.samplers.KSAMPLER({getattr(sampler_function, '__name__', sampler_function)}):"
-            f" Loom runs only its own samplers (comfy.k_diffusion.sampling.sample_<name>); a "
-            f"pack's own sampling function cannot be used")
+        if not callable(sampler_function):
+            raise TypeError(f"comfy.samplers.KSAMPLER: sampler_function is "
+                            f"{type(sampler_function).__name__}; pass a function f(model, x, "
+                            f"sigmas, extra_args=None, callback=None, disable=None, **options)")
+        label = getattr(sampler_function, "__name__", type(sampler_function).__name__)
+        random = bool((inpaint_options or {}).get("random", False))
+        return SamplerChoice(label, built=pack_sampler(label, sampler_function,
+                                                       extra_options or {}, random))
     options = {k: v for k, v in (extra_options or {}).items() if k in SAMPLER_OPTION_NAMES}
     return SamplerChoice(name, SamplerOptions(**options))
 
@@ -109,32 +136,45 @@ def step_callback(callback: Callable[..., Any] | None, total: int) -> Any:
 
 
 class CFGGuider:
-    """GUIDER for packs: a model, its prompts and the CFG scale (Loom's Guider underneath)."""
+    """GUIDER for packs: a model, its prompts and the CFG scale (Loom's Guider underneath).
+    A subclass overriding predict_noise runs its own guidance (loom_pack_sampling.py): while
+    it samples, `conds` holds the resolved prompts and `inner_model` Loom's guided model."""
 
     def __init__(self, model_patcher: Any) -> None:
         self.model_patcher = model_patcher
         self.model_options = getattr(model_patcher, "model_options", {})
+        self.original_conds: dict[str, Any] = {}
         self.conds: dict[str, Any] = {}
+        self.inner_model: Any = None
         self.cfg = 1.0
 
     def set_conds(self, positive: Any, negative: Any = None) -> None:
-        self.conds = {"positive": positive}
+        prompts = {"positive": positive}
         if negative is not None:
-            self.conds["negative"] = negative
+            prompts["negative"] = negative
+        self.inner_set_conds(prompts)
+
+    def inner_set_conds(self, conds: Mapping[str, Any]) -> None:
+        """Set prompts by name (a pack's guider may use more than positive and negative)."""
+        self.original_conds.update(conds)
 
     def set_cfg(self, cfg: float) -> None:
         self.cfg = cfg
 
-    def loom_value(self) -> Guider:
+    def loom_value(self) -> Guider | PackGuider:
+        if "positive" not in self.original_conds:
+            raise ValueError(f"{type(self).__name__}: no positive prompt; call set_conds(...) "
+                             f"before sampling")
         if type(self).predict_noise is not CFGGuider.predict_noise:
-            raise NotImplementedError(f"{type(self).__name__} overrides predict_noise; Loom's "
-                                      f"guidance cannot call a pack's own guider")
-        return Guider(from_pack(self.model_patcher), self.conds["positive"],
-                      self.conds.get("negative"), self.cfg)
+            return PackGuider(self, from_pack(self.model_patcher))
+        return Guider(from_pack(self.model_patcher), self.original_conds["positive"],
+                      self.original_conds.get("negative"), self.cfg)
 
     def predict_noise(self, x: Tensor, timestep: Tensor, model_options: Any = None,
                       seed: Any = None) -> Tensor:
-        raise NotImplementedError("CFGGuider.predict_noise: Loom predicts inside its sampler")
+        """CFG of the positive prompt against the negative (ComfyUI's: an x0)."""
+        return sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                 self.conds.get("positive"), self.cfg, model_options, seed)
 
     def sample(self, noise: Tensor, latent_image: Tensor, sampler: Any, sigmas: Tensor,
                denoise_mask: Tensor | None = None, callback: Any = None,

@@ -1,5 +1,6 @@
 """ComfyUI's `comfy_execution.graph` for custom-node packs: ExecutionBlocker, the value a node
-returns to stop the nodes that consume that output."""
+returns to stop the nodes that consume that output, and DynamicPrompt, the running prompt with
+the nodes expansions added (what a DYNPROMPT hidden input receives)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,14 @@ from typing import Any
 
 from loom_internals import unavailable
 
-DynamicPrompt = unavailable("comfy_execution.graph.DynamicPrompt")
+from comfy_execution.graph_utils import ExecutionBlocker
+from engine.expansion import DynamicPrompt, NodeNotFoundError
+
 ExecutionList = unavailable("comfy_execution.graph.ExecutionList")
 TopologicalSort = unavailable("comfy_execution.graph.TopologicalSort")
 
-
-class ExecutionBlocker:
-    """An output value meaning "do not run what consumes me"; `message` None blocks silently,
-    otherwise the consumer fails with it. Pack nodes (classic and V3) honour it; Loom's own
-    nodes do not know it and fail on it as on any wrong value."""
-
-    __loom_execution_blocker__ = True
-
-    def __init__(self, message: str | None) -> None:
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"ExecutionBlocker({self.message!r})"
+__all__ = ["DynamicPrompt", "ExecutionBlocker", "ExecutionList", "NodeNotFoundError",
+           "TopologicalSort", "get_input_info"]
 
 
 def get_input_info(class_def: Any, input_name: str, valid_inputs: Any = None) -> Any:

@@ -39,3 +39,10 @@ def test_v3_outputs_feed_other_nodes(bound: ModelEngine) -> None:
     api = {"one": node("V3AddOne", value=1), "two": node("V3AddOne", value=["one", 0])}
     result, _ = bound.run(probed(api, "two"))
     assert result.values["two"][0][0] == 3
+
+
+def test_a_v3_node_that_expands_outputs_its_expansions_result(bound: ModelEngine) -> None:
+    api = {"twice": node("V3AddOneTwice", value=3)}
+    result, _ = bound.run(probed(api, "twice"))
+    assert result.values["twice"][0] == [5]
+    assert result.executed.count("twice.0.0.1") == 1 and "twice.0.0.2" in result.executed

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from engine.events import NodeLineage
 from web.progress_state import ALLOWANCE, ENTRIES_PER_CHANGE, STALE_DELAY_S, ProgressStates
 
 
@@ -44,6 +45,16 @@ def test_a_small_run_sends_one_message_per_change_in_comfyuis_shape() -> None:
     assert last["data"]["nodes"]["2"] == {
         "value": 1, "max": 1, "state": "finished", "node_id": "2", "prompt_id": "p1",
         "display_node_id": "2", "parent_node_id": None, "real_node_id": "2"}
+
+
+def test_a_node_an_expansion_added_shows_on_its_display_node() -> None:
+    sink = Sink()
+    states = ProgressStates("p1", sink.send, sink.call_later)
+    states.lineage["5.0.0.1"] = NodeLineage("5.0.0.1", "7", "5", "5")
+    states.set("5.0.0.1", "running", 0, 1)
+    entry = sink.sent[-1]["data"]["nodes"]["5.0.0.1"]
+    assert (entry["display_node_id"], entry["parent_node_id"], entry["real_node_id"]) == \
+        ("7", "5", "5")
 
 
 def test_a_large_run_sends_a_linear_number_of_node_entries() -> None:

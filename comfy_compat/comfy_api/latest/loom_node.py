@@ -8,7 +8,7 @@ import inspect
 from typing import Any
 
 from comfy_api.latest.io import ComfyNode, Hidden, HiddenHolder, NodeOutput, Schema
-from engine.classic import blocked_result, execution_blocker
+from engine.classic import blocked_result, execution_blocker, expansion_results
 from engine.comfy_host import from_pack, running, to_pack
 from engine.context import NodeContext
 from engine.node import ALWAYS_CHANGED, Input, Node, NodeResult, NodeSchema
@@ -79,13 +79,12 @@ class V3Node(Node):
             from comfy_execution.graph import ExecutionBlocker
             blocker = ExecutionBlocker(returned.block_execution)
             return NodeResult((blocker,) * len(self.schema.outputs), None)
-        if returned.expand is not None:
-            raise NotImplementedError(f"node {name!r} returned an 'expand' graph; Loom does not "
-                                      f"support node expansion, so this node cannot run here")
         count = len(self.schema.outputs)  # ComfyUI indexes the values: extras cut, missing None
         values = tuple(returned.args[:count]) + (None,) * (count - len(returned.args))
         ui = returned.ui.as_dict() if hasattr(returned.ui, "as_dict") else returned.ui
-        return NodeResult(tuple(from_pack(v) for v in values), ui)
+        if returned.expand is not None:
+            values = expansion_results(values)
+        return NodeResult(tuple(from_pack(v) for v in values), ui, returned.expand)
 
     def validate(self, ctx: NodeContext, **inputs: Any) -> str | None:
         clone, own = self._prepared(ctx, inputs)

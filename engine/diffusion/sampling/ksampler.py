@@ -11,7 +11,8 @@ same settings give the same latent through any of them (as in ComfyUI):
    its own noise for that: ``noise.random_inpaint_noise``). The kept area therefore comes back
    equal to the input up to float rounding, not bit for bit - ComfyUI does the same.
 3. ``x = noise_scaling(sigmas[0], noise, latent, max_denoise)``, the sampler runs with the
-   network patched (LoRA...) for its whole duration, then ``inverse_noise_scaling``.
+   network patched (LoRA...) for its whole duration, then ``inverse_noise_scaling`` (a sampler
+   with ``whole_run``, a pack's own comfy.samplers.Sampler, does 2 and 3 itself).
 4. After every step ``progress(step + 1, len(sigmas) - 1, denoised)`` is called; it may raise
    to interrupt.
 5. Sampler settings that depend on the model (sa_solver's SDE interval, 20% to 80% of its
@@ -60,14 +61,22 @@ PREVIEW_EVERY_STEP_CELLS = 128 * 128  # larger latents get a preview every PREVI
 PREVIEW_STRIDE = 3
 
 
+WholeRun = Callable[..., Tensor]
+"""``run(denoiser, sigmas, noise, latent_image, denoise_mask, callback, seed) -> x``: a sampler
+that does its own noise scaling and inpainting (a pack's comfy.samplers.Sampler): it gets the
+guided denoiser, the raw noise and the model-space latent, and returns the model-space result."""
+
+
 @dataclass(frozen=True)
 class SamplerChoice:
     """SAMPLER: a registered sampler (ComfyUI's sampler_name) and its settings, or one a node
-    builds itself (``built``: SamplerLCMUpscale, SamplerEulerCFG++'s alternative)."""
+    builds itself (``built``: SamplerLCMUpscale, SamplerEulerCFG++'s alternative), or one that
+    runs the whole sampling itself (``whole_run``)."""
 
     name: str
     options: SamplerOptions = field(default_factory=SamplerOptions)
     built: SamplerSpec | None = None
+    whole_run: WholeRun | None = None
 
     @property
     def spec(self) -> SamplerSpec:
@@ -193,7 +202,7 @@ def guided_sample(guider: SamplingGuider, sampler: SamplerChoice, sigmas: Tensor
     if sigmas.numel() == 0:
         return SampleResult(latent_image, None)
     model = guider.model
-    spec, sampling, device = sampler.spec, model.sampling, model.device
+    device = model.device
     scale = model.latent_format.scale
     image = latent_image.to(device)
     if torch.count_nonzero(image) > 0:  # an empty latent stays exactly zero
@@ -204,24 +213,36 @@ def guided_sample(guider: SamplingGuider, sampler: SamplerChoice, sigmas: Tensor
         mask = prepare_noise_mask(latent.noise_mask, noise.shape, device)
     guided = guider.prepare(SamplingInputs(noise.shape, image, mask, device, sigmas, seed))
     last: list[Tensor] = []
+    callback = _step_callback(len(sigmas) - 1, progress, last)
     try:
-        denoiser: Callable[..., Tensor] = guided
-        if mask is not None:
-            kept = random_inpaint_noise(noise, seed) if spec.random_inpaint_noise else noise
-            denoiser = InpaintModel(guided, sampling, image, kept, mask, sigmas,
-                                    model.model_patches.denoise_mask_function)
-        callback = _step_callback(len(sigmas) - 1, progress, last)
-        x = sampling.noise_scaling(sigmas[0], noise, image,
-                                   sampling.is_max_denoise(float(sigmas[0])))
         with patched(model.unet, model.patches):
-            x = spec(denoiser, x, sigmas, extra_args={}, callback=callback,
-                     noise=SeededNoise(seed), options=sampler.options_for(sampling))
+            if sampler.whole_run is not None:
+                x = sampler.whole_run(guided, sigmas, noise, image, mask, callback, seed)
+            else:
+                x = _run_sampler(sampler, guided, model, sigmas, noise, image, mask, seed,
+                                 callback)
     finally:
         guided.cleanup()
-    x = sampling.inverse_noise_scaling(sigmas[-1], x)
     samples = (x.to(torch.float32) / scale).cpu()
     denoised = (last[0].to(torch.float32) / scale).cpu() if last else None
     return SampleResult(samples, denoised)
+
+
+def _run_sampler(sampler: SamplerChoice, guided: PreparedGuidance, model: ModelHandle,
+                 sigmas: Tensor, noise: Tensor, image: Tensor, mask: Tensor | None, seed: int,
+                 callback: Callable[[int, Tensor, Tensor, Tensor], None]) -> Tensor:
+    """Noise scaling, the sampler over the (inpainting-wrapped) denoiser, inverse scaling."""
+    spec, sampling = sampler.spec, model.sampling
+    denoiser: Callable[..., Tensor] = guided
+    if mask is not None:
+        kept = random_inpaint_noise(noise, seed) if spec.random_inpaint_noise else noise
+        denoiser = InpaintModel(guided, sampling, image, kept, mask, sigmas,
+                                model.model_patches.denoise_mask_function)
+    x = sampling.noise_scaling(sigmas[0], noise, image,
+                               sampling.is_max_denoise(float(sigmas[0])))
+    x = spec(denoiser, x, sigmas, extra_args={}, callback=callback, noise=SeededNoise(seed),
+             options=sampler.options_for(sampling))
+    return sampling.inverse_noise_scaling(sigmas[-1], x)
 
 
 def _step_callback(total: int, progress: StepProgress | None, last: list[Tensor]

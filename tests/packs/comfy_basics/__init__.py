@@ -237,7 +237,111 @@ class MaybeBlock:
         return (ExecutionBlocker(message or None) if block else value,)
 
 
-NODE_CLASS_MAPPINGS = {"MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode,
+def sample_pack_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                      step_scale=1.0):
+    """A pack's own k-diffusion-style Euler sampler (step_scale 1: plain Euler)."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        derivative = (x - denoised) / sigmas[i]
+        x = x + derivative * (sigmas[i + 1] - sigmas[i]) * step_scale
+    return x
+
+
+class PackEulerSampler:
+    """SAMPLER: the pack's own Euler function through comfy.samplers.KSAMPLER."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"step_scale": ("FLOAT", {"default": 1.0})}}
+
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, step_scale):
+        return (comfy.samplers.KSAMPLER(sample_pack_euler, {"step_scale": step_scale}),)
+
+
+class EulerSampler(comfy.samplers.Sampler):
+    """A pack's own comfy.samplers.Sampler: noise scaling and the steps done by itself."""
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        sampling = model_wrap.inner_model.model_sampling
+        x = sampling.noise_scaling(sigmas[0], noise, latent_image,
+                                   self.max_denoise(model_wrap, sigmas))
+
+        def report(step):
+            callback(step["i"], step["denoised"], step["x"], len(sigmas) - 1)
+
+        x = sample_pack_euler(model_wrap, x, sigmas, extra_args, callback=report)
+        return sampling.inverse_noise_scaling(sigmas[-1], x)
+
+
+class PackSamplerObject:
+    """SAMPLER: an instance of the pack's Sampler subclass."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self):
+        return (EulerSampler(),)
+
+
+class BatchedCFGGuider(comfy.samplers.CFGGuider):
+    """CFG written out with calc_cond_batch, as packs' guiders do."""
+
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        negative, positive = comfy.samplers.calc_cond_batch(
+            self.inner_model, [self.conds.get("negative"), self.conds.get("positive")], x,
+            timestep, model_options)
+        return negative + (positive - negative) * self.cfg
+
+
+class SamplingFunctionGuider(comfy.samplers.CFGGuider):
+    """A guider that hands CFG back to comfy.samplers.sampling_function at half the scale."""
+
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        return comfy.samplers.sampling_function(
+            self.inner_model, x, timestep, self.conds.get("negative"), self.conds.get("positive"),
+            self.cfg / 2, model_options=model_options, seed=seed)
+
+
+class PackGuider:
+    """GUIDER: one of the pack's own CFGGuider subclasses."""
+
+    KINDS = {"batched": BatchedCFGGuider, "sampling_function": SamplingFunctionGuider}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",),
+                             "negative": ("CONDITIONING",), "cfg": ("FLOAT", {"default": 6.0}),
+                             "kind": (list(cls.KINDS),)}}
+
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, model, positive, negative, cfg, kind):
+        guider = self.KINDS[kind](model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return (guider,)
+
+
+NODE_CLASS_MAPPINGS = {"PackEulerSampler": PackEulerSampler, "PackGuider": PackGuider,
+                       "PackSamplerObject": PackSamplerObject,
+                       "MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode,
                        "EncodeAndSample": EncodeAndSample,
                        "SampleDirect": SampleDirect,
                        "ModelFacts": ModelFacts, "CountSteps": CountSteps,

@@ -1,6 +1,7 @@
 """A V3 pack: nodes declared with comfy_api.latest and discovered through comfy_entrypoint."""
 
 from comfy_api.latest import ComfyExtension, io, ui
+from comfy_execution.graph_utils import GraphBuilder
 
 
 class ScaleImage(io.ComfyNode):
@@ -32,9 +33,26 @@ class AddOne(io.ComfyNode):
         return io.NodeOutput(value + 1)
 
 
+class AddOneTwice(io.ComfyNode):
+    """Expands into two V3AddOne nodes; its output is the second one's."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="V3AddOneTwice", category="tests",
+                         inputs=[io.Int.Input("value", default=1, min=0, max=10)],
+                         outputs=[io.Int.Output()])
+
+    @classmethod
+    def execute(cls, value):
+        graph = GraphBuilder()
+        first = graph.node("V3AddOne", value=value)
+        second = graph.node("V3AddOne", value=first.out(0))
+        return io.NodeOutput(second.out(0), expand=graph.finalize())
+
+
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [ScaleImage, AddOne]
+        return [ScaleImage, AddOne, AddOneTwice]
 
 
 async def comfy_entrypoint():
