@@ -109,15 +109,20 @@ class UNetConfig:
         return channels // self.num_head_channels, self.num_head_channels
 
     @classmethod
-    def preset(cls, family: UNetFamily, in_channels: int = 4) -> UNetConfig:
-        """The released full-size layout; in_channels 9 gives the inpainting variant."""
-        return dataclasses.replace(_PRESETS[family](), in_channels=in_channels)
+    def preset(cls, family: UNetFamily, in_channels: int | None = None) -> UNetConfig:
+        """The released full-size layout; in_channels 9 gives the inpainting variant (default:
+        the family's, 7 for the x4 upscaler, else 4)."""
+        config = _PRESETS[family]()
+        return config if in_channels is None else dataclasses.replace(config,
+                                                                      in_channels=in_channels)
 
     @classmethod
-    def tiny(cls, family: UNetFamily, in_channels: int = 4) -> UNetConfig:
+    def tiny(cls, family: UNetFamily, in_channels: int | None = None) -> UNetConfig:
         """A ~1-3M-parameter model with the family's structure (proj kind, head rule, ADM), for
         tests. Its SDXL `y` is 32 pooled features plus the family's 256-wide numbers."""
-        return dataclasses.replace(_TINY[family](), in_channels=in_channels)
+        config = _TINY[family]()
+        return config if in_channels is None else dataclasses.replace(config,
+                                                                      in_channels=in_channels)
 
 
 def _sd1() -> UNetConfig:
