@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine.diffusion.checkpoints.detect import detect_checkpoint, detect_unet_file
+from engine.diffusion.checkpoints.save import save_checkpoint
 from engine.diffusion.checkpoints.writer import random_checkpoint, write_tensors
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
 from engine.diffusion.sampling.conditioning import SamplingInputs, adm_vector, concat_channels
@@ -313,3 +315,12 @@ def test_a_lotus_model_gets_the_task_embedding_and_no_extra_channels(
     assert torch.equal(y, lotus_task_embedding(CPU))
     inputs = SamplingInputs(torch.Size((1, 4, 4, 4)), torch.zeros(1, 4, 4, 4), None, CPU)
     assert concat_channels(model, {}, inputs) is None
+
+
+def test_an_x4_checkpoint_saves_with_its_sd2_text_encoder_and_loads_back(
+        engine: ModelEngine) -> None:
+    result, _ = engine.run(probed({"ckpt": x4_workflow(0.0)["ckpt"]}, "ckpt"))
+    model, clip, vae = (output[0] for output in result.values["ckpt"][:3])
+    path = save_checkpoint(engine.base / "saved_x4.safetensors", model, clip, vae, {})
+    layout = detect_checkpoint(load_file(str(path)))
+    assert (layout.family, layout.prediction, layout.text_family) == ("sd_x4", "v", "sd2")
