@@ -262,8 +262,10 @@ def test_the_x4_model_gets_the_class_label_and_the_concat(engine: ModelEngine) -
 
 
 def lotus_workflow() -> dict[str, Any]:
-    """ComfyUI's Lotus depth graph: the image's latent, one euler step from sigma 999
-    (SetFirstSigma) without noise, guided by LotusConditioning alone."""
+    """ComfyUI's Lotus depth template (Comfy-Org/workflow_templates,
+    templates/image_lotus_depth_v1_1.json), its nodes, file names and widget values: the
+    image's latent, one euler step from sigma 999 (SetFirstSigma) without noise, guided by
+    LotusConditioning alone, decoded and inverted."""
     return {
         "unet": node("UNETLoader", unet_name="lotus-depth-d-v1-1.safetensors",
                      weight_dtype="default"),
@@ -275,7 +277,7 @@ def lotus_workflow() -> dict[str, Any]:
         "sampler": node("KSamplerSelect", sampler_name="euler"),
         "schedule": node("BasicScheduler", model=["unet", 0], scheduler="normal", steps=1,
                          denoise=1.0),
-        "first": node("SetFirstSigma", sigmas=["schedule", 0], sigma=999.0),
+        "first": node("SetFirstSigma", sigmas=["schedule", 0], sigma=999.0000000000002),
         "noise": node("DisableNoise"),
         "sample": node("SamplerCustomAdvanced", noise=["noise", 0], guider=["guider", 0],
                        sampler=["sampler", 0], sigmas=["first", 0],
