@@ -25,6 +25,8 @@ TEXT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "sdxl": {"clip_l": ("conditioner.embedders.0.transformer.text_model.",),
              "clip_g": ("conditioner.embedders.1.model.",)},
     "sdxl_refiner": {"clip_g": ("conditioner.embedders.0.model.",)},
+    "sd_x4": {"clip_h": ("cond_stage_model.model.",)},  # SD2's text encoder
+    "lotus": {"clip_h": ("cond_stage_model.model.",)},
 }
 # SD2-width UNets ComfyUI tells apart from SD2 by their inputs (model_detection facts): the x4
 # upscaler takes 7 channels and a class-label noise level (`label_emb.weight`); Lotus-D a
@@ -32,7 +34,6 @@ TEXT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
 X4_IN_CHANNELS = 7
 X4_LABEL_KEY = "label_emb.weight"
 LOTUS_ADM_CHANNELS = 4
-TEXT_PREFIXES["sd_x4"] = TEXT_PREFIXES["lotus"] = TEXT_PREFIXES["sd2"]
 TEXT_FAMILY = {"sd_x4": "sd2", "lotus": "sd2"}
 # families trained with one parameterisation, whatever their weights look like
 FIXED_PREDICTION = {"sd_x4": "v", "lotus": "img_to_img"}

@@ -379,6 +379,15 @@ class UNet(nn.Module):
             raise ValueError(
                 f"context has shape {tuple(context.shape)} but this UNet attends to "
                 f"(B, T, {config.context_dim}); use the text encoder of the checkpoint's family")
+        self._check_y(y)
+        if down_residuals is not None and len(down_residuals) != len(self.input_blocks):
+            raise ValueError(
+                f"got {len(down_residuals)} down_residuals but the UNet has "
+                f"{len(self.input_blocks)} input blocks; give one per block, in order")
+
+
+    def _check_y(self, y: Tensor | None) -> None:
+        config = self.config
         if config.num_classes is not None:
             if y is None or y.ndim != 1:
                 raise ValueError(
@@ -394,10 +403,6 @@ class UNet(nn.Module):
         if y is not None and (y.ndim != 2 or y.shape[1] != config.adm_in_channels):
             raise ValueError(
                 f"y has shape {tuple(y.shape)}, expected (B, {config.adm_in_channels})")
-        if down_residuals is not None and len(down_residuals) != len(self.input_blocks):
-            raise ValueError(
-                f"got {len(down_residuals)} down_residuals but the UNet has "
-                f"{len(self.input_blocks)} input blocks; give one per block, in order")
 
 
 def _build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
