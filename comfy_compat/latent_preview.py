@@ -47,7 +47,9 @@ class Latent2RGBPreviewer(LatentPreviewer):
 def _loom_format(latent_format: Any) -> LatentFormat:
     if isinstance(latent_format, LatentFormat):
         return latent_format
-    from comfy.latent_formats import SDXL
+    from comfy.latent_formats import SD_X4, SDXL
+    if isinstance(latent_format, SD_X4):
+        return LATENT_FORMATS["sd_x4"]
     return LATENT_FORMATS["sdxl" if isinstance(latent_format, SDXL) else "sd1"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -18,6 +19,30 @@ def center_crop(samples: Tensor, width: int, height: int) -> Tensor:
     elif old_aspect < new_aspect:
         y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
     return samples[..., y:old_height - y, x:old_width - x]
+
+
+def resize_center(samples: Tensor, height: int, width: int) -> Tensor:
+    """(N, C, h, w) -> (N, C, height, width): centre crop to the aspect ratio, then bilinear
+    (ComfyUI's common_upscale with "bilinear", "center")."""
+    return F.interpolate(center_crop(samples, width, height), size=(height, width),
+                         mode="bilinear")
+
+
+def spread_to_batch(values: Tensor, batch: int) -> Tensor:
+    """`values` resampled along dim 0 to `batch` entries by nearest index (ComfyUI's
+    resize_to_batch_size: each output takes the input at its centre's position)."""
+    count = values.shape[0]
+    if count == batch:
+        return values
+    if batch <= 1:
+        return values[:batch]
+    if batch < count:
+        scale = (count - 1) / (batch - 1)
+        indices = [min(round(i * scale), count - 1) for i in range(batch)]
+    else:
+        scale = count / batch
+        indices = [min(math.floor((i + 0.5) * scale), count - 1) for i in range(batch)]
+    return values[indices]
 
 
 def repeat_to_batch(values: Tensor, batch: int) -> Tensor:

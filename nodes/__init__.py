@@ -20,7 +20,7 @@ BUILTIN_MODULES = ("nodes.utility", "nodes.image", "nodes.imageio", "nodes.laten
                    "nodes.postprocess", "nodes.transform", "nodes.image_batch",
                    "nodes.latent_ops", "nodes.latent_operations",
                    "nodes.strings", "nodes.logic", "nodes.animation", "nodes.gligen",
-                   "nodes.step_cache", "nodes.model_runtime")
+                   "nodes.step_cache", "nodes.model_runtime", "nodes.image_conditioning")
 
 
 def builtin_node_types() -> list[type[Node]]:

@@ -8,12 +8,11 @@ from typing import Any
 from torch import Tensor
 
 from engine.context import NodeContext
-from engine.diffusion.patches.model_handle import ModelHandle
+from engine.diffusion.patches.model_handle import ModelHandle, family_sampling
 from engine.diffusion.sampling import (
     COMFYUI_SAMPLER_NAMES,
     PREDICTIONS,
     SCHEDULER_NAMES,
-    model_sampling,
 )
 from engine.diffusion.sampling.ksampler import StepProgress, preview_image, sample, wants_preview
 from engine.node import Boolean, Combo, Float, Int, Link, Node, NodeSchema, Output
@@ -119,7 +118,7 @@ class ModelSamplingDiscrete(Node):
     def execute(self, ctx: NodeContext, model: ModelHandle, sampling: str,
                 zsnr: bool) -> tuple[ModelHandle]:
         model = require_model(model, "ModelSamplingDiscrete")
-        return (model.replace(sampling=model_sampling(sampling, zsnr=zsnr)),)
+        return (model.replace(sampling=family_sampling(model.family, sampling, zsnr)),)
 
 
 NODE_TYPES = (KSampler, KSamplerAdvanced, ModelSamplingDiscrete)

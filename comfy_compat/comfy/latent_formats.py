@@ -1,4 +1,4 @@
-"""ComfyUI's `comfy.latent_formats` for custom-node packs: the SD1/SD2 and SDXL latent formats
+"""ComfyUI's `comfy.latent_formats` for custom-node packs: the SD1/SD2, SDXL and SD x4 formats
 (scale and latent -> RGB preview factors) from Loom's model handle constants."""
 
 from __future__ import annotations
@@ -7,7 +7,12 @@ from typing import Any
 
 from torch import Tensor
 
-from engine.diffusion.patches.model_handle import LATENT_FORMATS, SD1_LATENT, SDXL_LATENT
+from engine.diffusion.patches.model_handle import (
+    LATENT_FORMATS,
+    SD1_LATENT,
+    SD_X4_LATENT,
+    SDXL_LATENT,
+)
 
 
 class LatentFormat:
@@ -40,16 +45,22 @@ class SDXL(LatentFormat):
     taesd_decoder_name = "taesdxl_decoder"
 
 
+class SD_X4(LatentFormat):  # noqa: N801 - ComfyUI's class name
+    scale_factor = SD_X4_LATENT.scale
+    latent_rgb_factors = [list(row) for row in SD_X4_LATENT.rgb_factors]
+
+
 class SDXL_Playground_2_5(SDXL):  # noqa: N801 - ComfyUI's class name
     def process_in(self, latent: Tensor) -> Tensor:
         raise NotImplementedError("Playground 2.5 latents are not supported by Loom")
 
 
 def for_family(family: str) -> LatentFormat:
-    """The format object of a Loom model family ("sd1", "sd2", "sdxl", "sdxl_refiner")."""
+    """The format object of a Loom model family ("sd1", "sd2", "sdxl", "sd_x4" ...)."""
     if family not in LATENT_FORMATS:
         raise ValueError(f"no latent format for model family {family!r}")
-    return SDXL() if LATENT_FORMATS[family] is SDXL_LATENT else SD15()
+    kinds: dict[Any, type[LatentFormat]] = {SDXL_LATENT: SDXL, SD_X4_LATENT: SD_X4}
+    return kinds.get(LATENT_FORMATS[family], SD15)()
 
 
 def __getattr__(name: str) -> Any:

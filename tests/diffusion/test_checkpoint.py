@@ -26,8 +26,11 @@ def bpe():
     return BpeCache().get()
 
 
-# No unCLIP or CosXL edit manifest (the edit model is checked against SDXL base's below).
-RECORDED_KINDS = [kind for kind in KINDS if kind not in ("sd21_unclip_h", "sdxl_edit")]
+# No unCLIP, CosXL edit or Lotus manifest (the edit model is checked against SDXL base's
+# below, Lotus in test_image_conditioned_models.py).
+RECORDED_KINDS = [kind for kind in KINDS if kind not in ("sd21_unclip_h", "sdxl_edit",
+                                                         "lotus_d")]
+CHECKPOINT_KINDS = [kind for kind in KINDS if kind != "lotus_d"]  # lotus_d is a UNet file
 
 
 @pytest.mark.parametrize("kind", RECORDED_KINDS)
@@ -53,27 +56,32 @@ def test_full_size_edit_writer_is_sdxl_base_with_8_input_channels_and_the_edm_ma
                if name != conv_in)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CHECKPOINT_KINDS)
 def test_tiny_checkpoint_is_detected_and_loads(kind: str, tmp_path: Path, bpe) -> None:
     path = write_random_checkpoint(tmp_path / f"{kind}.safetensors", kind)
     opened = open_state_file(path)
     loaded = load_checkpoint(opened, FP32, bpe)
     expected_family = {"sd15": "sd1", "sd15_inpaint": "sd1", "sd21v": "sd2",
                        "sd21_unclip_h": "sd2", "sdxl_base": "sdxl",
-                       "sdxl_refiner": "sdxl_refiner", "sdxl_edit": "sdxl"}[kind]
+                       "sdxl_refiner": "sdxl_refiner", "sdxl_edit": "sdxl",
+                       "sd_x4_upscaler": "sd_x4"}[kind]
     assert loaded.layout.family == expected_family
-    assert loaded.layout.prediction == ("v" if kind.startswith("sd21") or kind == "sdxl_edit"
-                                        else "eps")
-    assert loaded.model.in_channels == {"sd15_inpaint": 9, "sdxl_edit": 8}.get(kind, 4)
+    assert loaded.layout.prediction == ("v" if kind.startswith(("sd21", "sd_x4"))
+                                        or kind == "sdxl_edit" else "eps")
+    channels = {"sd15_inpaint": 9, "sdxl_edit": 8, "sd_x4_upscaler": 7}.get(kind, 4)
+    assert loaded.model.in_channels == channels
     encoded = loaded.clip.encode("a photo of a cat")
     assert encoded.cond.shape[-1] == loaded.model.config.context_dim
     latent = torch.randn(1, 4, 8, 8)
     image = loaded.vae.decode(latent)
-    assert image.shape == (1, 64, 64, 3) and 0 <= image.min() and image.max() <= 1
+    side = 8 * loaded.vae.downscale
+    assert image.shape == (1, side, side, 3) and 0 <= image.min() and image.max() <= 1
     x = torch.randn(1, loaded.model.in_channels, 8, 8)
     y = None
     if loaded.model.config.adm_in_channels:
         y = torch.zeros(1, loaded.model.config.adm_in_channels)
+    elif loaded.model.config.num_classes:
+        y = torch.tensor([20])
     out = loaded.model.unet(x, torch.tensor([500.0]), encoded.cond, y)
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
 

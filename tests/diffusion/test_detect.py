@@ -23,6 +23,7 @@ EXPECTED = {
     "sd21v": ("sd2", 4, "v", 0.18215, {"clip_h"}),
     "sdxl_base": ("sdxl", 4, "eps", 0.13025, {"clip_l", "clip_g"}),
     "sdxl_refiner": ("sdxl_refiner", 4, "eps", 0.13025, {"clip_g"}),
+    "sd_x4_upscaler": ("sd_x4", 7, "v", 0.08333, {"clip_h"}),
 }
 
 

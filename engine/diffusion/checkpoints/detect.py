@@ -15,7 +15,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 # context width of the UNet's cross-attention -> family
 FAMILY_BY_CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
-LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
+LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025,
+                "sd_x4": 0.08333, "lotus": 0.18215}
 # text encoder slot -> key prefixes tried in order (old SD1 merges lack "text_model.")
 TEXT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "sd1": {"clip_l": ("cond_stage_model.transformer.text_model.",
@@ -24,7 +25,18 @@ TEXT_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "sdxl": {"clip_l": ("conditioner.embedders.0.transformer.text_model.",),
              "clip_g": ("conditioner.embedders.1.model.",)},
     "sdxl_refiner": {"clip_g": ("conditioner.embedders.0.model.",)},
+    "sd_x4": {"clip_h": ("cond_stage_model.model.",)},  # SD2's text encoder
+    "lotus": {"clip_h": ("cond_stage_model.model.",)},
 }
+# SD2-width UNets ComfyUI tells apart from SD2 by their inputs (model_detection facts): the x4
+# upscaler takes 7 channels and a class-label noise level (`label_emb.weight`); Lotus-D a
+# 4-wide task embedding as y. Both read SD2's text encoder where a file carries one.
+X4_IN_CHANNELS = 7
+X4_LABEL_KEY = "label_emb.weight"
+LOTUS_ADM_CHANNELS = 4
+TEXT_FAMILY = {"sd_x4": "sd2", "lotus": "sd2"}
+# families trained with one parameterisation, whatever their weights look like
+FIXED_PREDICTION = {"sd_x4": "v", "lotus": "img_to_img"}
 V_PRED_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_PRED_STD = 0.09  # ComfyUI's threshold on that bias's spread for SD2 768-v files
 # CosXL / CosXL edit: v-prediction on a continuous EDM sigma range stored in these keys.
@@ -45,7 +57,7 @@ class CheckpointLayout:
     model_channels: int
     context_dim: int
     adm_in_channels: int | None
-    prediction: str                  # eps | v
+    prediction: str                  # eps | v | img_to_img (Lotus)
     zsnr: bool = False
     edm_sigmas: tuple[float, float] | None = None  # (min, max) of an EDM v-prediction model
     unet_prefix: str | None = UNET_PREFIX
@@ -55,6 +67,11 @@ class CheckpointLayout:
     @property
     def latent_scale(self) -> float:
         return LATENT_SCALE[self.family]
+
+    @property
+    def text_family(self) -> str:
+        """The family whose text encoder the file carries (the x4 upscaler's is SD2's)."""
+        return TEXT_FAMILY.get(self.family, self.family)
 
     @property
     def is_inpaint(self) -> bool:
@@ -67,7 +84,8 @@ class CheckpointLayout:
 
     def describe(self) -> str:
         names = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL base", "sdxl_refiner":
-                 "SDXL refiner"}
+                 "SDXL refiner", "sd_x4": "Stable Diffusion x4 upscaler",
+                 "lotus": "Lotus-D (depth/normal)"}
         extra = " inpainting" if self.is_inpaint else " unCLIP" if self.is_unclip else ""
         return f"{names[self.family]}{extra} ({self.prediction}-prediction)"
 
@@ -107,15 +125,31 @@ def detect_unet(shapes: Mapping[str, tuple[int, ...]], prefix: str,
             f"{sorted(FAMILY_BY_CONTEXT)}); found {component_summary(shapes)}")
     context = next(iter(contexts))
     adm = shapes.get(prefix + "label_emb.0.0.weight")
+    adm_in_channels = adm[1] if adm else None
+    if family in ("sd2", "sd_x4", "lotus"):
+        family = sd2_variant(shapes, prefix, in_channels, adm_in_channels)
     return {"family": family, "in_channels": in_channels,
             "model_channels": model_channels, "context_dim": context,
-            "adm_in_channels": adm[1] if adm else None}
+            "adm_in_channels": adm_in_channels}
+
+
+def sd2_variant(shapes: Mapping[str, tuple[int, ...]], prefix: str, in_channels: int,
+                adm_in_channels: int | None) -> str:
+    """sd_x4, lotus or plain sd2 for a UNet of SD2's text width, by its inputs."""
+    if in_channels == X4_IN_CHANNELS and prefix + X4_LABEL_KEY in shapes:
+        return "sd_x4"
+    if in_channels == 4 and adm_in_channels == LOTUS_ADM_CHANNELS:
+        return "lotus"
+    return "sd2"
 
 
 def detect_prediction(state: Mapping[str, torch.Tensor], family: str, in_channels: int,
                       unet_prefix: str) -> tuple[str, bool]:
-    """(eps|v, zsnr): marker keys first, then SD2 unCLIP (always v), then ComfyUI's
-    bias-spread rule for SD2."""
+    """(eps|v|img_to_img, zsnr): the family's fixed parameterisation (x4 upscaler: v, Lotus:
+    img_to_img), marker keys, then SD2 unCLIP (always v), then ComfyUI's bias-spread rule for
+    SD2."""
+    if family in FIXED_PREDICTION:
+        return FIXED_PREDICTION[family], False
     if "v_pred" in state:
         return "v", "ztsnr" in state
     if family == "sd2" and unet_prefix + "label_emb.0.0.weight" in state:

@@ -117,7 +117,7 @@ def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
     model = load_model_from(opened, layout, policy)
     clip = None
     if with_clip and layout.text_prefixes:
-        clip = load_text_encoder_state(layout.family, opened.tensors, bpe,
+        clip = load_text_encoder_state(layout.text_family, opened.tensors, bpe,
                                        find_embedding=find_embedding, dtype=policy.text_dtype,
                                        device=policy.offload_device,
                                        storage_dtype=policy.text_storage_dtype)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from engine.diffusion.checkpoints.detect import UNET_PREFIX, VAE_PREFIX
+from engine.diffusion.checkpoints.detect import TEXT_FAMILY, UNET_PREFIX, VAE_PREFIX
 from engine.diffusion.checkpoints.loader import FAMILY_KEY, UNET_CONFIG_KEY
 from engine.diffusion.checkpoints.text_encoders import CHECKPOINT_PREFIXES, hf_text_encoder_state
 from engine.diffusion.networks.model_sampling import model_sampling
@@ -60,7 +60,7 @@ def save_checkpoint(path: Path, model: ModelHandle, clip: TextEncoderStack | Non
                     vae: VAE | None, extra_metadata: Mapping[str, str]) -> Path:
     """Write the parts given, patches applied, as one .safetensors checkpoint at `path`
     (ModelSave passes the model alone: `model.diffusion_model.*` keys, as ComfyUI's)."""
-    if clip is not None and clip.family != model.family:
+    if clip is not None and clip.family != TEXT_FAMILY.get(model.family, model.family):
         raise ValueError(f"the CLIP is a {clip.family} text encoder but the model is "
                          f"{model.family}; connect the CLIP that belongs to this model")
     path.parent.mkdir(parents=True, exist_ok=True)

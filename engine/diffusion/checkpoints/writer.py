@@ -31,12 +31,13 @@ from engine.diffusion.networks.upscalers import import_spandrel
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig
 
 KINDS = ("sd15", "sd15_inpaint", "sd21v", "sd21_unclip_h", "sdxl_base", "sdxl_refiner",
-         "sdxl_edit")
+         "sdxl_edit", "sd_x4_upscaler", "lotus_d")
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
                     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
                     "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2")
+LOW_SCALE_PREFIX = "low_scale_model."
 # Small text encoders: widths are multiples of the released 64-wide heads.
 TINY_CLIP_L = TextEncoderConfig(width=64, layers=2, heads=1, mlp_width=128,
                                 activation="quick_gelu")
@@ -46,6 +47,10 @@ TINY_BIGG = TextEncoderConfig(width=128, layers=2, heads=2, mlp_width=256, activ
                               projection_dim=128)
 # 32 channels and 3 downsamplings: tiny, but 8 pixels per latent cell like the real VAE.
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+# The x4 upscaler's KL-f4 VAE (2 downsamplings), released and tiny.
+X4_VAE = VAEConfig(ch_mult=(1, 2, 4))
+TINY_X4_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1)
+SD_BETAS = (0.00085, 0.012)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class Recipe:
     v_prediction: bool = False
     unclip: bool = False                # a CLIP vision tower under embedder.model.visual.
     edm_vpred: tuple[float, float] | None = None  # CosXL's marker: (sigma_min, sigma_max)
+    vae: tuple[VAEConfig, VAEConfig] | None = (VAEConfig(), TINY_VAE)  # (released, tiny)
+    betas: tuple[float, float] = SD_BETAS  # the schedule buffers' linear_start, linear_end
+    low_scale: bool = False             # the x4 upscaler's noise augmentor buffers
+    unet_prefix: str = "model.diffusion_model."  # "" for a diffusion-model-only file
 
 
 RECIPES = {
@@ -86,6 +95,15 @@ RECIPES["sd21_unclip_h"] = dataclasses.replace(RECIPES["sd21v"], unclip=True)
 # CosXL edit: an instruct-pix2pix SDXL (8 input channels) with EDM v-prediction.
 RECIPES["sdxl_edit"] = dataclasses.replace(RECIPES["sdxl_base"], in_channels=8,
                                            edm_vpred=(0.002, 120.0))
+# stabilityai's x4-upscaler-ema (tests/data/formats/sd_x4_upscaler.tsv): SD2's text tower, a
+# 7-channel UNet and a KL-f4 VAE, the DDPM buffers of its 0.0001..0.02 schedule.
+RECIPES["sd_x4_upscaler"] = Recipe(UNetFamily.SD_X4, 7, (("cond_stage_model.model.", "h"),),
+                                   torch.float32, schedule=True, vae=(X4_VAE, TINY_X4_VAE),
+                                   betas=(0.0001, 0.02), low_scale=True)
+# Lotus-D as ComfyUI loads it with UNETLoader: the UNet alone, LDM names without a prefix.
+RECIPES["lotus_d"] = Recipe(UNetFamily.LOTUS, 4, (), torch.float16, vae=None, unet_prefix="")
+FAMILIES[UNetFamily.SD_X4] = "sd_x4"
+FAMILIES[UNetFamily.LOTUS] = "lotus"
 # The released unCLIP-H tower is OpenCLIP ViT-H/14 (1280 wide, 1024-dim image embeddings).
 FULL_UNCLIP_VISION = VisionConfig(width=1280, layers=32, heads=16, mlp_width=5120, patch_size=14,
                                   image_size=224, projection_dim=1024, activation="gelu")
@@ -108,8 +126,11 @@ def unet_config(recipe: Recipe, tiny: bool) -> UNetConfig:
                                          adm_in_channels=2 * FULL_UNCLIP_VISION.projection_dim)
         return config
     widths = {kind: text_config(kind, True).width for _, kind in recipe.text}
-    context = sum(widths.values())
     config = UNetConfig.tiny(recipe.family, in_channels=recipe.in_channels)
+    if not widths:  # no text encoder in the file: the context keeps the released width
+        return dataclasses.replace(config, context_dim=UNetConfig.preset(recipe.family).
+                                   context_dim)
+    context = sum(widths.values())
     adm = None
     if recipe.family == UNetFamily.SDXL:
         adm = widths["g"] + 6 * ADM_NUMBER_DIM
@@ -117,12 +138,16 @@ def unet_config(recipe: Recipe, tiny: bool) -> UNetConfig:
         adm = widths["g"] + 5 * ADM_NUMBER_DIM
     elif recipe.unclip:  # noised image embedding + its noise level's embedding
         adm = 2 * TINY_UNCLIP_VISION.projection_dim
+    else:
+        adm = config.adm_in_channels
     return dataclasses.replace(config, context_dim=context, adm_in_channels=adm)
 
 
-def schedule_buffers() -> dict[str, Tensor]:
+def schedule_buffers(linear_start: float = SD_BETAS[0], linear_end: float = SD_BETAS[1]
+                     ) -> dict[str, Tensor]:
     """The 12 LDM training-schedule buffers of SD1/SD2 files (scaled-linear betas)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, 1000,
+                           dtype=torch.float64) ** 2
     alphas = 1.0 - betas
     cumprod = torch.cumprod(alphas, 0)
     previous = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
@@ -167,8 +192,9 @@ def randomize(module: nn.Module, generator: torch.Generator) -> None:
 
 
 def _components(recipe: Recipe, tiny: bool) -> Iterator[tuple[str, nn.Module]]:
-    yield "model.diffusion_model.", UNet(unet_config(recipe, tiny))
-    yield "first_stage_model.", AutoencoderKL(TINY_VAE if tiny else VAEConfig())
+    yield recipe.unet_prefix, UNet(unet_config(recipe, tiny))
+    if recipe.vae is not None:
+        yield "first_stage_model.", AutoencoderKL(recipe.vae[1] if tiny else recipe.vae[0])
     for prefix, kind in recipe.text:
         config = text_config(kind, tiny)
         yield prefix, ClipTextModel(config) if kind == "l" else OpenClipTextModel(config)
@@ -216,7 +242,11 @@ def _add_extras(tensors: dict[str, Tensor], recipe: Recipe, generator: torch.Gen
                 ) -> None:
     """The non-weight tensors the released files carry (loaders must not need them)."""
     if recipe.schedule:
-        tensors.update(schedule_buffers())
+        tensors.update(schedule_buffers(*recipe.betas))
+    if recipe.low_scale:  # ImageConcatWithNoiseAugmentation's first 8 buffers, same schedule
+        tensors.update({LOW_SCALE_PREFIX + name: value for name, value
+                        in schedule_buffers(*recipe.betas).items()
+                        if name in SCHEDULE_BUFFERS[:8]})
     if recipe.model_ema:
         tensors["model_ema.decay"] = torch.tensor(0.9999, dtype=torch.float32)
         tensors["model_ema.num_updates"] = torch.tensor(0, dtype=torch.int32)

@@ -111,11 +111,17 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm block: self-attention, cross-attention on the text, GEGLU feed-forward."""
+    """Pre-norm block: self-attention, cross-attention on the text, GEGLU feed-forward.
 
-    def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int) -> None:
+    With `self_attention=False` (the SD x4 upscaler's high-resolution levels, LDM's
+    disable_self_attn) the first attention also attends to the text instead of the pixels."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int,
+                 self_attention: bool = True) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.self_attention = self_attention
+        self.attn1 = CrossAttention(dim, dim if self_attention else context_dim, heads,
+                                    dim_head)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1 = nn.LayerNorm(dim)
@@ -126,7 +132,8 @@ class BasicTransformerBlock(nn.Module):
         if call is not None and call.patches.touches_attention:
             return self._patched_forward(x, context, call)
         # `out.add_(x)`: x + out into the sublayer's fresh output (x itself is kept for backward)
-        x = self.attn1(self.norm1(x)).add_(x)
+        first_context = None if self.self_attention else context
+        x = self.attn1(self.norm1(x), first_context).add_(x)
         x = self.attn2(self.norm2(x), context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
 
@@ -137,7 +144,8 @@ class BasicTransformerBlock(nn.Module):
         options = {**call.options, "n_heads": self.attn1.heads,
                    "dim_head": self.attn1.dim_head, "attn_precision": None}
         keys = _replace_keys(options)
-        n = _patched_attention(self.attn1, self.norm1(x), None, patches.attn1_patch,
+        first_context = None if self.self_attention else context
+        n = _patched_attention(self.attn1, self.norm1(x), first_context, patches.attn1_patch,
                                _replacement(patches.attn1_replace, keys), options)
         for patch in patches.attn1_output_patch:
             n = patch(n, options)
@@ -193,7 +201,7 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, context_dim: int, heads: int, dim_head: int, depth: int,
-                 use_linear: bool) -> None:
+                 use_linear: bool, self_attention: bool = True) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear = use_linear
@@ -205,7 +213,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner_dim, kernel_size=1)
             self.proj_out = nn.Conv2d(inner_dim, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner_dim, context_dim, heads, dim_head) for _ in range(depth))
+            BasicTransformerBlock(inner_dim, context_dim, heads, dim_head, self_attention)
+            for _ in range(depth))
 
     def forward(self, x: Tensor, context: Tensor, call: UNetCall | None = None) -> Tensor:
         batch, _, height, width = x.shape

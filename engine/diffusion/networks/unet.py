@@ -1,5 +1,6 @@
-"""The LDM ("openaimodel") UNet of SD1.x, SD2.x, SDXL base and refiner, one implementation
-configured by a frozen `UNetConfig`; module names mirror the `model.diffusion_model.` keys.
+"""The LDM ("openaimodel") UNet of SD1.x, SD2.x, SDXL base and refiner, the SD x4 upscaler and
+Lotus-D, one implementation configured by a frozen `UNetConfig`; module names mirror the
+`model.diffusion_model.` keys.
 
 The network predicts whatever it was trained on (eps or v); the parameterisation is decided
 by checkpoint detection and applied by a wrapper, never here.
@@ -40,6 +41,8 @@ class UNetFamily(str, Enum):
     SD2 = "sd2"
     SDXL = "sdxl"
     SDXL_REFINER = "sdxl_refiner"
+    SD_X4 = "sd_x4"  # Stable Diffusion x4 upscaler (stabilityai x4-upscaler-ema)
+    LOTUS = "lotus"  # Lotus-D depth/normal estimation (an SD2 UNet with a task embedding)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,12 @@ class UNetConfig:
     num_heads: int | None = None
     num_head_channels: int | None = None
     adm_in_channels: int | None = None  # width of `y` (SDXL: pooled text + size numbers)
+    # `y` as class labels of an embedding table (`label_emb.weight`); the x4 upscaler's noise
+    # level (LDM's integer num_classes). Exclusive with adm_in_channels.
+    num_classes: int | None = None
+    # per level: False turns that level's first attention into a second cross-attention on
+    # the text (LDM's disable_self_attentions; the x4 upscaler's three top levels)
+    self_attention: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.transformer_depth) != len(self.channel_mult):
@@ -74,10 +83,23 @@ class UNetConfig:
             raise ValueError(
                 f"set exactly one of num_heads ({self.num_heads}) and num_head_channels "
                 f"({self.num_head_channels}): SD1 uses num_heads=8, SD2/SDXL num_head_channels=64")
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError(
+                f"num_classes ({self.num_classes}) and adm_in_channels ({self.adm_in_channels}) "
+                "are both set; a UNet's y is either class labels or a vector, not both")
+        if self.self_attention is not None and len(self.self_attention) != len(
+                self.channel_mult):
+            raise ValueError(
+                f"self_attention {self.self_attention} needs one flag per level of "
+                f"channel_mult {self.channel_mult}")
 
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def level_self_attention(self, level: int | None) -> bool:
+        """Whether the transformers of `level` (None: the middle block) attend to the pixels."""
+        return level is None or self.self_attention is None or self.self_attention[level]
 
     def attention_heads(self, channels: int) -> tuple[int, int]:
         """(heads, dim_head) of a transformer over `channels` channels."""
@@ -87,15 +109,20 @@ class UNetConfig:
         return channels // self.num_head_channels, self.num_head_channels
 
     @classmethod
-    def preset(cls, family: UNetFamily, in_channels: int = 4) -> UNetConfig:
-        """The released full-size layout; in_channels 9 gives the inpainting variant."""
-        return dataclasses.replace(_PRESETS[family](), in_channels=in_channels)
+    def preset(cls, family: UNetFamily, in_channels: int | None = None) -> UNetConfig:
+        """The released full-size layout; in_channels 9 gives the inpainting variant (default:
+        the family's, 7 for the x4 upscaler, else 4)."""
+        config = _PRESETS[family]()
+        return config if in_channels is None else dataclasses.replace(config,
+                                                                      in_channels=in_channels)
 
     @classmethod
-    def tiny(cls, family: UNetFamily, in_channels: int = 4) -> UNetConfig:
+    def tiny(cls, family: UNetFamily, in_channels: int | None = None) -> UNetConfig:
         """A ~1-3M-parameter model with the family's structure (proj kind, head rule, ADM), for
         tests. Its SDXL `y` is 32 pooled features plus the family's 256-wide numbers."""
-        return dataclasses.replace(_TINY[family](), in_channels=in_channels)
+        config = _TINY[family]()
+        return config if in_channels is None else dataclasses.replace(config,
+                                                                      in_channels=in_channels)
 
 
 def _sd1() -> UNetConfig:
@@ -126,6 +153,22 @@ def _sdxl_refiner() -> UNetConfig:
                       adm_in_channels=1280 + 5 * ADM_NUMBER_DIM)
 
 
+def _sd_x4() -> UNetConfig:
+    """stabilityai's x4-upscaling.yaml: 7 input channels (latent + noise-augmented low-res
+    RGB), attention at levels 1-3 with 8 heads, the top three without self-attention, and the
+    augmentation's noise level as a class label (1000 classes)."""
+    return UNetConfig(in_channels=7, out_channels=4, model_channels=256,
+                      channel_mult=(1, 2, 2, 4), num_res_blocks=2,
+                      transformer_depth=(0, 1, 1, 1), transformer_depth_middle=1,
+                      context_dim=1024, use_linear_in_transformer=True, num_heads=8,
+                      num_classes=1000, self_attention=(False, False, False, True))
+
+
+def _lotus() -> UNetConfig:
+    """Lotus-D: SD2's UNet, 4-channel input, `y` the 4-wide task embedding."""
+    return dataclasses.replace(_sd2(), adm_in_channels=4)
+
+
 def _tiny_sd1() -> UNetConfig:
     return UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
                       num_res_blocks=2, transformer_depth=(1, 0), transformer_depth_middle=1,
@@ -145,6 +188,17 @@ def _tiny_sdxl() -> UNetConfig:
                       adm_in_channels=32 + 6 * ADM_NUMBER_DIM)
 
 
+def _tiny_sd_x4() -> UNetConfig:
+    return UNetConfig(in_channels=7, out_channels=4, model_channels=32, channel_mult=(1, 2, 2),
+                      num_res_blocks=1, transformer_depth=(0, 1, 1), transformer_depth_middle=1,
+                      context_dim=40, use_linear_in_transformer=True, num_heads=2,
+                      num_classes=1000, self_attention=(False, False, True))
+
+
+def _tiny_lotus() -> UNetConfig:
+    return dataclasses.replace(_tiny_sd2(), adm_in_channels=4)
+
+
 def _tiny_sdxl_refiner() -> UNetConfig:
     return UNetConfig(in_channels=4, out_channels=4, model_channels=32,
                       channel_mult=(1, 2, 2, 2), num_res_blocks=2,
@@ -156,10 +210,12 @@ def _tiny_sdxl_refiner() -> UNetConfig:
 # read-only tables of config factories
 _PRESETS = MappingProxyType({
     UNetFamily.SD1: _sd1, UNetFamily.SD2: _sd2, UNetFamily.SDXL: _sdxl,
-    UNetFamily.SDXL_REFINER: _sdxl_refiner})
+    UNetFamily.SDXL_REFINER: _sdxl_refiner, UNetFamily.SD_X4: _sd_x4,
+    UNetFamily.LOTUS: _lotus})
 _TINY = MappingProxyType({
     UNetFamily.SD1: _tiny_sd1, UNetFamily.SD2: _tiny_sd2, UNetFamily.SDXL: _tiny_sdxl,
-    UNetFamily.SDXL_REFINER: _tiny_sdxl_refiner})
+    UNetFamily.SDXL_REFINER: _tiny_sdxl_refiner, UNetFamily.SD_X4: _tiny_sd_x4,
+    UNetFamily.LOTUS: _tiny_lotus})
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -218,11 +274,13 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         self.time_embed = EmbedMLP(config.model_channels, config.time_embed_dim)
-        self.label_emb: nn.ModuleDict | None = None
+        self.label_emb: nn.Module | None = None
         if config.adm_in_channels is not None:
             # LDM nests the MLP in a Sequential: keys `label_emb.0.{0,2}`
             self.label_emb = nn.ModuleDict(
                 {"0": EmbedMLP(config.adm_in_channels, config.time_embed_dim)})
+        elif config.num_classes is not None:  # key `label_emb.weight`
+            self.label_emb = nn.Embedding(config.num_classes, config.time_embed_dim)
         self.input_blocks, skip_channels = _build_input_blocks(config)
         self.middle_block = _build_middle_block(config)
         self.output_blocks = _build_output_blocks(config, skip_channels)
@@ -260,7 +318,7 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         if self.label_emb is not None:
             assert y is not None
-            emb = emb + self.label_emb["0"](y.to(dtype))
+            emb = emb + self._label_embedding(y, dtype)
         context = context.to(dtype)
         # NHWC activations: oneDNN's fast CPU convs (and cuDNN's tensor-core ones) want them,
         # and the transformers' (B, H*W, C) token views of them need no copy
@@ -299,6 +357,13 @@ class UNet(nn.Module):
         h = self.out["2"](torch.nn.functional.silu(self.out["0"](h)))
         return h.to(dtype=x.dtype, memory_format=torch.contiguous_format)
 
+    def _label_embedding(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """The embedding of `y`: class labels looked up (x4 upscaler), vectors through the MLP."""
+        if isinstance(self.label_emb, nn.Embedding):
+            return self.label_emb(y.long()).to(dtype)
+        assert isinstance(self.label_emb, nn.ModuleDict)
+        return self.label_emb["0"](y.to(dtype))
+
     def _check_inputs(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None,
                       down_residuals: list[Tensor] | None) -> None:
         config = self.config
@@ -314,6 +379,22 @@ class UNet(nn.Module):
             raise ValueError(
                 f"context has shape {tuple(context.shape)} but this UNet attends to "
                 f"(B, T, {config.context_dim}); use the text encoder of the checkpoint's family")
+        self._check_y(y)
+        if down_residuals is not None and len(down_residuals) != len(self.input_blocks):
+            raise ValueError(
+                f"got {len(down_residuals)} down_residuals but the UNet has "
+                f"{len(self.input_blocks)} input blocks; give one per block, in order")
+
+
+    def _check_y(self, y: Tensor | None) -> None:
+        config = self.config
+        if config.num_classes is not None:
+            if y is None or y.ndim != 1:
+                raise ValueError(
+                    f"y is {'missing' if y is None else f'of shape {tuple(y.shape)}'} but this "
+                    f"UNet takes one class label per sample, shape (B,), below "
+                    f"{config.num_classes} (the x4 upscaler's noise level)")
+            return
         if (y is None) != (config.adm_in_channels is None):
             raise ValueError(
                 f"y is {'missing' if y is None else 'given'} but adm_in_channels is "
@@ -322,10 +403,6 @@ class UNet(nn.Module):
         if y is not None and (y.ndim != 2 or y.shape[1] != config.adm_in_channels):
             raise ValueError(
                 f"y has shape {tuple(y.shape)}, expected (B, {config.adm_in_channels})")
-        if down_residuals is not None and len(down_residuals) != len(self.input_blocks):
-            raise ValueError(
-                f"got {len(down_residuals)} down_residuals but the UNet has "
-                f"{len(self.input_blocks)} input blocks; give one per block, in order")
 
 
 def _build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
@@ -340,7 +417,8 @@ def _build_input_blocks(config: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
             layers: list[nn.Module] = [ResBlock(channels, out_channels, config.time_embed_dim)]
             channels = out_channels
             if config.transformer_depth[level]:
-                layers.append(_transformer(config, channels, config.transformer_depth[level]))
+                layers.append(_transformer(config, channels, config.transformer_depth[level],
+                                           level))
             blocks.append(UNetStage(layers))
             skip_channels.append(channels)
         if level != len(config.channel_mult) - 1:
@@ -353,7 +431,7 @@ def _build_middle_block(config: UNetConfig) -> UNetStage:
     channels = config.model_channels * config.channel_mult[-1]
     return UNetStage([
         ResBlock(channels, channels, config.time_embed_dim),
-        _transformer(config, channels, config.transformer_depth_middle),
+        _transformer(config, channels, config.transformer_depth_middle, None),
         ResBlock(channels, channels, config.time_embed_dim)])
 
 
@@ -371,14 +449,18 @@ def _build_output_blocks(config: UNetConfig, skip_channels: list[int]) -> nn.Mod
                 ResBlock(in_channels, out_channels, config.time_embed_dim)]
             channels = out_channels
             if config.transformer_depth[level]:
-                layers.append(_transformer(config, channels, config.transformer_depth[level]))
+                layers.append(_transformer(config, channels, config.transformer_depth[level],
+                                           level))
             if level and index == config.num_res_blocks:
                 layers.append(Upsample(channels))
             blocks.append(UNetStage(layers))
     return nn.ModuleList(blocks)
 
 
-def _transformer(config: UNetConfig, channels: int, depth: int) -> SpatialTransformer:
+def _transformer(config: UNetConfig, channels: int, depth: int,
+                 level: int | None) -> SpatialTransformer:
+    """The transformer of one block at `level` (None: the middle block)."""
     heads, dim_head = config.attention_heads(channels)
     return SpatialTransformer(channels, config.context_dim, heads, dim_head, depth,
-                              config.use_linear_in_transformer)
+                              config.use_linear_in_transformer,
+                              config.level_self_attention(level))

@@ -45,6 +45,7 @@ _UNET_TOP = (("time_embed.0", "time_embedding.linear_1"),
              ("time_embed.2", "time_embedding.linear_2"),
              ("label_emb.0.0", "add_embedding.linear_1"),
              ("label_emb.0.2", "add_embedding.linear_2"),
+             ("label_emb", "class_embedding"),  # the x4 upscaler's class-label table
              ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out"))
 # OpenCLIP layer names -> HF CLIPTextModel names inside encoder.layers.{i}
 _OPENCLIP_LAYER = MappingProxyType({

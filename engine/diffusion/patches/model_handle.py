@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -43,8 +44,20 @@ SD1_LATENT = LatentFormat(0.18215, 4, ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974
 SDXL_LATENT = LatentFormat(0.13025, 4, ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
                                         (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
                            (0.1084, -0.0175, -0.0011))
+# The x4 upscaler's KL-f4 latents (ComfyUI's SD_X4 format).
+SD_X4_LATENT = LatentFormat(0.08333, 4, ((-0.2340, -0.3863, -0.3257), (0.0994, 0.0885, -0.0908),
+                                         (-0.2833, -0.2349, -0.3741), (0.2523, -0.0055, -0.1651)))
 LATENT_FORMATS = {"sd1": SD1_LATENT, "sd2": SD1_LATENT, "sdxl": SDXL_LATENT,
-                  "sdxl_refiner": SDXL_LATENT}
+                  "sdxl_refiner": SDXL_LATENT, "sd_x4": SD_X4_LATENT, "lotus": SD1_LATENT}
+# (linear_start, linear_end) of a family's DDPM betas where they are not SD's 0.00085..0.012
+# (ComfyUI's sampling_settings): the x4 upscaler was trained on 0.0001..0.02.
+BETA_RANGES = MappingProxyType({"sd_x4": (0.0001, 0.02)})
+
+
+def family_sampling(family: str, prediction: str, zsnr: bool = False) -> ModelSampling:
+    """The discrete schedule a `family` model was trained on, with `prediction`."""
+    start, end = BETA_RANGES.get(family, (0.00085, 0.012))
+    return model_sampling(prediction, zsnr=zsnr, linear_start=start, linear_end=end)
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,7 +87,7 @@ class ModelHandle:
         param = next(unet.parameters())
         name_of = _prediction_name(prediction)
         sampling = (continuous_model_sampling(name_of, *edm_sigmas) if edm_sigmas
-                    else model_sampling(name_of, zsnr=zsnr))
+                    else family_sampling(family, name_of, zsnr))
         return cls(unet, config, family, sampling, LATENT_FORMATS[family], param.dtype,
                    device or param.device, name)
 

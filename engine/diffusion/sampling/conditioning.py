@@ -14,6 +14,9 @@ pair becomes a ``CondEntry`` resolved against the latent being sampled:
 * SDXL's vector ``y``: pooled output plus the size keys; width/height default to the latent
   size * 8, crops to 0, target sizes to width/height; the refiner's ``aesthetic_score``
   defaults to 6 for positive and 2.5 for negative prompts.
+* The SD x4 upscaler gets the cond's ``concat_image`` (noise-augmented) as 3 extra channels and
+  its augmentation level as the class label ``y``; Lotus-D gets its task embedding as ``y``
+  (image_conditioned.py).
 * An 8-channel instruct-pix2pix UNet gets the cond's ``concat_latent_image`` (unscaled) or
   zeros after its 4 latent channels.
 * A 9-channel inpainting UNet gets ``cat(mask, masked-image latent)`` after its 4 latent
@@ -57,7 +60,12 @@ from engine.diffusion.networks.unet import ADM_NUMBER_DIM, sdxl_adm, sdxl_refine
 from engine.diffusion.networks.unet_patches import TokensPatch, UNetPatches
 from engine.diffusion.patches.hooks import HookGroup
 from engine.diffusion.patches.model_handle import ModelHandle
-from engine.image_ops import center_crop, repeat_to_batch
+from engine.diffusion.sampling.image_conditioned import (
+    lotus_task_embedding,
+    x4_class_label,
+    x4_concat,
+)
+from engine.image_ops import repeat_to_batch, resize_center
 
 logger = logging.getLogger("loom.conditioning")
 
@@ -132,8 +140,8 @@ class ModelInputs:
     """What the UNet gets for one entry besides the latent and the timestep."""
 
     context: Tensor  # (1, T, D) cross-attention tokens
-    y: Tensor | None = None  # (1, adm) SDXL vector conditioning
-    concat: Tensor | None = None  # (B, 5, H, W) inpainting channels at the full latent size
+    y: Tensor | None = None  # (1, adm) vector conditioning, or (1,) x4 upscaler class label
+    concat: Tensor | None = None  # (B, C, H, W) extra input channels at the full latent size
     control_context: Tensor | None = None  # (1, T, D) tokens a ControlNet gets instead
 
 
@@ -313,6 +321,10 @@ def adm_vector(model: ModelHandle, options: Mapping[str, Any], prompt_type: str,
     """The vector conditioning `y` for one entry (SDXL's, or an unCLIP model's image
     embedding); None for models without one. unCLIPConditioning entries replace SDXL's pooled
     text with the noised image embedding (ComfyUI's "revision")."""
+    if model.family == "sd_x4":
+        return x4_class_label(options, device)
+    if model.family == "lotus":
+        return lotus_task_embedding(device)
     if model.config.adm_in_channels is None:
         return None
     unclip = options.get("unclip_conditioning")
@@ -348,7 +360,10 @@ def adm_vector(model: ModelHandle, options: Mapping[str, Any], prompt_type: str,
 
 def concat_channels(model: ModelHandle, options: Mapping[str, Any],
                     inputs: SamplingInputs) -> Tensor | None:
-    """The extra input channels of an inpainting (9) or instruct-pix2pix (8) UNet, else None."""
+    """The extra input channels of an inpainting (9), instruct-pix2pix (8) or x4 upscaler (7)
+    UNet, else None."""
+    if model.family == "sd_x4":
+        return x4_concat(options, inputs.noise_shape, inputs.device, inputs.seed)
     if model.in_channels == IP2P_IN_CHANNELS:
         return ip2p_concat(options, inputs)
     return inpaint_concat(model, options, inputs)
@@ -399,12 +414,6 @@ def blank_inpaint_latent(shape: torch.Size, device: torch.device) -> Tensor:
     """A (B, 4, H, W) latent of a black image (ComfyUI's constants, scaled space)."""
     values = torch.tensor(BLANK_INPAINT_LATENT, device=device).view(1, 4, 1, 1)
     return values.expand(shape[0], 4, *shape[2:]).clone()
-
-
-def resize_center(samples: Tensor, height: int, width: int) -> Tensor:
-    """(N, C, h, w) -> (N, C, height, width): centre crop to the aspect ratio, then bilinear."""
-    return F.interpolate(center_crop(samples, width, height), size=(height, width),
-                         mode="bilinear")
 
 
 def _area_inside(inner: Area, outer: Area) -> bool:
