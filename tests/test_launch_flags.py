@@ -115,12 +115,12 @@ def test_text_encoder_storage_flags_compute_in_fp32() -> None:
 
 
 def test_unet_precision_flags_override_force_fp32_as_in_comfyui() -> None:
-    assert policy("--force-fp32", "--bf16-unet").unet_dtype == torch.bfloat16
+    assert policy("--force-fp32", "--bf16-unet").unet_weight_dtype == torch.bfloat16
     assert policy("--fp64-unet").unet_dtype == torch.float64
     assert policy("--force-fp16").unet_dtype == torch.float16
 
 
-def test_fp8_unet_flags_round_the_weights_and_keep_the_compute_dtype() -> None:
+def test_fp8_unet_flags_store_the_weights_in_fp8_and_keep_the_compute_dtype() -> None:
     chosen = policy("--force-fp32", "--fp8_e4m3fn-unet")
     assert (chosen.unet_dtype, chosen.unet_storage_dtype) == (torch.float32,
                                                               torch.float8_e4m3fn)

@@ -65,10 +65,10 @@ def storage_dtype(name: str) -> torch.dtype:
 class DevicePolicy:
     """Where each model component runs and in which dtype.
 
-    `*_storage_dtype` (None: as computed) is the precision weights are rounded to, ComfyUI's
-    "store weights in X" flags: the weights keep the compute dtype but hold only values X can
-    represent, so the numbers match ComfyUI casting X weights up per layer (the memory is that
-    of the compute dtype)."""
+    `*_storage_dtype` (None: as computed) is the dtype weights are held in, ComfyUI's "store
+    weights in X" flags (and --bf16-unet/--fp16-unet on a CPU without fast math in X): the
+    UNet holds X and casts each layer up to the compute dtype when it runs
+    (memory/cast_on_use.py); text encoders hold the compute dtype rounded to X's values."""
 
     device: torch.device
     unet_dtype: torch.dtype
@@ -89,6 +89,7 @@ class DevicePolicy:
             raise TypeError(f"unknown precision flags {sorted(unknown)}; known: "
                             f"{', '.join(PRECISION_FLAGS)}")
         use_cuda = (torch.cuda.is_available() if cuda_available is None else cuda_available)
+        native = False
         if use_cuda and not flags.get("cpu"):
             device = torch.device("cuda")
             vae = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -105,7 +106,7 @@ class DevicePolicy:
             unet = text = torch.float16
         if flags.get("force_fp32"):
             unet = text = vae = torch.float32
-        unet = _flagged(flags, UNET_FLAG_DTYPES, unet)
+        unet, unet_storage = _unet_dtypes(flags, device, native, unet)
         vae_device = torch.device("cpu") if flags.get("cpu_vae") else None
         vae = _flagged(flags, VAE_FLAG_DTYPES,
                        torch.float32 if vae_device is not None else vae)
@@ -113,14 +114,19 @@ class DevicePolicy:
         if text_storage is not None:  # ComfyUI computes its SD text encoders in fp32
             text = torch.float32
         offload = device if flags.get("gpu_only") else torch.device("cpu")
-        return cls(device, unet, text, vae, reason, offload, vae_device,
-                   _flagged_storage(flags, UNET_STORAGE_FLAGS), text_storage)
+        return cls(device, unet, text, vae, reason, offload, vae_device, unet_storage,
+                   text_storage)
 
     @classmethod
     def from_args(cls, args: Any) -> DevicePolicy:
         """From main.py's parsed flags (missing flags count as not given)."""
         return cls.decide(**{name: bool(getattr(args, name, False))
                              for name in PRECISION_FLAGS})
+
+    @property
+    def unet_weight_dtype(self) -> torch.dtype:
+        """The dtype the UNet's weights are held in (its storage dtype, else its compute one)."""
+        return self.unet_storage_dtype or self.unet_dtype
 
     @property
     def vae_compute_device(self) -> torch.device:
@@ -130,10 +136,10 @@ class DevicePolicy:
         resting = ("" if self.offload_device == self.device
                    else f" (weights rest on {self.offload_device})")
         vae_place = f" on {self.vae_device}" if self.vae_device is not None else ""
-        return (f"device {self.device}{resting}, UNet "
-                f"{_dtype_text(self.unet_dtype, self.unet_storage_dtype)}, text encoders "
-                f"{_dtype_text(self.text_dtype, self.text_storage_dtype)}, VAE "
-                f"{_dtype_text(self.vae_dtype, None)}{vae_place}")
+        unet = _dtype_text(self.unet_dtype, self.unet_storage_dtype, "held in")
+        return (f"device {self.device}{resting}, UNet {unet}, text encoders "
+                f"{_dtype_text(self.text_dtype, self.text_storage_dtype, 'rounded to')}, VAE "
+                f"{_dtype_text(self.vae_dtype, None, '')}{vae_place}")
 
 
 def _flagged(flags: dict[str, bool], table: Mapping[str, torch.dtype],
@@ -141,15 +147,29 @@ def _flagged(flags: dict[str, bool], table: Mapping[str, torch.dtype],
     return next((dtype for name, dtype in table.items() if flags.get(name)), default)
 
 
+def _unet_dtypes(flags: dict[str, bool], device: torch.device, native_bf16: bool,
+                 default: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """(compute, storage) of the UNet. On the CPU, --bf16-unet/--fp16-unet store the weights in
+    that dtype and compute in fp32 unless the CPU computes it natively (bf16 with AVX512-BF16
+    or AMX; fp16 never), as ComfyUI's manual cast does; elsewhere they set the compute dtype.
+    The fp8 flags store in fp8 whatever the compute dtype."""
+    compute = _flagged(flags, UNET_FLAG_DTYPES, default)
+    storage = _flagged_storage(flags, UNET_STORAGE_FLAGS)
+    small = flags.get("bf16_unet") or flags.get("fp16_unet")
+    if device.type == "cpu" and small and not (compute == torch.bfloat16 and native_bf16):
+        return torch.float32, storage or compute
+    return compute, storage
+
+
 def _flagged_storage(flags: dict[str, bool], table: Mapping[str, str]) -> torch.dtype | None:
     return next((storage_dtype(name) for flag, name in table.items() if flags.get(flag)), None)
 
 
-def _dtype_text(compute: torch.dtype, storage: torch.dtype | None) -> str:
+def _dtype_text(compute: torch.dtype, storage: torch.dtype | None, how: str) -> str:
     name = str(compute).removeprefix("torch.")
     if storage is None or storage == compute:
         return name
-    return f"{name} (weights rounded to {str(storage).removeprefix('torch.')})"
+    return f"{name} (weights {how} {str(storage).removeprefix('torch.')})"
 
 
 def round_weights(module: nn.Module, storage: torch.dtype | None) -> None:
