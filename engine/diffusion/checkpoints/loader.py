@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,7 +23,11 @@ from engine.diffusion.checkpoints.detect import (
     detect_checkpoint,
     detect_unet_file,
 )
-from engine.diffusion.checkpoints.safetensors_io import CastOnRead, floating_shapes
+from engine.diffusion.checkpoints.safetensors_io import (
+    CastOnRead,
+    floating_shapes,
+    weight_bytes,
+)
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_state
 from engine.diffusion.memory.cast_on_use import hold_in
@@ -105,12 +108,8 @@ def checkpoint_weight_bytes(opened: StateFile, policy: DevicePolicy) -> int:
     dtypes = {prefix: policy.text_dtype for prefix in layout.text_prefixes.values()}
     dtypes.update({layout.unet_prefix: policy.unet_weight_dtype,
                    layout.vae_prefix: policy.vae_dtype})
-    total = 0
-    for name, shape in floating_shapes(opened.tensors).items():
-        dtype = next((d for prefix, d in dtypes.items() if prefix and name.startswith(prefix)),
-                     None)
-        total += 0 if dtype is None else math.prod(shape) * dtype.itemsize
-    return total
+    present = {prefix: dtype for prefix, dtype in dtypes.items() if prefix}  # "": not in it
+    return weight_bytes(floating_shapes(opened.tensors), present)
 
 
 def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
