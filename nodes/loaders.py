@@ -190,8 +190,8 @@ class VAELoader(Node):
 def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
                        device: str = "default") -> TextEncoderStack:
     """CLIPLoader/DualCLIPLoader: text encoder files -> a CLIP handle of a supported family.
-    `device` "cpu" runs them on the CPU in fp32 (weights rounded to the policy's text dtype,
-    as ComfyUI's CPU text encoders)."""
+    `device` "cpu" runs them on the CPU in fp32 (weights held in the policy's text dtype, as
+    ComfyUI's CPU text encoders)."""
     models = manager(ctx)
     policy = models.policy
     paths = [ctx.paths.find_file("text_encoders", name) for name in names]
@@ -216,7 +216,7 @@ def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
                              f"does not fit type {clip_type!r}")
         return clip
 
-    return models.load(key, load, lambda: files_bytes(paths, dtype))
+    return models.load(key, load, lambda: files_bytes(paths, storage or dtype))
 
 
 def _clip_type_error(clip_type: str) -> tuple[str, str] | None:

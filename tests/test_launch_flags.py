@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from engine.diffusion.memory.devices import DevicePolicy, round_weights
+from engine.diffusion.memory.devices import DevicePolicy
 from engine.launch_flags import INERT_FLAGS, flag_names, inert_flags_given, settle_flags
 from main import build_parser
 
@@ -132,16 +132,6 @@ def test_cpu_vae_runs_the_vae_on_the_cpu_in_fp32_unless_told_otherwise() -> None
     assert chosen.vae_dtype == torch.float32
     assert DevicePolicy.decide(cuda_available=True, cpu_vae=True,
                                bf16_vae=True).vae_dtype == torch.bfloat16
-
-
-def test_rounding_keeps_the_dtype_and_only_values_the_storage_dtype_holds() -> None:
-    layer = torch.nn.Linear(8, 8)
-    torch.nn.init.normal_(layer.weight)
-    before = layer.weight.detach().clone()
-    round_weights(layer, torch.float16)
-    assert layer.weight.dtype == torch.float32
-    assert torch.equal(layer.weight, before.half().float())
-    assert not torch.equal(layer.weight, before)
 
 
 def test_unknown_precision_flags_are_an_error_naming_them() -> None:

@@ -113,3 +113,25 @@ def test_an_evicted_held_unet_reloads_in_its_storage_dtype(tmp_path: Path) -> No
     manager.free()
     assert torch.equal(unet_output(model.unet), before)
     assert {p.dtype for p in model.unet.parameters()} == {torch.float16}
+
+
+def load_text_encoders(path: Path, policy: DevicePolicy):
+    opened = open_state_file(path)
+    loaded = load_checkpoint(opened, policy, BpeCache().get(), with_vae=False)
+    return opened.tensors, loaded.clip.encoders
+
+
+def test_text_encoders_held_in_fp16_are_the_mapped_file_and_give_the_fp32_numbers(
+        tmp_path: Path) -> None:
+    path = write_random_checkpoint(tmp_path / "xl.safetensors", "sdxl_base",
+                                   dtype=torch.float16)
+    opened, held = load_text_encoders(
+        path, DevicePolicy.decide(cpu=True, force_fp32=True, fp16_text_enc=True))
+    _, wide = load_text_encoders(path, FP32)
+    tokens = torch.randint(0, 1000, (1, 77), generator=torch.Generator().manual_seed(0))
+    tokens[0, 10:] = 49407  # end of text
+    for name, encoder in held.items():
+        assert all(p.dtype == torch.float16 and opened.holds(p) for p in encoder.parameters())
+        out, expected = encoder(tokens), wide[name](tokens)
+        torch.testing.assert_close(out.hidden, expected.hidden, rtol=0, atol=0)
+        torch.testing.assert_close(out.pooled, expected.pooled, rtol=0, atol=0)

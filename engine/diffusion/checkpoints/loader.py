@@ -105,7 +105,7 @@ def checkpoint_weight_bytes(opened: StateFile, policy: DevicePolicy) -> int:
     """Bytes of the UNet, text encoder and VAE weights of a checkpoint once loaded in the
     policy's dtypes (what load_checkpoint keeps), from the tensors' shapes alone."""
     layout = detect_checkpoint(opened.tensors)
-    dtypes = {prefix: policy.text_dtype for prefix in layout.text_prefixes.values()}
+    dtypes = {prefix: policy.text_weight_dtype for prefix in layout.text_prefixes.values()}
     dtypes.update({layout.unet_prefix: policy.unet_weight_dtype,
                    layout.vae_prefix: policy.vae_dtype})
     present = {prefix: dtype for prefix, dtype in dtypes.items() if prefix}  # "": not in it

@@ -16,7 +16,6 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import nn
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -68,7 +67,7 @@ class DevicePolicy:
     `*_storage_dtype` (None: as computed) is the dtype weights are held in, ComfyUI's "store
     weights in X" flags (and --bf16-unet/--fp16-unet on a CPU without fast math in X): the
     UNet holds X and casts each layer up to the compute dtype when it runs
-    (memory/cast_on_use.py); text encoders hold the compute dtype rounded to X's values."""
+    (memory/cast_on_use.py); so do the text encoders."""
 
     device: torch.device
     unet_dtype: torch.dtype
@@ -129,6 +128,11 @@ class DevicePolicy:
         return self.unet_storage_dtype or self.unet_dtype
 
     @property
+    def text_weight_dtype(self) -> torch.dtype:
+        """The dtype the text encoders' weights are held in."""
+        return self.text_storage_dtype or self.text_dtype
+
+    @property
     def vae_compute_device(self) -> torch.device:
         return self.vae_device or self.device
 
@@ -138,7 +142,7 @@ class DevicePolicy:
         vae_place = f" on {self.vae_device}" if self.vae_device is not None else ""
         unet = _dtype_text(self.unet_dtype, self.unet_storage_dtype, "held in")
         return (f"device {self.device}{resting}, UNet {unet}, text encoders "
-                f"{_dtype_text(self.text_dtype, self.text_storage_dtype, 'rounded to')}, VAE "
+                f"{_dtype_text(self.text_dtype, self.text_storage_dtype, 'held in')}, VAE "
                 f"{_dtype_text(self.vae_dtype, None, '')}{vae_place}")
 
 
@@ -170,14 +174,3 @@ def _dtype_text(compute: torch.dtype, storage: torch.dtype | None, how: str) -> 
     if storage is None or storage == compute:
         return name
     return f"{name} (weights {how} {str(storage).removeprefix('torch.')})"
-
-
-def round_weights(module: nn.Module, storage: torch.dtype | None) -> None:
-    """ComfyUI's "store weights in X" (fp16/bf16/fp8 weights cast up per layer for the math),
-    as numbers: every floating parameter is rounded to X and kept in its own dtype."""
-    if storage is None:
-        return
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.is_floating_point() and param.dtype != storage:
-                param.data = param.data.to(storage).to(param.dtype)
