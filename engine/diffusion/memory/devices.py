@@ -140,10 +140,10 @@ class DevicePolicy:
         resting = ("" if self.offload_device == self.device
                    else f" (weights rest on {self.offload_device})")
         vae_place = f" on {self.vae_device}" if self.vae_device is not None else ""
-        unet = _dtype_text(self.unet_dtype, self.unet_storage_dtype, "held in")
-        return (f"device {self.device}{resting}, UNet {unet}, text encoders "
-                f"{_dtype_text(self.text_dtype, self.text_storage_dtype, 'held in')}, VAE "
-                f"{_dtype_text(self.vae_dtype, None, '')}{vae_place}")
+        return (f"device {self.device}{resting}, UNet "
+                f"{_dtype_text(self.unet_dtype, self.unet_storage_dtype)}, text encoders "
+                f"{_dtype_text(self.text_dtype, self.text_storage_dtype)}, VAE "
+                f"{_dtype_text(self.vae_dtype, None)}{vae_place}")
 
 
 def _flagged(flags: dict[str, bool], table: Mapping[str, torch.dtype],
@@ -169,8 +169,8 @@ def _flagged_storage(flags: dict[str, bool], table: Mapping[str, str]) -> torch.
     return next((storage_dtype(name) for flag, name in table.items() if flags.get(flag)), None)
 
 
-def _dtype_text(compute: torch.dtype, storage: torch.dtype | None, how: str) -> str:
+def _dtype_text(compute: torch.dtype, storage: torch.dtype | None) -> str:
     name = str(compute).removeprefix("torch.")
     if storage is None or storage == compute:
         return name
-    return f"{name} (weights {how} {str(storage).removeprefix('torch.')})"
+    return f"{name} (weights held in {str(storage).removeprefix('torch.')})"
