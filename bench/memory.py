@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,14 +53,23 @@ class Case:
     kind: str  # the writer's checkpoint kind
     dtype: str  # the file's weight dtype
     size: int  # image width and height
+    pair: bool = False  # two checkpoints (the file and a copy), one txt2img each
 
     @property
     def file_name(self) -> str:
         return f"{self.kind}_full_{self.dtype}.safetensors"
 
+    @property
+    def file_names(self) -> tuple[str, ...]:
+        copy = f"{self.kind}_full_{self.dtype}_copy.safetensors"
+        return (self.file_name, copy) if self.pair else (self.file_name,)
+
 
 CASES = (Case("sd15", "sd15", "fp32", 512), Case("sd15_fp16_file", "sd15", "fp16", 512),
-         Case("sdxl", "sdxl_base", "fp16", 1024))
+         Case("sdxl", "sdxl_base", "fp16", 1024),
+         # two SDXL checkpoints in one workflow, for --model-ram-budget: the peak against the
+         # budget plus one model (512x512 keeps the two samplings short; weights set the peak)
+         Case("sdxl_pair", "sdxl_base", "fp16", 512, pair=True))
 
 
 @dataclass
@@ -99,24 +110,40 @@ def ensure_checkpoint(models_dir: Path, case: Case) -> Path:
                         str(partial), case.kind, "--full", "--dtype", case.dtype],
                        cwd=ROOT, check=True)
         partial.rename(path)
+    for name in case.file_names[1:]:  # the pair's second checkpoint: another file, same bytes
+        if not (models_dir / name).exists():
+            shutil.copyfile(path, models_dir / f"{name}.partial")
+            (models_dir / f"{name}.partial").rename(models_dir / name)
     return path
 
 
 def workflow(case: Case, steps: int) -> dict:
-    """txt2img in the API format: checkpoint, two prompts, KSampler, VAE decode, save."""
+    """txt2img in the API format for each of the case's checkpoints (node ids 1-7, 11-17)."""
+    nodes = {}
+    for index, file_name in enumerate(case.file_names):
+        nodes.update({str(10 * index + int(key)): body
+                      for key, body in txt2img(case, file_name, steps, 10 * index).items()})
+    return nodes
+
+
+def txt2img(case: Case, file_name: str, steps: int, offset: int) -> dict:
+    """Checkpoint, two prompts, KSampler, VAE decode, save; links shifted by `offset`."""
+    def link(node: int, output: int) -> list:
+        return [str(node + offset), output]
+
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": case.file_name}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPTS[0], "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPTS[1], "clip": ["1", 1]}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": file_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPTS[0], "clip": link(1, 1)}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPTS[1], "clip": link(1, 1)}},
         "4": {"class_type": "EmptyLatentImage",
               "inputs": {"width": case.size, "height": case.size, "batch_size": 1}},
         "5": {"class_type": "KSampler", "inputs": {
             "seed": 0, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-            "scheduler": "normal", "denoise": 1.0, "model": ["1", 0], "positive": ["2", 0],
-            "negative": ["3", 0], "latent_image": ["4", 0]}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "scheduler": "normal", "denoise": 1.0, "model": link(1, 0), "positive": link(2, 0),
+            "negative": link(3, 0), "latent_image": link(4, 0)}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": link(5, 0), "vae": link(1, 2)}},
         "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": case.name,
-                                                    "images": ["6", 0]}},
+                                                    "images": link(6, 0)}},
     }
 
 
@@ -149,9 +176,11 @@ def read_status(pid: int) -> dict[str, int] | None:
 
 
 def follow_output(stream: object, measurement: Measurement, verbose: bool) -> None:
-    """Track which node runs from the CLI's 'running node N (Class)' lines."""
+    """Track which node runs from the CLI's 'running node N (Class)' lines, printing each
+    node's peak as the next one starts (a run stopped by a time limit still shows them)."""
     for line in stream:  # type: ignore[attr-defined]
         if line.startswith("running node "):
+            print_node(measurement.node, measurement.by_node.get(measurement.node, Sample()))
             measurement.node = line.removeprefix("running node ").strip()
         if verbose or line.startswith(("error", "done")):
             print("    " + line.rstrip(), flush=True)
@@ -183,6 +212,7 @@ def run_case(case: Case, models_dir: Path, steps: int, loom_flags: list[str],
         command = [sys.executable, str(ROOT / "main.py"), "run", str(base_dir / "workflow.json"),
                    "--base-directory", str(base_dir), *loom_flags]
         measurement = Measurement()
+        signal.signal(signal.SIGTERM, lambda *_: stopped(measurement))
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
@@ -202,6 +232,15 @@ def run_case(case: Case, models_dir: Path, steps: int, loom_flags: list[str],
     return measurement
 
 
+def stopped(measurement: Measurement) -> None:
+    """On SIGTERM (a time limit such as `timeout 900`): print what was measured, then exit."""
+    print_node(measurement.node, measurement.by_node.get(measurement.node, Sample()))
+    print(f"  stopped by SIGTERM in {measurement.node}: peak so far {gb(measurement.hwm)} GB "
+          f"({gb(measurement.at_peak.anon)} anonymous + {gb(measurement.at_peak.file)} "
+          f"file-backed)", flush=True)
+    raise SystemExit(124)
+
+
 # ---- the report ---------------------------------------------------------------------------
 
 def gb(value: int) -> str:
@@ -215,8 +254,12 @@ def print_case(case: Case, measurement: Measurement, floor: int) -> None:
           f"file-backed; floor {gb(floor)} GB, peak/floor {peak / floor:.2f}; "
           f"{measurement.seconds:.0f} s")
     for node, sample in measurement.by_node.items():
-        print(f"    {node:<34} peak {gb(sample.total):>6} = {gb(sample.anon):>6} anon "
-              f"+ {gb(sample.file):>6} file")
+        print_node(node, sample)
+
+
+def print_node(node: str, sample: Sample) -> None:
+    print(f"    {node:<34} peak {gb(sample.total):>6} = {gb(sample.anon):>6} anon "
+          f"+ {gb(sample.file):>6} file", flush=True)
 
 
 def main() -> None:

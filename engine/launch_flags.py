@@ -13,24 +13,26 @@ from dataclasses import dataclass
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 UNET_PRECISION = (("--fp32-unet", "run the diffusion model in fp32"),
                   ("--fp64-unet", "run the diffusion model in fp64"),
-                  ("--bf16-unet", "run the diffusion model in bf16"),
-                  ("--fp16-unet", "run the diffusion model in fp16"),
-                  ("--fp8_e4m3fn-unet", "round the diffusion model's weights to fp8_e4m3fn "
+                  ("--bf16-unet", "diffusion model weights in bf16 (on a CPU without native "
+                                  "bf16: held in bf16, computed in fp32)"),
+                  ("--fp16-unet", "diffusion model weights in fp16 (on the CPU: held in fp16, "
+                                  "computed in fp32)"),
+                  ("--fp8_e4m3fn-unet", "hold the diffusion model's weights in fp8_e4m3fn "
                                         "(computed in the UNet's dtype)"),
-                  ("--fp8_e5m2-unet", "round the diffusion model's weights to fp8_e5m2"),
-                  ("--fp8_e8m0fnu-unet", "round the diffusion model's weights to fp8_e8m0fnu"))
+                  ("--fp8_e5m2-unet", "hold the diffusion model's weights in fp8_e5m2"),
+                  ("--fp8_e8m0fnu-unet", "hold the diffusion model's weights in fp8_e8m0fnu"))
 VAE_PRECISION = (("--fp16-vae", "run the VAE in fp16 (may give black images)"),
                  ("--fp32-vae", "run the VAE in fp32"),
                  ("--bf16-vae", "run the VAE in bf16"))
-TEXT_PRECISION = (("--fp8_e4m3fn-text-enc", "text encoder weights rounded to fp8_e4m3fn, "
+TEXT_PRECISION = (("--fp8_e4m3fn-text-enc", "text encoder weights held in fp8_e4m3fn, "
                                             "computed in fp32"),
-                  ("--fp8_e5m2-text-enc", "text encoder weights rounded to fp8_e5m2, "
+                  ("--fp8_e5m2-text-enc", "text encoder weights held in fp8_e5m2, "
                                           "computed in fp32"),
-                  ("--fp16-text-enc", "text encoder weights rounded to fp16, computed in fp32 "
+                  ("--fp16-text-enc", "text encoder weights held in fp16, computed in fp32 "
                                       "(ComfyUI's default; with --force-fp32 it reproduces "
                                       "ComfyUI's CPU prompts)"),
                   ("--fp32-text-enc", "text encoder weights and math in fp32"),
-                  ("--bf16-text-enc", "text encoder weights rounded to bf16, computed in fp32"))
+                  ("--bf16-text-enc", "text encoder weights held in bf16, computed in fp32"))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from engine.diffusion.networks.clip_vision import (
 )
 from engine.diffusion.networks.style_model import StyleAdapter, load_style_model
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
-from nodes.loaders import file_fingerprint, load_model_file, manager
+from nodes.loaders import file_fingerprint, header_size, load_model_file, manager
 
 STRENGTH_TYPES = ("multiply", "attn_bias")
 
@@ -56,7 +56,7 @@ class CLIPVisionLoader(Node):
             lambda models, path: load_clip_vision(
                 open_state_file(path, allow_pickle=models.allow_pickle).tensors,
                 dtype=models.policy.text_dtype, device=models.policy.offload_device),
-            manager(ctx).policy),)
+            manager(ctx).policy, size=header_size(lambda policy: policy.text_dtype)),)
 
 
 class CLIPVisionEncode(Node):
@@ -86,7 +86,7 @@ class StyleModelLoader(Node):
             lambda models, path: load_style_model(
                 open_state_file(path, allow_pickle=models.allow_pickle).tensors,
                 dtype=models.policy.text_dtype, device=models.policy.offload_device),
-            manager(ctx).policy),)
+            manager(ctx).policy, size=header_size(lambda policy: policy.text_dtype)),)
 
 
 def append_tokens(conditioning: list[Any], tokens: torch.Tensor) -> list[list[Any]]:

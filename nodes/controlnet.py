@@ -20,7 +20,7 @@ from engine.diffusion.networks.controlnet_union import UNION_TYPES, check_types
 from engine.diffusion.patches.control import Control, ControlModel
 from engine.diffusion.patches.model_handle import ModelHandle
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
-from nodes.loaders import file_fingerprint, load_model_file, manager
+from nodes.loaders import file_fingerprint, header_size, load_model_file, manager
 
 Conditioning = list[list[Any]]
 CATEGORY = "conditioning/controlnet"
@@ -44,7 +44,7 @@ def load_control_file(ctx: NodeContext, name: str, base: ModelHandle | None = No
         ctx, "controlnet", name, "controlnet",
         lambda models, path: load_control_model(
             open_state_file(path, allow_pickle=models.allow_pickle), models.policy, base),
-        *options)
+        *options, size=header_size(lambda policy: policy.unet_dtype))
 
 
 class ControlNetLoader(Node):

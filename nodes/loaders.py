@@ -21,9 +21,14 @@ from engine.diffusion.checkpoints.loader import (
     load_unet_file,
     load_vae_file,
 )
+from engine.diffusion.checkpoints.safetensors_io import (
+    SafetensorsFile,
+    floating_shapes,
+    weight_bytes,
+)
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_files
-from engine.diffusion.memory.devices import storage_dtype
+from engine.diffusion.memory.devices import DevicePolicy, storage_dtype
 from engine.diffusion.memory.model_manager import COMPUTE_ROLE, ModelKey, ModelManager
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
@@ -33,8 +38,8 @@ from engine.node import Combo, FilesIn, Node, NodeSchema, Output
 
 T = TypeVar("T")
 UNET_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
-# UNETLoader's weight dtypes -> the precision the weights are rounded to (memory.devices:
-# computed in the policy's UNet dtype; "_fast" only changes ComfyUI's GPU matmul kernel).
+# UNETLoader's weight dtypes -> the dtype the weights are held in (memory.devices: computed in
+# the policy's UNet dtype; "_fast" only changes ComfyUI's GPU matmul kernel).
 UNET_STORAGE = MappingProxyType({"fp8_e4m3fn": "float8_e4m3fn",
                                  "fp8_e4m3fn_fast": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"})
 CLIP_TYPES = ("stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv",
@@ -79,6 +84,22 @@ def load_model_file(ctx: NodeContext, folder: str, name: str, component: str,
     return models.load(ModelKey.for_file(path, component, *options),
                        lambda: build(models, path),
                        None if size is None else lambda: size(models, path))
+
+
+def header_size(dtype_of: Callable[[DevicePolicy], torch.dtype]
+                ) -> Callable[[ModelManager, Path], int]:
+    """A `size` for load_model_file: the file's floating tensors in the dtype the load keeps
+    them in (`dtype_of(policy)`), from a safetensors header without reading the weights. Other
+    formats give 0 (their size is only known once read): the manager then makes room after."""
+    def size(models: ModelManager, path: Path) -> int:
+        return files_bytes([path], dtype_of(models.policy))
+    return size
+
+
+def files_bytes(paths: list[Path], dtype: torch.dtype) -> int:
+    """Bytes of the floating tensors of the safetensors files `paths` once read in `dtype`."""
+    return sum(weight_bytes(floating_shapes(SafetensorsFile(path)), {"": dtype})
+               for path in paths if path.suffix == ".safetensors")
 
 
 def load_checkpoint_file(ctx: NodeContext, ckpt_name: str) -> tuple[ModelHandle, Any, Any]:
@@ -139,15 +160,16 @@ class UNETLoader(Node):
         return file_fingerprint(ctx, "diffusion_models", inputs["unet_name"])
 
     def execute(self, ctx: NodeContext, unet_name: str, weight_dtype: str) -> tuple[ModelHandle]:
-        """fp8 weight dtypes round the weights to fp8 (ComfyUI's numbers; the memory stays
-        that of the compute dtype)."""
+        """fp8 weight dtypes hold the weights in fp8, cast up to the compute dtype layer by
+        layer (memory/cast_on_use.py), as ComfyUI does."""
         storage = UNET_STORAGE.get(weight_dtype)
+        held = storage_dtype(storage) if storage else None
         return (load_model_file(
             ctx, "diffusion_models", unet_name, "unet",
             lambda models, path: load_unet_file(
-                open_state_file(path, allow_pickle=models.allow_pickle), models.policy,
-                storage_dtype(storage) if storage else None),
-            manager(ctx).policy, weight_dtype),)
+                open_state_file(path, allow_pickle=models.allow_pickle), models.policy, held),
+            manager(ctx).policy, weight_dtype,
+            size=header_size(lambda policy: held or policy.unet_weight_dtype)),)
 
 
 class VAELoader(Node):
@@ -162,14 +184,14 @@ class VAELoader(Node):
             ctx, "vae", vae_name, "vae",
             lambda models, path: load_vae_file(
                 open_state_file(path, allow_pickle=models.allow_pickle), models.policy),
-            manager(ctx).policy),)
+            manager(ctx).policy, size=header_size(lambda policy: policy.vae_dtype)),)
 
 
 def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
                        device: str = "default") -> TextEncoderStack:
     """CLIPLoader/DualCLIPLoader: text encoder files -> a CLIP handle of a supported family.
-    `device` "cpu" runs them on the CPU in fp32 (weights rounded to the policy's text dtype,
-    as ComfyUI's CPU text encoders)."""
+    `device` "cpu" runs them on the CPU in fp32 (weights held in the policy's text dtype, as
+    ComfyUI's CPU text encoders)."""
     models = manager(ctx)
     policy = models.policy
     paths = [ctx.paths.find_file("text_encoders", name) for name in names]
@@ -194,7 +216,7 @@ def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
                              f"does not fit type {clip_type!r}")
         return clip
 
-    return models.load(key, load)
+    return models.load(key, load, lambda: files_bytes(paths, storage or dtype))
 
 
 def _clip_type_error(clip_type: str) -> tuple[str, str] | None:

@@ -36,7 +36,7 @@ class ModelComputeDtype(Node):
         inner = handle.model_patches.model_function_wrapper
         if isinstance(inner, ComputeDtype):  # a later choice replaces an earlier one
             inner = inner.inner
-        weights_dtype = next(handle.unet.parameters()).dtype
+        weights_dtype = handle.unet.dtype
         if dtype == "default":
             patches = dataclasses.replace(handle.model_patches, model_function_wrapper=inner)
             return (handle.replace(model_patches=patches, dtype=weights_dtype),)

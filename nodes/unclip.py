@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.context import NodeContext
-from engine.diffusion.checkpoints.loader import load_checkpoint
+from engine.diffusion.checkpoints.loader import checkpoint_weight_bytes, load_checkpoint
+from engine.diffusion.checkpoints.safetensors_io import floating_shapes, weight_bytes
 from engine.diffusion.checkpoints.state_files import open_state_file
-from engine.diffusion.checkpoints.unclip import load_unclip_vision
+from engine.diffusion.checkpoints.unclip import UNCLIP_VISION_PREFIX, load_unclip_vision
 from engine.diffusion.memory.model_manager import ModelManager
 from engine.diffusion.networks.clip_vision import ClipVisionOutput
 from engine.node import Combo, FilesIn, Float, Link, Node, NodeSchema, Output
@@ -38,7 +39,16 @@ class unCLIPCheckpointLoader(Node):  # noqa: N801 -- ComfyUI's class name
             return loaded.model, loaded.clip, loaded.vae, vision
 
         return load_model_file(ctx, "checkpoints", ckpt_name, "unclip_checkpoint", build,
-                               manager(ctx).policy)
+                               manager(ctx).policy, size=unclip_weight_bytes)
+
+
+def unclip_weight_bytes(models: ModelManager, path: Path) -> int:
+    """Bytes an unCLIP checkpoint's load keeps: the checkpoint's parts and the vision tower
+    (in the text encoders' dtype), from the header."""
+    opened = open_state_file(path, allow_pickle=models.allow_pickle)
+    vision = weight_bytes(floating_shapes(opened.tensors),
+                          {UNCLIP_VISION_PREFIX: models.policy.text_dtype})
+    return checkpoint_weight_bytes(opened, models.policy) + vision
 
 
 class unCLIPConditioning(Node):  # noqa: N801 -- ComfyUI's class name

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from engine.diffusion.memory.devices import DevicePolicy, round_weights
+from engine.diffusion.memory.devices import DevicePolicy
 from engine.launch_flags import INERT_FLAGS, flag_names, inert_flags_given, settle_flags
 from main import build_parser
 
@@ -115,12 +115,12 @@ def test_text_encoder_storage_flags_compute_in_fp32() -> None:
 
 
 def test_unet_precision_flags_override_force_fp32_as_in_comfyui() -> None:
-    assert policy("--force-fp32", "--bf16-unet").unet_dtype == torch.bfloat16
+    assert policy("--force-fp32", "--bf16-unet").unet_weight_dtype == torch.bfloat16
     assert policy("--fp64-unet").unet_dtype == torch.float64
     assert policy("--force-fp16").unet_dtype == torch.float16
 
 
-def test_fp8_unet_flags_round_the_weights_and_keep_the_compute_dtype() -> None:
+def test_fp8_unet_flags_store_the_weights_in_fp8_and_keep_the_compute_dtype() -> None:
     chosen = policy("--force-fp32", "--fp8_e4m3fn-unet")
     assert (chosen.unet_dtype, chosen.unet_storage_dtype) == (torch.float32,
                                                               torch.float8_e4m3fn)
@@ -132,16 +132,6 @@ def test_cpu_vae_runs_the_vae_on_the_cpu_in_fp32_unless_told_otherwise() -> None
     assert chosen.vae_dtype == torch.float32
     assert DevicePolicy.decide(cuda_available=True, cpu_vae=True,
                                bf16_vae=True).vae_dtype == torch.bfloat16
-
-
-def test_rounding_keeps_the_dtype_and_only_values_the_storage_dtype_holds() -> None:
-    layer = torch.nn.Linear(8, 8)
-    torch.nn.init.normal_(layer.weight)
-    before = layer.weight.detach().clone()
-    round_weights(layer, torch.float16)
-    assert layer.weight.dtype == torch.float32
-    assert torch.equal(layer.weight, before.half().float())
-    assert not torch.equal(layer.weight, before)
 
 
 def test_unknown_precision_flags_are_an_error_naming_them() -> None:

@@ -18,6 +18,7 @@ from engine.diffusion.checkpoints.writer import random_checkpoint
 from engine.diffusion.networks.clip_vision import ClipVisionOutput
 from engine.diffusion.networks.noise_augment import augment, noise_level_for, unclip_adm
 from engine.diffusion.sampling.conditioning import adm_vector
+from nodes.unclip import unclip_weight_bytes
 from tests.model_engine import ModelEngine, node, probed
 
 
@@ -147,3 +148,13 @@ def test_sdxl_revision_replaces_the_pooled_text_with_the_noised_image(tmp_path: 
     plain = adm_vector(model, {"pooled_output": options["pooled_output"]}, "positive",
                        torch.Size((1, 4, 8, 8)), torch.device("cpu"))
     assert torch.equal(y[:, pooled_width:], plain[:, pooled_width:])
+
+
+def test_the_unclip_loaders_size_estimate_is_what_its_load_keeps(tmp_path: Path) -> None:
+    engine = ModelEngine(tmp_path)
+    engine.checkpoint("sd21_unclip_h", "unclip.safetensors")
+    engine.run(probed({"ckpt": node("unCLIPCheckpointLoader", ckpt_name="unclip.safetensors")},
+                      "ckpt"))
+    models = engine.services.model_manager
+    path = tmp_path / "models" / "checkpoints" / "unclip.safetensors"
+    assert unclip_weight_bytes(models, path) == models.resident_bytes() > 0

@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.diffusion.networks.tiling import blend_weights, tile_starts, tiled_apply
-from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
+from engine.diffusion.networks.vae import (
+    AttnBlock,
+    AutoencoderKL,
+    VAEConfig,
+    vae_state_dict_from_any,
+)
 from engine.diffusion.networks.vae_model import VAE, crop_to_multiple, latent_scale_for
 from tests.diffusion.manifests import manifest
 from tests.numerics import rel_err
@@ -318,3 +323,10 @@ def test_tiled_nodes_cap_the_overlap_at_a_quarter_tile() -> None:
     vae.decode_tiled(latent, tile_size=64, overlap=64, progress=lambda i, n: calls.append((i, n)))
     # 96 px with 64 px tiles: overlap 64 -> 16 px (2 latent cells), so 2 x 2 tiles
     assert calls[-1] == (4, 4)
+
+
+def test_attention_tokens_are_contiguous_so_cpu_sdpa_keeps_no_score_matrix() -> None:
+    # strided tokens make PyTorch's CPU SDPA fall back to its math path, which holds the
+    # (H*W)^2 scores: 2.3 GB for SDXL's 1024x1024 decode
+    tokens = AttnBlock._tokens(torch.randn(1, 8, 4, 4))
+    assert tokens.shape == (1, 1, 16, 8) and tokens.is_contiguous()

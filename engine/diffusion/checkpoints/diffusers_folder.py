@@ -30,7 +30,7 @@ from engine.diffusion.checkpoints.diffusers_unet import (
 from engine.diffusion.checkpoints.loader import NODE_LATENT_SCALE, build_unet
 from engine.diffusion.checkpoints.state_files import CheckpointError, open_state_file
 from engine.diffusion.checkpoints.text_encoders import build_text_encoder, standalone_encoder_state
-from engine.diffusion.memory.devices import DevicePolicy, round_weights
+from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.clip_text import TextEncoderConfig
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
@@ -107,9 +107,8 @@ def _load_unet(folder: Path, family: str, policy: DevicePolicy, allow_pickle: bo
     tensors = open_state_file(path, allow_pickle=allow_pickle).tensors
     weights = diffusers_unet_to_ldm(tensors, config, f"{folder.name}/unet")
     prediction, zsnr = detect_prediction(weights, family, config.in_channels, "")
-    unet = build_unet(weights, config, policy.unet_dtype, policy.offload_device,
-                      f"{folder.name}/unet")
-    round_weights(unet, policy.unet_storage_dtype)
+    unet = build_unet(weights, config, policy.unet_weight_dtype, policy.offload_device,
+                      f"{folder.name}/unet", policy.unet_dtype)
     logger.info("%s: diffusers %s UNet, %s-prediction", folder.name, family, prediction)
     return ModelHandle.create(unet, config, family, prediction, zsnr, name=folder.name,
                               device=policy.device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,10 +23,15 @@ from engine.diffusion.checkpoints.detect import (
     detect_checkpoint,
     detect_unet_file,
 )
-from engine.diffusion.checkpoints.safetensors_io import CastOnRead, floating_shapes
+from engine.diffusion.checkpoints.safetensors_io import (
+    CastOnRead,
+    floating_shapes,
+    weight_bytes,
+)
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_state
-from engine.diffusion.memory.devices import DevicePolicy, round_weights
+from engine.diffusion.memory.cast_on_use import hold_in
+from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
 from engine.diffusion.networks.vae_model import VAE
 from engine.diffusion.patches.model_handle import ModelHandle
@@ -63,11 +67,14 @@ def unet_config_for(layout: CheckpointLayout, metadata: Mapping[str, str]) -> UN
 
 
 def build_unet(weights: Mapping[str, Tensor], config: UNetConfig, dtype: torch.dtype,
-               device: torch.device, source: str) -> UNet:
-    """A UNet holding `weights` (cast only where the dtype differs), in eval mode."""
+               device: torch.device, source: str, compute: torch.dtype | None = None) -> UNet:
+    """A UNet holding `weights` in `dtype` (cast only where the dtype differs), in eval mode,
+    computing in `compute` (default: `dtype`; another one casts each layer up when it runs)."""
     with torch.device("meta"):
         unet = UNet(config)
     assign_weights(unet, weights, dtype, device, source)
+    if compute is not None and compute != dtype:
+        hold_in(unet, dtype, compute)
     return unet
 
 
@@ -98,14 +105,11 @@ def checkpoint_weight_bytes(opened: StateFile, policy: DevicePolicy) -> int:
     """Bytes of the UNet, text encoder and VAE weights of a checkpoint once loaded in the
     policy's dtypes (what load_checkpoint keeps), from the tensors' shapes alone."""
     layout = detect_checkpoint(opened.tensors)
-    dtypes = {prefix: policy.text_dtype for prefix in layout.text_prefixes.values()}
-    dtypes.update({layout.unet_prefix: policy.unet_dtype, layout.vae_prefix: policy.vae_dtype})
-    total = 0
-    for name, shape in floating_shapes(opened.tensors).items():
-        dtype = next((d for prefix, d in dtypes.items() if prefix and name.startswith(prefix)),
-                     None)
-        total += 0 if dtype is None else math.prod(shape) * dtype.itemsize
-    return total
+    dtypes = {prefix: policy.text_weight_dtype for prefix in layout.text_prefixes.values()}
+    dtypes.update({layout.unet_prefix: policy.unet_weight_dtype,
+                   layout.vae_prefix: policy.vae_dtype})
+    present = {prefix: dtype for prefix, dtype in dtypes.items() if prefix}  # "": not in it
+    return weight_bytes(floating_shapes(opened.tensors), present)
 
 
 def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
@@ -132,13 +136,14 @@ def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
 def load_model_from(opened: StateFile, layout: CheckpointLayout, policy: DevicePolicy,
                     storage_dtype: torch.dtype | None = None) -> ModelHandle:
     """The MODEL handle of a checkpoint or standalone UNet file with a detected layout; its
-    weights rounded to `storage_dtype` (default: the policy's, e.g. --fp8_e4m3fn-unet)."""
+    weights held in `storage_dtype` (default: the policy's, e.g. --fp8_e4m3fn-unet), read from
+    the file straight into it, and cast up to the compute dtype layer by layer."""
     prefix = layout.unet_prefix or ""
-    weights = strip_prefix(CastOnRead(opened.tensors, {prefix: policy.unet_dtype}), prefix)
+    held = storage_dtype or policy.unet_weight_dtype
+    weights = strip_prefix(CastOnRead(opened.tensors, {prefix: held}), prefix)
     config = unet_config_for(layout, opened.metadata)
-    unet = build_unet(weights, config, policy.unet_dtype, policy.offload_device,
-                      opened.path.name)
-    round_weights(unet, storage_dtype or policy.unet_storage_dtype)
+    unet = build_unet(weights, config, held, policy.offload_device, opened.path.name,
+                      policy.unet_dtype)
     return ModelHandle.create(unet, config, layout.family, layout.prediction, layout.zsnr,
                               name=opened.path.name, device=policy.device,
                               edm_sigmas=layout.edm_sigmas)

@@ -12,6 +12,7 @@ raw little-endian tensor data, offsets relative to the end of the header."""
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from collections.abc import Iterator, Mapping
@@ -158,6 +159,17 @@ def floating_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, .
         return {name: info.shape for name, info in state.infos.items()
                 if DTYPES[info.dtype].is_floating_point}
     return {name: tuple(t.shape) for name, t in state.items() if t.is_floating_point()}
+
+
+def weight_bytes(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]) -> int:
+    """Bytes the tensors of `shapes` (name -> shape) take once read in the dtype of the first
+    of `dtypes`' key prefixes their name starts with ("" matches every name); tensors under
+    none of the prefixes are not counted. With floating_shapes: a load's size from the header."""
+    total = 0
+    for name, shape in shapes.items():
+        dtype = next((d for prefix, d in dtypes.items() if name.startswith(prefix)), None)
+        total += 0 if dtype is None else math.prod(shape) * dtype.itemsize
+    return total
 
 
 class CastOnRead(Mapping[str, torch.Tensor]):

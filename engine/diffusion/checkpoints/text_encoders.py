@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.safetensors_io import CastOnRead
-from engine.diffusion.memory.devices import round_weights
+from engine.diffusion.memory.cast_on_use import hold_in
 from engine.diffusion.networks.clip_text import ClipTextModel, TextEncoderConfig
 from engine.diffusion.networks.openclip_text import INITIAL_LOGIT_SCALE, OpenClipTextModel
 from engine.diffusion.text.encoding import EncoderSpec, TextEncoderStack, family_spec
@@ -58,10 +58,11 @@ def load_text_encoder_state(family: str, state_dict: Mapping[str, Tensor], bpe: 
 
     A one-encoder family also accepts a bare text-encoder state dict. `configs` (by encoder
     name) overrides the shapes read from the weights (tiny test models); `storage_dtype`
-    rounds the weights to that precision (memory.devices.round_weights).
+    holds the weights in that dtype, each layer cast up to `dtype` as it runs (cast_on_use.py).
     """
     spec = family_spec(family)
-    reader = CastOnRead(state_dict, {"": dtype})  # only the text encoders' tensors are read
+    # only the text encoders' tensors are read, straight into the dtype they are held in
+    reader = CastOnRead(state_dict, {"": storage_dtype or dtype})
     encoders = {}
     for encoder in spec.encoders:
         weights = _checkpoint_encoder_state(family, encoder, reader)
@@ -93,7 +94,8 @@ def load_text_encoder_files(state_dicts: list[Mapping[str, Tensor]], bpe: ClipBp
     for state_dict, kind in zip(state_dicts, kinds, strict=True):
         encoder = by_architecture[kind]
         config = None if configs is None else configs.get(encoder.name)
-        weights = standalone_encoder_state(CastOnRead(state_dict, {"": dtype}), kind)
+        weights = standalone_encoder_state(CastOnRead(state_dict, {"": storage_dtype or dtype}),
+                                           kind)
         encoders[encoder.name] = build_text_encoder(kind, weights, dtype=dtype, device=device,
                                                     config=config, storage_dtype=storage_dtype)
     return TextEncoderStack(family, encoders, bpe, find_embedding=find_embedding)
@@ -233,15 +235,17 @@ def build_text_encoder(architecture: str, weights: Mapping[str, Tensor], *,
                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                        config: TextEncoderConfig | None = None,
                        storage_dtype: torch.dtype | None = None) -> nn.Module:
-    """An encoder module with `weights` (this module's naming) loaded, in eval mode; weights
-    rounded to `storage_dtype` when given."""
+    """An encoder module with `weights` (this module's naming) loaded, in eval mode, computing
+    in `dtype`; weights held in `storage_dtype` when given (each layer cast up as it runs)."""
     config = config or infer_text_encoder_config(architecture, weights)
     model_class = ClipTextModel if architecture == "clip_l" else OpenClipTextModel
     with torch.device("meta"):
         model = model_class(config)
-    state = _prepared_state(model, weights, architecture, dtype, torch.device(device))
+    held = storage_dtype or dtype
+    state = _prepared_state(model, weights, architecture, held, torch.device(device))
     model.load_state_dict(state, strict=True, assign=True)
-    round_weights(model, storage_dtype)
+    if held != dtype:
+        hold_in(model, held, dtype)
     return model.eval().requires_grad_(False)
 
 

@@ -16,7 +16,6 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from torch import nn
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -65,10 +64,10 @@ def storage_dtype(name: str) -> torch.dtype:
 class DevicePolicy:
     """Where each model component runs and in which dtype.
 
-    `*_storage_dtype` (None: as computed) is the precision weights are rounded to, ComfyUI's
-    "store weights in X" flags: the weights keep the compute dtype but hold only values X can
-    represent, so the numbers match ComfyUI casting X weights up per layer (the memory is that
-    of the compute dtype)."""
+    `*_storage_dtype` (None: as computed) is the dtype weights are held in, ComfyUI's "store
+    weights in X" flags (and --bf16-unet/--fp16-unet on a CPU without fast math in X): the
+    UNet holds X and casts each layer up to the compute dtype when it runs
+    (memory/cast_on_use.py); so do the text encoders."""
 
     device: torch.device
     unet_dtype: torch.dtype
@@ -89,6 +88,7 @@ class DevicePolicy:
             raise TypeError(f"unknown precision flags {sorted(unknown)}; known: "
                             f"{', '.join(PRECISION_FLAGS)}")
         use_cuda = (torch.cuda.is_available() if cuda_available is None else cuda_available)
+        native = False
         if use_cuda and not flags.get("cpu"):
             device = torch.device("cuda")
             vae = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -105,7 +105,7 @@ class DevicePolicy:
             unet = text = torch.float16
         if flags.get("force_fp32"):
             unet = text = vae = torch.float32
-        unet = _flagged(flags, UNET_FLAG_DTYPES, unet)
+        unet, unet_storage = _unet_dtypes(flags, device, native, unet)
         vae_device = torch.device("cpu") if flags.get("cpu_vae") else None
         vae = _flagged(flags, VAE_FLAG_DTYPES,
                        torch.float32 if vae_device is not None else vae)
@@ -113,14 +113,24 @@ class DevicePolicy:
         if text_storage is not None:  # ComfyUI computes its SD text encoders in fp32
             text = torch.float32
         offload = device if flags.get("gpu_only") else torch.device("cpu")
-        return cls(device, unet, text, vae, reason, offload, vae_device,
-                   _flagged_storage(flags, UNET_STORAGE_FLAGS), text_storage)
+        return cls(device, unet, text, vae, reason, offload, vae_device, unet_storage,
+                   text_storage)
 
     @classmethod
     def from_args(cls, args: Any) -> DevicePolicy:
         """From main.py's parsed flags (missing flags count as not given)."""
         return cls.decide(**{name: bool(getattr(args, name, False))
                              for name in PRECISION_FLAGS})
+
+    @property
+    def unet_weight_dtype(self) -> torch.dtype:
+        """The dtype the UNet's weights are held in (its storage dtype, else its compute one)."""
+        return self.unet_storage_dtype or self.unet_dtype
+
+    @property
+    def text_weight_dtype(self) -> torch.dtype:
+        """The dtype the text encoders' weights are held in."""
+        return self.text_storage_dtype or self.text_dtype
 
     @property
     def vae_compute_device(self) -> torch.device:
@@ -141,6 +151,20 @@ def _flagged(flags: dict[str, bool], table: Mapping[str, torch.dtype],
     return next((dtype for name, dtype in table.items() if flags.get(name)), default)
 
 
+def _unet_dtypes(flags: dict[str, bool], device: torch.device, native_bf16: bool,
+                 default: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """(compute, storage) of the UNet. On the CPU, --bf16-unet/--fp16-unet store the weights in
+    that dtype and compute in fp32 unless the CPU computes it natively (bf16 with AVX512-BF16
+    or AMX; fp16 never), as ComfyUI's manual cast does; elsewhere they set the compute dtype.
+    The fp8 flags store in fp8 whatever the compute dtype."""
+    compute = _flagged(flags, UNET_FLAG_DTYPES, default)
+    storage = _flagged_storage(flags, UNET_STORAGE_FLAGS)
+    small = flags.get("bf16_unet") or flags.get("fp16_unet")
+    if device.type == "cpu" and small and not (compute == torch.bfloat16 and native_bf16):
+        return torch.float32, storage or compute
+    return compute, storage
+
+
 def _flagged_storage(flags: dict[str, bool], table: Mapping[str, str]) -> torch.dtype | None:
     return next((storage_dtype(name) for flag, name in table.items() if flags.get(flag)), None)
 
@@ -149,15 +173,4 @@ def _dtype_text(compute: torch.dtype, storage: torch.dtype | None) -> str:
     name = str(compute).removeprefix("torch.")
     if storage is None or storage == compute:
         return name
-    return f"{name} (weights rounded to {str(storage).removeprefix('torch.')})"
-
-
-def round_weights(module: nn.Module, storage: torch.dtype | None) -> None:
-    """ComfyUI's "store weights in X" (fp16/bf16/fp8 weights cast up per layer for the math),
-    as numbers: every floating parameter is rounded to X and kept in its own dtype."""
-    if storage is None:
-        return
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.is_floating_point() and param.dtype != storage:
-                param.data = param.data.to(storage).to(param.dtype)
+    return f"{name} (weights held in {str(storage).removeprefix('torch.')})"

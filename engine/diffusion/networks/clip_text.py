@@ -195,7 +195,9 @@ class ClipTextModel(nn.Module):
         before; None = the last); `normalize_hidden` applies the final LayerNorm to it.
         """
         embeds = self.embed_tokens(tokens) if token_embeds is None else token_embeds
-        positions = self.embeddings.position_embedding.weight[: tokens.shape[1]]
+        # through the module, so weights held in a storage dtype come cast (cast_on_use.py)
+        positions = self.embeddings.position_embedding(
+            torch.arange(tokens.shape[1], device=tokens.device))
         x = embeds.to(positions.dtype) + positions  # (B, T, width)
         last_block, chosen = run_layers(x, self.encoder.layers, layer_idx)
         hidden, last, pooled = select_output(last_block, chosen, self.final_layer_norm, tokens,

@@ -17,6 +17,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from engine.diffusion.memory.cast_on_use import compute_dtype_of
 from engine.diffusion.memory.packed_conv import Conv2d
 from engine.diffusion.networks.attention import SpatialTransformer
 from engine.diffusion.networks.unet_blocks import (
@@ -290,7 +291,8 @@ class UNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.out["2"].weight.dtype
+        """The dtype the UNet computes in (its weights' unless held smaller: cast_on_use)."""
+        return compute_dtype_of(self, self.out["2"].weight)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
                 down_residuals: list[Tensor] | None = None,

@@ -88,7 +88,7 @@ class ModelHandle:
         name_of = _prediction_name(prediction)
         sampling = (continuous_model_sampling(name_of, *edm_sigmas) if edm_sigmas
                     else family_sampling(family, name_of, zsnr))
-        return cls(unet, config, family, sampling, LATENT_FORMATS[family], param.dtype,
+        return cls(unet, config, family, sampling, LATENT_FORMATS[family], unet.dtype,
                    device or param.device, name)
 
     def replace(self, **changes: Any) -> ModelHandle:
