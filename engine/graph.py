@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
+if TYPE_CHECKING:  # networkx is imported when a graph is first ordered, not at start-up
+    import networkx as nx
 
 
 def is_link(value: Any) -> bool:
@@ -97,6 +98,8 @@ class Prompt:
 
     def digraph(self, among: Iterable[str] | None = None) -> nx.DiGraph:
         """Edges upstream -> downstream for every link between existing nodes (of `among`)."""
+        import networkx as nx  # ~300 modules: deferred so servers start faster
+
         members = self.nodes.keys() if among is None else set(among)
         graph = nx.DiGraph()
         graph.add_nodes_from(node_id for node_id in self.nodes if node_id in members)
@@ -128,6 +131,8 @@ class Prompt:
 
 def topological_order(prompt: Prompt, needed: set[str]) -> list[str]:
     """Dependency order of `needed` (networkx); CycleError with the loop's path if none."""
+    import networkx as nx
+
     graph = prompt.digraph(needed)
     try:
         return list(nx.topological_sort(graph))
@@ -158,6 +163,8 @@ class GraphPlanner:
 
 def find_cycle(graph: nx.DiGraph) -> list[str] | None:
     """One cycle as a node path (first node repeated at the end), or None."""
+    import networkx as nx
+
     try:
         edges = nx.find_cycle(graph)
     except nx.NetworkXNoCycle:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from engine.graph import CycleError, GraphPlanner, Prompt, is_link
@@ -46,3 +50,15 @@ def test_planner_reuses_the_order_of_a_known_structure() -> None:
     other = Prompt.parse({"5": node("Const"), "6": node("Show", x=["5", 0])})
     assert other.order_for(["6"], planner) == ["5", "6"]
     assert len(planner._orders) == 1  # capacity bound
+
+
+def test_networkx_is_imported_only_when_a_graph_is_first_ordered() -> None:
+    """Start-up (custom_nodes_startup bench) does not pay for networkx's ~300 modules."""
+    code = ("import sys\n"
+            "from engine.graph import Prompt\n"
+            "assert 'networkx' not in sys.modules\n"
+            "prompt = Prompt.parse({'1': {'class_type': 'Const', 'inputs': {}}})\n"
+            "assert prompt.order_for(['1']) == ['1']\n"
+            "assert 'networkx' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parent.parent)
