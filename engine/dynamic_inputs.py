@@ -1,8 +1,9 @@
 """ComfyUI V3's dynamic inputs: one declared input that stands for a set of concrete inputs,
 named "<parent>.<member>" in prompts and editor files, which the node receives as one dict.
 
-- Autogrow: a template input repeated as <prefix>0, <prefix>1, ... (up to `max`); the first
-  `min` are required. The node gets {"image0": value, "image1": value, ...} in index order.
+- Autogrow: a template input repeated as <prefix>0, <prefix>1, ... (up to `max`), or under a
+  list of names; the first `min` are required. The node gets {"image0": value, "image1": value,
+  ...} in index (or name) order.
 - DynamicCombo: a drop-down whose chosen option brings its own inputs. The prompt carries the
   choice under the parent's name and each option input as "<parent>.<name>"; the node gets
   {"<parent>": choice, "<name>": value, ...}.
@@ -45,6 +46,26 @@ class AutogrowInputs:
         found = [(int(match[2]), match[1], value) for key, value in flat.items()
                  if (match := pattern.fullmatch(key))]
         return {name: value for _, name, value in sorted(found, key=lambda item: item[0])}
+
+
+@dataclass(frozen=True)
+class AutogrowNamedInputs:
+    """A template input repeated under the given names; the first `min` required."""
+
+    template: Input
+    names: tuple[str, ...]
+    min: int = 1
+
+    def members(self, parent: Input) -> tuple[Input, ...]:
+        return tuple(replace(self.template, name=f"{parent.name}.{name}",
+                             optional=index >= self.min) for index, name in enumerate(self.names))
+
+    def present_members(self, parent: Input, literals: Mapping[str, Any]) -> tuple[Input, ...]:
+        return self.members(parent)
+
+    def group(self, parent: str, flat: Mapping[str, Any]) -> dict[str, Any]:
+        """{name: value} for the members present, in declaration order."""
+        return {name: flat[f"{parent}.{name}"] for name in self.names if f"{parent}.{name}" in flat}
 
 
 @dataclass(frozen=True)
@@ -91,11 +112,20 @@ class DynamicComboInputs:
         return grouped
 
 
-def Autogrow(name: str, template: Input, prefix: str, min: int = 1, max: int = 10) -> Input:
+def Autogrow(name: str, template: Input, prefix: str, min: int = 1, max: int = 10,
+             **kw: Any) -> Input:
     """An input that grows a new `template` socket each time the last one is connected."""
     if not 0 <= min <= max:
         raise ValueError(f"Autogrow {name!r}: need 0 <= min <= max, got min={min}, max={max}")
-    return Input(name, AUTOGROW, dynamic=AutogrowInputs(template, prefix, min, max))
+    return Input(name, AUTOGROW, dynamic=AutogrowInputs(template, prefix, min, max), **kw)
+
+
+def AutogrowNames(name: str, template: Input, names: tuple[str, ...], min: int = 1,
+                  **kw: Any) -> Input:
+    """An input that grows `template` sockets named `names`, one at a time."""
+    if not 0 <= min <= len(names):
+        raise ValueError(f"Autogrow {name!r}: need 0 <= min <= {len(names)} names, got {min}")
+    return Input(name, AUTOGROW, dynamic=AutogrowNamedInputs(template, tuple(names), min), **kw)
 
 
 def DynamicCombo(name: str, options: tuple[ComboOption, ...], **kw: Any) -> Input:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.dynamic_inputs import AutogrowInputs, DynamicComboInputs
+from engine.dynamic_inputs import AutogrowInputs, AutogrowNamedInputs, DynamicComboInputs
 from engine.node import MISSING, Input, NodeSchema
 
 
@@ -45,6 +45,9 @@ def _dynamic_options(dynamic: Any, env: Any) -> dict[str, Any]:
     if isinstance(dynamic, AutogrowInputs):
         return {"template": {"input": _inputs_dict((dynamic.template,), env),
                              "max": dynamic.max, "min": dynamic.min, "prefix": dynamic.prefix}}
+    if isinstance(dynamic, AutogrowNamedInputs):
+        return {"template": {"input": _inputs_dict((dynamic.template,), env),
+                             "min": dynamic.min, "names": list(dynamic.names)}}
     if isinstance(dynamic, DynamicComboInputs):
         return {"options": [{"inputs": _inputs_dict(option.inputs, env), "key": option.key}
                             for option in dynamic.options]}

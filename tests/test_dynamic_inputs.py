@@ -12,6 +12,7 @@ import pytest
 from engine.context import NodeContext
 from engine.dynamic_inputs import (
     Autogrow,
+    AutogrowNames,
     ComboOption,
     DynamicCombo,
     GroupedInputsNode,
@@ -214,3 +215,14 @@ def test_a_missing_dynamic_combo_takes_its_first_choice_and_that_options_default
         engine: Engine) -> None:
     api = {**consts(5), "1": node("Pick", x=["10", 0]), "2": node("ShowAny", value=["1", 0])}
     assert shown(engine, api) == 6  # "add" with amount 1
+
+
+def test_a_named_autogrow_lists_its_names_and_groups_present_members_in_that_order() -> None:
+    spec = AutogrowNames("pair", Link("value", "INT"), ("left", "right", "extra"), min=2)
+    schema = NodeSchema("Named", (spec,), (Output("INT"),), comfy_v3=True)
+    entry = object_info_entry(schema)
+    template = entry["input"]["required"]["pair"][1]["template"]
+    assert template["names"] == ["left", "right", "extra"] and template["min"] == 2
+    assert [(m.name, m.optional) for m in spec.dynamic.members(spec)] == [
+        ("pair.left", False), ("pair.right", False), ("pair.extra", True)]
+    assert spec.dynamic.group("pair", {"pair.right": 2, "pair.left": 1}) == {"left": 1, "right": 2}

@@ -46,3 +46,36 @@ def test_a_v3_node_that_expands_outputs_its_expansions_result(bound: ModelEngine
     result, _ = bound.run(probed(api, "twice"))
     assert result.values["twice"][0] == [5]
     assert result.executed.count("twice.0.0.1") == 1 and "twice.0.0.2" in result.executed
+
+
+def test_a_dynamic_combo_is_served_with_its_options(bound: ModelEngine) -> None:
+    entry = bound.registry.object_info_for("V3Arithmetic", bound.services)
+    kind, options = entry["input"]["required"]["operation"]
+    assert kind == "COMFY_DYNAMICCOMBO_V3"
+    assert [option["key"] for option in options["options"]] == ["add", "scale"]
+    assert options["options"][1]["inputs"]["required"]["factor"][1]["max"] == 4
+
+
+def test_a_dynamic_combo_node_gets_the_chosen_option_and_its_inputs_as_one_dict(
+        bound: ModelEngine) -> None:
+    api = {"scaled": node("V3Arithmetic", value=5, operation="scale",
+                          **{"operation.factor": 3, "operation.offset": 1}),
+           "added": node("V3Arithmetic", value=5, operation="add", **{"operation.amount": 4})}
+    result, _ = bound.run(probed(api, "scaled", "added"))
+    assert result.values["scaled"][0][0] == 16 and result.values["added"][0][0] == 9
+
+
+def test_a_dynamic_combo_input_is_validated_against_its_option(bound: ModelEngine) -> None:
+    api = {"scaled": node("V3Arithmetic", value=5, operation="scale",
+                          **{"operation.factor": 9, "operation.offset": 1})}
+    checked = validate_prompt(probed(api, "scaled"), bound.registry, bound.services)
+    errors = checked.node_errors["scaled"]["errors"]
+    assert errors[0]["extra_info"]["input_name"] == "operation.factor"
+
+
+def test_an_autogrow_node_gets_the_connected_sockets_in_order(bound: ModelEngine) -> None:
+    api = {"one": node("V3AddOne", value=0), "two": node("V3AddOne", value=1),
+           "sum": node("V3SumAll", **{"terms.term0": ["one", 0], "terms.term1": ["two", 0],
+                                      "terms.term2": 10})}
+    result, _ = bound.run(probed(api, "sum"))
+    assert result.values["sum"][0][0] == 13 and result.values["sum"][1][0] == "term0,term1,term2"

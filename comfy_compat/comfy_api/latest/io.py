@@ -166,6 +166,29 @@ Photomaker = _type("Photomaker", "PHOTOMAKER")
 Hooks = _type("Hooks", "HOOKS")
 LatentOperation = _type("LatentOperation", "LATENT_OPERATION")
 AnyType = _type("AnyType", "*")
+# types only packs and non-SD families produce; Loom passes their values through unchanged
+WanCameraEmbedding = _type("WanCameraEmbedding", "WAN_CAMERA_EMBEDDING")
+LatentUpscaleModel = _type("LatentUpscaleModel", "LATENT_UPSCALE_MODEL")
+SVG = _type("SVG", "SVG")
+LoraModel = _type("LoraModel", "LORA_MODEL")
+LossMap = _type("LossMap", "LOSS_MAP")
+Voxel = _type("Voxel", "VOXEL")
+Mesh = _type("Mesh", "MESH")
+HookKeyframes = _type("HookKeyframes", "HOOK_KEYFRAMES")
+TimestepsRange = _type("TimestepsRange", "TIMESTEPS_RANGE")
+FlowControl = _type("FlowControl", "FLOW_CONTROL")
+Accumulation = _type("Accumulation", "ACCUMULATION")
+Load3DCamera = _type("Load3DCamera", "LOAD3D_CAMERA")
+Load3D = _type("Load3D", "LOAD_3D")
+Load3DAnimation = _type("Load3DAnimation", "LOAD_3D_ANIMATION")
+Point = _type("Point", "POINT")
+FaceAnalysis = _type("FaceAnalysis", "FACE_ANALYSIS")
+BBOX = _type("BBOX", "BBOX")
+SEGS = _type("SEGS", "SEGS")
+MODEL_PATCH = _type("MODEL_PATCH", "MODEL_PATCH")
+AudioEncoder = _type("AudioEncoder", "AUDIO_ENCODER")
+AudioEncoderOutput = _type("AudioEncoderOutput", "AUDIO_ENCODER_OUTPUT")
+Tracks = _type("Tracks", "TRACKS")
 
 
 class Combo(ComfyType):
@@ -195,6 +218,86 @@ class MultiType:
         kinds = [base.io_type] if base.io_type != "*" else []
         base.io_type = ",".join(dict.fromkeys(kinds + names)) or "*"
         return base
+
+
+@dataclass
+class DynamicComboSpec(InputSpec):
+    """`io.DynamicCombo.Input`: a drop-down whose chosen option brings its own inputs."""
+
+    option_inputs: list[tuple[str, list[InputSpec]]] = field(default_factory=list)
+
+    def loom_input(self) -> LoomInput:
+        from engine.dynamic_inputs import ComboOption
+        from engine.dynamic_inputs import DynamicCombo as loom_dynamic_combo
+        options = tuple(ComboOption(key, tuple(spec.loom_input() for spec in inputs))
+                        for key, inputs in self.option_inputs)
+        return loom_dynamic_combo(self.id, options, optional=self.optional, tooltip=self.tooltip)
+
+
+class DynamicCombo:
+    """`io.DynamicCombo`: execute receives {"<id>": chosen key, "<input>": value, ...}."""
+
+    io_type = "COMFY_DYNAMICCOMBO_V3"
+
+    @dataclass
+    class Option:
+        key: str
+        inputs: list[InputSpec] = field(default_factory=list)
+
+    @staticmethod
+    def Input(id: str, options: list[DynamicCombo.Option], display_name: str | None = None,  # noqa: N802
+              optional: bool = False, tooltip: str | None = None, lazy: bool | None = None,
+              extra_dict: Any = None) -> InputSpec:
+        return DynamicComboSpec(DynamicCombo.io_type, id, display_name, optional, tooltip, lazy,
+                                option_inputs=[(o.key, list(o.inputs)) for o in options])
+
+
+@dataclass
+class AutogrowSpec(InputSpec):
+    """`io.Autogrow.Input`: a template socket repeated as the user connects more."""
+
+    template: Any = None
+
+    def loom_input(self) -> LoomInput:
+        from engine.dynamic_inputs import Autogrow as loom_autogrow
+        from engine.dynamic_inputs import AutogrowNames as loom_autogrow_names
+        template = self.template
+        socket = template.input.loom_input()
+        if isinstance(template, Autogrow.TemplateNames):
+            return loom_autogrow_names(self.id, socket, tuple(template.names), template.min,
+                                       optional=self.optional, tooltip=self.tooltip)
+        return loom_autogrow(self.id, socket, template.prefix, template.min, template.max,
+                             optional=self.optional, tooltip=self.tooltip)
+
+
+class Autogrow:
+    """`io.Autogrow`: execute receives {"<prefix>0": value, ...} or {"<name>": value, ...}."""
+
+    io_type = "COMFY_AUTOGROW_V3"
+
+    class TemplatePrefix:
+        def __init__(self, input: InputSpec, prefix: str, min: int = 1, max: int = 10) -> None:
+            self.input, self.prefix, self.min, self.max = _socket(input), prefix, min, max
+
+    class TemplateNames:
+        def __init__(self, input: InputSpec, names: list[str], min: int = 1) -> None:
+            self.input, self.names, self.min = _socket(input), list(names), min
+
+    @staticmethod
+    def Input(id: str, template: Any, display_name: str | None = None,  # noqa: N802
+              optional: bool = False, tooltip: str | None = None, lazy: bool | None = None,
+              extra_dict: Any = None) -> InputSpec:
+        if not isinstance(template, (Autogrow.TemplatePrefix, Autogrow.TemplateNames)):
+            raise TypeError(f"io.Autogrow.Input({id!r}): template must be an "
+                            f"Autogrow.TemplatePrefix or TemplateNames, got {template!r}")
+        return AutogrowSpec(Autogrow.io_type, id, display_name, optional, tooltip, lazy,
+                            template=template)
+
+
+def _socket(spec: InputSpec) -> InputSpec:
+    """A template input as ComfyUI uses it: a socket, never a widget."""
+    return InputSpec(spec.io_type, spec.id, spec.display_name, spec.optional, spec.tooltip,
+                     spec.lazy, spec.default, {**spec.options, "forceInput": True}, spec.choices)
 
 
 @dataclass
@@ -287,8 +390,8 @@ class MatchType:
 
 
 def __getattr__(name: str) -> Any:
-    """Other V3 types (DynamicCombo, Autogrow ...) exist in ComfyUI but not in Loom's facade:
-    a node declaring one fails to register with an error naming it."""
+    """Other V3 types (DynamicSlot ...) exist in ComfyUI but not in Loom's facade: a node
+    declaring one fails to register with an error naming it."""
     if name[:1].isupper():
         from loom_internals import unavailable
         return unavailable(f"comfy_api.latest.io.{name}")

@@ -11,6 +11,7 @@ from comfy_api.latest.io import ComfyNode, Hidden, HiddenHolder, NodeOutput, Sch
 from engine.classic import blocked_result, execution_blocker, expansion_results
 from engine.comfy_host import from_pack, running, to_pack
 from engine.context import NodeContext
+from engine.dynamic_inputs import group_dynamic_inputs
 from engine.node import ALWAYS_CHANGED, Input, Node, NodeResult, NodeSchema
 
 HIDDEN_PREFIX = "loom_hidden_"  # hidden inputs' names, kept apart from the node's own inputs
@@ -55,6 +56,8 @@ class V3Node(Node):
             hidden["unique_id"] = ctx.node_id
         own = {name: to_pack(value) for name, value in inputs.items()
                if not name.startswith(HIDDEN_PREFIX)}
+        if self.schema.has_dynamic:  # each DynamicCombo/Autogrow arrives as one dict
+            own = group_dynamic_inputs(self.schema, own)
         clone = type(self.comfy.__name__, (self.comfy,), {"hidden": HiddenHolder(hidden),
                                                           "__module__": self.comfy.__module__})
         return clone, own

@@ -50,9 +50,45 @@ class AddOneTwice(io.ComfyNode):
         return io.NodeOutput(second.out(0), expand=graph.finalize())
 
 
+class Arithmetic(io.ComfyNode):
+    """A DynamicCombo: the chosen operation brings its own inputs; execute gets one dict."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="V3Arithmetic", category="tests", inputs=[
+            io.Int.Input("value", default=1),
+            io.DynamicCombo.Input("operation", options=[
+                io.DynamicCombo.Option("add", [io.Int.Input("amount", default=1)]),
+                io.DynamicCombo.Option("scale", [io.Int.Input("factor", default=2, min=1,
+                                                              max=4),
+                                                 io.Int.Input("offset", default=0)]),
+            ])], outputs=[io.Int.Output()])
+
+    @classmethod
+    def execute(cls, value, operation):
+        if operation["operation"] == "add":
+            return io.NodeOutput(value + operation["amount"])
+        return io.NodeOutput(value * operation["factor"] + operation["offset"])
+
+
+class SumAll(io.ComfyNode):
+    """An Autogrow of INT sockets named term0, term1 ...; execute gets {name: value}."""
+
+    @classmethod
+    def define_schema(cls):
+        template = io.Autogrow.TemplatePrefix(io.Int.Input("term"), prefix="term", min=1, max=4)
+        return io.Schema(node_id="V3SumAll", category="tests",
+                         inputs=[io.Autogrow.Input("terms", template=template)],
+                         outputs=[io.Int.Output(), io.String.Output()])
+
+    @classmethod
+    def execute(cls, terms):
+        return io.NodeOutput(sum(terms.values()), ",".join(terms))
+
+
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [ScaleImage, AddOne, AddOneTwice]
+        return [ScaleImage, AddOne, AddOneTwice, Arithmetic, SumAll]
 
 
 async def comfy_entrypoint():
