@@ -193,11 +193,29 @@ class _PromptRun:
     def _precache(self, order: list[str], last: RunRecord | None) -> None:
         """Resolve from the cache every node whose inputs are all known and whose key hits;
         a node unchanged since `last` (which still holds), with all its sources, keeps its
-        recorded key."""
+        recorded key. When validation tells what changed since `last`'s prompt, the nodes
+        upstream of no change keep theirs without each being looked at."""
+        edit = self.prompt.edit
+        rest = None
+        if last is not None and edit is not None and edit.before is last.nodes:
+            rest = self._keep_unchanged(order, last, edit.changed)
+        if rest is None:
+            self._announce_hits(self._look_up(order, last))
+            return
+        fresh = self._look_up(rest, None)
+        looked_at = set(rest)
+        shown = tuple(node_id for node_id in last.shown
+                      if node_id in self.resolved and node_id not in looked_at)
+        self._announce_hits([node_id for node_id in order if node_id in self.resolved],
+                            shown + self._shown(fresh))
+
+    def _look_up(self, nodes: list[str], last: RunRecord | None) -> list[str]:
+        """Resolve each of `nodes` (in order) whose inputs are resolved and whose key hits;
+        returns those hits."""
         hits = []
         resolved = self.resolved
         kept: set[str] = set()  # nodes whose recorded key holds
-        for node_id in order:
+        for node_id in nodes:
             facts = self.facts(node_id)
             lazy = facts.lazy
             if any(src not in resolved for name, src, _ in facts.links if name not in lazy):
@@ -213,7 +231,30 @@ class _PromptRun:
             if entry is not None:
                 self._accept(node_id, key, entry)
                 hits.append(node_id)
-        self._announce_hits(hits)
+        return hits
+
+    def _keep_unchanged(self, order: list[str], last: RunRecord,
+                        changed: frozenset[str]) -> list[str] | None:
+        """Resolve with their recorded keys the nodes of `order` downstream of no change: no
+        changed or new node, none whose fingerprint changed. Returns the others (in order), or
+        None when the cache no longer holds a kept entry (then nothing is resolved)."""
+        key_of, rank = last.key_of, self.rank
+        dirty = self.prompt.downstream(
+            order, rank, {node_id for node_id in order
+                          if node_id in changed or node_id not in key_of})
+        for node_id in sorted((n for n in last.fingerprints if n in rank and n not in dirty),
+                              key=rank.__getitem__):
+            if node_id not in dirty and not self._same_fingerprint(node_id, last):
+                dirty = self.prompt.downstream(order, rank, dirty | {node_id})
+        kept = [node_id for node_id in order if node_id not in dirty]
+        keys = list(map(key_of.__getitem__, kept))
+        entries = self.ex.cache.get_many(keys)
+        if entries is None:
+            return None
+        self.resolved.update(zip(kept, entries, strict=True))
+        self.keys.update(zip(kept, keys, strict=True))
+        self.used_keys.update(keys)
+        return [node_id for node_id in order if node_id in dirty]
 
     def _kept_key(self, facts: NodeFacts, last: RunRecord, kept: set[str]) -> str | None:
         """The node's recorded key, if it still holds (adding the node to `kept`)."""
@@ -232,14 +273,16 @@ class _PromptRun:
         self.emit("execution_cached", nodes=hits, timestamp=timestamp_ms())
         if not self.silent:
             self.listener.nodes_cached(self.prompt_id, hits)
-        if shown is None:
-            shown = tuple(node_id for node_id in hits if self.resolved[node_id].ui is not None
-                          and self.facts(node_id).schema.output_node)
-        for node_id in shown:
+        for node_id in self._shown(hits) if shown is None else shown:
             ui = self.resolved[node_id].ui
             self.result.outputs[node_id] = ui
             self.emit("executed", node=node_id,
                       display_node=self.expansions.dynamic.get_display_node_id(node_id), output=ui)
+
+    def _shown(self, hits: list[str]) -> tuple[str, ...]:
+        """The output nodes among `hits` with a UI dict."""
+        return tuple(node_id for node_id in hits if self.resolved[node_id].ui is not None
+                     and self.facts(node_id).schema.output_node)
 
     def _accept(self, node_id: str, key: str, entry: CacheEntry) -> None:
         self.resolved[node_id] = entry
