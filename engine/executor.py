@@ -143,7 +143,8 @@ class _PromptRun:
             self.ex.forget_instances(reachable)
             self.emit("executing", node=None)
         if record is not None:
-            self.ex._last_run = replace(record, cache_version=self.ex.cache.version)
+            self.ex._last_run = replace(record, cache_version=self.ex.cache.version,
+                                        key_of=record.key_of)
         self.result.resolved = self.resolved
         return self.result
 
@@ -166,7 +167,7 @@ class _PromptRun:
         still holds: the same nodes, the same fingerprints, the cache as that run left it."""
         record = self.ex._last_run
         if (record is None or not record.holds(self.ex.cache)
-                or not record.repeated_by(self.prompt.nodes, self.outputs)
+                or not record.repeated_by(self.prompt, self.outputs)
                 or not all(map(self._same_fingerprint, record.fingerprints, repeat(record)))):
             return None
         entries = self.ex.cache.get_many(record.keys)
@@ -174,9 +175,9 @@ class _PromptRun:
 
     def _replay(self, record: RunRecord, entries: list[CacheEntry]) -> None:
         self.resolved = dict(zip(record.node_ids, entries, strict=True))
-        self.keys = dict(record.key_of)
+        self.keys = record.key_of  # read only from here on: nothing runs in a replay
         self.used_keys = set(record.keys)
-        self.fingerprints = dict(record.fingerprints)
+        self.fingerprints = record.fingerprints
         self._announce_hits(list(record.node_ids), record.shown)
 
     def _same_fingerprint(self, node_id: str, record: RunRecord) -> bool:

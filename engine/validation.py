@@ -10,6 +10,7 @@ import math
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from engine.context import InterruptFlag, NodeContext, Services
@@ -330,13 +331,13 @@ class PromptValidator:
 
     def _validate(self, api: dict[str, Any], targets: tuple[str, ...] | None,
                   snapshot: PromptSnapshot | None) -> ValidationResult:
-        if not isinstance(api, dict) or not all(isinstance(v, dict) for v in api.values()):
+        if not isinstance(api, dict) or not all(map(isinstance, api.values(), repeat(dict))):
             result = ValidationResult(Prompt(nodes={}), [])
             result.error = error_entry(
                 "invalid_prompt", "Prompt must be an object of node objects",
                 "send {\"<id>\": {\"class_type\": ..., \"inputs\": {...}}}")
             return result
-        if not all(type(node_id) is str for node_id in api):
+        if not set(map(type, api)) <= {str}:
             api = {str(node_id): body for node_id, body in api.items()}
         snapshot = snapshot if snapshot is not None else PromptSnapshot(api)
         last = self._last
@@ -395,20 +396,14 @@ class PromptValidator:
         if snapshot.same_as(last.snapshot):
             return last.lasting, True, frozenset()
         before_nodes = last.prompt.nodes
-        same_shape = len(api) == len(before_nodes)
-        reused, changed = {}, []
-        for node_id, body in api.items():
-            before = before_nodes.get(node_id)
-            if before is not None and snapshot.unchanged(node_id, last.snapshot):
-                node = last.lasting.get(node_id)
-                if node is not None:
-                    reused[node_id] = node
-                continue
-            changed.append(node_id)
-            if before is None:
-                same_shape = False
-            elif same_shape and not _same_wiring(before, parse_node(node_id, body)):
-                same_shape = False
+        changed = snapshot.changed_since(last.snapshot)
+        dropped = set(changed)
+        reused = {node_id: node for node_id, node in last.lasting.items()
+                  if node_id not in dropped and node_id in api}
+        same_shape = len(api) == len(before_nodes) and all(
+            node_id in before_nodes
+            and _same_wiring(before_nodes[node_id], parse_node(node_id, api[node_id]))
+            for node_id in changed)
         if not same_shape:
             reused = {node_id: node for node_id, node in reused.items()
                       if _sources_unchanged(node, api, before_nodes)}

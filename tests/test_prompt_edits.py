@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from engine.events import RecordingListener
 from engine.executor import ExecutionResult, _PromptRun
 from engine.validation import PromptValidator
-from engine.events import RecordingListener
 from tests.stubs import Engine, node
 
 

@@ -24,6 +24,7 @@ from engine.workflow import WorkflowFormatError, is_ui_format, to_api_prompt
 from web.jsonio import dumps, error_response, json_response, parse, read_json, strict_text
 from web.queue import QueueItem
 from web.routing import ApiRoutes
+from web.store import PromptText
 
 if TYPE_CHECKING:
     from web.server import LoomServer
@@ -40,7 +41,7 @@ class Submission:
     """A POSTed prompt after conversion and validation."""
 
     api: dict[str, Any]
-    api_text: str  # `api` as JSON
+    api_text: PromptText  # `api` as JSON
     extra_data: dict[str, Any]
     validation: ValidationResult
 
@@ -81,7 +82,8 @@ def prepare_submission(server: LoomServer, body: dict[str, Any],
         pnginfo.setdefault("workflow", prompt)  # so saved PNGs carry the editor graph
         extra_data["extra_pnginfo"] = pnginfo
     else:
-        api = {str(node_id): node for node_id, node in prompt.items()}
+        api = (dict(prompt) if set(map(type, prompt)) <= {str}  # always, when parsed from JSON
+               else {str(node_id): node for node_id, node in prompt.items()})
     targets = body.get("partial_execution_targets")
     if targets is not None and (not isinstance(targets, list)
                                 or not all(isinstance(t, (str, int)) for t in targets)):
