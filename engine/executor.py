@@ -143,8 +143,9 @@ class _PromptRun:
             self.ex.forget_instances(reachable)
             self.emit("executing", node=None)
         if record is not None:
-            self.ex._last_run = replace(record, cache_version=self.ex.cache.version,
-                                        key_of=record.key_of)
+            # this prompt's nodes (a replayed record's are equal): the next edit is of them
+            self.ex._last_run = replace(record, nodes=self.prompt.nodes, key_of=record.key_of,
+                                        cache_version=self.ex.cache.version)
         self.result.resolved = self.resolved
         return self.result
 

@@ -141,3 +141,12 @@ def test_a_kept_entry_missing_from_the_cache_falls_back_to_looking_up_every_node
     result, events = editor.run(diamond(factor=3.0))
     assert sorted(events.executed_nodes()) == ["1", "2", "3", "4", "5", "6"]
     assert result.outputs["5"] == {"text": ["9.0"]}
+
+
+def test_a_replayed_run_is_recorded_as_the_run_of_the_prompt_it_replayed(editor: Editor) -> None:
+    editor.run(diamond())
+    editor.run(diamond())  # replayed
+    third = editor.validate(diamond())
+    editor.execute(third)
+    assert editor.engine.executor._last_run is not None
+    assert editor.engine.executor._last_run.nodes is third.prompt.nodes  # the next edit's base

@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.events import NodeLineage
 from web.jobs import history_job
-from web.jsonio import dumps
+from web.jsonio import dumps, strict_text
 from web.store import PromptText, Store
 
 DEFAULT_MAX_ITEMS = 10000
@@ -89,6 +89,12 @@ class HistoryRecord:
         return f"{self.head}{self.prompt.text}{self.tail}"
 
 
+def _strict(entry: str, whole: int) -> str:
+    """A stored entry as strict JSON: rows written in parts (schema 2) were written by
+    web.jsonio.dumps, strict already; older whole rows may need rewriting."""
+    return strict_text(entry) if whole else entry
+
+
 class History:
     """Read and write access to the history table; `max_items` bounds it."""
 
@@ -123,7 +129,8 @@ class History:
               ) -> Iterator[list[tuple[str, str]]]:
         """GET /history's (prompt id, entry JSON text) rows, oldest first, a page at a time so a
         reply never holds the whole history: the newest `max_items` (DEFAULT_REPLY_ITEMS when
-        None), or with `offset` that many from position `offset` (counted from the oldest)."""
+        None), or with `offset` that many from position `offset` (counted from the oldest).
+        The text is strict JSON (see `entry_text`)."""
         wanted = DEFAULT_REPLY_ITEMS if max_items is None else max(max_items, 0)
         if offset < 0:
             offset = max(self.count() - wanted, 0)
@@ -131,24 +138,25 @@ class History:
                                 (offset,))
         after = start[0][0] - 1 if start else None
         while after is not None and wanted > 0:
-            rows = self.store.rows("SELECT seq, prompt_id, entry FROM history_entries "
+            rows = self.store.rows("SELECT seq, prompt_id, entry, whole FROM history_entries "
                                    "WHERE seq > ? ORDER BY seq LIMIT ?",
                                    (after, min(wanted, PAGE_ROWS)))
             if not rows:
                 return
             wanted -= len(rows)
             after = rows[-1][0]
-            yield [(prompt_id, entry) for _, prompt_id, entry in rows]
+            yield [(prompt_id, _strict(entry, whole)) for _, prompt_id, entry, whole in rows]
 
     def entry(self, prompt_id: str) -> dict[str, Any] | None:
         text = self.entry_text(prompt_id)
         return json.loads(text) if text is not None else None
 
     def entry_text(self, prompt_id: str) -> str | None:
-        """The entry as stored (JSON text), for replies that need not decode it."""
-        rows = self.store.rows("SELECT entry FROM history_entries WHERE prompt_id = ?",
+        """The entry as stored (JSON text), for replies that need not decode it. Strict JSON:
+        a row from before schema 2 may hold NaN or Infinity, written as null here."""
+        rows = self.store.rows("SELECT entry, whole FROM history_entries WHERE prompt_id = ?",
                                (prompt_id,))
-        return rows[0][0] if rows else None
+        return _strict(*rows[0]) if rows else None
 
     def delete(self, prompt_ids: Iterable[str]) -> None:
         with self.store.transaction() as db:

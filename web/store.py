@@ -86,7 +86,7 @@ CREATE VIEW queue_items AS
                      || substr(queue.item, queue.prompt_at + 1) END AS item
     FROM queue LEFT JOIN prompts ON prompts.digest = queue.prompt_digest;
 CREATE VIEW history_entries AS
-    SELECT history.seq, history.prompt_id,
+    SELECT history.seq, history.prompt_id, history.prompt_digest IS NULL AS whole,
            CASE WHEN history.prompt_digest IS NULL THEN history.entry
                 ELSE substr(history.entry, 1, history.prompt_at) || ifnull(prompts.text, 'null')
                      || substr(history.entry, history.prompt_at + 1) END AS entry
