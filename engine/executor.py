@@ -240,16 +240,10 @@ class _PromptRun:
         """Resolve with their recorded keys the nodes of `order` downstream of no change: no
         changed or new node, none whose fingerprint changed. Returns the others (in order), or
         None when the cache no longer holds a kept entry (then nothing is resolved)."""
-        key_of, rank = last.key_of, self.rank
-        dirty = self.prompt.downstream(
-            order, rank, {node_id for node_id in order
-                          if node_id in changed or node_id not in key_of})
-        for node_id in sorted((n for n in last.fingerprints if n in rank and n not in dirty),
-                              key=rank.__getitem__):
-            if node_id not in dirty and not self._same_fingerprint(node_id, last):
-                dirty = self.prompt.downstream(order, rank, dirty | {node_id})
+        dirty = last.stale(self.prompt, order, self.rank, changed,
+                           lambda node_id: self._same_fingerprint(node_id, last))
         kept = [node_id for node_id in order if node_id not in dirty]
-        keys = list(map(key_of.__getitem__, kept))
+        keys = list(map(last.key_of.__getitem__, kept))
         entries = self.ex.cache.get_many(keys)
         if entries is None:
             return None

@@ -9,6 +9,7 @@ whole run is replayed from the record."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.cache import OutputCache
@@ -50,3 +51,18 @@ class RunRecord:
         """Whether the node is as recorded (its fingerprint and sources aside)."""
         before = self.nodes.get(node.node_id)
         return before is node or (before is not None and before == node)
+
+    def stale(self, prompt: Prompt, order: list[str], rank: dict[str, int],
+              changed: frozenset[str], same_fingerprint: Callable[[str], bool]) -> set[str]:
+        """The nodes of `prompt`'s run (`order`, `rank` its positions) that cannot keep their
+        recorded key: those `changed` since the recorded prompt, those the run did not key, those
+        whose fingerprint changed (asked in order, only of nodes still clean) and everything
+        downstream of them."""
+        key_of = self.key_of
+        stale = prompt.downstream(order, rank, {node_id for node_id in order
+                                                if node_id in changed or node_id not in key_of})
+        for node_id in sorted((n for n in self.fingerprints if n in rank and n not in stale),
+                              key=rank.__getitem__):
+            if node_id not in stale and not same_fingerprint(node_id):
+                stale = prompt.downstream(order, rank, stale | {node_id})
+        return stale
