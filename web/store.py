@@ -67,18 +67,7 @@ ALTER TABLE history ADD COLUMN prompt_digest TEXT;
 ALTER TABLE history ADD COLUMN prompt_at INTEGER;
 CREATE INDEX queue_prompt ON queue (prompt_digest);
 CREATE INDEX history_prompt ON history (prompt_digest);
-CREATE TRIGGER queue_row_gone AFTER DELETE ON queue WHEN OLD.prompt_digest IS NOT NULL
-BEGIN
-    DELETE FROM prompts WHERE digest = OLD.prompt_digest
-        AND NOT EXISTS (SELECT 1 FROM queue WHERE prompt_digest = OLD.prompt_digest)
-        AND NOT EXISTS (SELECT 1 FROM history WHERE prompt_digest = OLD.prompt_digest);
-END;
-CREATE TRIGGER history_row_gone AFTER DELETE ON history WHEN OLD.prompt_digest IS NOT NULL
-BEGIN
-    DELETE FROM prompts WHERE digest = OLD.prompt_digest
-        AND NOT EXISTS (SELECT 1 FROM queue WHERE prompt_digest = OLD.prompt_digest)
-        AND NOT EXISTS (SELECT 1 FROM history WHERE prompt_digest = OLD.prompt_digest);
-END;
+{triggers}
 CREATE VIEW queue_items AS
     SELECT queue.seq, queue.prompt_id, queue.number, queue.front, queue.running,
            CASE WHEN queue.prompt_digest IS NULL THEN queue.item
@@ -91,7 +80,13 @@ CREATE VIEW history_entries AS
                 ELSE substr(history.entry, 1, history.prompt_at) || ifnull(prompts.text, 'null')
                      || substr(history.entry, history.prompt_at + 1) END AS entry
     FROM history LEFT JOIN prompts ON prompts.digest = history.prompt_digest;
-"""}
+""".format(triggers="".join(f"""
+CREATE TRIGGER {table}_row_gone AFTER DELETE ON {table} WHEN OLD.prompt_digest IS NOT NULL
+BEGIN
+    DELETE FROM prompts WHERE digest = OLD.prompt_digest
+        AND NOT EXISTS (SELECT 1 FROM queue WHERE prompt_digest = OLD.prompt_digest)
+        AND NOT EXISTS (SELECT 1 FROM history WHERE prompt_digest = OLD.prompt_digest);
+END;""" for table in ("queue", "history")))}
 
 
 @dataclass(frozen=True, slots=True)
