@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS journal (       -- outputs a running prompt already s
 # goes (the triggers). The views give every row's whole text back, as schema 1 stored it.
 MIGRATIONS = {2: """
 CREATE TABLE prompts (
-    digest TEXT PRIMARY KEY,               -- blake2b of `text` (see Store.keep_prompt)
+    digest TEXT PRIMARY KEY,               -- blake2b of `text` (see PromptText)
     text TEXT NOT NULL                     -- the API prompt as JSON
 );
 ALTER TABLE queue ADD COLUMN prompt_digest TEXT;
