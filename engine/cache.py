@@ -60,12 +60,14 @@ class OutputCache:
     def get_many(self, keys: Sequence[str]) -> list[CacheEntry] | None:
         """The entries of all `keys` (as many `get`s), or None if one is missing."""
         entries = self._entries
-        if not all(map(entries.__contains__, keys)):
+        try:
+            found = list(map(entries.__getitem__, keys))
+        except KeyError:
             return None
         if self.policy in ("lru", "ram"):  # recency matters only to these
             for key in keys:
                 entries.move_to_end(key)
-        return list(map(entries.__getitem__, keys))
+        return found
 
     def put(self, key: str, entry: CacheEntry) -> None:
         self.version += 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
-from itertools import repeat
 from typing import Any
 
 from engine.cache import CacheEntry, OutputCache
@@ -27,6 +26,7 @@ from engine.node_call import Called, call_node, call_once, format_input_values
 from engine.registry import NodeRegistry
 from engine.run_record import RunRecord
 from engine.run_result import ExecutionResult, NodeExecutionError
+from engine.run_reuse import RunReuse
 
 
 class Executor:
@@ -81,7 +81,7 @@ class Executor:
         self.keys.forget(keep)
 
 
-class _PromptRun:
+class _PromptRun(RunReuse):
     """The state of one prompt's execution."""
 
     def __init__(self, executor: Executor, prompt: Prompt, outputs: list[str], prompt_id: str,
@@ -143,7 +143,9 @@ class _PromptRun:
             self.ex.forget_instances(reachable)
             self.emit("executing", node=None)
         if record is not None:
-            self.ex._last_run = replace(record, cache_version=self.ex.cache.version)
+            # this prompt's nodes (a replayed record's are equal): the next edit is of them
+            self.ex._last_run = replace(record, nodes=self.prompt.nodes, key_of=record.key_of,
+                                        cache_version=self.ex.cache.version)
         self.result.resolved = self.resolved
         return self.result
 
@@ -159,92 +161,6 @@ class _PromptRun:
         return RunRecord(self.prompt.nodes, tuple(self.outputs), reachable, tuple(order),
                          tuple(map(self.keys.__getitem__, order)), tuple(self.result.outputs),
                          self.fingerprints)
-
-    # -- replaying the previous run ---------------------------------------------------------
-    def _replayable_record(self) -> tuple[RunRecord, list[CacheEntry]] | None:
-        """The previous run's record and the entries it used, if this prompt repeats it and it
-        still holds: the same nodes, the same fingerprints, the cache as that run left it."""
-        record = self.ex._last_run
-        if (record is None or not record.holds(self.ex.cache)
-                or not record.repeated_by(self.prompt.nodes, self.outputs)
-                or not all(map(self._same_fingerprint, record.fingerprints, repeat(record)))):
-            return None
-        entries = self.ex.cache.get_many(record.keys)
-        return (record, entries) if entries is not None else None
-
-    def _replay(self, record: RunRecord, entries: list[CacheEntry]) -> None:
-        self.resolved = dict(zip(record.node_ids, entries, strict=True))
-        self.keys = dict(record.key_of)
-        self.used_keys = set(record.keys)
-        self.fingerprints = dict(record.fingerprints)
-        self._announce_hits(list(record.node_ids), record.shown)
-
-    def _same_fingerprint(self, node_id: str, record: RunRecord) -> bool:
-        """Whether the node's fingerprint is the recorded one (False if it fails: the normal
-        path reports that)."""
-        try:
-            fingerprint = repr(self._fingerprint(node_id))
-        except Exception:  # noqa: BLE001 - reported when the node's key is computed
-            return False
-        self.fingerprints[node_id] = fingerprint
-        return record.fingerprints.get(node_id) == fingerprint
-
-    # -- cache hits -------------------------------------------------------------------------
-    def _precache(self, order: list[str], last: RunRecord | None) -> None:
-        """Resolve from the cache every node whose inputs are all known and whose key hits;
-        a node unchanged since `last` (which still holds), with all its sources, keeps its
-        recorded key."""
-        hits = []
-        resolved = self.resolved
-        kept: set[str] = set()  # nodes whose recorded key holds
-        for node_id in order:
-            facts = self.facts(node_id)
-            lazy = facts.lazy
-            if any(src not in resolved for name, src, _ in facts.links if name not in lazy):
-                continue  # an input must be computed first, so this node cannot be a hit yet
-            key = self._kept_key(facts, last, kept) if last is not None else None
-            if key is None:
-                try:
-                    key = self._key(node_id)
-                except Exception:  # noqa: BLE001 - a failing fingerprint is re-raised later
-                    continue
-            self.keys[node_id] = key
-            entry = self.ex.cache.get(key)
-            if entry is not None:
-                self._accept(node_id, key, entry)
-                hits.append(node_id)
-        self._announce_hits(hits)
-
-    def _kept_key(self, facts: NodeFacts, last: RunRecord, kept: set[str]) -> str | None:
-        """The node's recorded key, if it still holds (adding the node to `kept`)."""
-        node_id = facts.node.node_id
-        if (node_id in last.key_of and all(src in kept for _, src, _ in facts.links)
-                and last.unchanged(facts.node)
-                and (not facts.fingerprinted or self._same_fingerprint(node_id, last))):
-            kept.add(node_id)
-            return last.key_of[node_id]
-        return None
-
-    def _announce_hits(self, hits: list[str], shown: tuple[str, ...] | None = None) -> None:
-        """One `execution_cached` for all hits, then `executed` for those showing output
-        (`shown`, when known)."""
-        self.result.cached.extend(hits)
-        self.emit("execution_cached", nodes=hits, timestamp=timestamp_ms())
-        if not self.silent:
-            self.listener.nodes_cached(self.prompt_id, hits)
-        if shown is None:
-            shown = tuple(node_id for node_id in hits if self.resolved[node_id].ui is not None
-                          and self.facts(node_id).schema.output_node)
-        for node_id in shown:
-            ui = self.resolved[node_id].ui
-            self.result.outputs[node_id] = ui
-            self.emit("executed", node=node_id,
-                      display_node=self.expansions.dynamic.get_display_node_id(node_id), output=ui)
-
-    def _accept(self, node_id: str, key: str, entry: CacheEntry) -> None:
-        self.resolved[node_id] = entry
-        self.used_keys.add(key)
-        self.keys[node_id] = key
 
     # -- running ----------------------------------------------------------------------------
     def _plan(self, targets: list[str], order: list[str] | None = None) -> list[str]:

@@ -54,12 +54,23 @@ class CycleError(ValueError):
         self.cycle = cycle
 
 
+@dataclass(frozen=True, eq=False)
+class PromptEdit:
+    """How a prompt differs from one validated before it (the editor posts the same graph again
+    with a widget changed): every node not in `changed` has the body it had in `before`, that
+    prompt's nodes; `changed` holds the nodes whose body differs and the new ones."""
+
+    before: dict[str, PromptNode]
+    changed: frozenset[str]
+
+
 @dataclass
 class Prompt:
-    """A parsed API-format prompt."""
+    """A parsed API-format prompt; `edit`, when validation compared it with the prompt before."""
 
     nodes: dict[str, PromptNode]
     raw: dict[str, Any] = field(default_factory=dict)
+    edit: PromptEdit | None = None
     _orders: dict[tuple[str, ...], list[str]] = field(default_factory=dict, repr=False)
     _required: dict[tuple[str, ...], set[str]] = field(default_factory=dict, repr=False)
 
@@ -115,6 +126,18 @@ class Prompt:
         if needed is None:
             needed = self._required[key] = self._collect_required(key)
         return needed
+
+    def downstream(self, order: list[str], rank: dict[str, int], seeds: set[str]) -> set[str]:
+        """`seeds` and every node of `order` (a topological order, `rank` its positions) that
+        reads from one of them, directly or not: one pass from the earliest seed on."""
+        dirty = set(seeds)
+        start = min(map(rank.__getitem__, seeds), default=len(order))
+        nodes = self.nodes
+        for node_id in order[start:]:
+            if node_id not in dirty and any(src in dirty for src, _ in
+                                            nodes[node_id].links.values()):
+                dirty.add(node_id)
+        return dirty
 
     def _collect_required(self, outputs: tuple[str, ...]) -> set[str]:
         needed: set[str] = set()

@@ -10,12 +10,13 @@ import math
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from engine.context import InterruptFlag, NodeContext, Services
 from engine.dynamic_inputs import MATCH_TYPE
 from engine.gc_scope import older_objects_frozen
-from engine.graph import CycleError, GraphPlanner, Prompt, PromptNode, parse_node
+from engine.graph import CycleError, GraphPlanner, Prompt, PromptEdit, PromptNode, parse_node
 from engine.node import MISSING, ChoiceSource, Input, Node, NodeSchema
 from engine.registry import NodeRegistry
 from engine.schema import input_spec
@@ -330,20 +331,22 @@ class PromptValidator:
 
     def _validate(self, api: dict[str, Any], targets: tuple[str, ...] | None,
                   snapshot: PromptSnapshot | None) -> ValidationResult:
-        if not isinstance(api, dict) or not all(isinstance(v, dict) for v in api.values()):
+        if not isinstance(api, dict) or not all(map(isinstance, api.values(), repeat(dict))):
             result = ValidationResult(Prompt(nodes={}), [])
             result.error = error_entry(
                 "invalid_prompt", "Prompt must be an object of node objects",
                 "send {\"<id>\": {\"class_type\": ..., \"inputs\": {...}}}")
             return result
-        if not all(type(node_id) is str for node_id in api):
+        if not set(map(type, api)) <= {str}:
             api = {str(node_id): body for node_id, body in api.items()}
         snapshot = snapshot if snapshot is not None else PromptSnapshot(api)
         last = self._last
         if last is not None and last.targets == targets and snapshot.same_as(last.snapshot):
             return self._validate_again(api, snapshot, last)
-        reused, same_shape = self._reusable(api, snapshot)
+        reused, same_shape, changed = self._reusable(api, snapshot)
         prompt = Prompt.parse(api, known=reused)
+        if last is not None:
+            prompt.edit = PromptEdit(last.prompt.nodes, changed)
         out = _Collector(prompt)
         if same_shape and last is not None and last.targets == targets:
             prompt.adopt_plans(last.prompt)  # same nodes and links: same order, same outputs
@@ -371,7 +374,7 @@ class PromptValidator:
         nodes = dict(last.prompt.nodes)
         for node_id in last.rechecked:
             nodes[node_id] = parse_node(node_id, api[node_id])
-        prompt = Prompt(nodes=nodes, raw=dict(api))
+        prompt = Prompt(nodes=nodes, raw=dict(api), edit=PromptEdit(last.prompt.nodes, frozenset()))
         prompt.adopt_plans(last.prompt)
         out = _Collector(prompt)
         validate_acyclic(prompt, last.outputs, out, self.services.graph_planner)
@@ -383,31 +386,28 @@ class PromptValidator:
         self._last = dataclasses.replace(last, snapshot=snapshot, prompt=prompt)
         return _summarise(prompt, list(last.outputs), [], out)
 
-    def _reusable(self, api: dict[str, Any],
-                  snapshot: PromptSnapshot) -> tuple[dict[str, PromptNode], bool]:
-        """The nodes whose last verdict still holds, and whether nodes and links are the same."""
+    def _reusable(self, api: dict[str, Any], snapshot: PromptSnapshot,
+                  ) -> tuple[dict[str, PromptNode], bool, frozenset[str]]:
+        """The nodes whose last verdict still holds, whether nodes and links are the same, and
+        the nodes whose body changed (or that are new) since the last prompt."""
         last = self._last
         if last is None:
-            return {}, False
+            return {}, False, frozenset(api)
         if snapshot.same_as(last.snapshot):
-            return last.lasting, True
+            return last.lasting, True, frozenset()
         before_nodes = last.prompt.nodes
-        same_shape = len(api) == len(before_nodes)
-        reused = {}
-        for node_id, body in api.items():
-            before = before_nodes.get(node_id)
-            if before is None:
-                same_shape = False
-            elif snapshot.unchanged(node_id, last.snapshot):
-                node = last.lasting.get(node_id)
-                if node is not None:
-                    reused[node_id] = node
-            elif same_shape and not _same_wiring(before, parse_node(node_id, body)):
-                same_shape = False
+        changed = snapshot.changed_since(last.snapshot)
+        dropped = set(changed)
+        reused = {node_id: node for node_id, node in last.lasting.items()
+                  if node_id not in dropped and node_id in api}
+        same_shape = len(api) == len(before_nodes) and all(
+            node_id in before_nodes
+            and _same_wiring(before_nodes[node_id], parse_node(node_id, api[node_id]))
+            for node_id in changed)
         if not same_shape:
             reused = {node_id: node for node_id, node in reused.items()
                       if _sources_unchanged(node, api, before_nodes)}
-        return reused, same_shape
+        return reused, same_shape, frozenset(changed)
 
     def _remember(self, snapshot: PromptSnapshot, prompt: Prompt,
                   targets: tuple[str, ...] | None,

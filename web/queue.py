@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.snapshot import PromptSnapshot
-from web.history import History, HistoryRecord
+from web.history import History, HistoryRecord, ItemText
 from web.jsonio import dumps
-from web.store import Store
+from web.store import PromptText, Store
 
 logger = logging.getLogger("loom.web.queue")
 
@@ -34,18 +34,24 @@ class QueueItem:
     extra_data: dict[str, Any]
     outputs: list[str]
     # The prompt's JSON text, when known already (see PromptTexts), and the item's own.
-    prompt_text: str | None = field(default=None, compare=False, repr=False)
+    prompt_text: PromptText | None = field(default=None, compare=False, repr=False)
     text: str | None = field(default=None, compare=False, repr=False)
+    _parts: ItemText | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> list[Any]:
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
 
+    def parts(self) -> ItemText:
+        """The item as JSON text, its prompt apart (as the queue and the history store it);
+        made once."""
+        if self._parts is None:
+            self._parts = ItemText.of(self.to_json(), self.prompt_text)
+        return self._parts
+
     def encoded(self) -> str:
-        """The item as JSON text (as the queue and the history store it); made once."""
+        """The item as JSON text."""
         if self.text is None:
-            prompt = self.prompt_text if self.prompt_text is not None else dumps(self.prompt)
-            self.text = (f"[{dumps(self.number)}, {dumps(self.prompt_id)}, {prompt}, "
-                         f"{dumps(self.extra_data)}, {dumps(self.outputs)}]")
+            self.text = self.parts().text
         return self.text
 
     @classmethod
@@ -67,22 +73,22 @@ class PromptTexts:
     def __init__(self) -> None:
         self._snapshot: PromptSnapshot | None = None
         self._nodes: dict[str, str] = {}  # node id -> its `"id": {...}` text
-        self._text = ""
+        self._text = PromptText.of("{}")
 
-    def text(self, api: dict[str, Any], snapshot: PromptSnapshot) -> str:
+    def text(self, api: dict[str, Any], snapshot: PromptSnapshot) -> PromptText:
         """`api` (node ids as strings) as JSON; `snapshot` is its PromptSnapshot."""
         last = self._snapshot
         if snapshot.same_as(last):
             return self._text
-        known = self._nodes if last is not None else {}
-        nodes = {}
-        for node_id, body in api.items():
-            text = known.get(node_id)
-            if text is None or last is None or not snapshot.unchanged(node_id, last):
-                text = f"{dumps(node_id)}: {dumps(body)}"
-            nodes[node_id] = text
+        if last is not None and list(api) == list(self._nodes):  # the same nodes, some changed
+            nodes = dict(self._nodes)
+            changed = snapshot.changed_since(last)
+        else:
+            nodes, changed = {}, list(api)
+        for node_id in changed:
+            nodes[node_id] = f"{dumps(node_id)}: {dumps(api[node_id])}"
         self._snapshot, self._nodes = snapshot, nodes
-        self._text = f"{{{', '.join(nodes.values())}}}"
+        self._text = PromptText.of(f"{{{', '.join(nodes.values())}}}")
         return self._text
 
 
@@ -135,9 +141,13 @@ class PromptQueue:
             if self.contains(item.prompt_id):
                 raise ValueError(f"prompt id {item.prompt_id!r} is already queued; send a new "
                                  f"id or none (the server makes one)")
+            parts = item.parts()
             with self.store.transaction() as db:
-                db.execute("INSERT INTO queue (prompt_id, number, item) VALUES (?, ?, ?)",
-                           (item.prompt_id, item.number, item.encoded()))
+                self.store.keep_prompt(db, parts.prompt)
+                db.execute("INSERT INTO queue (prompt_id, number, item, prompt_digest, prompt_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (item.prompt_id, item.number,
+                                                      parts.head + parts.tail,
+                                                      parts.prompt.digest, len(parts.head)))
             self._queued[item.prompt_id] = item
             self._changed()  # before the worker wakes: clients see the new size before its run
             self._wakeup.notify_all()
@@ -156,7 +166,8 @@ class PromptQueue:
             self._changed()
             item = self._queued.pop(row[1], None)
             if item is None:  # queued before a restart
-                text = self.store.rows("SELECT item FROM queue WHERE seq = ?", (row[0],))[0][0]
+                text = self.store.rows("SELECT item FROM queue_items WHERE seq = ?",
+                                       (row[0],))[0][0]
                 item = QueueItem.from_json(json.loads(text), text)
         return item
 
@@ -166,12 +177,12 @@ class PromptQueue:
         return rows[0] if rows else None
 
     def finish(self, prompt_id: str, record: HistoryRecord) -> None:
-        """The prompt ended: drop it from the queue and its journal and add its history entry,
-        atomically."""
+        """The prompt ended: add its history entry and drop it from the queue and its journal,
+        atomically (the entry first: it keeps the prompt text the queue row pointed to)."""
         with self.store.transaction() as db:
+            self.history.insert(db, record)
             db.execute("DELETE FROM queue WHERE prompt_id = ?", (prompt_id,))
             db.execute("DELETE FROM journal WHERE prompt_id = ?", (prompt_id,))
-            self.history.insert(db, record)
         self._changed()
 
     def requeue(self, prompt_id: str) -> None:
@@ -210,7 +221,7 @@ class PromptQueue:
         return self._items("running = 0")
 
     def _items(self, where: str) -> list[QueueItem]:
-        rows = self.store.rows(f"SELECT item FROM queue WHERE {where} "
+        rows = self.store.rows(f"SELECT item FROM queue_items WHERE {where} "
                                f"ORDER BY front DESC, number, seq")
         return [QueueItem.from_json(json.loads(item)) for (item,) in rows]
 

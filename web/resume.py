@@ -82,3 +82,6 @@ class JournalingListener(ExecutionListener):
 
     def node_finished(self, prompt_id: str, node_id: str, seconds: float, cached: bool) -> None:
         self.inner.node_finished(prompt_id, node_id, seconds, cached)
+
+    def nodes_cached(self, prompt_id: str, node_ids: list[str]) -> None:
+        self.inner.nodes_cached(prompt_id, node_ids)

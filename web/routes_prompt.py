@@ -21,9 +21,10 @@ from engine.snapshot import PromptSnapshot
 from engine.sweep import SweepError, SweepItem, expand, rows_from_request
 from engine.validation import ValidationResult
 from engine.workflow import WorkflowFormatError, is_ui_format, to_api_prompt
-from web.jsonio import dumps, error_response, json_response, parse, read_json, strict_text
+from web.jsonio import dumps, error_response, json_response, parse, read_json
 from web.queue import QueueItem
 from web.routing import ApiRoutes
+from web.store import PromptText
 
 if TYPE_CHECKING:
     from web.server import LoomServer
@@ -40,7 +41,7 @@ class Submission:
     """A POSTed prompt after conversion and validation."""
 
     api: dict[str, Any]
-    api_text: str  # `api` as JSON
+    api_text: PromptText  # `api` as JSON
     extra_data: dict[str, Any]
     validation: ValidationResult
 
@@ -81,7 +82,8 @@ def prepare_submission(server: LoomServer, body: dict[str, Any],
         pnginfo.setdefault("workflow", prompt)  # so saved PNGs carry the editor graph
         extra_data["extra_pnginfo"] = pnginfo
     else:
-        api = {str(node_id): node for node_id, node in prompt.items()}
+        api = (dict(prompt) if set(map(type, prompt)) <= {str}  # always, when parsed from JSON
+               else {str(node_id): node for node_id, node in prompt.items()})
     targets = body.get("partial_execution_targets")
     if targets is not None and (not isinstance(targets, list)
                                 or not all(isinstance(t, (str, int)) for t in targets)):
@@ -301,7 +303,7 @@ def add_history_routes(routes: ApiRoutes, server: LoomServer) -> None:
     async def get_history_entry(request: web.Request) -> web.Response:
         prompt_id = request.match_info["prompt_id"]
         entry = server.history.entry_text(prompt_id)  # sent as stored, not decoded and encoded
-        text = f"{{{dumps(prompt_id)}: {strict_text(entry)}}}" if entry is not None else "{}"
+        text = f"{{{dumps(prompt_id)}: {entry}}}" if entry is not None else "{}"
         return web.Response(text=text, content_type="application/json")
 
     @routes.post("/history")
@@ -322,7 +324,7 @@ async def stream_history(request: web.Request, server: LoomServer, max_items: in
     await response.prepare(request)
     separator = "{"
     for rows in server.history.pages(max_items, offset):
-        text = ", ".join(f"{json.dumps(prompt_id)}: {strict_text(entry)}"
+        text = ", ".join(f"{json.dumps(prompt_id)}: {entry}"
                          for prompt_id, entry in rows)
         await response.write((separator + text).encode("utf-8"))
         separator = ", "

@@ -4,19 +4,22 @@ the execution worker can share it."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("loom.web.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# Schema 1, what every database starts from; MIGRATIONS bring it to SCHEMA_VERSION.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS queue (
@@ -45,6 +48,57 @@ CREATE TABLE IF NOT EXISTS journal (       -- outputs a running prompt already s
     PRIMARY KEY (prompt_id, node_id)
 );
 """
+
+# Schema 2: a prompt's graph (the JSON text of the API prompt, often most of a row) is stored
+# once in `prompts`, under the digest of its text, and the queue and history rows of every
+# prompt with that graph point to it: the row keeps its own text with the graph cut out at
+# character `prompt_at`. The editor queues the same graph again and again, and a prompt's queue
+# row and history row hold the same graph, so each is written once. Rows written by schema 1
+# (prompt_digest NULL) keep their whole text. A graph goes when the last row pointing to it
+# goes (the triggers). The views give every row's whole text back, as schema 1 stored it.
+MIGRATIONS = {2: """
+CREATE TABLE prompts (
+    digest TEXT PRIMARY KEY,               -- blake2b of `text` (see PromptText)
+    text TEXT NOT NULL                     -- the API prompt as JSON
+);
+ALTER TABLE queue ADD COLUMN prompt_digest TEXT;
+ALTER TABLE queue ADD COLUMN prompt_at INTEGER;
+ALTER TABLE history ADD COLUMN prompt_digest TEXT;
+ALTER TABLE history ADD COLUMN prompt_at INTEGER;
+CREATE INDEX queue_prompt ON queue (prompt_digest);
+CREATE INDEX history_prompt ON history (prompt_digest);
+{triggers}
+CREATE VIEW queue_items AS
+    SELECT queue.seq, queue.prompt_id, queue.number, queue.front, queue.running,
+           CASE WHEN queue.prompt_digest IS NULL THEN queue.item
+                ELSE substr(queue.item, 1, queue.prompt_at) || ifnull(prompts.text, 'null')
+                     || substr(queue.item, queue.prompt_at + 1) END AS item
+    FROM queue LEFT JOIN prompts ON prompts.digest = queue.prompt_digest;
+CREATE VIEW history_entries AS
+    SELECT history.seq, history.prompt_id, history.prompt_digest IS NULL AS whole,
+           CASE WHEN history.prompt_digest IS NULL THEN history.entry
+                ELSE substr(history.entry, 1, history.prompt_at) || ifnull(prompts.text, 'null')
+                     || substr(history.entry, history.prompt_at + 1) END AS entry
+    FROM history LEFT JOIN prompts ON prompts.digest = history.prompt_digest;
+""".format(triggers="".join(f"""
+CREATE TRIGGER {table}_row_gone AFTER DELETE ON {table} WHEN OLD.prompt_digest IS NOT NULL
+BEGIN
+    DELETE FROM prompts WHERE digest = OLD.prompt_digest
+        AND NOT EXISTS (SELECT 1 FROM queue WHERE prompt_digest = OLD.prompt_digest)
+        AND NOT EXISTS (SELECT 1 FROM history WHERE prompt_digest = OLD.prompt_digest);
+END;""" for table in ("queue", "history")))}
+
+
+@dataclass(frozen=True, slots=True)
+class PromptText:
+    """A prompt's graph as JSON text, with the digest it is stored under (see `prompts`)."""
+
+    text: str
+    digest: str
+
+    @classmethod
+    def of(cls, text: str) -> PromptText:
+        return cls(text, hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
 
 
 class StoreError(RuntimeError):
@@ -91,11 +145,25 @@ class Store:
                 raise StoreError(f"{path} was written by a newer Loom (schema {version}; this "
                                  f"one knows {SCHEMA_VERSION}); upgrade Loom or move the file")
             db.executescript(SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                Store._migrate(db, target)
         except BaseException:
             db.close()
             raise
         return db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, target: int) -> None:
+        """Bring the database from schema target - 1 to `target` in one transaction: every row
+        is kept, or nothing changes."""
+        logger.info("upgrading the queue database to schema %d", target)
+        try:
+            db.executescript(f"BEGIN IMMEDIATE;\n{MIGRATIONS[target]}\n"
+                             f"PRAGMA user_version={target};\nCOMMIT;")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -115,6 +183,15 @@ class Store:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    @staticmethod
+    def keep_prompt(db: sqlite3.Connection, prompt: PromptText) -> None:
+        """Store `prompt` inside the caller's transaction, unless a row already holds it (the
+        same graph queued again is not written again)."""
+        if db.execute("SELECT 1 FROM prompts WHERE digest = ?", (prompt.digest,)).fetchone():
+            return
+        db.execute("INSERT INTO prompts (digest, text) VALUES (?, ?)",
+                   (prompt.digest, prompt.text))
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self.lock:

@@ -150,7 +150,7 @@ class Worker:
             return
         status_str = "success" if result.ok else "error"
         record = HistoryRecord.build(item.to_json(), result.outputs, status_str,
-                                     listener.messages, listener.timings, item.encoded(),
+                                     listener.messages, listener.timings, item.parts(),
                                      listener.states.lineage)
         self.server.queue.finish(item.prompt_id, record)
         listener.send_end_marker()

@@ -8,7 +8,7 @@ from pathlib import Path
 from engine.snapshot import PromptSnapshot
 from web.history import History, HistoryRecord
 from web.queue import PromptQueue, PromptTexts, QueueItem
-from web.store import Store
+from web.store import PromptText, Store
 
 
 def open_queue(path: Path, max_items: int = 100) -> tuple[PromptQueue, History, Store]:
@@ -132,7 +132,7 @@ def test_a_damaged_database_is_kept_aside_and_a_new_one_started(tmp_path: Path) 
 def test_an_item_is_stored_with_the_prompt_text_it_was_given(tmp_path: Path) -> None:
     queue, _, store = open_queue(tmp_path / "loom.db")
     given = item(0, "p1")
-    given.prompt_text = '{"1": {"class_type": "X", "inputs": {}}}'
+    given.prompt_text = PromptText.of('{"1": {"class_type": "X", "inputs": {}}}')
     queue.put(given)
     store.close()
     reopened, _, _ = open_queue(tmp_path / "loom.db")
@@ -144,7 +144,7 @@ def test_a_history_entry_is_stored_as_the_json_of_its_entry(tmp_path: Path) -> N
     _, history, _ = open_queue(tmp_path / "loom.db")
     queued = item(3, "p1")
     built = HistoryRecord.build(queued.to_json(), {"1": {"text": ["x"]}}, "success", [], {},
-                                queued.encoded())
+                                queued.parts())
     history.add(built)
     assert history.entry("p1") == built.entry
     assert list(built.entry) == ["prompt", "outputs", "status", "meta", "timings"]
@@ -157,7 +157,7 @@ def test_the_same_prompt_again_reuses_its_text_and_a_changed_one_is_encoded() ->
     again = {"1": {"class_type": "X", "inputs": {"v": 1}}}
     assert texts.text(again, PromptSnapshot(again)) is first
     changed = {"1": {"class_type": "X", "inputs": {"v": 2}}}
-    assert json.loads(texts.text(changed, PromptSnapshot(changed))) == changed
+    assert json.loads(texts.text(changed, PromptSnapshot(changed)).text) == changed
 
 
 def test_a_prompt_with_one_node_changed_is_stored_as_the_new_prompt() -> None:
@@ -165,4 +165,4 @@ def test_a_prompt_with_one_node_changed_is_stored_as_the_new_prompt() -> None:
     api = {str(i): {"class_type": "X", "inputs": {"v": i}} for i in range(5)}
     texts.text(api, PromptSnapshot(api))
     changed = {**api, "3": {"class_type": "X", "inputs": {"v": 30}}}
-    assert json.loads(texts.text(changed, PromptSnapshot(changed))) == changed
+    assert json.loads(texts.text(changed, PromptSnapshot(changed)).text) == changed
