@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from loom_model_options import UnsupportedPatchError, translate
+from loom_weight_patches import pack_weight_patch
 
 from comfy.model_base import view_for
 from engine.diffusion.patches.model_handle import ModelHandle
@@ -112,13 +113,18 @@ class ModelPatcher:
 
     def get_key_patches(self, filter_prefix: str | None = None) -> dict[str, list[Any]]:
         """Each weight (optionally under a prefix) with its patches, the weight itself first."""
+        if self.handle.patches:
+            raise UnsupportedPatchError(
+                f"get_key_patches on a MODEL carrying {len(self.handle.patches)} Loom weight "
+                f"patch(es) (LoRA, merges): their weights are computed while sampling; merge "
+                f"the models before applying LoRA, or use Loom's ModelMerge nodes")
         state = self.handle.unet.state_dict()
         found = {}
         for key, weight in state.items():
             full = f"diffusion_model.{key}"
             if filter_prefix is not None and not full.startswith(filter_prefix):
                 continue
-            found[full] = [weight] + list(self.patches.get(full, []))
+            found[full] = [(weight, _unchanged)] + list(self.patches.get(full, []))
         return found
 
     def model_state_dict(self, filter_prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -241,8 +247,6 @@ class ModelPatcher:
         """Patches on this clone outside model_options that Loom cannot apply (named)."""
         found = [f"wrapper:{name}" for name, items in self.wrappers.items() if items]
         found += [f"callback:{name}" for name, items in self.callbacks.items() if items]
-        if self.patches:
-            found.append(f"weight patches on {len(self.patches)} keys (add_patches)")
         found += [f"object patch {name}" for name in self.object_patches
                   if name != "model_sampling"]
         return found
@@ -257,6 +261,8 @@ class ModelPatcher:
                 f"{', '.join(unsupported)}; remove the node that adds them, or use Loom's "
                 f"built-in node for the same effect")
         handle = self.handle.patching(lambda base: translate(self.model_options, base))
+        if self.patches:
+            handle = handle.replace(patches=handle.patches + (pack_weight_patch(self.patches),))
         sampling = self.object_patches.get("model_sampling")
         return handle if sampling is None else handle.replace(sampling=sampling)
 
@@ -274,3 +280,8 @@ def _copy_options(options: dict[str, Any]) -> dict[str, Any]:
     if isinstance(options, list):
         return [_copy_options(value) for value in options]
     return options
+
+
+def _unchanged(weight: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """ComfyUI's convert_func for a weight stored as it is used."""
+    return weight

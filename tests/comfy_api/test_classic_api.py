@@ -148,6 +148,42 @@ def test_a_patch_loom_has_no_point_for_fails_naming_it_instead_of_being_dropped(
     assert "patches.emb_patch" in result.error["exception_message"]
 
 
+def merge_graph(engine: ModelEngine, **merge: Any) -> dict[str, Any]:
+    other = "tiny_sd15_other.safetensors"
+    if not (engine.base / "models" / "checkpoints" / other).exists():
+        engine.checkpoint("sd15", other, seed=1)
+    return {**base(engine), "other": node("CheckpointLoaderSimple", ckpt_name=other),
+            "merged": node(merge.pop("kind"), model1=["ckpt", 0], model2=["other", 0], **merge),
+            "sample": ksampler(["merged", 0])}
+
+
+def test_a_packs_add_patches_merge_samples_like_looms_model_merge(bound: ModelEngine) -> None:
+    pack = samples(bound, merge_graph(bound, kind="PackMerge", ratio=0.3, mode="merge"), "sample")
+    loom = samples(bound, merge_graph(bound, kind="ModelMergeSimple", ratio=0.3), "sample")
+    plain = samples(bound, {**base(bound), "sample": ksampler(["ckpt", 0])}, "sample")
+    assert torch.allclose(pack, loom, atol=1e-5) and not torch.allclose(pack, plain, atol=1e-3)
+
+
+def test_a_packs_raw_diff_patch_adds_strength_times_the_tensor(bound: ModelEngine) -> None:
+    from loom_weight_patches import calculate_weight
+    weight, diff = torch.ones(2, 3), torch.arange(6.0).reshape(2, 3)
+    entries = [(0.5, (diff,), 1.0, None, None),
+               (1.0, ("diff", (diff[1:],)), 2.0, (0, 1, 1), None)]  # row 1 only
+    assert torch.equal(calculate_weight(entries, weight.clone(), "k"),
+                       torch.stack([1 + 0.5 * diff[0], 2 * (1 + 0.5 * diff[1]) + diff[1]]))
+    diffed = samples(bound, merge_graph(bound, kind="PackMerge", ratio=1.0, mode="diff"), "sample")
+    plain = samples(bound, {**base(bound), "sample": ksampler(["ckpt", 0])}, "sample")
+    assert not torch.allclose(diffed, plain, atol=1e-3)
+
+
+def test_an_add_patches_value_loom_cannot_apply_fails_naming_the_key(bound: ModelEngine) -> None:
+    api = merge_graph(bound, kind="PackMerge", ratio=1.0, mode="lora_adapter")
+    checked = validate_prompt(probed(api, "sample"), bound.registry, bound.services)
+    result = bound.executor.execute(checked.prompt, checked.outputs)
+    assert result.status == "error"
+    assert "add_patches value for 'diffusion_model." in result.error["exception_message"]
+
+
 @pytest.mark.parametrize("name", ["comfy.sd", "comfy.samplers", "comfy.sample",
                                   "comfy.model_patcher", "comfy.k_diffusion.sampling",
                                   "comfy.latent_formats", "comfy.model_base", "comfy.controlnet",

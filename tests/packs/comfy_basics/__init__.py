@@ -339,7 +339,34 @@ class PackGuider:
         return (guider,)
 
 
+class PackMerge:
+    """ModelMergeSimple written as packs write merges: clone, get_key_patches, add_patches;
+    `diff` instead adds 0.5 * the other model's weights as a raw diff patch."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model1": ("MODEL",), "model2": ("MODEL",),
+                             "ratio": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}),
+                             "mode": (["merge", "diff", "lora_adapter"],)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, model1, model2, ratio, mode):
+        merged = model1.clone()
+        for key, patches in model2.get_key_patches("diffusion_model.").items():
+            if mode == "merge":
+                merged.add_patches({key: patches}, 1.0 - ratio, ratio)
+            elif mode == "diff":
+                merged.add_patches({key: (patches[0][0],)}, 0.5)
+            else:
+                merged.add_patches({key: object()}, 1.0)
+        return (merged,)
+
+
 NODE_CLASS_MAPPINGS = {"PackEulerSampler": PackEulerSampler, "PackGuider": PackGuider,
+                       "PackMerge": PackMerge,
                        "PackSamplerObject": PackSamplerObject,
                        "MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode,
                        "EncodeAndSample": EncodeAndSample,
