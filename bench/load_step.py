@@ -14,7 +14,12 @@ other one). Nothing is fetched: the children run with HF_HUB_OFFLINE=1. Both rea
 cache (the file was just written or read). Load time runs from opening the file to handles
 ready; the tokenizer is built before it on both sides. Loom's load maps the file, so reading
 the weights (their first touch) happens in its first step: the headline is load + first step
-(`load+step`), and the ratios compare rows of the same dtype only. GB here are 2**30 bytes.
+(`load+step`), and the ratios compare rows of the same dtype only. Both sides encode the two
+prompts in two calls, one prompt each: Loom's two CLIPTextEncode nodes, and diffusers'
+StableDiffusionPipeline.encode_prompt, which runs its text encoder once for the prompt and once
+for the negative prompt. --warm also times a second encoding and a second step (the weights
+already read: what a second run costs), so the cold part of each is the difference. GB here
+are 2**30 bytes.
 
 Needs diffusers, transformers and accelerate (test-only dependencies), ~4.3 GB of disk and
 ~10 GB of RAM.
@@ -139,7 +144,7 @@ def write_child(path: Path) -> dict[str, Any]:
     return {**times, "bytes": path.stat().st_size}
 
 
-def loom_child(path: Path, fp32: bool, workdir: Path) -> dict[str, Any]:
+def loom_child(path: Path, fp32: bool, warm: bool, workdir: Path) -> dict[str, Any]:
     """CheckpointLoaderSimple's load, CLIPTextEncode twice, one UNet call as sampling makes it."""
     import torch
     from safetensors.torch import save_file
@@ -160,16 +165,18 @@ def loom_child(path: Path, fp32: bool, workdir: Path) -> dict[str, Any]:
     model, clip = loaded.model, loaded.clip
     if model is None or clip is None or loaded.vae is None:
         raise BenchError(f"{path} loaded without a UNet, CLIP or VAE; expected a full SD1.5 file")
-    with timed(times, "encode_s"):
-        context = torch.cat([clip.encode(prompt).cond for prompt in PROMPTS])  # (2, 77, 768)
+    for name in ("encode_s", "encode_warm_s")[: 1 + warm]:
+        with timed(times, name):
+            context = torch.cat([clip.encode(prompt).cond for prompt in PROMPTS])  # (2, 77, 768)
     latent, timesteps = step_latent(), torch.full((LATENT_SHAPE[0],), TIMESTEP)
-    with timed(times, "step_s"), torch.no_grad(), patched(model.unet, model.patches):
-        output = model.unet(latent, timesteps, context)
+    for name in ("step_s", "step_warm_s")[: 1 + warm]:
+        with timed(times, name), torch.no_grad(), patched(model.unet, model.patches):
+            output = model.unet(latent, timesteps, context)
     save_file({"output": output.float().contiguous()}, str(workdir / LOOM_OUTPUT))
     return finish(times, before_load, after_load, {"dtype": str(model.dtype).split(".")[-1]})
 
 
-def diffusers_child(path: Path, dtype_name: str, workdir: Path) -> dict[str, Any]:
+def diffusers_child(path: Path, dtype_name: str, warm: bool, workdir: Path) -> dict[str, Any]:
     """from_single_file's steps for the UNet, VAE and text encoder, then one UNet call."""
     import torch
 
@@ -183,12 +190,14 @@ def diffusers_child(path: Path, dtype_name: str, workdir: Path) -> dict[str, Any
     with timed(times, "load_s"):
         unet, _vae, text_encoder = load_diffusers(path, dtype, config)
     after_load = memory_gb()
-    with timed(times, "encode_s"), torch.no_grad():
-        context = text_encoder(token_ids)[0]  # (2, 77, 768) last_hidden_state
+    for name in ("encode_s", "encode_warm_s")[: 1 + warm]:
+        with timed(times, name), torch.no_grad():  # one call per prompt, as encode_prompt does
+            context = torch.cat([text_encoder(ids[None])[0] for ids in token_ids])  # (2, 77, 768)
     latent = step_latent().to(dtype)
     timesteps = torch.full((LATENT_SHAPE[0],), TIMESTEP)
-    with timed(times, "step_s"), torch.no_grad():
-        output = unet(latent, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+    for name in ("step_s", "step_warm_s")[: 1 + warm]:
+        with timed(times, name), torch.no_grad():
+            output = unet(latent, timesteps, encoder_hidden_states=context, return_dict=False)[0]
     extra = {"dtype": dtype_name, "max_rel_err_vs_loom": rel_err_vs_loom(output, workdir)}
     return finish(times, before_load, after_load, extra)
 
@@ -303,12 +312,16 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
               f"{row['peak_rss_gb']:>13.2f}{row['ru_maxrss_gb']:>11.2f}"
               f"{row['load_anon_gb']:>13.2f}{row['load_file_gb']:>8.2f}"
               f"{'-' if err is None else f'{err:.1e}':>10}")
+        if "step_warm_s" in row:
+            print(f"{name:<16}warm (second) encode {row['encode_warm_s']:.2f} s, step "
+                  f"{row['step_warm_s']:.2f} s")
     loom = rows["loom"]
     for name, row in rows.items():
         if name != "loom" and row["dtype"] == loom["dtype"]:  # like with like only
             print(f"loom / {name} ({row['dtype']}): load+step "
                   f"{ratio(load_step(loom), load_step(row))}, "
                   f"load {ratio(loom['load_s'], row['load_s'])}, "
+                  f"encode {ratio(loom['encode_s'], row['encode_s'])}, "
                   f"step {ratio(loom['step_s'], row['step_s'])}, "
                   f"peak RSS {ratio(loom['peak_rss_gb'], row['peak_rss_gb'])}")
 
@@ -326,6 +339,7 @@ def run_bench(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> None
         print(f"wrote {checkpoint} ({written['bytes'] / 2**30:.2f} GB) in "
               f"{written['write_s']:.1f} s")
     common = ("--checkpoint", str(checkpoint), "--workdir", str(workdir))
+    common += ("--warm",) if args.warm else ()
     rows = {"loom": run_child("loom", *common, *(("--fp32",) if args.fp32 else ()))}
     dtypes = [rows["loom"]["dtype"]]  # diffusers in Loom's dtype: the like-for-like row
     dtypes += [other for other in ("float32", "bfloat16") if other not in dtypes
@@ -368,9 +382,9 @@ def child(args: argparse.Namespace) -> None:
     if args.child == "write":
         result = write_child(args.checkpoint)
     elif args.child == "loom":
-        result = loom_child(args.checkpoint, args.fp32, args.workdir)
+        result = loom_child(args.checkpoint, args.fp32, args.warm, args.workdir)
     else:
-        result = diffusers_child(args.checkpoint, args.dtype, args.workdir)
+        result = diffusers_child(args.checkpoint, args.dtype, args.warm, args.workdir)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -381,6 +395,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     parser.add_argument("--fp32", action="store_true", help="Loom in fp32 (--force-fp32)")
     parser.add_argument("--skip-diffusers", action="store_true", help="Loom only")
+    parser.add_argument("--warm", action="store_true", help="also time a second encoding and "
+                        "a second step on each side (weights already read)")
     parser.add_argument("--other-dtype", action="store_true",
                         help="also diffusers in the dtype Loom did not use (bf16 is emulated "
                         "and very slow on CPUs without AVX512-BF16)")

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from engine.diffusion.checkpoints.text_encoders import build_text_encoder, standalone_encoder_state
-from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, TextEncoderConfig
+from engine.diffusion.networks.clip_text import (
+    CLIP_L_CONFIG,
+    TINY_CLIP_L_CONFIG,
+    ClipTextModel,
+    Embedding,
+    TextEncoderConfig,
+)
 from engine.diffusion.networks.openclip_text import (
     TINY_OPENCLIP_CONFIG,
     VIT_BIGG_CONFIG,
@@ -165,6 +171,26 @@ def test_bfloat16_stays_close_to_float32() -> None:
     assert half.hidden.dtype == torch.bfloat16
     assert rel_err(half.hidden.float(), full.hidden) < 3e-2
     assert rel_err(half.pooled.float(), full.pooled) < 3e-2
+
+
+def test_embeddings_start_from_the_random_weights_torch_gives() -> None:
+    torch.manual_seed(3)
+    ours = Embedding(10, 4, padding_idx=1)
+    torch.manual_seed(3)
+    assert torch.equal(ours.weight, torch.nn.Embedding(10, 4, padding_idx=1).weight)
+
+
+def test_encoders_built_on_the_meta_device_draw_no_random_weights(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A meta normal_ is a Python decomposition whose first use imports torch._dynamo: 1-2 s
+    of a cold load, for values the file's weights replace."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("normal_ drawn on the meta device")
+
+    monkeypatch.setattr(torch.Tensor, "normal_", refuse)
+    with torch.device("meta"):
+        ClipTextModel(TINY_CLIP_L)
+        OpenClipTextModel(TINY_OPENCLIP)
 
 
 @pytest.mark.slow

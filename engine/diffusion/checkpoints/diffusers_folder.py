@@ -28,6 +28,7 @@ from engine.diffusion.checkpoints.diffusers_unet import (
     unet_config_from_diffusers,
 )
 from engine.diffusion.checkpoints.loader import NODE_LATENT_SCALE, build_unet
+from engine.diffusion.checkpoints.safetensors_io import CastOnRead
 from engine.diffusion.checkpoints.state_files import CheckpointError, open_state_file
 from engine.diffusion.checkpoints.text_encoders import build_text_encoder, standalone_encoder_state
 from engine.diffusion.memory.devices import DevicePolicy
@@ -105,7 +106,9 @@ def _load_unet(folder: Path, family: str, policy: DevicePolicy, allow_pickle: bo
     path = weight_file(folder, "unet", MODEL_FILES)
     config = unet_config_from_diffusers(read_config(folder, "unet"), folder.name)
     tensors = open_state_file(path, allow_pickle=allow_pickle).tensors
-    weights = diffusers_unet_to_ldm(tensors, config, f"{folder.name}/unet")
+    # read as a checkpoint's UNet is: held dtype, conv kernels channels_last (loader.py)
+    weights = diffusers_unet_to_ldm(CastOnRead(tensors, {"": policy.unet_weight_dtype},
+                                               channels_last=True), config, f"{folder.name}/unet")
     prediction, zsnr = detect_prediction(weights, family, config.in_channels, "")
     unet = build_unet(weights, config, policy.unet_weight_dtype, policy.offload_device,
                       f"{folder.name}/unet", policy.unet_dtype)

@@ -61,6 +61,23 @@ class TextEncoderOutput(NamedTuple):
     pooled: Tensor  # (B, width) or (B, projection_dim): `last` at the first end token
 
 
+def init_normal(tensor: Tensor, std: float = 1.0) -> None:
+    """Normal random init, skipped on the meta device (a module built there to take a file's
+    weights by assignment): PyTorch's meta `normal_` is a Python decomposition whose first use
+    imports torch._dynamo, 1-2 s of a cold load spent on values that are thrown away."""
+    if not tensor.is_meta:
+        with torch.no_grad():
+            tensor.normal_(0.0, std)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameter, same state_dict key) initialised by `init_normal`."""
+
+    def reset_parameters(self) -> None:
+        init_normal(self.weight)
+        self._fill_padding_idx_with_zero()
+
+
 class Fp32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the weights' dtype (stable in bf16/fp16)."""
 
@@ -169,8 +186,8 @@ class ClipEncoder(nn.Module):
 class ClipEmbeddings(nn.Module):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.context_length, config.width)
+        self.token_embedding = Embedding(config.vocab_size, config.width)
+        self.position_embedding = Embedding(config.context_length, config.width)
 
 
 class ClipTextModel(nn.Module):

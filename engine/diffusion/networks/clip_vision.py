@@ -21,6 +21,7 @@ from engine.diffusion.memory.offload import compute_device
 from engine.diffusion.networks.clip_text import (
     ClipAttention,
     ClipMlp,
+    Embedding,
     Fp32LayerNorm,
     TextEncoderConfig,
     multihead_attention,
@@ -123,7 +124,7 @@ class VisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(config.width))
         self.patch_embedding = nn.Conv2d(3, config.width, config.patch_size,
                                          stride=config.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(config.positions, config.width)
+        self.position_embedding = Embedding(config.positions, config.width)
 
     def forward(self, pixels: Tensor) -> Tensor:
         patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, N, width)

@@ -13,9 +13,11 @@ from torch import Tensor, nn
 
 from engine.diffusion.networks.clip_text import (
     ACTIVATIONS,
+    Embedding,
     Fp32LayerNorm,
     TextEncoderConfig,
     TextEncoderOutput,
+    init_normal,
     multihead_attention,
     run_layers,
     select_output,
@@ -90,15 +92,15 @@ class OpenClipTextModel(nn.Module):
             raise ValueError("an OpenCLIP text tower needs projection_dim (its text_projection "
                              "width); use VIT_H_CONFIG or VIT_BIGG_CONFIG")
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.token_embedding = Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length,
                                                              config.width))
         self.transformer = OpenClipTransformer(config)
         self.ln_final = Fp32LayerNorm(config.width, eps=config.norm_eps)
         self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
         self.logit_scale = nn.Parameter(torch.tensor(INITIAL_LOGIT_SCALE))
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=config.width ** -0.5)
+        init_normal(self.positional_embedding, std=0.01)
+        init_normal(self.text_projection, std=config.width ** -0.5)
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, width) token embeddings (positions not yet added)."""
