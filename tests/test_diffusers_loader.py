@@ -157,18 +157,6 @@ def test_a_folder_loads_the_model_of_its_checkpoint(engine: ModelEngine, kind: s
     assert same_state(vae.module, file_vae.module)
 
 
-def test_a_folder_unet_holds_its_conv_kernels_channels_last_as_a_checkpoint_does(
-        engine: ModelEngine) -> None:
-    (model, _, _), (file_model, _, _) = loaded(engine, "sd15")
-
-    def layouts(unet: torch.nn.Module) -> dict[str, bool]:
-        return {name: value.is_contiguous(memory_format=torch.channels_last)
-                for name, value in unet.state_dict().items() if value.dim() == 4}
-
-    assert layouts(model.unet) == layouts(file_model.unet)
-    assert all(layouts(model.unet).values())
-
-
 def test_a_folder_samples_the_same_image_as_its_checkpoint(engine: ModelEngine) -> None:
     def image(loader: dict[str, Any]) -> torch.Tensor:
         api = {"load": loader,

@@ -78,14 +78,12 @@ def test_bf16_unet_flag_on_a_cpu_with_native_bf16_computes_bf16() -> None:
     assert (policy.unet_dtype, policy.unet_storage_dtype) == (torch.bfloat16, None)
 
 
-def test_an_fp16_unet_held_in_fp16_is_the_mapped_file_but_its_channels_last_kernels(
-        tmp_path: Path) -> None:
+def test_an_fp16_unet_held_in_fp16_is_the_mapped_file_itself(tmp_path: Path) -> None:
     path = write_random_checkpoint(tmp_path / "half.safetensors", "sd15", dtype=torch.float16)
     opened, model = load_unet(path, FP16_HELD)
     assert model.dtype == model.unet.dtype == torch.float32
     for name, value in model.unet.named_parameters():
-        relaid = value.dim() == 4 and value.shape[2:] != (1, 1)  # 3x3 kernels: channels_last
-        assert value.dtype == torch.float16 and opened.holds(value) != relaid, name
+        assert value.dtype == torch.float16 and opened.holds(value), name
 
 
 def test_a_held_unet_gives_the_numbers_of_the_same_weights_in_fp32(tmp_path: Path) -> None:

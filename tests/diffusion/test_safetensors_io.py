@@ -1,7 +1,6 @@
 """Reading safetensors files: tensors are zero-copy views of the mapped file; a tensor read in
-another dtype, or a UNet conv kernel read in channels_last, is converted alone and the file
-pages it came from leave the process, so a load never holds the file and the converted weights
-together."""
+another dtype is converted alone and the file pages it came from leave the process, so a load
+never holds the file and the converted weights together."""
 
 from __future__ import annotations
 
@@ -70,39 +69,6 @@ def test_a_cast_read_releases_the_file_pages_it_was_read_from(tmp_path: Path) ->
     assert with_pages - after > 24 * MIB
 
 
-def test_a_channels_last_read_gives_conv_kernels_that_layout_with_the_file_values(
-        tmp_path: Path) -> None:
-    kernel = torch.randn(8, 4, 3, 3)
-    opened = SafetensorsFile(write(tmp_path / "k.safetensors", {"k": kernel}))
-    read = opened.cast("k", torch.float32, channels_last=True)
-    assert read.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(read, kernel) and not opened.holds(read)
-
-
-def test_a_channels_last_read_keeps_views_where_the_layout_is_already_right(
-        tmp_path: Path) -> None:
-    tensors = {"pointwise": torch.randn(8, 4, 1, 1), "linear": torch.randn(8, 4)}
-    opened = SafetensorsFile(write(tmp_path / "v.safetensors", tensors))
-    for name in tensors:
-        assert opened.holds(opened.cast(name, torch.float32, channels_last=True)), name
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
-def test_a_channels_last_read_releases_the_file_pages_it_copied(tmp_path: Path) -> None:
-    kernel = torch.ones(MIB, 8, 2, 2)  # 128 MiB in the file
-    opened = SafetensorsFile(write(tmp_path / "big.safetensors", {"k": kernel}))
-    touched = int(torch.count_nonzero(opened["k"]))  # faults every page in
-    with_pages = resident_file_bytes()
-    read = opened.cast("k", torch.float32, channels_last=True)
-    assert touched == kernel.numel() and torch.equal(read, kernel)
-    assert with_pages - resident_file_bytes() > 96 * MIB
-
-
-def test_cast_on_read_gives_channels_last_kernels_from_tensors_in_memory() -> None:
-    reader = CastOnRead({"k": torch.randn(8, 4, 3, 3)}, {"": torch.float32}, channels_last=True)
-    assert reader["k"].is_contiguous(memory_format=torch.channels_last)
-
-
 def test_cast_on_read_casts_only_the_given_prefixes(tmp_path: Path) -> None:
     tensors = {"unet.w": torch.randn(4, 4, dtype=torch.float16),
                "vae.w": torch.randn(4, 4, dtype=torch.float16)}
@@ -162,14 +128,4 @@ def test_an_fp32_file_loaded_as_fp32_is_the_only_copy_of_its_weights(tmp_path: P
     opened, modules = loaded_modules(path)
     for module in modules:
         for name, value in module.named_parameters():
-            relaid = module is modules[0] and value.dim() == 4 and value.shape[2:] != (1, 1)
-            # a view of the file's pages; the UNet's 3x3 kernels a channels_last copy instead
-            assert opened.holds(value) != relaid, name
-
-
-def test_the_unet_conv_kernels_are_loaded_channels_last(tmp_path: Path) -> None:
-    path = write_random_checkpoint(tmp_path / "full.safetensors", "sd15", dtype=torch.float32)
-    _, modules = loaded_modules(path)
-    kernels = {name: value for name, value in modules[0].named_parameters() if value.dim() == 4}
-    assert kernels and all(value.is_contiguous(memory_format=torch.channels_last)
-                           for value in kernels.values())
+            assert opened.holds(value), name  # a view of the file's pages, not a copy

@@ -106,9 +106,9 @@ def _load_unet(folder: Path, family: str, policy: DevicePolicy, allow_pickle: bo
     path = weight_file(folder, "unet", MODEL_FILES)
     config = unet_config_from_diffusers(read_config(folder, "unet"), folder.name)
     tensors = open_state_file(path, allow_pickle=allow_pickle).tensors
-    # read as a checkpoint's UNet is: held dtype, conv kernels channels_last (loader.py)
-    weights = diffusers_unet_to_ldm(CastOnRead(tensors, {"": policy.unet_weight_dtype},
-                                               channels_last=True), config, f"{folder.name}/unet")
+    # read as a checkpoint's UNet is: in the held dtype (loader.py)
+    weights = diffusers_unet_to_ldm(CastOnRead(tensors, {"": policy.unet_weight_dtype}),
+                                    config, f"{folder.name}/unet")
     prediction, zsnr = detect_prediction(weights, family, config.in_channels, "")
     unet = build_unet(weights, config, policy.unet_weight_dtype, policy.offload_device,
                       f"{folder.name}/unet", policy.unet_dtype)

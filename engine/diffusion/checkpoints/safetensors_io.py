@@ -3,9 +3,7 @@ view into the mapping, created when first asked for. Nothing is copied before us
 in another dtype (e.g. an fp16 file for an fp32 or bf16 model) is converted one at a time, and
 the file pages it was converted from leave the process at once (`cast`, `CastOnRead`), so a
 load holds each weight once, in its compute dtype, never the file and the converted copy
-together. The same holds for conv kernels read in the channels_last layout a model computes in
-(`channels_last=True`): a layout change is a copy too, made once at load rather than by oneDNN
-in every forward.
+together.
 
 Format facts: 8 bytes little-endian header length N, then N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the
@@ -104,18 +102,14 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         except RuntimeError:  # offset not aligned to the element size: copy this one tensor
             return flat.clone().view(dtype).reshape(info.shape)
 
-    def cast(self, name: str, dtype: torch.dtype, *, channels_last: bool = False) -> torch.Tensor:
-        """The tensor `name` in `dtype` (floating tensors only; others as stored), a conv kernel
-        also in channels_last when asked (`compute_layout`). A converted copy releases the file
-        pages it was read from, so the file and the copy are never both resident; a tensor
-        already in that dtype and layout is the zero-copy view."""
+    def cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor `name` in `dtype` (floating tensors only; others as stored). A converted
+        copy releases the file pages it was read from, so the file and the copy are never both
+        resident; a same-dtype tensor is the zero-copy view."""
         tensor = self[name]
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
             return tensor
-        layout = compute_layout(tensor, channels_last)
-        if tensor.dtype == dtype and layout == torch.preserve_format:
-            return tensor
-        converted = tensor.to(dtype=dtype, memory_format=layout)
+        converted = tensor.to(dtype)
         del tensor
         info = self.infos[name]
         self._release(self._data_start + info.begin, self._data_start + info.end)
@@ -178,41 +172,26 @@ def weight_bytes(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, tor
     return total
 
 
-def compute_layout(tensor: torch.Tensor, channels_last: bool) -> torch.memory_format:
-    """The layout a weight is read in: channels_last for a conv kernel not yet in it when
-    `channels_last` (a model whose activations are channels_last, such as the UNet: a plain
-    kernel would be reordered by oneDNN in every call), else the tensor's own. A 1x1 kernel
-    is in both layouts at once, so it keeps its own (a view of the file)."""
-    if (channels_last and tensor.dim() == 4
-            and not tensor.is_contiguous(memory_format=torch.channels_last)):
-        return torch.channels_last
-    return torch.preserve_format
-
-
 class CastOnRead(Mapping[str, torch.Tensor]):
     """`tensors` with each floating tensor under one of `dtypes`' key prefixes read in that
-    prefix's dtype (the first prefix that matches; others as stored), its conv kernels in
-    channels_last when `channels_last` (compute_layout). Reading from a SafetensorsFile releases
-    the source pages of every converted tensor (SafetensorsFile.cast). Nothing is converted
-    before it is read, so wrap a whole checkpoint with one component's prefixes and hand it to
-    that component's loader."""
+    prefix's dtype (the first prefix that matches; others as stored). Reading from a
+    SafetensorsFile releases the source pages of every converted tensor (SafetensorsFile.cast).
+    Nothing is converted before it is read, so wrap a whole checkpoint with one component's
+    prefixes and hand it to that component's loader."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor],
-                 dtypes: Mapping[str, torch.dtype], *, channels_last: bool = False) -> None:
+                 dtypes: Mapping[str, torch.dtype]) -> None:
         self.tensors = tensors
         self.dtypes = dtypes
-        self.channels_last = channels_last
 
     def __getitem__(self, name: str) -> torch.Tensor:
         dtype = next((d for prefix, d in self.dtypes.items() if name.startswith(prefix)), None)
         if dtype is None:
             return self.tensors[name]
         if isinstance(self.tensors, SafetensorsFile):
-            return self.tensors.cast(name, dtype, channels_last=self.channels_last)
+            return self.tensors.cast(name, dtype)
         tensor = self.tensors[name]
-        if not tensor.is_floating_point():
-            return tensor
-        return tensor.to(dtype=dtype, memory_format=compute_layout(tensor, self.channels_last))
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors  # without reading (and converting) the tensor
