@@ -6,7 +6,8 @@ order to the weight in float32: the weight is first scaled by strength_model; a 
 list is another model's weight ((weight, convert_func) first, then its own entries), which
 becomes a diff; ("diff", (tensor,)) or (tensor,) adds strength * tensor; ("set", (tensor,))
 replaces the weight. `offset` (dim, start, length) narrows all of that to a slice. LoRA-style
-adapter objects (comfy.weight_adapter) and "model_as_lora" are refused with their names."""
+adapter objects (comfy.weight_adapter) and "model_as_lora" are refused with their names.
+A CLIP's patches are keyed "<encoder>.<parameter>" (its get_sd names) and patch that encoder."""
 
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ logger = logging.getLogger("loom.comfy.weights")
 UNET_PREFIX = "diffusion_model."
 
 
-def pack_weight_patch(patches: Mapping[str, Sequence[Any]]) -> WeightDeltaPatch:
-    """The UNet weight patches recorded by add_patches (keys "diffusion_model.<param>")."""
+def pack_weight_patch(patches: Mapping[str, Sequence[Any]], prefix: str = UNET_PREFIX,
+                      ) -> WeightDeltaPatch:
+    """The weight patches recorded by add_patches, keys "<prefix><parameter name>" (the UNet's
+    "diffusion_model.", a CLIP encoder's "<encoder>.")."""
     return WeightDeltaPatch(tuple(
-        ParamDelta(key.removeprefix(UNET_PREFIX), _delta(key, list(entries)), 1.0)
+        ParamDelta(key.removeprefix(prefix), _delta(key, list(entries)), 1.0)
         for key, entries in patches.items()))
 
 

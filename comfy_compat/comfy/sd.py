@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from loom_weight_patches import pack_weight_patch
 
 from comfy.model_patcher import ModelPatcher, UnsupportedPatchError
 from engine.comfy_host import HOST
@@ -63,7 +64,7 @@ class CLIP:
                                       "from files; use comfy.sd.load_clip(ckpt_paths=[...])")
         self.stack = stack
         self.layer_idx: int | None = stack.layer_idx if stack is not None else None
-        self.patches: list[Any] = []
+        self.patches: dict[str, list[tuple[Any, ...]]] = {}
 
     @property
     def cond_stage_model(self) -> Any:
@@ -85,7 +86,7 @@ class CLIP:
     def clone(self) -> CLIP:
         twin = CLIP(no_init=True, stack=self.stack)
         twin.layer_idx = self.layer_idx
-        twin.patches = list(self.patches)
+        twin.patches = {key: list(found) for key, found in self.patches.items()}
         return twin
 
     def clip_layer(self, layer_idx: int) -> None:
@@ -93,15 +94,25 @@ class CLIP:
 
     def add_patches(self, patches: Mapping[str, Any], strength_patch: float = 1.0,
                     strength_model: float = 1.0) -> list[str]:
-        self.patches.append((patches, strength_patch, strength_model))
-        return list(patches)
+        """Record weight patches keyed by get_sd's names; the weights this CLIP has are returned
+        (as in ComfyUI, other keys are ignored). They apply while the CLIP encodes."""
+        keys = {f"{name}.{key}" for name, module in self._stack().encoders.items()
+                for key, _ in module.named_parameters()}  # buffers (position ids) are not
+        added = [key for key in patches if key in keys]
+        for key in added:
+            self.patches.setdefault(key, []).append(
+                (strength_patch, patches[key], strength_model, None, None))
+        return added
 
     def loom_value(self) -> TextEncoderStack:
-        if self.patches:
-            raise UnsupportedPatchError("this CLIP carries raw weight patches (add_patches); "
-                                        "Loom applies LoRA through comfy.sd.load_lora_for_models "
-                                        "or the LoraLoader node")
-        return self._stack().clone_with_layer(self.layer_idx)
+        stack = self._stack().clone_with_layer(self.layer_idx)
+        if not self.patches:
+            return stack
+        by_encoder: dict[str, dict[str, list[Any]]] = {}
+        for key, entries in self.patches.items():
+            by_encoder.setdefault(key.split(".", 1)[0], {})[key] = entries
+        return stack.clone_with_patches({name: pack_weight_patch(found, f"{name}.")
+                                         for name, found in by_encoder.items()})
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> ComfyTokens:
         return ComfyTokens(self.loom_value().tokenize(text))
@@ -135,7 +146,13 @@ class CLIP:
         return self
 
     def get_key_patches(self) -> dict[str, list[Any]]:
-        return {key: [value] for key, value in self.get_sd().items()}
+        """Each weight as ComfyUI lists it, (weight, convert_func) first, then its patches."""
+        if any(self._stack().patches.values()):
+            raise UnsupportedPatchError(
+                "CLIP.get_key_patches on a CLIP carrying Loom weight patches (LoRA, merges): "
+                "merge the CLIPs before applying LoRA, or use Loom's CLIPMerge nodes")
+        return {key: [(value, _unchanged)] + list(self.patches.get(key, []))
+                for key, value in self.get_sd().items()}
 
 
 class VAE:
@@ -293,3 +310,8 @@ def load_lora_for_models(model: Any, clip: Any, lora: Mapping[str, torch.Tensor]
     new_model, new_clip, _ = apply_lora(handle, stack, parsed, strength_model, strength_clip)
     return (ModelPatcher(new_model) if new_model is not None else None,
             CLIP(stack=new_clip) if new_clip is not None else None)
+
+
+def _unchanged(weight: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """ComfyUI's convert_func for a weight stored as it is used."""
+    return weight

@@ -176,6 +176,19 @@ def test_a_packs_raw_diff_patch_adds_strength_times_the_tensor(bound: ModelEngin
     assert not torch.allclose(diffed, plain, atol=1e-3)
 
 
+def test_a_packs_add_patches_clip_merge_encodes_like_looms_clip_merge(bound: ModelEngine) -> None:
+    def encoded(kind: str, ratio: float = 0.3) -> torch.Tensor:
+        api = {**merge_graph(bound, kind="PackMerge", ratio=1.0, mode="merge"),
+               "clip": node(kind, clip1=["ckpt", 1], clip2=["other", 1], ratio=ratio),
+               "text": node("CLIPTextEncode", text="a red fox", clip=["clip", 0])}
+        result, _ = bound.run(probed(api, "text"))
+        return result.values["text"][0][0][0][0]
+
+    pack, loom = encoded("PackClipMerge"), encoded("CLIPMergeSimple")
+    unmerged = encoded("CLIPMergeSimple", ratio=1.0)  # all of clip1
+    assert torch.allclose(pack, loom, atol=1e-5) and not torch.allclose(pack, unmerged, atol=1e-3)
+
+
 def test_an_add_patches_value_loom_cannot_apply_fails_naming_the_key(bound: ModelEngine) -> None:
     api = merge_graph(bound, kind="PackMerge", ratio=1.0, mode="lora_adapter")
     checked = validate_prompt(probed(api, "sample"), bound.registry, bound.services)

@@ -365,8 +365,29 @@ class PackMerge:
         return (merged,)
 
 
+class PackClipMerge:
+    """CLIPMergeSimple written as packs write it: clone, get_key_patches, add_patches."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip1": ("CLIP",), "clip2": ("CLIP",),
+                             "ratio": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "run"
+    CATEGORY = "tests"
+
+    def run(self, clip1, clip2, ratio):
+        merged = clip1.clone()
+        for key, patches in clip2.get_key_patches().items():
+            if key.endswith(".position_ids") or key.endswith(".logit_scale"):
+                continue
+            merged.add_patches({key: patches}, 1.0 - ratio, ratio)
+        return (merged,)
+
+
 NODE_CLASS_MAPPINGS = {"PackEulerSampler": PackEulerSampler, "PackGuider": PackGuider,
-                       "PackMerge": PackMerge,
+                       "PackMerge": PackMerge, "PackClipMerge": PackClipMerge,
                        "PackSamplerObject": PackSamplerObject,
                        "MaybeBlock": MaybeBlock, "LoadAndEncode": LoadAndEncode,
                        "EncodeAndSample": EncodeAndSample,
