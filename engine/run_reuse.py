@@ -7,26 +7,33 @@ holds the state these methods use: the prompt, the resolved entries, keys and fi
 from __future__ import annotations
 
 from itertools import repeat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from engine.cache import CacheEntry
+from engine.cache import CacheEntry, OutputCache
 from engine.cache_keys import NodeFacts
 from engine.events import timestamp_ms
 from engine.run_record import RunRecord
 
 if TYPE_CHECKING:
     from engine.events import ExecutionListener
-    from engine.executor import Executor
     from engine.expansion import Expansions
     from engine.graph import Prompt
     from engine.run_result import ExecutionResult
+
+
+class _ReuseSource(Protocol):
+    """What reuse reads of the executor (engine.executor.Executor provides it; named here so
+    this module does not import the executor that imports it)."""
+
+    cache: OutputCache
+    _last_run: RunRecord | None
 
 
 class RunReuse:
     """The reuse half of a prompt's run (mixed into engine.executor._PromptRun, which also
     provides `emit`, `facts`, `_key` and `_fingerprint`)."""
 
-    ex: Executor
+    ex: _ReuseSource
     prompt_id: str
     listener: ExecutionListener
     silent: bool
