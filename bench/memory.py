@@ -18,8 +18,14 @@ runs are cold processes, not cold disks. Checkpoints are written once into --mod
 Needs ~6 GB of RAM for SD1.5. SDXL's floor is 12.9 GB with the fp32 policy of CPUs without
 native bf16 (8.1 GB with a bf16 UNet), so its run needs ~15 GB there: pick the cases that fit
 with --cases (a case not run prints its floor when its file exists, and nan as its peak).
+With `--comfyui DIR` each case also runs in a fresh ComfyUI server from that checkout (`--cpu`,
+no custom nodes, its default dtypes: fp32 UNet and VAE, text encoders held in fp16 on a CPU),
+sent the same workflow through POST /prompt and stopped once its history entry is written; the
+whole server process is watched the same way, start included, and Loom / ComfyUI is printed.
+
 Last line: `sd15_peak_gb=<float> sdxl_peak_gb=<float> floor_sd15_gb=<float>
-floor_sdxl_gb=<float>` (SD1.5 from its fp32 file, SDXL from its fp16 file).
+floor_sdxl_gb=<float>` (SD1.5 from its fp32 file, SDXL from its fp16 file), with
+`comfyui_sd15_peak_gb=<float> comfyui_sdxl_peak_gb=<float>` after them under --comfyui.
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,8 +217,7 @@ def run_case(case: Case, models_dir: Path, steps: int, loom_flags: list[str],
     """One cold `main.py run` of the case's workflow, watched from outside."""
     with tempfile.TemporaryDirectory(prefix="loom_memory_bench_") as base:
         base_dir = Path(base)
-        (base_dir / "extra_model_paths.yaml").write_text(
-            f"bench:\n  base_path: {models_dir}\n  checkpoints: .\n")
+        write_model_paths(base_dir, models_dir)  # read from the base directory
         (base_dir / "workflow.json").write_text(json.dumps(workflow(case, steps)))
         command = [sys.executable, str(ROOT / "main.py"), "run", str(base_dir / "workflow.json"),
                    "--base-directory", str(base_dir), *loom_flags]
@@ -216,20 +226,107 @@ def run_case(case: Case, models_dir: Path, steps: int, loom_flags: list[str],
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
-        stop = threading.Event()
-        watcher = threading.Thread(target=watch, args=(child.pid, measurement, stop))
-        watcher.start()
-        follow_output(child.stdout, measurement, verbose)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        with watching(child, measurement):
+            follow_output(child.stdout, measurement, verbose)
         measurement.seconds = time.perf_counter() - start
-        stop.set()
-        watcher.join()
     if child.returncode != 0:
         raise RuntimeError(f"{case.name}: main.py run exited with {child.returncode}; its "
                            f"output is above (run with --verbose for all of it)")
-    measurement.ru_maxrss = usage.ru_maxrss * 1024
     return measurement
+
+
+def write_model_paths(base_dir: Path, models_dir: Path) -> Path:
+    """An extra_model_paths.yaml (the same format for Loom and ComfyUI) naming the models."""
+    path = base_dir / "extra_model_paths.yaml"
+    path.write_text(f"bench:\n  base_path: {models_dir}\n  checkpoints: .\n")
+    return path
+
+
+@contextmanager
+def watching(child: subprocess.Popen, measurement: Measurement) -> Iterator[None]:
+    """Sample the child's memory until the block ends, then reap it (terminating it if it still
+    runs) and record its ru_maxrss."""
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(child.pid, measurement, stop))
+    watcher.start()
+    try:
+        yield
+    finally:
+        if child.poll() is None and child.returncode is None:
+            child.terminate()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stop.set()
+        watcher.join()
+        measurement.ru_maxrss = usage.ru_maxrss * 1024
+
+
+# ---- the peer: a fresh ComfyUI server running the same workflow --------------------------
+
+def run_comfyui(case: Case, models_dir: Path, steps: int, comfyui: Path, python: str,
+                ) -> Measurement:
+    """A fresh ComfyUI server (--cpu, no custom nodes, its own default dtypes) started, sent
+    the case's workflow through POST /prompt and stopped once its history entry is there:
+    the whole process watched, as a ComfyUI user running one workflow gets it."""
+    with tempfile.TemporaryDirectory(prefix="comfyui_memory_bench_") as base:
+        base_dir = Path(base)
+        port = free_port()
+        command = [python, str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1",
+                   "--port", str(port), "--base-directory", base, "--disable-auto-launch",
+                   "--disable-all-custom-nodes", "--extra-model-paths-config",
+                   str(write_model_paths(base_dir, models_dir))]
+        measurement = Measurement(node="ComfyUI start")
+        start = time.perf_counter()
+        with (base_dir / "server.log").open("w") as log:
+            child = subprocess.Popen(command, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT)
+            with watching(child, measurement):
+                wait_until_serving(port, child)
+                measurement.node = "ComfyUI prompt"
+                outcome = run_prompt(port, workflow(case, steps), child)
+        measurement.seconds = time.perf_counter() - start
+        if outcome != "success":
+            tail = (base_dir / "server.log").read_text()[-3000:]
+            raise RuntimeError(f"{case.name}: ComfyUI's run ended with {outcome!r}:\n{tail}")
+    return measurement
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_json(port: int, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_until_serving(port: int, child: subprocess.Popen, limit: float = 600.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {child.returncode} while starting")
+        try:
+            http_json(port, "/system_stats")
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    raise RuntimeError(f"ComfyUI did not answer on port {port} within {limit:.0f} s")
+
+
+def run_prompt(port: int, prompt: dict, child: subprocess.Popen) -> str:
+    """Queue the prompt and wait for its history entry; its status string."""
+    prompt_id = http_json(port, "/prompt", {"prompt": prompt, "client_id": "memory-bench"})[
+        "prompt_id"]
+    while child.poll() is None:
+        entry = http_json(port, f"/history/{prompt_id}").get(prompt_id)
+        if entry is not None:
+            return str(entry.get("status", {}).get("status_str"))
+        time.sleep(0.25)
+    return f"server exited with {child.returncode}"
 
 
 def stopped(measurement: Measurement) -> None:
@@ -273,9 +370,14 @@ def main() -> None:
     parser.add_argument("--loom-flag", action="append", default=[], dest="loom_flags",
                         help="a flag for main.py run, e.g. --loom-flag=--force-fp32")
     parser.add_argument("--verbose", action="store_true", help="show the runs' output")
+    parser.add_argument("--comfyui", type=Path, metavar="DIR",
+                        help="a ComfyUI checkout: run each case in a fresh ComfyUI server too "
+                             "(its default dtypes, --cpu) and print Loom / ComfyUI")
+    parser.add_argument("--comfyui-python", default=sys.executable,
+                        help="the Python that runs ComfyUI (default: this one)")
     args = parser.parse_args()
 
-    peaks, floors = {}, {}
+    peaks, floors, peer = {}, {}, {}
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {args.steps} "
           f"step(s) per run; flags: {' '.join(args.loom_flags) or 'none'}")
     for case in CASES:
@@ -290,9 +392,27 @@ def main() -> None:
         measurement = run_case(case, args.models_dir, args.steps, args.loom_flags, args.verbose)
         peaks[case.name] = max(measurement.hwm, measurement.ru_maxrss)
         print_case(case, measurement, floors[case.name])
+        if args.comfyui is not None:
+            theirs = run_comfyui(case, args.models_dir, args.steps, args.comfyui,
+                                 args.comfyui_python)
+            peer[case.name] = max(theirs.hwm, theirs.ru_maxrss)
+            print_peer(case, theirs, peaks[case.name])
     figure = lambda table, name: f"{table[name] / GIB:.3f}" if name in table else "nan"  # noqa: E731
-    print(f"sd15_peak_gb={figure(peaks, 'sd15')} sdxl_peak_gb={figure(peaks, 'sdxl')} "
-          f"floor_sd15_gb={figure(floors, 'sd15')} floor_sdxl_gb={figure(floors, 'sdxl')}")
+    last = (f"sd15_peak_gb={figure(peaks, 'sd15')} sdxl_peak_gb={figure(peaks, 'sdxl')} "
+            f"floor_sd15_gb={figure(floors, 'sd15')} floor_sdxl_gb={figure(floors, 'sdxl')}")
+    if args.comfyui is not None:
+        last += (f" comfyui_sd15_peak_gb={figure(peer, 'sd15')}"
+                 f" comfyui_sdxl_peak_gb={figure(peer, 'sdxl')}")
+    print(last)
+
+
+def print_peer(case: Case, theirs: Measurement, ours: int) -> None:
+    peak = max(theirs.hwm, theirs.ru_maxrss)
+    print(f"  {case.name}, ComfyUI: peak {gb(peak)} GB, at the peak {gb(theirs.at_peak.anon)} "
+          f"anonymous + {gb(theirs.at_peak.file)} file-backed; {theirs.seconds:.0f} s with its "
+          f"start; Loom / ComfyUI {ours / peak:.2f}")
+    for node, sample in theirs.by_node.items():
+        print_node(node, sample)
 
 
 if __name__ == "__main__":

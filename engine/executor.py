@@ -277,6 +277,8 @@ class _PromptRun(RunReuse):
         display = self.expansions.dynamic.get_display_node_id(node_id)
         self.emit("executing", node=node_id, display_node=display)
         ctx = self._context(node_id)
+        if ctx.models is not None:
+            ctx.models.begin_node()
         instance = self.ex.instance(node_id, facts.node.class_type)
         started = time.perf_counter()
         try:

@@ -36,6 +36,7 @@ from engine.diffusion.memory.offload import (
     VramSettings,
     cuda_memory_probe,
 )
+from engine.diffusion.memory.page_release import PageReleaser
 
 logger = logging.getLogger("loom.models")
 # Attribute the manager sets on the modules it manages: calling it gives a context manager that
@@ -138,6 +139,8 @@ class ModelManager:
             vram = VramSettings(cuda_memory_probe(policy.device))
         self.vram = vram
         self._entries: dict[ModelKey, Entry] = {}
+        self._pages = PageReleaser()
+        self._node_parts: set[Placement] = set()  # the modules the running node has used
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
         self.loads = 0
@@ -204,6 +207,31 @@ class ModelManager:
                 if not placement.loaded:
                     self._load_to_compute(placement, self.vram)
             self._evict_to_budget(keep=entry)
+            self._mark_used(entry.placements if placement is None else (placement,))
+
+    # -- one node's models resident ------------------------------------------------------------
+    def begin_node(self) -> None:
+        """A node starts (the executor calls this). The first use of each module in it lets
+        the file pages of every module the node has not used go (memory/page_release.py):
+        the UNet's pages leave while the VAE decodes, the text encoders' while the UNet
+        samples, and come back from the page cache when next used."""
+        with self._lock:
+            self._node_parts = set()
+
+    def _mark_used(self, placements: Iterable[Placement]) -> None:
+        fresh = [p for p in placements if p not in self._node_parts]
+        if fresh:
+            self._node_parts.update(fresh)
+            self._release_pages()
+
+    def _release_pages(self) -> None:
+        idle = [placement for entry in self._entries.values() if not entry.evicted
+                for placement in entry.placements
+                if placement not in self._node_parts and not placement.held]
+        released = self._pages.release(placement.module for placement in idle)
+        if released:
+            logger.debug("let %.0f MB of file pages go: %s", released / 2**20,
+                         ", ".join(placement.name for placement in idle))
 
     @contextmanager
     def _hold(self, entry: Entry, placement: Placement) -> Iterator[None]:
