@@ -99,14 +99,15 @@ class ModelPatcher:
     # -- weight patches (LoRA-style) -------------------------------------------------------
     def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0,
                     strength_model: float = 1.0) -> list[str]:
-        """Record weight patches by key (ComfyUI's format); keys the UNet has are returned."""
+        """Record weight patches by key (ComfyUI's format; a (key, offset[, function]) tuple
+        patches a slice); keys the UNet has are returned."""
         keys = self._weight_keys()
         added = []
         for key, patch in patches.items():
-            name = key[0] if isinstance(key, tuple) else key
+            name, offset, function = split_patch_key(key)
             if name in keys:
                 self.patches.setdefault(name, []).append(
-                    (strength_patch, patch, strength_model, None, None))
+                    (strength_patch, patch, strength_model, offset, function))
                 added.append(key)
         self.patches_uuid = uuid.uuid4()
         return added
@@ -270,6 +271,14 @@ class ModelPatcher:
                     load_weights: bool = True, force_patch_weights: bool = False) -> Any:
         self.loom_value()  # refuses what cannot be applied
         return self.handle.unet
+
+
+def split_patch_key(key: Any) -> tuple[str, Any, Any]:
+    """(weight key, offset, function) of an add_patches key: a name, or ComfyUI's
+    (name, (dim, start, length)[, function]) tuple for a slice of a fused weight."""
+    if not isinstance(key, tuple):
+        return key, None, None
+    return key[0], key[1] if len(key) > 1 else None, key[2] if len(key) > 2 else None
 
 
 def _copy_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,10 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from loom_weight_patches import pack_weight_patch
+from loom_lora_names import ClipWeight, clip_weights
+from loom_weight_patches import WeightSlot, pack_weight_patch
 
-from comfy.model_patcher import ModelPatcher, UnsupportedPatchError
+from comfy.model_patcher import ModelPatcher, UnsupportedPatchError, split_patch_key
 from engine.comfy_host import HOST
 from engine.diffusion.checkpoints.loader import NODE_LATENT_SCALE, load_unet_file
 from engine.diffusion.checkpoints.loader import load_checkpoint as load_checkpoint_file
@@ -94,24 +95,41 @@ class CLIP:
 
     def add_patches(self, patches: Mapping[str, Any], strength_patch: float = 1.0,
                     strength_model: float = 1.0) -> list[str]:
-        """Record weight patches keyed by get_sd's names; the weights this CLIP has are returned
-        (as in ComfyUI, other keys are ignored). They apply while the CLIP encodes."""
-        keys = {f"{name}.{key}" for name, module in self._stack().encoders.items()
-                for key, _ in module.named_parameters()}  # buffers (position ids) are not
-        added = [key for key in patches if key in keys]
-        for key in added:
-            self.patches.setdefault(key, []).append(
-                (strength_patch, patches[key], strength_model, None, None))
+        """Record weight patches keyed by get_sd's names or by ComfyUI's ("clip_l.transformer.
+        text_model....weight", what comfy.lora's key maps give); the keys this CLIP has are
+        returned (as in ComfyUI, other keys are ignored). They apply while the CLIP encodes."""
+        slots = self._weight_slots()
+        added = []
+        for key, patch in patches.items():
+            name, offset, function = split_patch_key(key)
+            if name in slots:
+                self.patches.setdefault(name, []).append(
+                    (strength_patch, patch, strength_model, offset, function))
+                added.append(key)
         return added
+
+    def _weight_slots(self) -> dict[str, ClipWeight]:
+        """Every name add_patches takes -> where it lies (buffers such as position ids are no
+        weights)."""
+        encoders = self._stack().encoders
+        slots = {f"{name}.{key}": ClipWeight(name, key) for name, module in encoders.items()
+                 for key, _ in module.named_parameters()}
+        return slots | clip_weights(encoders)
 
     def loom_value(self) -> TextEncoderStack:
         stack = self._stack().clone_with_layer(self.layer_idx)
         if not self.patches:
             return stack
+        slots = self._weight_slots()
         by_encoder: dict[str, dict[str, list[Any]]] = {}
         for key, entries in self.patches.items():
-            by_encoder.setdefault(key.split(".", 1)[0], {})[key] = entries
-        return stack.clone_with_patches({name: pack_weight_patch(found, f"{name}.")
+            by_encoder.setdefault(slots[key].encoder, {})[key] = entries
+
+        def slot(key: str) -> WeightSlot:
+            found = slots[key]
+            return WeightSlot(found.param, found.rows, found.transposed)
+
+        return stack.clone_with_patches({name: pack_weight_patch(found, slot)
                                          for name, found in by_encoder.items()})
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> ComfyTokens:
