@@ -143,3 +143,42 @@ def test_an_unknown_patch_type_without_its_wrapper_fails_naming_it(bound: ModelE
 @pytest.fixture(autouse=True)
 def _checkpoint(bound: ModelEngine) -> None:
     checkpoint(bound)
+
+
+SDXL_TEXT = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (64, 64),
+             "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": (128, 128),  # in_proj rows
+             "lora_te2_text_projection": (128, 128)}  # stored transposed by Loom
+
+
+def sdxl_pooled_and_cond(engine: ModelEngine, loader: str, strength_clip: float = 0.7
+                         ) -> tuple[Tensor, Tensor]:
+    name = "tiny_sdxl_base.safetensors"
+    if not (engine.base / "models" / "checkpoints" / name).exists():
+        engine.checkpoint("sdxl_base", name)
+    tensors = {}
+    for seed, (module, (rows, columns)) in enumerate(SDXL_TEXT.items()):
+        tensors[f"{module}.lora_up.weight"] = randn(rows, 4, seed=20 + seed)
+        tensors[f"{module}.lora_down.weight"] = randn(4, columns, seed=40 + seed)
+    (engine.base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(engine.base / "models" / "loras" / "sdxl_text.safetensors"))
+    settings = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "sdxl_text.safetensors",
+                "strength_model": 1.0, "strength_clip": strength_clip}
+    if loader == "PackBlockWeightLora":
+        settings["muted_block"] = ""
+    api = {"ckpt": node("CheckpointLoaderSimple", ckpt_name=name),
+           "lora": node(loader, **settings),
+           "pos": node("CLIPTextEncode", text="a red fox", clip=["lora", 1])}
+    result, _ = engine.run(probed(api, "pos"))
+    cond, options = result.values["pos"][0][0][0]
+    return cond, options["pooled_output"]
+
+
+def test_sdxl_bigg_qkv_rows_and_projection_encode_like_looms_lora_loader(
+        bound: ModelEngine) -> None:
+    pack_cond, pack_pooled = sdxl_pooled_and_cond(bound, "PackBlockWeightLora")
+    loom_cond, loom_pooled = sdxl_pooled_and_cond(bound, "LoraLoader")
+    assert torch.allclose(pack_cond, loom_cond, atol=1e-6)
+    assert torch.allclose(pack_pooled, loom_pooled, atol=1e-6)
+    plain_cond, plain_pooled = sdxl_pooled_and_cond(bound, "LoraLoader", strength_clip=0.0)
+    assert not torch.allclose(pack_cond, plain_cond, atol=1e-4)
+    assert not torch.allclose(pack_pooled, plain_pooled, atol=1e-4)
