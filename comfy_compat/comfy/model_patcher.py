@@ -9,6 +9,7 @@ silently unpatched model."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -101,7 +102,7 @@ class ModelPatcher:
                     strength_model: float = 1.0) -> list[str]:
         """Record weight patches by key (ComfyUI's format; a (key, offset[, function]) tuple
         patches a slice); keys the UNet has are returned."""
-        keys = self._weight_keys()
+        keys = self.weight_keys
         added = []
         for key, patch in patches.items():
             name, offset, function = split_patch_key(key)
@@ -133,8 +134,11 @@ class ModelPatcher:
         return {k: v for k, v in state.items()
                 if filter_prefix is None or k.startswith(filter_prefix)}
 
-    def _weight_keys(self) -> set[str]:
-        return {f"diffusion_model.{k}" for k in self.handle.unet.state_dict()}
+    @functools.cached_property
+    def weight_keys(self) -> frozenset[str]:
+        """The UNet's weight names, listed once per MODEL value (block-weight LoRA loaders call
+        add_patches once per weight; listing an SDXL UNet takes ~20 ms)."""
+        return frozenset(f"diffusion_model.{k}" for k in self.handle.unet.state_dict())
 
     # -- model_options setters (ComfyUI's layout) -----------------------------------------
     def set_model_sampler_cfg_function(self, sampler_cfg_function: Callable[..., Any],

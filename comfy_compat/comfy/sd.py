@@ -4,6 +4,7 @@ and by a Loom node is one copy)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -98,7 +99,7 @@ class CLIP:
         """Record weight patches keyed by get_sd's names or by ComfyUI's ("clip_l.transformer.
         text_model....weight", what comfy.lora's key maps give); the keys this CLIP has are
         returned (as in ComfyUI, other keys are ignored). They apply while the CLIP encodes."""
-        slots = self._weight_slots()
+        slots = self.weight_slots
         added = []
         for key, patch in patches.items():
             name, offset, function = split_patch_key(key)
@@ -108,19 +109,20 @@ class CLIP:
                 added.append(key)
         return added
 
-    def _weight_slots(self) -> dict[str, ClipWeight]:
+    @functools.cached_property
+    def weight_slots(self) -> Mapping[str, ClipWeight]:
         """Every name add_patches takes -> where it lies (buffers such as position ids are no
-        weights)."""
+        weights); built once per CLIP value, as block-weight loaders patch weight by weight."""
         encoders = self._stack().encoders
         slots = {f"{name}.{key}": ClipWeight(name, key) for name, module in encoders.items()
                  for key, _ in module.named_parameters()}
-        return slots | clip_weights(encoders)
+        return MappingProxyType(slots | clip_weights(encoders))
 
     def loom_value(self) -> TextEncoderStack:
         stack = self._stack().clone_with_layer(self.layer_idx)
         if not self.patches:
             return stack
-        slots = self._weight_slots()
+        slots = self.weight_slots
         by_encoder: dict[str, dict[str, list[Any]]] = {}
         for key, entries in self.patches.items():
             by_encoder.setdefault(slots[key].encoder, {})[key] = entries

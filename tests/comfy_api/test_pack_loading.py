@@ -11,8 +11,8 @@ from tests.model_engine import ModelEngine
 
 
 def test_every_test_pack_but_the_broken_one_loads(bound: ModelEngine) -> None:
-    assert sorted(bound.registry.loaded_packs) == ["comfy_basics", "expand_pack", "route_pack",
-                                                   "v3_pack"]
+    assert sorted(bound.registry.loaded_packs) == ["comfy_basics", "expand_pack", "lora_pack",
+                                                   "route_pack", "v3_pack"]
     for name in ("EncodeAndSample", "ModelFacts", "V3ScaleImage", "V3AddOne", "RoutePackPing"):
         assert name in bound.registry
 
