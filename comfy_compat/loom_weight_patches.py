@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,29 @@ def pack_weight_patch(patches: Mapping[str, Sequence[Any]],
         deltas.append(ParamDelta(where.param, _delta(key, list(entries), where.transposed), 1.0,
                                  where.rows))
     return WeightDeltaPatch(tuple(deltas))
+
+
+def split_patch_key(key: Any) -> tuple[str, Any, Any]:
+    """(weight key, offset, function) of an add_patches key: a name, or ComfyUI's
+    (name, (dim, start, length)[, function]) tuple for a slice of a fused weight."""
+    if not isinstance(key, tuple):
+        return key, None, None
+    return key[0], key[1] if len(key) > 1 else None, key[2] if len(key) > 2 else None
+
+
+def record_patches(recorded: dict[str, list[Any]], patches: Mapping[Any, Any],
+                   known: Container[str], strength_patch: float, strength_model: float
+                   ) -> list[Any]:
+    """add_patches: each patch whose weight is `known` appended to `recorded` as ComfyUI's
+    (strength_patch, value, strength_model, offset, function) entry; the keys taken."""
+    added = []
+    for key, patch in patches.items():
+        name, offset, function = split_patch_key(key)
+        if name in known:
+            recorded.setdefault(name, []).append(
+                (strength_patch, patch, strength_model, offset, function))
+            added.append(key)
+    return added
 
 
 def bound_calculate_weight() -> Callable[..., Tensor]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from loom_model_options import UnsupportedPatchError, translate
-from loom_weight_patches import pack_weight_patch
+from loom_weight_patches import pack_weight_patch, record_patches
 
 from comfy.model_base import view_for
 from engine.diffusion.patches.model_handle import ModelHandle
@@ -102,14 +102,8 @@ class ModelPatcher:
                     strength_model: float = 1.0) -> list[str]:
         """Record weight patches by key (ComfyUI's format; a (key, offset[, function]) tuple
         patches a slice); keys the UNet has are returned."""
-        keys = self.weight_keys
-        added = []
-        for key, patch in patches.items():
-            name, offset, function = split_patch_key(key)
-            if name in keys:
-                self.patches.setdefault(name, []).append(
-                    (strength_patch, patch, strength_model, offset, function))
-                added.append(key)
+        added = record_patches(self.patches, patches, self.weight_keys, strength_patch,
+                               strength_model)
         self.patches_uuid = uuid.uuid4()
         return added
 
@@ -275,14 +269,6 @@ class ModelPatcher:
                     load_weights: bool = True, force_patch_weights: bool = False) -> Any:
         self.loom_value()  # refuses what cannot be applied
         return self.handle.unet
-
-
-def split_patch_key(key: Any) -> tuple[str, Any, Any]:
-    """(weight key, offset, function) of an add_patches key: a name, or ComfyUI's
-    (name, (dim, start, length)[, function]) tuple for a slice of a fused weight."""
-    if not isinstance(key, tuple):
-        return key, None, None
-    return key[0], key[1] if len(key) > 1 else None, key[2] if len(key) > 2 else None
 
 
 def _copy_options(options: dict[str, Any]) -> dict[str, Any]:

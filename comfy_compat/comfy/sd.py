@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 from loom_lora_names import ClipWeight, clip_weights
-from loom_weight_patches import WeightSlot, pack_weight_patch
+from loom_weight_patches import WeightSlot, pack_weight_patch, record_patches
 
-from comfy.model_patcher import ModelPatcher, UnsupportedPatchError, split_patch_key
+from comfy.model_patcher import ModelPatcher, UnsupportedPatchError
 from engine.comfy_host import HOST
 from engine.diffusion.checkpoints.loader import NODE_LATENT_SCALE, load_unet_file
 from engine.diffusion.checkpoints.loader import load_checkpoint as load_checkpoint_file
@@ -99,15 +99,8 @@ class CLIP:
         """Record weight patches keyed by get_sd's names or by ComfyUI's ("clip_l.transformer.
         text_model....weight", what comfy.lora's key maps give); the keys this CLIP has are
         returned (as in ComfyUI, other keys are ignored). They apply while the CLIP encodes."""
-        slots = self.weight_slots
-        added = []
-        for key, patch in patches.items():
-            name, offset, function = split_patch_key(key)
-            if name in slots:
-                self.patches.setdefault(name, []).append(
-                    (strength_patch, patch, strength_model, offset, function))
-                added.append(key)
-        return added
+        return record_patches(self.patches, patches, self.weight_slots, strength_patch,
+                              strength_model)
 
     @functools.cached_property
     def weight_slots(self) -> Mapping[str, ClipWeight]:

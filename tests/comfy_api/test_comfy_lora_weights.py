@@ -90,3 +90,11 @@ def test_load_lora_gives_diff_patches_for_full_and_bias_differences(bound: Model
     loaded = comfy.lora.load_lora({"m.diff": diff, "m.diff_b": bias}, {"m": KEY})
     assert loaded[KEY][0] == "diff" and torch.equal(loaded[KEY][1][0], diff)
     assert torch.equal(loaded["diffusion_model.w.bias"][1][0], bias)
+
+
+def test_a_tuple_key_records_its_offset_and_function(bound: ModelEngine) -> None:
+    from loom_weight_patches import record_patches
+    recorded: dict[str, list[Any]] = {}
+    key = ("w", (0, 1, 2), torch.neg)
+    added = record_patches(recorded, {key: "patch", "unknown": "patch"}, {"w"}, 0.5, 1.0)
+    assert added == [key] and recorded == {"w": [(0.5, "patch", 1.0, (0, 1, 2), torch.neg)]}
