@@ -91,7 +91,14 @@ def bound_calculate_weight() -> Callable[..., Tensor]:
 def _delta(key: str, entries: list[Any], transposed: bool) -> Callable[[Tensor], Tensor]:
     def delta(current: Tensor) -> Tensor:
         weight = current.t() if transposed else current
-        change = bound_calculate_weight()(entries, weight.clone(), key) - weight
+        result = bound_calculate_weight()(entries, weight.clone(), key)
+        if result.shape != weight.shape:
+            raise UnsupportedPatchError(
+                f"comfy.lora.calculate_weight returned shape {tuple(result.shape)} for {key!r} "
+                f"of shape {tuple(weight.shape)}: Loom patches weights in place and cannot "
+                f"change a layer's shape (a pack widening it, e.g. Layer Diffuse's channel "
+                f"change); use a model with that layout instead")
+        change = result - weight
         return change.t() if transposed else change
 
     return delta

@@ -98,3 +98,16 @@ def test_a_tuple_key_records_its_offset_and_function(bound: ModelEngine) -> None
     key = ("w", (0, 1, 2), torch.neg)
     added = record_patches(recorded, {key: "patch", "unknown": "patch"}, {"w"}, 0.5, 1.0)
     assert added == [key] and recorded == {"w": [(0.5, "patch", 1.0, (0, 1, 2), torch.neg)]}
+
+
+def test_a_wrapper_changing_a_weights_shape_is_named(bound: ModelEngine,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import comfy.lora
+    from loom_model_options import UnsupportedPatchError
+    from loom_weight_patches import pack_weight_patch
+    monkeypatch.setattr(comfy.lora, "calculate_weight",
+                        lambda patches, weight, key, *rest: torch.zeros(8, 5))
+    layer = torch.nn.Linear(5, 6)
+    patch = pack_weight_patch({"diffusion_model.weight": [(1.0, (torch.ones(6, 5),), 1.0)]})
+    with pytest.raises(UnsupportedPatchError, match=r"shape \(8, 5\) for 'diffusion_model.weight'"):
+        patch.apply(layer)
