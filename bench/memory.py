@@ -252,13 +252,15 @@ def watching(child: subprocess.Popen, measurement: Measurement) -> Iterator[None
     try:
         yield
     finally:
-        if child.poll() is None and child.returncode is None:
-            child.terminate()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode is None:  # not reaped by a poll() yet: reap it here, with its usage
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid == 0:  # still running (a server): stop it
+                child.terminate()
+                pid, status, usage = os.wait4(child.pid, 0)
+            child.returncode = os.waitstatus_to_exitcode(status)
+            measurement.ru_maxrss = usage.ru_maxrss * 1024
         stop.set()
         watcher.join()
-        measurement.ru_maxrss = usage.ru_maxrss * 1024
 
 
 # ---- the peer: a fresh ComfyUI server running the same workflow --------------------------
