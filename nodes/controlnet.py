@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from engine.context import NodeContext
-from engine.diffusion.checkpoints.controlnet_loader import load_control_model
+from engine.diffusion.checkpoints.controlnet_loader import control_holding, load_control_model
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.networks.controlnet import ControlNet
 from engine.diffusion.networks.controlnet_union import UNION_TYPES, check_types
@@ -44,7 +44,7 @@ def load_control_file(ctx: NodeContext, name: str, base: ModelHandle | None = No
         ctx, "controlnet", name, "controlnet",
         lambda models, path: load_control_model(
             open_state_file(path, allow_pickle=models.allow_pickle), models.policy, base),
-        *options, size=header_size(lambda policy: policy.unet_dtype))
+        *options, size=header_size(control_holding))
 
 
 class ControlNetLoader(Node):

@@ -21,13 +21,10 @@ from engine.diffusion.checkpoints.loader import (
     load_unet_file,
     load_vae_file,
 )
-from engine.diffusion.checkpoints.safetensors_io import (
-    SafetensorsFile,
-    floating_shapes,
-    weight_bytes,
-)
+from engine.diffusion.checkpoints.safetensors_io import ReadRule, SafetensorsFile, weight_bytes
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_files
+from engine.diffusion.memory.cast_on_use import Holding
 from engine.diffusion.memory.devices import DevicePolicy, storage_dtype
 from engine.diffusion.memory.model_manager import COMPUTE_ROLE, ModelKey, ModelManager
 from engine.diffusion.networks.vae_model import VAE
@@ -86,19 +83,20 @@ def load_model_file(ctx: NodeContext, folder: str, name: str, component: str,
                        None if size is None else lambda: size(models, path))
 
 
-def header_size(dtype_of: Callable[[DevicePolicy], torch.dtype]
+def header_size(rule_of: Callable[[DevicePolicy], ReadRule]
                 ) -> Callable[[ModelManager, Path], int]:
-    """A `size` for load_model_file: the file's floating tensors in the dtype the load keeps
-    them in (`dtype_of(policy)`), from a safetensors header without reading the weights. Other
-    formats give 0 (their size is only known once read): the manager then makes room after."""
+    """A `size` for load_model_file: the file's floating tensors as the load keeps them (read by
+    `rule_of(policy)`: a dtype or a Holding), from a safetensors header without reading the
+    weights. Other formats give 0 (their size is only known once read): the manager then makes
+    room after."""
     def size(models: ModelManager, path: Path) -> int:
-        return files_bytes([path], dtype_of(models.policy))
+        return files_bytes([path], rule_of(models.policy))
     return size
 
 
-def files_bytes(paths: list[Path], dtype: torch.dtype) -> int:
-    """Bytes of the floating tensors of the safetensors files `paths` once read in `dtype`."""
-    return sum(weight_bytes(floating_shapes(SafetensorsFile(path)), {"": dtype})
+def files_bytes(paths: list[Path], rule: ReadRule) -> int:
+    """Bytes of the floating tensors of the safetensors files `paths` once read by `rule`."""
+    return sum(weight_bytes(SafetensorsFile(path), {"": rule})
                for path in paths if path.suffix == ".safetensors")
 
 
@@ -169,7 +167,7 @@ class UNETLoader(Node):
             lambda models, path: load_unet_file(
                 open_state_file(path, allow_pickle=models.allow_pickle), models.policy, held),
             manager(ctx).policy, weight_dtype,
-            size=header_size(lambda policy: held or policy.unet_weight_dtype)),)
+            size=header_size(lambda policy: held or policy.unet_holding)),)
 
 
 class VAELoader(Node):
@@ -184,7 +182,7 @@ class VAELoader(Node):
             ctx, "vae", vae_name, "vae",
             lambda models, path: load_vae_file(
                 open_state_file(path, allow_pickle=models.allow_pickle), models.policy),
-            manager(ctx).policy, size=header_size(lambda policy: policy.vae_dtype)),)
+            manager(ctx).policy, size=header_size(lambda policy: policy.vae_holding)),)
 
 
 def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
@@ -199,15 +197,13 @@ def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
                    max(p.stat().st_mtime_ns for p in paths), "text_encoders",
                    (policy, clip_type, device))
     on_cpu = device == "cpu" and policy.device.type != "cpu"
-    dtype = torch.float32 if on_cpu else policy.text_dtype
-    storage = (policy.text_storage_dtype or policy.text_dtype) if on_cpu \
-        else policy.text_storage_dtype
+    holding = cpu_text_holding(policy) if on_cpu else policy.text_holding
 
     def load() -> TextEncoderStack:
         opened = [open_state_file(p, allow_pickle=models.allow_pickle).tensors for p in paths]
         clip = load_text_encoder_files(opened, ctx.services.bpe.get(),
-                                       find_embedding=embedding_finder(ctx), dtype=dtype,
-                                       device=policy.offload_device, storage_dtype=storage)
+                                       find_embedding=embedding_finder(ctx), holding=holding,
+                                       device=policy.offload_device)
         if on_cpu:
             for encoder in clip.encoders.values():
                 setattr(encoder, COMPUTE_ROLE, "cpu")
@@ -216,7 +212,13 @@ def load_text_encoders(ctx: NodeContext, names: list[str], clip_type: str,
                              f"does not fit type {clip_type!r}")
         return clip
 
-    return models.load(key, load, lambda: files_bytes(paths, storage or dtype))
+    return models.load(key, load, lambda: files_bytes(paths, holding))
+
+
+def cpu_text_holding(policy: DevicePolicy) -> Holding:
+    """CLIPLoader's device "cpu" on a GPU policy: computed in fp32, the weights held in the
+    policy's text dtype (as ComfyUI's CPU text encoders) or, with a storage flag, in that."""
+    return Holding(torch.float32, policy.text_storage_dtype or policy.text_dtype)
 
 
 def _clip_type_error(clip_type: str) -> tuple[str, str] | None:

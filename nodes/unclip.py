@@ -11,7 +11,7 @@ from typing import Any
 
 from engine.context import NodeContext
 from engine.diffusion.checkpoints.loader import checkpoint_weight_bytes, load_checkpoint
-from engine.diffusion.checkpoints.safetensors_io import floating_shapes, weight_bytes
+from engine.diffusion.checkpoints.safetensors_io import weight_bytes
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.unclip import UNCLIP_VISION_PREFIX, load_unclip_vision
 from engine.diffusion.memory.model_manager import ModelManager
@@ -46,8 +46,7 @@ def unclip_weight_bytes(models: ModelManager, path: Path) -> int:
     """Bytes an unCLIP checkpoint's load keeps: the checkpoint's parts and the vision tower
     (in the text encoders' dtype), from the header."""
     opened = open_state_file(path, allow_pickle=models.allow_pickle)
-    vision = weight_bytes(floating_shapes(opened.tensors),
-                          {UNCLIP_VISION_PREFIX: models.policy.text_dtype})
+    vision = weight_bytes(opened.tensors, {UNCLIP_VISION_PREFIX: models.policy.text_dtype})
     return checkpoint_weight_bytes(opened, models.policy) + vision
 
 

@@ -115,7 +115,7 @@ def test_text_encoder_storage_flags_compute_in_fp32() -> None:
 
 
 def test_unet_precision_flags_override_force_fp32_as_in_comfyui() -> None:
-    assert policy("--force-fp32", "--bf16-unet").unet_weight_dtype == torch.bfloat16
+    assert policy("--force-fp32", "--bf16-unet").unet_holding.storage == torch.bfloat16
     assert policy("--fp64-unet").unet_dtype == torch.float64
     assert policy("--force-fp16").unet_dtype == torch.float16
 

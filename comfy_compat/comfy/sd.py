@@ -178,9 +178,10 @@ class VAE:
             if sd is None:
                 raise ValueError("comfy.sd.VAE needs sd= (a VAE state dict)")
             policy = HOST.require_services("comfy.sd.VAE").model_manager.policy
-            vae = LoomVAE.from_state_dict(sd, latent_scale=NODE_LATENT_SCALE,
-                                          dtype=dtype or policy.vae_dtype,
-                                          device=policy.offload_device)
+            vae = LoomVAE.from_state_dict(  # a pack's dtype= is converted to, as ComfyUI
+                sd, latent_scale=NODE_LATENT_SCALE, dtype=dtype or policy.vae_dtype,
+                device=policy.offload_device,
+                hold_file_dtype=dtype is None and policy.vae_holding.file_dtype)
         self.vae = vae
         self.downscale_ratio = vae.downscale
         self.upscale_ratio = vae.downscale
@@ -307,7 +308,7 @@ def load_clip(ckpt_paths: list[str], embedding_directory: Any = None, clip_type:
         opened = [open_state_file(p, allow_pickle=models.allow_pickle).tensors for p in paths]
         return load_text_encoder_files(opened, models.bpe.get(),
                                        find_embedding=_embedding_finder(),
-                                       dtype=models.policy.text_dtype,
+                                       holding=models.policy.text_holding,
                                        device=models.policy.offload_device)
 
     key = ModelKey.for_file(paths[0], "text_encoders", *[str(p) for p in paths[1:]])

@@ -18,6 +18,7 @@ from engine.diffusion.checkpoints.text_encoders import (
     load_text_encoder_files,
     load_text_encoder_state,
 )
+from engine.diffusion.memory.cast_on_use import Holding
 from engine.diffusion.networks.clip_text import CLIP_L_CONFIG, TINY_CLIP_L_CONFIG, ClipTextModel
 from engine.diffusion.networks.openclip_text import (
     TINY_OPENCLIP_CONFIG,
@@ -109,7 +110,7 @@ def test_wrong_family_is_explained(bpe) -> None:
 
 def test_loading_casts_to_the_requested_dtype(bpe) -> None:
     checkpoint = _state(_tiny_l(), "cond_stage_model.transformer.text_model.")
-    stack = load_text_encoder_state("sd1", checkpoint, bpe, dtype=torch.bfloat16,
+    stack = load_text_encoder_state("sd1", checkpoint, bpe, holding=Holding(torch.bfloat16),
                                     configs={"l": TINY_CLIP_L_CONFIG})
     assert {p.dtype for p in stack.encoders["l"].parameters()} == {torch.bfloat16}
     assert stack.encode("a cat").cond.dtype == torch.float32

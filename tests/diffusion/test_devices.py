@@ -25,7 +25,7 @@ def test_flags_override_the_defaults() -> None:
     assert DevicePolicy.decide(cuda_available=False, cpu_bf16=True,
                                force_fp32=True).unet_dtype == torch.float32
     assert DevicePolicy.decide(cuda_available=False, cpu_bf16=False,
-                               bf16_unet=True).unet_weight_dtype == torch.bfloat16
+                               bf16_unet=True).unet_holding.storage == torch.bfloat16
     assert DevicePolicy.decide(cuda_available=False, cpu_bf16=True,
                                bf16_vae=True).vae_dtype == torch.bfloat16
     assert DevicePolicy.decide(cuda_available=False, cpu_bf16=False,

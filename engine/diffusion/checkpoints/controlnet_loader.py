@@ -24,6 +24,7 @@ from engine.diffusion.checkpoints.detect import component_summary
 from engine.diffusion.checkpoints.loader import assign_weights, strip_prefix
 from engine.diffusion.checkpoints.safetensors_io import CastOnRead, shapes_of
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
+from engine.diffusion.memory.cast_on_use import Holding
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.controlnet import (
     CONFIG_METADATA_KEY,
@@ -63,8 +64,8 @@ def load_control_model(opened: StateFile, policy: DevicePolicy,
     tensors, name = opened.tensors, opened.path.name
     if DIFF_MARKER in tensors:  # deltas are added to the base in fp32, then cast
         weights = add_difference(original_weights(tensors, name), base, name)
-    else:  # read in the compute dtype: each converted tensor releases its file pages
-        tensors = CastOnRead(tensors, {"": policy.unet_dtype})
+    else:  # read as held: each converted tensor releases its file pages
+        tensors = CastOnRead(tensors, {"": control_holding(policy)})
         if is_adapter(tensors):
             return ControlModel(_load_adapter(tensors, policy, name), name)
         weights = original_weights(tensors, name)
@@ -134,7 +135,17 @@ def _load_adapter(tensors: Mapping[str, Tensor], policy: DevicePolicy, source: s
     return adapter
 
 
+def control_holding(policy: DevicePolicy) -> Holding:
+    """ControlNets and adapters compute in the UNet's dtype and hold a file dtype that widens
+    exactly into it as the UNet does (the UNet's storage flags do not apply to them)."""
+    return Holding(policy.unet_dtype, None, policy.unet_holding.file_dtype)
+
+
 def _assign(module: nn.Module, weights: Mapping[str, Tensor], policy: DevicePolicy,
             source: str) -> None:
-    """Give a meta-device module the weights in the UNet's dtype, on the offload device."""
-    assign_weights(module, weights, policy.unet_dtype, policy.offload_device, source)
+    """Give a meta-device module the weights as held (control_holding), on the offload
+    device."""
+    holding = control_holding(policy)
+    held = {name: holding.held(tensor) for name, tensor in weights.items()}
+    assign_weights(module, held, None, policy.offload_device, source)
+    holding.apply(module)

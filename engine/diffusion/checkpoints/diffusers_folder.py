@@ -27,7 +27,7 @@ from engine.diffusion.checkpoints.diffusers_unet import (
     diffusers_unet_to_ldm,
     unet_config_from_diffusers,
 )
-from engine.diffusion.checkpoints.loader import NODE_LATENT_SCALE, build_unet
+from engine.diffusion.checkpoints.loader import build_unet, load_vae
 from engine.diffusion.checkpoints.safetensors_io import CastOnRead
 from engine.diffusion.checkpoints.state_files import CheckpointError, open_state_file
 from engine.diffusion.checkpoints.text_encoders import build_text_encoder, standalone_encoder_state
@@ -96,8 +96,7 @@ def load_diffusers_folder(folder: Path, policy: DevicePolicy, bpe: ClipBpe, *,
     clip = _load_text_encoders(folder, family, policy, bpe, find_embedding, allow_pickle)
     vae_tensors = open_state_file(weight_file(folder, "vae", MODEL_FILES),
                                   allow_pickle=allow_pickle).tensors
-    vae = VAE.from_state_dict(vae_tensors, latent_scale=NODE_LATENT_SCALE,
-                              dtype=policy.vae_dtype, device=policy.offload_device)
+    vae = load_vae(CastOnRead(vae_tensors, {"": policy.vae_holding}), policy)
     return model, clip, vae
 
 
@@ -107,11 +106,11 @@ def _load_unet(folder: Path, family: str, policy: DevicePolicy, allow_pickle: bo
     config = unet_config_from_diffusers(read_config(folder, "unet"), folder.name)
     tensors = open_state_file(path, allow_pickle=allow_pickle).tensors
     # read as a checkpoint's UNet is: in the held dtype (loader.py)
-    weights = diffusers_unet_to_ldm(CastOnRead(tensors, {"": policy.unet_weight_dtype}),
+    weights = diffusers_unet_to_ldm(CastOnRead(tensors, {"": policy.unet_holding}),
                                     config, f"{folder.name}/unet")
     prediction, zsnr = detect_prediction(weights, family, config.in_channels, "")
-    unet = build_unet(weights, config, policy.unet_weight_dtype, policy.offload_device,
-                      f"{folder.name}/unet", policy.unet_dtype)
+    unet = build_unet(weights, config, policy.unet_holding, policy.offload_device,
+                      f"{folder.name}/unet")
     logger.info("%s: diffusers %s UNet, %s-prediction", folder.name, family, prediction)
     return ModelHandle.create(unet, config, family, prediction, zsnr, name=folder.name,
                               device=policy.device)
@@ -144,8 +143,7 @@ def _load_text_encoders(folder: Path, family: str, policy: DevicePolicy, bpe: Cl
         state = _with_projection(tensors, spec.architecture, config)
         encoders[spec.name] = build_text_encoder(
             spec.architecture, standalone_encoder_state(state, spec.architecture),
-            dtype=policy.text_dtype, device=policy.offload_device, config=config,
-            storage_dtype=policy.text_storage_dtype)
+            holding=policy.text_holding, device=policy.offload_device, config=config)
     return TextEncoderStack(family, encoders, bpe, find_embedding=find_embedding)
 
 

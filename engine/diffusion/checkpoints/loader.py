@@ -2,10 +2,12 @@
 
 Files are opened by state_files.py (safetensors memory-mapped, pickles only when allowed);
 modules are built on the meta device and take the file's tensors by assignment, so weights are
-not copied unless a dtype cast is needed. Each component reads the file through CastOnRead,
-which converts one tensor at a time and releases the file pages of each converted one, so a
-weight is held once. Weights go to the policy's offload device (the model manager copies them
-to the compute device when used); handles compute on the policy's device."""
+not copied unless a dtype cast is needed. Each component reads the file through CastOnRead with
+the policy's Holding for it (memory/cast_on_use.py): a weight whose file dtype widens exactly
+into the compute dtype stays the file's view and is cast up per layer when it runs; others are
+converted one tensor at a time, releasing the file pages of each, so a weight is held once.
+Weights go to the policy's offload device (the model manager copies them to the compute device
+when used); handles compute on the policy's device."""
 
 from __future__ import annotations
 
@@ -23,14 +25,10 @@ from engine.diffusion.checkpoints.detect import (
     detect_checkpoint,
     detect_unet_file,
 )
-from engine.diffusion.checkpoints.safetensors_io import (
-    CastOnRead,
-    floating_shapes,
-    weight_bytes,
-)
+from engine.diffusion.checkpoints.safetensors_io import CastOnRead, ReadRule, weight_bytes
 from engine.diffusion.checkpoints.state_files import CheckpointError, StateFile
 from engine.diffusion.checkpoints.text_encoders import load_text_encoder_state
-from engine.diffusion.memory.cast_on_use import hold_in
+from engine.diffusion.memory.cast_on_use import Holding
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.networks.unet import UNet, UNetConfig, UNetFamily
 from engine.diffusion.networks.vae_model import VAE
@@ -66,22 +64,22 @@ def unet_config_for(layout: CheckpointLayout, metadata: Mapping[str, str]) -> UN
     return config
 
 
-def build_unet(weights: Mapping[str, Tensor], config: UNetConfig, dtype: torch.dtype,
-               device: torch.device, source: str, compute: torch.dtype | None = None) -> UNet:
-    """A UNet holding `weights` in `dtype` (cast only where the dtype differs), in eval mode,
-    computing in `compute` (default: `dtype`; another one casts each layer up when it runs)."""
+def build_unet(weights: Mapping[str, Tensor], config: UNetConfig, holding: Holding,
+               device: torch.device, source: str) -> UNet:
+    """A UNet holding `weights` (read with `holding`, e.g. through CastOnRead) as they are, in
+    eval mode, computing in the holding's compute dtype."""
     with torch.device("meta"):
         unet = UNet(config)
-    assign_weights(unet, weights, dtype, device, source)
-    if compute is not None and compute != dtype:
-        hold_in(unet, dtype, compute)
+    assign_weights(unet, weights, None, device, source)
+    holding.apply(unet)
     return unet
 
 
-def assign_weights(module: nn.Module, weights: Mapping[str, Tensor], dtype: torch.dtype,
+def assign_weights(module: nn.Module, weights: Mapping[str, Tensor], dtype: torch.dtype | None,
                    device: torch.device, source: str) -> None:
-    """Give a meta-device module its weights (cast only where the dtype differs) and put it in
-    eval mode without gradients; a name or shape mismatch is an error naming the file."""
+    """Give a meta-device module its weights (cast only where `dtype` is given and differs) and
+    put it in eval mode without gradients; a name or shape mismatch is an error naming the
+    file."""
     prepared = {name: tensor.to(device=device, dtype=dtype) if tensor.is_floating_point()
                 else tensor.to(device) for name, tensor in weights.items()}
     missing, unexpected = module.load_state_dict(prepared, strict=False, assign=True)
@@ -102,14 +100,14 @@ class LoadedCheckpoint:
 
 
 def checkpoint_weight_bytes(opened: StateFile, policy: DevicePolicy) -> int:
-    """Bytes of the UNet, text encoder and VAE weights of a checkpoint once loaded in the
-    policy's dtypes (what load_checkpoint keeps), from the tensors' shapes alone."""
+    """Bytes of the UNet, text encoder and VAE weights of a checkpoint once loaded with the
+    policy's holdings (what load_checkpoint keeps), from the tensors' shapes and dtypes."""
     layout = detect_checkpoint(opened.tensors)
-    dtypes = {prefix: policy.text_weight_dtype for prefix in layout.text_prefixes.values()}
-    dtypes.update({layout.unet_prefix: policy.unet_weight_dtype,
-                   layout.vae_prefix: policy.vae_dtype})
-    present = {prefix: dtype for prefix, dtype in dtypes.items() if prefix}  # "": not in it
-    return weight_bytes(floating_shapes(opened.tensors), present)
+    rules: dict[str, ReadRule] = {prefix: policy.text_holding
+                                  for prefix in layout.text_prefixes.values()}
+    rules.update({layout.unet_prefix: policy.unet_holding, layout.vae_prefix: policy.vae_holding})
+    present = {prefix: rule for prefix, rule in rules.items() if prefix}  # "": not in it
+    return weight_bytes(opened.tensors, present)
 
 
 def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
@@ -122,30 +120,31 @@ def load_checkpoint(opened: StateFile, policy: DevicePolicy, bpe: ClipBpe, *,
     clip = None
     if with_clip and layout.text_prefixes:
         clip = load_text_encoder_state(layout.text_family, opened.tensors, bpe,
-                                       find_embedding=find_embedding, dtype=policy.text_dtype,
-                                       device=policy.offload_device,
-                                       storage_dtype=policy.text_storage_dtype)
+                                       find_embedding=find_embedding,
+                                       holding=policy.text_holding,
+                                       device=policy.offload_device)
     vae = None
     if with_vae and layout.vae_prefix:
-        reader = CastOnRead(opened.tensors, {layout.vae_prefix: policy.vae_dtype})
-        vae = VAE.from_state_dict(reader, latent_scale=NODE_LATENT_SCALE,
-                                  dtype=policy.vae_dtype, device=policy.offload_device)
+        vae = load_vae(CastOnRead(opened.tensors, {layout.vae_prefix: policy.vae_holding}),
+                       policy)
     return LoadedCheckpoint(layout, model, clip, vae)
 
 
 def load_model_from(opened: StateFile, layout: CheckpointLayout, policy: DevicePolicy,
                     storage_dtype: torch.dtype | None = None) -> ModelHandle:
     """The MODEL handle of a checkpoint or standalone UNet file with a detected layout; its
-    weights held in `storage_dtype` (default: the policy's, e.g. --fp8_e4m3fn-unet), read from
-    the file straight into it, and cast up to the compute dtype layer by layer."""
+    weights held as the policy's UNet holding says (or in `storage_dtype`, UNETLoader's fp8
+    weight dtypes), read from the file straight into that, and cast up to the compute dtype
+    layer by layer."""
     prefix = layout.unet_prefix or ""
-    held = storage_dtype or policy.unet_weight_dtype
+    holding = policy.unet_holding
+    if storage_dtype is not None:
+        holding = dataclasses.replace(holding, storage=storage_dtype)
     # Conv kernels stay in the file's layout: relaying them channels_last at load cost 2.7-4.2 s
     # here against 0.4 s, and the steps showed no gain (the notes of 2026-12-07).
-    weights = strip_prefix(CastOnRead(opened.tensors, {prefix: held}), prefix)
+    weights = strip_prefix(CastOnRead(opened.tensors, {prefix: holding}), prefix)
     config = unet_config_for(layout, opened.metadata)
-    unet = build_unet(weights, config, held, policy.offload_device, opened.path.name,
-                      policy.unet_dtype)
+    unet = build_unet(weights, config, holding, policy.offload_device, opened.path.name)
     return ModelHandle.create(unet, config, layout.family, layout.prediction, layout.zsnr,
                               name=opened.path.name, device=policy.device,
                               edm_sigmas=layout.edm_sigmas)
@@ -158,8 +157,13 @@ def load_unet_file(opened: StateFile, policy: DevicePolicy,
     return load_model_from(opened, layout, policy, storage_dtype)
 
 
+def load_vae(reader: CastOnRead, policy: DevicePolicy) -> VAE:
+    """The VAE of `reader` (a file read with the policy's VAE holding) on the offload device."""
+    return VAE.from_state_dict(reader, latent_scale=NODE_LATENT_SCALE, dtype=policy.vae_dtype,
+                               device=policy.offload_device,
+                               hold_file_dtype=policy.vae_holding.file_dtype)
+
+
 def load_vae_file(opened: StateFile, policy: DevicePolicy) -> VAE:
     """VAELoader: a standalone VAE file (LDM or diffusers names)."""
-    return VAE.from_state_dict(CastOnRead(opened.tensors, {"": policy.vae_dtype}),
-                               latent_scale=NODE_LATENT_SCALE, dtype=policy.vae_dtype,
-                               device=policy.offload_device)
+    return load_vae(CastOnRead(opened.tensors, {"": policy.vae_holding}), policy)

@@ -2,8 +2,8 @@
 view into the mapping, created when first asked for. Nothing is copied before use. A tensor read
 in another dtype (e.g. an fp16 file for an fp32 or bf16 model) is converted one at a time, and
 the file pages it was converted from leave the process at once (`cast`, `CastOnRead`), so a
-load holds each weight once, in its compute dtype, never the file and the converted copy
-together.
+load holds each weight once, never the file and the converted copy together. A weight held in
+the file's own dtype (memory/cast_on_use.py `Holding`) stays the zero-copy view.
 
 Format facts: 8 bytes little-endian header length N, then N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.diffusion.memory.cast_on_use import Holding
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -151,47 +153,64 @@ def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
 
 
-def floating_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """shapes_of, floating-point tensors only (the weights; not ids or step counters)."""
+def floating_tensors(state: Mapping[str, torch.Tensor]
+                     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, stored dtype) of the floating-point tensors (the weights; not ids or step
+    counters), without touching tensor data when `state` is a SafetensorsFile."""
     if isinstance(state, CastOnRead):
-        return floating_shapes(state.tensors)
+        return floating_tensors(state.tensors)
     if isinstance(state, SafetensorsFile):
-        return {name: info.shape for name, info in state.infos.items()
+        return {name: (info.shape, DTYPES[info.dtype]) for name, info in state.infos.items()
                 if DTYPES[info.dtype].is_floating_point}
-    return {name: tuple(t.shape) for name, t in state.items() if t.is_floating_point()}
+    return {name: (tuple(t.shape), t.dtype) for name, t in state.items() if t.is_floating_point()}
 
 
-def weight_bytes(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]) -> int:
-    """Bytes the tensors of `shapes` (name -> shape) take once read in the dtype of the first
-    of `dtypes`' key prefixes their name starts with ("" matches every name); tensors under
-    none of the prefixes are not counted. With floating_shapes: a load's size from the header."""
+# what CastOnRead reads the tensors under a key prefix as: one dtype, or a component's Holding
+ReadRule = torch.dtype | Holding
+
+
+def read_dtype(rule: ReadRule, stored: torch.dtype) -> torch.dtype:
+    """The dtype `rule` reads a floating tensor stored as `stored` in."""
+    return rule.dtype_for(stored) if isinstance(rule, Holding) else rule
+
+
+def _rule_for(rules: Mapping[str, ReadRule], name: str) -> ReadRule | None:
+    return next((rule for prefix, rule in rules.items() if name.startswith(prefix)), None)
+
+
+def weight_bytes(state: Mapping[str, torch.Tensor], rules: Mapping[str, ReadRule]) -> int:
+    """Bytes `state`'s floating tensors take once read by CastOnRead(state, rules); tensors under
+    none of the prefixes are not counted. A safetensors file's size comes from its header."""
     total = 0
-    for name, shape in shapes.items():
-        dtype = next((d for prefix, d in dtypes.items() if name.startswith(prefix)), None)
-        total += 0 if dtype is None else math.prod(shape) * dtype.itemsize
+    for name, (shape, stored) in floating_tensors(state).items():
+        rule = _rule_for(rules, name)
+        total += 0 if rule is None else math.prod(shape) * read_dtype(rule, stored).itemsize
     return total
 
 
 class CastOnRead(Mapping[str, torch.Tensor]):
-    """`tensors` with each floating tensor under one of `dtypes`' key prefixes read in that
-    prefix's dtype (the first prefix that matches; others as stored). Reading from a
-    SafetensorsFile releases the source pages of every converted tensor (SafetensorsFile.cast).
-    Nothing is converted before it is read, so wrap a whole checkpoint with one component's
-    prefixes and hand it to that component's loader."""
+    """`tensors` with each floating tensor under one of `rules`' key prefixes read as the first
+    matching prefix's rule says (a dtype, or a Holding: possibly as stored); others as stored.
+    Reading from a SafetensorsFile releases the source pages of every converted tensor
+    (SafetensorsFile.cast). Nothing is converted before it is read, so wrap a whole checkpoint
+    with one component's prefixes and hand it to that component's loader."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor],
-                 dtypes: Mapping[str, torch.dtype]) -> None:
+                 rules: Mapping[str, ReadRule]) -> None:
         self.tensors = tensors
-        self.dtypes = dtypes
+        self.rules = rules
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        dtype = next((d for prefix, d in self.dtypes.items() if name.startswith(prefix)), None)
-        if dtype is None:
+        rule = _rule_for(self.rules, name)
+        if rule is None:
             return self.tensors[name]
         if isinstance(self.tensors, SafetensorsFile):
-            return self.tensors.cast(name, dtype)
+            info = self.tensors.infos[name]
+            return self.tensors.cast(name, read_dtype(rule, DTYPES[info.dtype]))
         tensor = self.tensors[name]
-        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if not tensor.is_floating_point():
+            return tensor
+        return tensor.to(read_dtype(rule, tensor.dtype))
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors  # without reading (and converting) the tensor

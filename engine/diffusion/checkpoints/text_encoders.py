@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.diffusion.checkpoints.safetensors_io import CastOnRead
-from engine.diffusion.memory.cast_on_use import hold_in
+from engine.diffusion.memory.cast_on_use import Holding
 from engine.diffusion.networks.clip_text import ClipTextModel, TextEncoderConfig
 from engine.diffusion.networks.openclip_text import INITIAL_LOGIT_SCALE, OpenClipTextModel
 from engine.diffusion.text.encoding import EncoderSpec, TextEncoderStack, family_spec
@@ -21,6 +21,7 @@ from engine.diffusion.text.prompt_weights import EmbeddingFinder
 from engine.diffusion.text.tokenizer import ClipBpe
 
 logger = logging.getLogger("loom.clip")
+FP32 = Holding(torch.float32)  # held and computed in fp32 (the default of the loaders here)
 
 # Where each encoder sits in a single-file checkpoint; the first prefix with keys wins. Old SD1
 # merges leave out `text_model.`, hence the shorter CLIP-L prefixes.
@@ -51,34 +52,34 @@ _HF_TO_OPENCLIP_LAYER = MappingProxyType({
 
 def load_text_encoder_state(family: str, state_dict: Mapping[str, Tensor], bpe: ClipBpe, *,
                             find_embedding: EmbeddingFinder | None = None,
-                            dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                            configs: Mapping[str, TextEncoderConfig] | None = None,
-                            storage_dtype: torch.dtype | None = None) -> TextEncoderStack:
+                            holding: Holding = FP32, device: str | torch.device = "cpu",
+                            configs: Mapping[str, TextEncoderConfig] | None = None
+                            ) -> TextEncoderStack:
     """The text side of a checkpoint (full state dict, prefixes as stored) as a CLIP handle.
 
     A one-encoder family also accepts a bare text-encoder state dict. `configs` (by encoder
-    name) overrides the shapes read from the weights (tiny test models); `storage_dtype`
-    holds the weights in that dtype, each layer cast up to `dtype` as it runs (cast_on_use.py).
+    name) overrides the shapes read from the weights (tiny test models); `holding` says in
+    which dtype the weights are held and computed (memory/cast_on_use.py).
     """
     spec = family_spec(family)
     # only the text encoders' tensors are read, straight into the dtype they are held in
-    reader = CastOnRead(state_dict, {"": storage_dtype or dtype})
+    reader = CastOnRead(state_dict, {"": holding})
     encoders = {}
     for encoder in spec.encoders:
         weights = _checkpoint_encoder_state(family, encoder, reader)
         config = None if configs is None else configs.get(encoder.name)
-        encoders[encoder.name] = build_text_encoder(encoder.architecture, weights, dtype=dtype,
-                                                    device=device, config=config,
-                                                    storage_dtype=storage_dtype)
+        encoders[encoder.name] = build_text_encoder(encoder.architecture, weights,
+                                                    holding=holding, device=device,
+                                                    config=config)
     return TextEncoderStack(family, encoders, bpe, find_embedding=find_embedding)
 
 
 def load_text_encoder_files(state_dicts: list[Mapping[str, Tensor]], bpe: ClipBpe, *,
                             find_embedding: EmbeddingFinder | None = None,
-                            dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                            holding: Holding = FP32, device: str | torch.device = "cpu",
                             architectures: list[str] | None = None,
-                            configs: Mapping[str, TextEncoderConfig] | None = None,
-                            storage_dtype: torch.dtype | None = None) -> TextEncoderStack:
+                            configs: Mapping[str, TextEncoderConfig] | None = None
+                            ) -> TextEncoderStack:
     """A CLIP handle from separate text-encoder files (CLIPLoader, DualCLIPLoader).
 
     Each file is HF `CLIPTextModel(WithProjection)` naming (with or without `text_model.`) or
@@ -94,10 +95,9 @@ def load_text_encoder_files(state_dicts: list[Mapping[str, Tensor]], bpe: ClipBp
     for state_dict, kind in zip(state_dicts, kinds, strict=True):
         encoder = by_architecture[kind]
         config = None if configs is None else configs.get(encoder.name)
-        weights = standalone_encoder_state(CastOnRead(state_dict, {"": storage_dtype or dtype}),
-                                           kind)
-        encoders[encoder.name] = build_text_encoder(kind, weights, dtype=dtype, device=device,
-                                                    config=config, storage_dtype=storage_dtype)
+        weights = standalone_encoder_state(CastOnRead(state_dict, {"": holding}), kind)
+        encoders[encoder.name] = build_text_encoder(kind, weights, holding=holding,
+                                                    device=device, config=config)
     return TextEncoderStack(family, encoders, bpe, find_embedding=find_embedding)
 
 
@@ -232,20 +232,17 @@ def _openclip_name(hf_key: str) -> str | None:
     return f"transformer.resblocks.{index}.{_HF_TO_OPENCLIP_LAYER.get(module, module)}.{leaf}"
 
 def build_text_encoder(architecture: str, weights: Mapping[str, Tensor], *,
-                       dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                       config: TextEncoderConfig | None = None,
-                       storage_dtype: torch.dtype | None = None) -> nn.Module:
+                       holding: Holding = FP32, device: str | torch.device = "cpu",
+                       config: TextEncoderConfig | None = None) -> nn.Module:
     """An encoder module with `weights` (this module's naming) loaded, in eval mode, computing
-    in `dtype`; weights held in `storage_dtype` when given (each layer cast up as it runs)."""
+    in the holding's compute dtype, each weight held as `holding` says (cast up per layer)."""
     config = config or infer_text_encoder_config(architecture, weights)
     model_class = ClipTextModel if architecture == "clip_l" else OpenClipTextModel
     with torch.device("meta"):
         model = model_class(config)
-    held = storage_dtype or dtype
-    state = _prepared_state(model, weights, architecture, held, torch.device(device))
+    state = _prepared_state(model, weights, architecture, holding, torch.device(device))
     model.load_state_dict(state, strict=True, assign=True)
-    if held != dtype:
-        hold_in(model, held, dtype)
+    holding.apply(model)
     return model.eval().requires_grad_(False)
 
 
@@ -283,8 +280,8 @@ def _required(weights: Mapping[str, Tensor], key: str, architecture: str) -> Ten
 
 
 def _prepared_state(model: nn.Module, weights: Mapping[str, Tensor], architecture: str,
-                    dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-    """Weights checked against the module's keys and shapes, cast to dtype on device."""
+                    holding: Holding, device: torch.device) -> dict[str, Tensor]:
+    """Weights checked against the module's keys and shapes, in their held dtype on device."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in weights and key != "logit_scale"]
     if missing:
@@ -300,5 +297,5 @@ def _prepared_state(model: nn.Module, weights: Mapping[str, Tensor], architectur
         if value.shape != template.shape:
             raise ValueError(f"{architecture} text encoder: {key!r} has shape "
                              f"{tuple(value.shape)}, expected {tuple(template.shape)}")
-        state[key] = value.to(device=device, dtype=dtype)
+        state[key] = holding.held(value).to(device)
     return state

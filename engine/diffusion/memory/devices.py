@@ -4,6 +4,11 @@ CUDA: UNet and text encoders fp16, VAE bf16 where the GPU supports it (the SDXL 
 in fp16), else fp32. CPU with native bf16 (AVX512-BF16 or AMX): UNet and text encoders bf16
 (~4x the fp32 matmul rate there), VAE fp32. Other CPUs: fp32. ComfyUI's flags override.
 
+Weights a file stores in a dtype that widens exactly into the compute dtype (an fp16 or bf16
+file on a CPU computing fp32) are held as stored and cast up layer by layer when they run
+(memory/cast_on_use.py `Holding`): the same numbers as converting them at load, at half the
+memory. --fp32-unet, --fp32-text-enc and --fp32-vae (ComfyUI: "store in fp32") opt out.
+
 Weights rest on the offload device and are copied to `device` when used (the model manager's
 VRAM budget, memory/offload.py): the CPU on CUDA, the GPU itself with --gpu-only."""
 
@@ -16,6 +21,8 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+
+from engine.diffusion.memory.cast_on_use import Holding
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -47,6 +54,9 @@ VAE_FLAG_DTYPES = MappingProxyType({"fp16_vae": torch.float16, "fp32_vae": torch
 TEXT_STORAGE_FLAGS = MappingProxyType({
     "fp8_e4m3fn_text_enc": "float8_e4m3fn", "fp8_e5m2_text_enc": "float8_e5m2",
     "fp16_text_enc": "float16", "bf16_text_enc": "bfloat16", "fp32_text_enc": "float32"})
+# components whose file dtype is held (see above) unless one of these flags is given
+FILE_DTYPE_OPT_OUTS = MappingProxyType({"unet": ("fp32_unet", "fp64_unet"),
+                                        "text": ("fp32_text_enc",), "vae": ("fp32_vae",)})
 PRECISION_FLAGS = ("cpu", "force_fp32", "force_fp16", "cpu_vae", "gpu_only",
                    *UNET_FLAG_DTYPES, *UNET_STORAGE_FLAGS, *VAE_FLAG_DTYPES, *TEXT_STORAGE_FLAGS)
 
@@ -67,7 +77,9 @@ class DevicePolicy:
     `*_storage_dtype` (None: as computed) is the dtype weights are held in, ComfyUI's "store
     weights in X" flags (and --bf16-unet/--fp16-unet on a CPU without fast math in X): the
     UNet holds X and casts each layer up to the compute dtype when it runs
-    (memory/cast_on_use.py); so do the text encoders."""
+    (memory/cast_on_use.py); so do the text encoders. `file_dtype_held` names the components
+    ("unet", "text", "vae") whose weights are held in their file's dtype where it widens
+    exactly into the compute dtype; `*_holding` is the whole rule for each component."""
 
     device: torch.device
     unet_dtype: torch.dtype
@@ -78,6 +90,7 @@ class DevicePolicy:
     vae_device: torch.device | None = None  # None: `device` (--cpu-vae: the CPU)
     unet_storage_dtype: torch.dtype | None = None
     text_storage_dtype: torch.dtype | None = None
+    file_dtype_held: frozenset[str] = frozenset()
 
     @classmethod
     def decide(cls, *, cuda_available: bool | None = None, cpu_bf16: bool | None = None,
@@ -113,8 +126,10 @@ class DevicePolicy:
         if text_storage is not None:  # ComfyUI computes its SD text encoders in fp32
             text = torch.float32
         offload = device if flags.get("gpu_only") else torch.device("cpu")
+        held = frozenset(part for part, opt_outs in FILE_DTYPE_OPT_OUTS.items()
+                         if not any(flags.get(flag) for flag in opt_outs))
         return cls(device, unet, text, vae, reason, offload, vae_device, unet_storage,
-                   text_storage)
+                   text_storage, held)
 
     @classmethod
     def from_args(cls, args: Any) -> DevicePolicy:
@@ -123,14 +138,17 @@ class DevicePolicy:
                              for name in PRECISION_FLAGS})
 
     @property
-    def unet_weight_dtype(self) -> torch.dtype:
-        """The dtype the UNet's weights are held in (its storage dtype, else its compute one)."""
-        return self.unet_storage_dtype or self.unet_dtype
+    def unet_holding(self) -> Holding:
+        """How the UNet's weights are held (storage flag, file dtype, or compute dtype)."""
+        return Holding(self.unet_dtype, self.unet_storage_dtype, "unet" in self.file_dtype_held)
 
     @property
-    def text_weight_dtype(self) -> torch.dtype:
-        """The dtype the text encoders' weights are held in."""
-        return self.text_storage_dtype or self.text_dtype
+    def text_holding(self) -> Holding:
+        return Holding(self.text_dtype, self.text_storage_dtype, "text" in self.file_dtype_held)
+
+    @property
+    def vae_holding(self) -> Holding:
+        return Holding(self.vae_dtype, None, "vae" in self.file_dtype_held)
 
     @property
     def vae_compute_device(self) -> torch.device:
@@ -140,10 +158,9 @@ class DevicePolicy:
         resting = ("" if self.offload_device == self.device
                    else f" (weights rest on {self.offload_device})")
         vae_place = f" on {self.vae_device}" if self.vae_device is not None else ""
-        return (f"device {self.device}{resting}, UNet "
-                f"{_dtype_text(self.unet_dtype, self.unet_storage_dtype)}, text encoders "
-                f"{_dtype_text(self.text_dtype, self.text_storage_dtype)}, VAE "
-                f"{_dtype_text(self.vae_dtype, None)}{vae_place}")
+        return (f"device {self.device}{resting}, UNet {_dtype_text(self.unet_holding)}, text "
+                f"encoders {_dtype_text(self.text_holding)}, VAE "
+                f"{_dtype_text(self.vae_holding)}{vae_place}")
 
 
 def _flagged(flags: dict[str, bool], table: Mapping[str, torch.dtype],
@@ -169,8 +186,11 @@ def _flagged_storage(flags: dict[str, bool], table: Mapping[str, str]) -> torch.
     return next((storage_dtype(name) for flag, name in table.items() if flags.get(flag)), None)
 
 
-def _dtype_text(compute: torch.dtype, storage: torch.dtype | None) -> str:
-    name = str(compute).removeprefix("torch.")
-    if storage is None or storage == compute:
-        return name
-    return f"{name} (weights held in {str(storage).removeprefix('torch.')})"
+def _dtype_text(holding: Holding) -> str:
+    name = str(holding.compute).removeprefix("torch.")
+    storage = holding.storage
+    if storage is not None and storage != holding.compute:
+        return f"{name} (weights held in {str(storage).removeprefix('torch.')})"
+    if storage is None and holding.file_dtype:
+        return f"{name} (narrower file weights held as stored)"
+    return name

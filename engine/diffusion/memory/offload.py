@@ -259,7 +259,9 @@ class Placement:
         def after(*_: Any) -> None:
             self._drop_copies(unit)
 
-        unit.hooks = [unit.module.register_forward_pre_hook(before),
+        # copied in before a held layer casts its weights up (memory/cast_on_use.py) and
+        # dropped after it has put them back: the narrow weights travel, the cast is on device
+        unit.hooks = [unit.module.register_forward_pre_hook(before, prepend=True),
                       unit.module.register_forward_hook(after, always_call=True)]
         unit.state = LayerState.STREAMED
 

@@ -14,6 +14,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from engine.diffusion.memory.cast_on_use import casts_on_use
+
 # Inputs with at most this many pixels per map get a packed weight: the UNets' lowest level
 # (8x8 for SD1 at 512, 12x12 for SD2 at 768), where 1280-2560-channel weights dwarf the
 # activations and packing makes the convs 1.5-3x faster. At 16x16 the gain is ~10% and not
@@ -42,7 +44,8 @@ class Conv2d(nn.Conv2d):
         self._packed: tuple[tuple[object, ...], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.padding_mode != "zeros" or not packable(x, self.weight):
+        # a held layer's weight is a fresh cast copy each call: packing it would repack per call
+        if self.padding_mode != "zeros" or casts_on_use(self) or not packable(x, self.weight):
             return super().forward(x)
         x = x.contiguous(memory_format=torch.channels_last)
         return torch.ops.mkldnn._convolution_pointwise(

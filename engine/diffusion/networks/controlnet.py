@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.diffusion.memory.cast_on_use import compute_dtype_of
 from engine.diffusion.memory.offload import compute_device
 from engine.diffusion.networks.controlnet_union import (
     ControlTypeEmbedding,
@@ -110,7 +111,8 @@ def _one_by_one(channels: int) -> nn.Sequential:
 class ControlNet(nn.Module):
     """Residuals for the UNet's skip connections and middle block, from a hint image.
 
-    Runs in its parameters' dtype; inputs are cast to it and the residuals are returned in the
+    Runs in its parameters' dtype (or the one weights held narrower are cast up to, as in
+    memory/cast_on_use.py); inputs are cast to it and the residuals are returned in the
     dtype of `x`, as the UNet does.
     """
 
@@ -139,7 +141,7 @@ class ControlNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.middle_block_out[0].weight.dtype
+        return compute_dtype_of(self, self.middle_block_out[0].weight)
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from engine.diffusion.memory.cast_on_use import Holding, to_compute
 from engine.diffusion.memory.offload import compute_device
 from engine.diffusion.networks.tiling import Progress, tiled_apply
 from engine.diffusion.networks.vae import AutoencoderKL, VAEConfig, vae_state_dict_from_any
@@ -78,7 +79,7 @@ class VAE:
     ) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
-        self.module = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.module = to_compute(module, device, dtype).eval().requires_grad_(False)
         self.config: VAEConfig = module.config
         self.latent_scale = latent_scale
         self.dtype = dtype
@@ -101,17 +102,23 @@ class VAE:
         latent_scale: float | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        hold_file_dtype: bool = False,
     ) -> VAE:
         """Build from any VAE/checkpoint state dict (see `vae_state_dict_from_any`) without
-        copying: the module is made on the meta device and takes the tensors by assignment."""
+        copying: the module is made on the meta device and takes the tensors by assignment.
+        With `hold_file_dtype`, tensors in a dtype that widens exactly into `dtype` are held
+        as given and cast per layer when it runs (memory/cast_on_use.py); others are cast."""
         if (family is None) == (latent_scale is None):
             raise ValueError("pass exactly one of family ('sd1', 'sd2', 'sdxl') or latent_scale")
         scale = latent_scale if latent_scale is not None else latent_scale_for(family or "")
-        weights = vae_state_dict_from_any(sd)
+        holding = Holding(dtype, file_dtype=hold_file_dtype)
+        weights = {name: holding.held(tensor)
+                   for name, tensor in vae_state_dict_from_any(sd).items()}
         config = VAEConfig.from_state_dict(weights)
         with torch.device("meta"):
             module = AutoencoderKL(config)
         module.load_state_dict(weights, strict=True, assign=True)
+        holding.apply(module)
         return cls(module, latent_scale=scale, dtype=dtype, device=device)
 
     @property

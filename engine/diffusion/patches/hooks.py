@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.diffusion.memory.cast_on_use import kept_dtype
 from engine.diffusion.patches.lora import LoraFile, lora_patches
 from engine.diffusion.patches.patching import Patch, Undo, patched
 from engine.diffusion.patches.weight_patches import (
@@ -132,7 +133,8 @@ class TowardsPatch:
                     continue  # ComfyUI applies the keys both models have
                 difference = other.detach().to(param.device, torch.float32) - param.data.float()
                 swaps.append((param, patched_value(
-                    name, param.data, [ParamDelta(name, difference, self.strength)])))
+                    name, param.data, [ParamDelta(name, difference, self.strength)],
+                    kept_dtype(module, name, param))))
         return swap_in(swaps)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from engine.diffusion.memory.cast_on_use import COMPUTE_DTYPE_ATTRIBUTE
 from engine.diffusion.patches.model_patches import ApplyModel, GuidanceArgs, ModelFunctionWrapper
 
 COMPILE_BACKENDS = ("inductor", "cudagraphs")
@@ -54,8 +55,10 @@ class ComputeDtype:
 
     def __call__(self, apply: ApplyModel, args: GuidanceArgs) -> Tensor:
         tensors = {**dict(self.unet.named_parameters()), **dict(self.unet.named_buffers())}
-        if all(t.dtype == self.dtype for t in tensors.values() if t.is_floating_point()):
-            return call_inner(self.inner, apply, args)
+        held = getattr(self.unet, COMPUTE_DTYPE_ATTRIBUTE, None)
+        if held == self.dtype or all(t.dtype == self.dtype for t in tensors.values()
+                                     if t.is_floating_point()):
+            return call_inner(self.inner, apply, args)  # it computes in `dtype` already
         cast = {f"unet.{name}": t.to(self.dtype) if t.is_floating_point() else t
                 for name, t in tensors.items()}
         return torch.func.functional_call(_Calling(self.unet), cast,

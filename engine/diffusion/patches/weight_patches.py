@@ -1,7 +1,10 @@
 """Weight patches (the patches/patching.py protocol): LoRA-style deltas and model merges.
 
 Both compute each patched parameter in float32 from the current weight, round it once to the
-parameter's dtype, and swap it in as the parameter's data; undo swaps the original tensor back.
+dtype the parameter keeps new values in (its own, or the compute dtype of a layer holding its
+file's narrower weights: memory/cast_on_use.py `kept_dtype`, so a LoRA on an fp16 file computed
+in fp32 gives the fp32 model's numbers), and swap it in as the parameter's data; undo swaps the
+original tensor back.
 Nothing is written into the shared weights (which may be a read-only memory map of the model
 file), and the restore is exact because the very same tensor object comes back."""
 
@@ -16,6 +19,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from engine.diffusion.memory.cast_on_use import kept_dtype
 from engine.diffusion.patches.patching import Patch, Undo, patched
 
 logger = logging.getLogger("loom.patches")
@@ -56,8 +60,10 @@ def _region(work: Tensor, rows: tuple[int, int] | None, param: str) -> Tensor:
     return work[start:stop]
 
 
-def patched_value(name: str, original: Tensor, entries: Sequence[ParamDelta]) -> Tensor:
-    """original + sum of strength * delta, computed in float32, rounded once to its dtype."""
+def patched_value(name: str, original: Tensor, entries: Sequence[ParamDelta],
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """original + sum of strength * delta, computed in float32, rounded once to `dtype`
+    (default: the original's)."""
     work = original.to(torch.float32, copy=True)
     with torch.no_grad():
         for entry in entries:
@@ -69,7 +75,7 @@ def patched_value(name: str, original: Tensor, entries: Sequence[ParamDelta]) ->
                                  "model layout")
             delta = delta.to(device=work.device, dtype=torch.float32).reshape(region.shape)
             region.add_(delta, alpha=entry.strength)
-    return work.to(original.dtype)
+    return work.to(dtype or original.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +94,8 @@ class WeightDeltaPatch:
         swaps = []
         for name, entries in by_param.items():
             param = _parameter(module, name)
-            swaps.append((param, patched_value(name, param.data, entries)))
+            swaps.append((param, patched_value(name, param.data, entries,
+                                               kept_dtype(module, name, param))))
         return swap_in(swaps)
 
 
@@ -182,19 +189,21 @@ class MergePatch:
                     mismatched.append(f"{name} {tuple(ours[name].shape)} != "
                                       f"{tuple(theirs[name].shape)}")
                     scales = (scales[0], 0.0)
-                swaps.append((param, merged_value(ours[name], theirs[name], scales)))
+                swaps.append((param, merged_value(ours[name], theirs[name], scales,
+                                                  kept_dtype(module, name, param))))
         if mismatched:
             logger.warning("merge: shapes differ, these weights were not merged: %s",
                            "; ".join(mismatched))
         return swap_in(swaps)
 
 
-def merged_value(ours: Tensor, theirs: Tensor, scales: tuple[float, float]) -> Tensor:
+def merged_value(ours: Tensor, theirs: Tensor, scales: tuple[float, float],
+                 dtype: torch.dtype | None = None) -> Tensor:
     """own * ours + other * theirs in float32 (theirs ignored when other is 0), rounded once
-    to our dtype."""
+    to `dtype` (default: our dtype)."""
     own, other = scales
     with torch.no_grad():
         mixed = ours.float() * own
         if other:
             mixed = mixed + theirs.to(ours.device, torch.float32) * other
-    return mixed.to(ours.dtype)
+    return mixed.to(dtype or ours.dtype)
