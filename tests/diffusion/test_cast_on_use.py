@@ -19,7 +19,7 @@ from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.memory.model_manager import ModelKey, ModelManager
 from engine.diffusion.text.tokenizer import BpeCache
 
-FP32 = DevicePolicy.decide(cpu=True, force_fp32=True)
+FP32 = DevicePolicy.decide(cpu=True, fp32_unet=True, fp32_text_enc=True)  # converted at load
 FP16_HELD = DevicePolicy.decide(cuda_available=False, cpu_bf16=False, fp16_unet=True)
 FP8_HELD = DevicePolicy.decide(cuda_available=False, cpu_bf16=False, fp8_e4m3fn_unet=True)
 
@@ -126,7 +126,7 @@ def test_text_encoders_held_in_fp16_are_the_mapped_file_and_give_the_fp32_number
     path = write_random_checkpoint(tmp_path / "xl.safetensors", "sdxl_base",
                                    dtype=torch.float16)
     opened, held = load_text_encoders(
-        path, DevicePolicy.decide(cpu=True, force_fp32=True, fp16_text_enc=True))
+        path, DevicePolicy.decide(cpu=True, fp16_text_enc=True))
     _, wide = load_text_encoders(path, FP32)
     tokens = torch.randint(0, 1000, (1, 77), generator=torch.Generator().manual_seed(0))
     tokens[0, 10:] = 49407  # end of text

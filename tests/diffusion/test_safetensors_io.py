@@ -18,6 +18,8 @@ from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.text.tokenizer import BpeCache
 
 MIB = 2**20
+# ComfyUI's "store in fp32" flags: every weight converted to fp32 at load, none held as stored
+CONVERTED = DevicePolicy.decide(cpu=True, fp32_unet=True, fp32_text_enc=True, fp32_vae=True)
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -95,10 +97,10 @@ def test_shapes_through_cast_on_read_come_from_the_header(tmp_path: Path) -> Non
     assert shapes_of(Untouchable(opened, {"": torch.float32})) == {"a": (3, 5)}
 
 
-def test_an_fp16_checkpoint_loads_as_fp32_weights_equal_to_the_file(tmp_path: Path) -> None:
+def test_an_fp16_checkpoint_loads_as_fp32_weights_equal_to_the_file_under_the_fp32_flags(
+        tmp_path: Path) -> None:
     path = write_random_checkpoint(tmp_path / "half.safetensors", "sd15", dtype=torch.float16)
-    policy = DevicePolicy.decide(cpu=True, force_fp32=True)
-    loaded = load_checkpoint(open_state_file(path), policy, BpeCache().get())
+    loaded = load_checkpoint(open_state_file(path), CONVERTED, BpeCache().get())
     stored = SafetensorsFile(path)
     parts = {"model.diffusion_model.": loaded.model.unet, "first_stage_model.": loaded.vae.module,
              "cond_stage_model.transformer.text_model.": loaded.clip.encoders["l"]}
@@ -110,8 +112,7 @@ def test_an_fp16_checkpoint_loads_as_fp32_weights_equal_to_the_file(tmp_path: Pa
 
 def loaded_modules(path: Path) -> tuple[SafetensorsFile, list[torch.nn.Module]]:
     opened = open_state_file(path)
-    policy = DevicePolicy.decide(cpu=True, force_fp32=True)
-    loaded = load_checkpoint(opened, policy, BpeCache().get())
+    loaded = load_checkpoint(opened, CONVERTED, BpeCache().get())
     return opened.tensors, [loaded.model.unet, loaded.vae.module, *loaded.clip.encoders.values()]
 
 
