@@ -32,8 +32,10 @@ def engine(tmp_path: Path) -> ModelEngine:
 
 def weights(module: nn.Module, patches: tuple[Patch, ...], names: tuple[str, ...] = WEIGHTS
             ) -> dict[str, Tensor]:
+    """The named weights under `patches`, in fp32 (an fp16 file's weights are held as stored,
+    patched ones are fp32: the values are those of the fp32-converted model either way)."""
     with patched(module, patches):
-        return {name: module.get_parameter(name).detach().clone() for name in names}
+        return {name: module.get_parameter(name).detach().float() for name in names}
 
 
 def state(module: nn.Module) -> dict[str, Tensor]:

@@ -43,8 +43,10 @@ def loaded_pair(engine: ModelEngine, kind: str, merge: dict[str, Any]) -> tuple[
 
 
 def unet_params(handle: Any) -> dict[str, Tensor]:
+    """The UNet's weights under the handle's patches, in fp32 (held fp16 file weights and fp32
+    patched ones alike: the fp32-converted model's values)."""
     with patched(handle.unet, handle.patches) as unet:
-        return {name: param.detach().clone() for name, param in unet.named_parameters()}
+        return {name: param.detach().float() for name, param in unet.named_parameters()}
 
 
 def block_ratios(node_type: Any, **changed: float) -> dict[str, float]:
