@@ -21,6 +21,7 @@ from engine.diffusion.checkpoints.controlnet_writer import write_random_controln
 from engine.diffusion.checkpoints.loader import load_checkpoint
 from engine.diffusion.checkpoints.state_files import open_state_file
 from engine.diffusion.checkpoints.writer import write_random_checkpoint
+from engine.diffusion.memory.cast_on_use import compute_in
 from engine.diffusion.memory.devices import DevicePolicy
 from engine.diffusion.memory.model_manager import ModelKey, ModelManager
 from engine.diffusion.memory.offload import (
@@ -182,6 +183,21 @@ def test_streamed_layers_are_copied_in_for_their_forward_and_dropped_after() -> 
     model(X)
     assert during == [1] and place.streamed_copies == 0
     assert [layer.weight.data_ptr() for layer in model] == resting
+
+
+def test_a_streamed_layer_held_in_fp16_is_cast_after_its_copy_and_rests_in_fp16() -> None:
+    def held() -> nn.Sequential:
+        model = mlp().half()
+        compute_in(model, torch.float32)
+        return model
+
+    reference = mlp().half().float()(X)
+    manager = ModelManager(CPU, vram=gpu(MLP_BYTES, VramMode.NO))
+    model = manager.load(ModelKey("held", 0, 0, "mlp"), held)
+    resting = [layer.weight.data_ptr() for layer in model]
+    assert torch.equal(model(X), reference)
+    assert [layer.weight.data_ptr() for layer in model] == resting
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 
 def test_a_forward_that_raises_still_drops_its_copies() -> None:
