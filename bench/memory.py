@@ -1,7 +1,8 @@
 """Peak memory of cold `main.py run` workflows on full-size checkpoints written by the project's
 writer: SD1.5 txt2img at 512x512 (the released fp32 file, and the same weights as fp16) and
 SDXL base txt2img at 1024x1024 (the released fp16 file), each in a fresh process, against the
-floor: what the weights alone need in the dtypes the device policy computes in.
+floor: what the weights alone need in the dtypes the device policy holds them in (a 16-bit file
+computed in fp32 is held as stored: memory/cast_on_use.py).
 
 Memory is read from /proc/<pid>/status every few milliseconds while the run goes: VmRSS split
 into anonymous (RssAnon: weights converted or copied, activations, Python and torch) and
@@ -15,8 +16,8 @@ and CFG are the real ones. The page cache is warm (the files were just written o
 runs are cold processes, not cold disks. Checkpoints are written once into --models-dir
 (SD1.5 fp32 4.3 GB, fp16 2.1 GB, SDXL fp16 6.9 GB) and reused.
 
-Needs ~6 GB of RAM for SD1.5. SDXL's floor is 12.9 GB with the fp32 policy of CPUs without
-native bf16 (8.1 GB with a bf16 UNet), so its run needs ~15 GB there: pick the cases that fit
+Needs ~6 GB of RAM for SD1.5. SDXL's floor is 6.5 GB (its fp16 file held as stored; 12.9 GB
+with --fp32-unet --fp32-text-enc --fp32-vae), so its run needs ~11 GB: pick the cases that fit
 with --cases (a case not run prints its floor when its file exists, and nan as its peak).
 With `--comfyui DIR` each case also runs in a fresh ComfyUI server from that checkout (`--cpu`,
 no custom nodes, its default dtypes: fp32 UNet and VAE, text encoders held in fp16 on a CPU),
@@ -160,7 +161,7 @@ def txt2img(case: Case, file_name: str, steps: int, offset: int) -> dict:
 
 def floor_bytes(path: Path, loom_flags: list[str]) -> int:
     """Bytes of the checkpoint's UNet, text encoder and VAE weights in the dtypes the device
-    policy (with `loom_flags`) computes them in: what holding the weights once costs."""
+    policy (with `loom_flags`) holds them in: what holding the weights once costs."""
     from engine.diffusion.checkpoints.loader import checkpoint_weight_bytes
     from engine.diffusion.checkpoints.state_files import open_state_file
     from engine.diffusion.memory.devices import DevicePolicy
