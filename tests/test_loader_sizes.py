@@ -34,8 +34,9 @@ class FileKind:
     inputs: dict[str, Any]
     tiny: dict[str, Any] = field(default_factory=dict)  # what the loader needs for tiny models
 
-    def write(self, engine: ModelEngine, name: str, seed: int) -> Path:
-        tensors, metadata = random_checkpoint("sd15", seed=seed)
+    def write(self, engine: ModelEngine, name: str, seed: int,
+              dtype: torch.dtype | None = None) -> Path:
+        tensors, metadata = random_checkpoint("sd15", seed=seed, dtype=dtype)
         part = {(key if self.keep_prefix else key[len(self.prefix):]): value.contiguous()
                 for key, value in tensors.items() if key.startswith(self.prefix)}
         path = engine.base / "models" / self.folder / name
@@ -101,3 +102,21 @@ def test_a_second_file_under_the_budget_evicts_the_first_before_it_loads(
     kind.run(engine, "b.safetensors")
     assert resident_when_loading == [0, 0]  # the first file's weights left before the read
     assert models(engine).resident_bytes() <= models(engine).ram_budget
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.node)
+def test_an_fp16_file_held_as_stored_is_estimated_in_fp16(
+        tmp_path: Path, kind: FileKind, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = ModelEngine(tmp_path, DevicePolicy.decide(cuda_available=False, cpu_bf16=False))
+    observe_loads(kind, engine, monkeypatch)
+    estimates: list[int] = []
+    load = models(engine).load
+
+    def load_with_size(key: Any, loader: Any, size: Any = None) -> Any:
+        estimates.append(size())
+        return load(key, loader, size)
+
+    monkeypatch.setattr(models(engine), "load", load_with_size)
+    path = kind.write(engine, "a.safetensors", seed=1, dtype=torch.float16)
+    kind.run(engine, "a.safetensors")
+    assert estimates == [models(engine).resident_bytes()] == [files_bytes([path], torch.float16)]
