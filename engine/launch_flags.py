@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-UNET_PRECISION = (("--fp32-unet", "run the diffusion model in fp32"),
+UNET_PRECISION = (("--fp32-unet", "diffusion model weights and math in fp32 (a 16-bit file is "
+                                 "converted at load instead of held as stored)"),
                   ("--fp64-unet", "run the diffusion model in fp64"),
                   ("--bf16-unet", "diffusion model weights in bf16 (on a CPU without native "
                                   "bf16: held in bf16, computed in fp32)"),
@@ -22,7 +23,8 @@ UNET_PRECISION = (("--fp32-unet", "run the diffusion model in fp32"),
                   ("--fp8_e5m2-unet", "hold the diffusion model's weights in fp8_e5m2"),
                   ("--fp8_e8m0fnu-unet", "hold the diffusion model's weights in fp8_e8m0fnu"))
 VAE_PRECISION = (("--fp16-vae", "run the VAE in fp16 (may give black images)"),
-                 ("--fp32-vae", "run the VAE in fp32"),
+                 ("--fp32-vae", "VAE weights and math in fp32 (a 16-bit file is converted "
+                                "at load instead of held as stored)"),
                  ("--bf16-vae", "run the VAE in bf16"))
 TEXT_PRECISION = (("--fp8_e4m3fn-text-enc", "text encoder weights held in fp8_e4m3fn, "
                                             "computed in fp32"),
@@ -31,7 +33,8 @@ TEXT_PRECISION = (("--fp8_e4m3fn-text-enc", "text encoder weights held in fp8_e4
                   ("--fp16-text-enc", "text encoder weights held in fp16, computed in fp32 "
                                       "(ComfyUI's default; with --force-fp32 it reproduces "
                                       "ComfyUI's CPU prompts)"),
-                  ("--fp32-text-enc", "text encoder weights and math in fp32"),
+                  ("--fp32-text-enc", "text encoder weights and math in fp32 (a 16-bit file "
+                                      "is converted at load instead of held as stored)"),
                   ("--bf16-text-enc", "text encoder weights held in bf16, computed in fp32"))
 
 
@@ -116,7 +119,9 @@ def add_precision_flags(parser: argparse.ArgumentParser) -> None:
     mutually exclusive as in ComfyUI."""
     group = parser.add_argument_group("precision (ComfyUI's flags)")
     force = group.add_mutually_exclusive_group()
-    force.add_argument("--force-fp32", action="store_true", help="compute in fp32 everywhere")
+    force.add_argument("--force-fp32", action="store_true",
+                       help="compute in fp32 everywhere (16-bit file weights stay held as "
+                            "stored; --fp32-unet/--fp32-text-enc/--fp32-vae convert them)")
     force.add_argument("--force-fp16", action="store_true",
                        help="UNet and text encoders in fp16")
     for flags in (UNET_PRECISION, VAE_PRECISION, TEXT_PRECISION):
