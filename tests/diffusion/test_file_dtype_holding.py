@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
+from engine.diffusion.checkpoints.controlnet_loader import load_control_model
+from engine.diffusion.checkpoints.controlnet_writer import random_controlnet
 from engine.diffusion.checkpoints.loader import (
     LoadedCheckpoint,
     checkpoint_weight_bytes,
@@ -31,6 +34,7 @@ from engine.diffusion.memory.model_manager import ModelKey, ModelManager
 from engine.diffusion.patches.patching import patched
 from engine.diffusion.patches.weight_patches import MergePatch, MergeRule, WeightSource
 from engine.diffusion.text.tokenizer import BpeCache
+from tests.diffusion.controlnet_testing import control_inputs
 from tests.model_engine import ModelEngine
 from tests.test_lora_nodes import lora_node, run_workflow, sampled_workflow, write_lora
 
@@ -233,3 +237,18 @@ def test_a_held_conv_never_packs_its_per_call_cast_weight(monkeypatch: pytest.Mo
     conv.register_forward_pre_hook(lambda layer, _: seen.append(casts_on_use(layer)))
     conv(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16))
     assert seen == [True] and conv.derived_bytes() == 0
+
+
+def test_a_held_controlnet_gives_the_converted_residuals(tmp_path: Path) -> None:
+    tensors, metadata = random_controlnet()
+    path = write_tensors(tmp_path / "cn.safetensors",
+                         {name: value.half() for name, value in tensors.items()}, metadata)
+    held = load_control_model(open_state_file(path), DEFAULT).network
+    wide = load_control_model(open_state_file(path), CONVERTED).network
+    assert {p.dtype for p in held.parameters()} == {torch.float16}
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    inputs = control_inputs(held.config)
+    args = (inputs["x"], inputs["hint"], inputs["timesteps"], inputs["context"])
+    ours, theirs = tree_leaves(held(*args)), tree_leaves(wide(*args))
+    assert len(ours) == len(theirs) > 0
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
