@@ -5,12 +5,21 @@ accepts diffusers-format VAE files."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from engine.diffusion.networks.vae_bands import (
+    DEFAULT_BANDS,
+    BandPlan,
+    norm_silu_conv,
+    norm_silu_conv_add_,
+    pad_downsample_conv,
+    upsample_conv,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,8 @@ def _group_norm(channels: int, config: VAEConfig) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    """Two GroupNorm-SiLU-conv3x3 stages plus a skip (1x1 `nin_shortcut` when widths differ)."""
+    """Two GroupNorm-SiLU-conv3x3 stages plus a skip (1x1 `nin_shortcut` when widths differ);
+    in row bands when `bands` says so (vae_bands.py), the second conv over its own input."""
 
     def __init__(self, in_ch: int, out_ch: int, config: VAEConfig) -> None:
         super().__init__()
@@ -77,11 +87,22 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bands: BandPlan = DEFAULT_BANDS) -> Tensor:
+        largest = x.nbytes // x.shape[1] * max(x.shape[1], self.conv1.out_channels)
+        if bands.applies(x, largest, *self.children()):
+            h = norm_silu_conv(self.norm1, self.conv1, x, bands)
+            return norm_silu_conv_add_(self.norm2, self.conv2, h, self._skip_rows(x), bands)
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return skip + h
+
+    def _skip_rows(self, x: Tensor) -> Callable[[int, int], Tensor]:
+        """The skip's rows first..end, computed band by band: x is kept, not its projection."""
+        shortcut = self.nin_shortcut
+        if shortcut is None:
+            return lambda first, end: x[:, :, first:end]
+        return lambda first, end: shortcut(x[:, :, first:end])
 
 
 class AttnBlock(nn.Module):
@@ -118,7 +139,9 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bands: BandPlan = DEFAULT_BANDS) -> Tensor:
+        if bands.applies(x, x.nbytes, self.conv):
+            return pad_downsample_conv(self.conv, x, bands)
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
@@ -129,7 +152,9 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bands: BandPlan = DEFAULT_BANDS) -> Tensor:
+        if bands.applies(x, 4 * x.nbytes, self.conv):
+            return upsample_conv(self.conv, x, bands)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -142,8 +167,8 @@ class MidBlock(nn.Module):
         self.attn_1 = AttnBlock(channels, config)
         self.block_2 = ResnetBlock(channels, channels, config)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: Tensor, bands: BandPlan = DEFAULT_BANDS) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, bands)), bands)
 
 
 class Level(nn.Module):
@@ -165,13 +190,15 @@ class Level(nn.Module):
         self.downsample = Downsample(out_ch) if downsample else None
         self.upsample = Upsample(out_ch) if upsample else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.block:
-            x = block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
+    def steps(self) -> list[nn.Module]:
+        """The level's layers in order, each called as `step(x, bands)`; callers that run them
+        one by one drop each input as soon as its step returns."""
+        resample = [m for m in (self.downsample, self.upsample) if m is not None]
+        return [*self.block, *resample]
+
+    def forward(self, x: Tensor, bands: BandPlan = DEFAULT_BANDS) -> Tensor:
+        for step in self.steps():
+            x = step(x, bands)
         return x
 
 
@@ -192,12 +219,11 @@ class Encoder(nn.Module):
         self.norm_out = _group_norm(widths[-1], config)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.z_channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bands: BandPlan = DEFAULT_BANDS) -> Tensor:
         h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        for step in (step for level in self.down for step in level.steps()):
+            h = step(h, bands)
+        return _output_head(self.norm_out, self.conv_out, self.mid(h, bands), bands)
 
 
 class Decoder(nn.Module):
@@ -217,11 +243,18 @@ class Decoder(nn.Module):
         self.norm_out = _group_norm(widths[0], config)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+    def forward(self, z: Tensor, bands: BandPlan = DEFAULT_BANDS) -> Tensor:
+        h = self.mid(self.conv_in(z), bands)
+        # step by step, not level by level: a level's input is dropped after its first block
+        for step in (step for level in reversed(self.up) for step in level.steps()):
+            h = step(h, bands)
+        return _output_head(self.norm_out, self.conv_out, h, bands)
+
+
+def _output_head(norm: nn.GroupNorm, conv: nn.Conv2d, h: Tensor, bands: BandPlan) -> Tensor:
+    if bands.applies(h, h.nbytes, norm, conv):
+        return norm_silu_conv(norm, conv, h, bands)
+    return conv(F.silu(norm(h)))
 
 
 class AutoencoderKL(nn.Module):
@@ -229,9 +262,10 @@ class AutoencoderKL(nn.Module):
 
     compute_role = "vae"  # the model manager runs it on the policy's VAE device (--cpu-vae)
 
-    def __init__(self, config: VAEConfig) -> None:
+    def __init__(self, config: VAEConfig, bands: BandPlan = DEFAULT_BANDS) -> None:
         super().__init__()
         self.config = config
+        self.bands = bands  # which layers run in row bands (vae_bands.py): memory, not numbers
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
@@ -239,7 +273,7 @@ class AutoencoderKL(nn.Module):
 
     def encode_moments(self, pixels: Tensor) -> Tensor:
         """Pixels [B, 3, H, W] in -1..1 -> posterior moments [B, 2*z, H/f, W/f]."""
-        return self.quant_conv(self.encoder(pixels))
+        return self.quant_conv(self.encoder(pixels, self.bands))
 
     def encode_mean(self, pixels: Tensor) -> Tensor:
         """The posterior's mean (= its mode), the unscaled latent [B, z, H/f, W/f]."""
@@ -247,7 +281,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latent: Tensor) -> Tensor:
         """Unscaled latent [B, z, h, w] -> pixels [B, 3, h*f, w*f], roughly in -1..1."""
-        return self.decoder(self.post_quant_conv(latent))
+        return self.decoder(self.post_quant_conv(latent), self.bands)
 
 
 # ---- key conversion: any VAE file -> our (LDM) names ---------------------------------------
