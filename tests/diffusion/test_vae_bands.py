@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.diffusion.memory.cast_on_use import compute_in
 from engine.diffusion.networks import vae as vae_module
 from engine.diffusion.networks.vae import AutoencoderKL, ResnetBlock, VAEConfig
 from engine.diffusion.networks.vae_bands import (
@@ -141,7 +142,7 @@ def test_residual_block_in_bands_keeps_its_input_and_returns_a_new_tensor() -> N
     assert torch.equal(x, before) and out.shape == (1, 64, 6, 6)
 
 
-def test_the_vae_wrapper_and_tiled_decode_run_the_bands(monkeypatch) -> None:
+def count_banded_blocks(monkeypatch) -> list[int]:
     calls: list[int] = []
     banded_resnet = vae_module.norm_silu_conv_add_
 
@@ -150,9 +151,29 @@ def test_the_vae_wrapper_and_tiled_decode_run_the_bands(monkeypatch) -> None:
         return banded_resnet(*args, **kwargs)
 
     monkeypatch.setattr(vae_module, "norm_silu_conv_add_", counting)
+    return calls
+
+
+def test_the_vae_wrapper_and_tiled_decode_run_the_bands(monkeypatch) -> None:
+    calls = count_banded_blocks(monkeypatch)
     vae = VAE(with_bands(randomized(TINY_F8), FEW_ROWS), latent_scale=0.18215)
     latent = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(7))
     vae.decode(latent)
     decoded = len(calls)
     vae.decode_tiled(latent, tile_size=32, overlap=8)
     assert decoded > 0 and len(calls) > decoded
+
+
+def test_a_vae_held_in_fp16_runs_its_bands_with_the_weights_cast_up(monkeypatch) -> None:
+    calls = count_banded_blocks(monkeypatch)
+    model = randomized(TINY_F8).half()
+    exact = copy.deepcopy(model).double()
+    compute_in(model, torch.float32)  # a 16-bit file held as stored, computed in fp32
+    latent = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        plain = model.decode(latent)
+        model.bands = BandPlan(threshold_bytes=ALWAYS, band_bytes=FEW_ROWS)
+        banded = model.decode(latent)
+        reference = exact.decode(latent.double())
+    assert calls and all(p.dtype == torch.float16 for p in model.parameters())
+    assert_within_rounding(banded, plain, reference)

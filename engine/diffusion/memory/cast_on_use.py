@@ -57,6 +57,15 @@ class _CastUp:
         self.stored = []
 
 
+def casts_only(layer: nn.Module) -> bool:
+    """Whether `layer` has no forward hooks but its own cast-up pair, so code that reads its
+    parameters cast to the compute dtype instead of calling it computes the same."""
+    cast = getattr(layer, CAST_UP_ATTRIBUTE, None)
+    before, after = ({cast.before}, {cast.after}) if cast is not None else (set(), set())
+    return (set(layer._forward_pre_hooks.values()) <= before
+            and set(layer._forward_hooks.values()) <= after)
+
+
 def widens_exactly(narrow: torch.dtype, wide: torch.dtype) -> bool:
     """Whether every value of floating dtype `narrow` is a value of `wide` (fp16 and bf16 into
     fp32, fp8 into fp16, bf16 and fp32; fp16 into bf16 not), so holding `narrow` and casting up

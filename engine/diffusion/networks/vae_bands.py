@@ -13,7 +13,9 @@ torch's own GroupNorm kernel run on a few groups at a time (a group's statistics
 group's contiguous block), the normalisation is applied as torch applies it (a fused
 multiply-add per value: `addcmul`), and a 3x3 conv of rows that carry their halo gives the whole
 conv's rows (oneDNN blocks over channels, not rows). Banding is used only where that holds:
-contiguous fp32 tensors on the CPU, inference, layers without hooks (streamed layers keep theirs).
+contiguous fp32 tensors on the CPU, inference, layers without hooks but their cast-up pair (a
+VAE held in its file's fp16 is read cast to fp32 here, as the hooks would; a streamed layer
+keeps the plain path).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from engine.diffusion.memory.cast_on_use import casts_only
 
 MIB = 2**20
 # the rows one band allocates: its normalised input rows and its conv output rows, counted
@@ -52,7 +56,7 @@ class BandPlan:
             and x.dtype == torch.float32
             and x.is_contiguous()
             and not torch.is_grad_enabled()  # the bands write in place
-            and not any(_has_hooks(layer) for layer in layers)
+            and all(casts_only(layer) for layer in layers)
         )
 
     def spans(self, rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
@@ -64,10 +68,6 @@ class BandPlan:
 
 
 DEFAULT_BANDS = BandPlan()
-
-
-def _has_hooks(layer: nn.Module) -> bool:
-    return bool(layer._forward_pre_hooks or layer._forward_hooks)
 
 
 def _row_bytes(in_channels: int, out_channels: int, width: int, x: Tensor) -> int:
@@ -88,8 +88,9 @@ class NormAffine:
         """The affine map `norm` applies to `x` (B, C, H, W), reading `slab_bytes` at a time."""
         mean, rstd = _group_moments(norm, x, slab_bytes)  # (B, G)
         per_group = x.shape[1] // norm.num_groups
-        scale = rstd.repeat_interleave(per_group, 1) * norm.weight  # (B, C)
-        shift = torch.addcmul(norm.bias, -scale, mean.repeat_interleave(per_group, 1))
+        weight, bias = _computed(norm, x)
+        scale = rstd.repeat_interleave(per_group, 1) * weight  # (B, C)
+        shift = torch.addcmul(bias, -scale, mean.repeat_interleave(per_group, 1))
         return cls(scale[..., None, None], shift[..., None, None])
 
     def silu_into(self, rows: Tensor, out: Tensor) -> None:
@@ -118,9 +119,15 @@ def _group_moments(norm: nn.GroupNorm, x: Tensor, slab_bytes: int) -> tuple[Tens
     return torch.cat(means, 1).view(batch, groups), torch.cat(rstds, 1).view(batch, groups)
 
 
-def _conv_rows(conv: nn.Conv2d, band: Tensor) -> Tensor:
+def _computed(layer: nn.GroupNorm | nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The layer's weight and bias in x's dtype: what its cast-up hooks would hand it when the
+    VAE is held in a narrower dtype (an exact widening), the parameters themselves otherwise."""
+    return layer.weight.to(x.dtype), layer.bias.to(x.dtype)
+
+
+def _conv_rows(conv: nn.Conv2d, weights: tuple[Tensor, Tensor], band: Tensor) -> Tensor:
     """`conv` (3x3, padding 1) over rows that carry their halo: columns padded, rows not."""
-    return F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
+    return F.conv2d(band, *weights, padding=(0, 1))
 
 
 def _conv_bands(
@@ -132,6 +139,7 @@ def _conv_bands(
     affine = NormAffine.of(norm, source, plan.band_bytes)
     batch, channels, height, width = source.shape
     row_bytes = _row_bytes(channels, conv.out_channels, width, source)
+    weights = _computed(conv, source)
     above = source.new_zeros(batch, channels, 1, width)  # the conv's zero padding at the top
     for first, end in plan.spans(height, row_bytes):
         band = source.new_empty(batch, channels, end - first + 2, width)
@@ -141,7 +149,7 @@ def _conv_bands(
         if below == end:
             band[:, :, -1:].zero_()  # the conv's zero padding at the bottom
         above = band[:, :, -2:-1].clone()
-        yield first, end, _conv_rows(conv, band)
+        yield first, end, _conv_rows(conv, weights, band)
 
 
 def norm_silu_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: Tensor, plan: BandPlan) -> Tensor:
@@ -173,13 +181,14 @@ def upsample_conv(conv: nn.Conv2d, x: Tensor, plan: BandPlan) -> Tensor:
     batch, channels, height, width = x.shape
     out = x.new_empty(batch, conv.out_channels, 2 * height, 2 * width)
     row_bytes = 2 * _row_bytes(channels, conv.out_channels, 2 * width, x)  # 2 rows per source row
+    weights = _computed(conv, x)
     for first, end in plan.spans(height, row_bytes):
         source = x[:, :, max(first - 1, 0) : end + 1]
         upsampled = F.interpolate(source, scale_factor=2.0, mode="nearest")
         # keep one upsampled halo row on each side, or zero-pad where the image ends
         top, bottom = (1 if first == 0 else -1), (1 if end == height else -1)
         band = F.pad(upsampled, (0, 0, top, bottom))
-        out[:, :, 2 * first : 2 * end] = _conv_rows(conv, band)
+        out[:, :, 2 * first : 2 * end] = _conv_rows(conv, weights, band)
     return out
 
 
