@@ -8,14 +8,15 @@ statistics over the whole tensor), but normalise + SiLU + conv run a band of row
 a one-row halo, the x2 upsample is fused into the conv after it, and the second conv of a
 residual block writes its bands, skip added, over its own input.
 
-The numbers are the plain path's, bit for bit on the CPU in fp32: the statistics come from
-torch's own GroupNorm kernel run on a few groups at a time (a group's statistics read only that
-group's contiguous block), the normalisation is applied as torch applies it (a fused
-multiply-add per value: `addcmul`), and a 3x3 conv of rows that carry their halo gives the whole
-conv's rows (oneDNN blocks over channels, not rows). Banding is used only where that holds:
-contiguous fp32 tensors on the CPU, inference, layers without hooks but their cast-up pair (a
-VAE held in its file's fp16 is read cast to fp32 here, as the hooks would; a streamed layer
-keeps the plain path).
+The numbers are the plain path's: the statistics come from torch's own GroupNorm kernel run on
+a few groups at a time (a group's statistics read only that group's contiguous block), the
+normalisation is applied as torch applies it (a fused multiply-add per value: `addcmul`), and
+a 3x3 conv of rows that carry their halo sums as the whole conv does wherever oneDNN picks the
+same kernel for a band as for the whole tensor: full-size SD/SDXL decodes and encodes came out
+bit-identical; tiny test shapes differ in the last bits. Banding is used only for contiguous
+fp32 tensors on the CPU, in inference, on layers without hooks but their cast-up pair (a VAE
+held in its file's fp16 is read cast to fp32 here, as the hooks would; a streamed layer keeps
+the plain path).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class BandPlan:
 
     def applies(self, x: Tensor, largest_bytes: int, *layers: nn.Module) -> bool:
         """Whether `layers` run in bands on `x`, whose layer's biggest tensor is
-        `largest_bytes`; only where the bands give the plain path's numbers exactly."""
+        `largest_bytes`: only where the bands were checked to give the plain path's numbers."""
         return (
             largest_bytes > self.threshold_bytes
             and x.device.type == "cpu"
