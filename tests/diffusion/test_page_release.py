@@ -97,13 +97,19 @@ def manage(manager: ModelManager, path: Path, name: str) -> Mapped:
     return manager.load(ModelKey.for_file(path, name), lambda: Mapped(SafetensorsFile(path)))
 
 
-def test_a_node_using_one_model_lets_the_others_pages_go(tmp_path: Path) -> None:
-    write_weights(tmp_path / "a.safetensors", seed=1)
-    write_weights(tmp_path / "b.safetensors", seed=2)
+def two_models(folder: Path) -> tuple[ModelManager, Mapped, Mapped]:
+    """A manager holding two mapped models, a and b, neither used by a node yet."""
     manager = ModelManager(POLICY)
-    model_a = manage(manager, tmp_path / "a.safetensors", "a")
-    model_b = manage(manager, tmp_path / "b.safetensors", "b")
+    models = []
+    for seed, name in enumerate(("a", "b"), start=1):
+        write_weights(folder / f"{name}.safetensors", seed=seed)
+        models.append(manage(manager, folder / f"{name}.safetensors", name))
     manager.begin_node()
+    return manager, models[0], models[1]
+
+
+def test_a_node_using_one_model_lets_the_others_pages_go(tmp_path: Path) -> None:
+    manager, model_a, model_b = two_models(tmp_path)
     read_all(model_a)
     manager.begin_node()
 
@@ -114,12 +120,7 @@ def test_a_node_using_one_model_lets_the_others_pages_go(tmp_path: Path) -> None
 
 
 def test_models_used_by_the_same_node_stay_resident(tmp_path: Path) -> None:
-    write_weights(tmp_path / "a.safetensors", seed=1)
-    write_weights(tmp_path / "b.safetensors", seed=2)
-    manager = ModelManager(POLICY)
-    model_a = manage(manager, tmp_path / "a.safetensors", "a")
-    model_b = manage(manager, tmp_path / "b.safetensors", "b")
-    manager.begin_node()
+    _, model_a, model_b = two_models(tmp_path)
 
     read_all(model_a)
     read_all(model_b)  # e.g. a ControlNet beside the UNet: both run every step
