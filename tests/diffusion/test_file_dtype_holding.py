@@ -170,6 +170,19 @@ def test_an_evicted_held_model_reloads_held_with_the_same_output(half_file: Path
     assert {p.dtype for p in model.unet.parameters()} == {torch.float16}
 
 
+def test_an_evicted_held_vae_reloads_before_its_layers_cast_up(half_file: Path) -> None:
+    """VAE.decode calls the autoencoder's parts directly: the first hook to run is a part's, so
+    the reload must come before that part's cast-up (else the cast misses the new weights)."""
+    manager = ModelManager(DEFAULT)
+    vae = manager.load(ModelKey.for_file(half_file, "vae"),
+                       lambda: load(half_file, DEFAULT)[1].vae)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    before = vae.decode(latent)
+    manager.free()
+    assert torch.equal(vae.decode(latent), before)
+    assert manager.reloads == 1
+
+
 def lora_engine(base: Path, policy: DevicePolicy, source: Path) -> ModelEngine:
     """An engine over `base` with `source` as checkpoint "half.safetensors" and a LoRA."""
     engine = ModelEngine(base, policy)

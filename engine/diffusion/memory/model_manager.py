@@ -189,8 +189,10 @@ class ModelManager:
         def on_use(*_: Any) -> None:
             self._touch(entry, placement)
 
+        # Prepended: a reload replaces the parameters, so the module's other pre-hooks (a held
+        # layer's cast-up, streaming) must run after it, on the reloaded ones.
         for part in (module, *module.children()):
-            part.register_forward_pre_hook(on_use)
+            part.register_forward_pre_hook(on_use, prepend=True)
         setattr(module, RESIDENT_HOOK, lambda: self._hold(entry, placement))
         setattr(module, COMPUTE_DEVICE, placement.compute)
 
