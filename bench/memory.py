@@ -36,13 +36,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +49,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.custom_nodes_startup import free_port, wait_until_answering  # noqa: E402
 
 GIB = 2**30
 POLL_SECONDS = 0.005
@@ -283,7 +283,7 @@ def run_comfyui(case: Case, models_dir: Path, steps: int, comfyui: Path, python:
         with (base_dir / "server.log").open("w") as log:
             child = subprocess.Popen(command, cwd=comfyui, stdout=log, stderr=subprocess.STDOUT)
             with watching(child, measurement):
-                wait_until_serving(port, child)
+                wait_until_answering(child, f"http://127.0.0.1:{port}/system_stats", 600.0)
                 measurement.node = "ComfyUI prompt"
                 outcome = run_prompt(port, workflow(case, steps), child)
         measurement.seconds = time.perf_counter() - start
@@ -293,31 +293,12 @@ def run_comfyui(case: Case, models_dir: Path, steps: int, comfyui: Path, python:
     return measurement
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def http_json(port: int, path: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
-
-
-def wait_until_serving(port: int, child: subprocess.Popen, limit: float = 600.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited with {child.returncode} while starting")
-        try:
-            http_json(port, "/system_stats")
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise RuntimeError(f"ComfyUI did not answer on port {port} within {limit:.0f} s")
 
 
 def run_prompt(port: int, prompt: dict, child: subprocess.Popen) -> str:
